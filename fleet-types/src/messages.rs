@@ -1,0 +1,43 @@
+//! Messages between the spoke agent and the hub (`/v1/clusters/register`,
+//! `/v1/clusters/{name}/status`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ibu::ImageBasedUpgrade;
+
+/// `POST /v1/clusters/register`, authenticated with the join token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    pub name: String,
+    /// Base URL of the agent's API as the hub should call it.
+    pub endpoint: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Identifies one agent's state (its state directory); a new id restarts the report
+    /// sequence on the hub side.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_id: String,
+}
+
+/// Answer to a registration: the credential the agent presents on its reports, and the hub
+/// presents on its pushes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    pub name: String,
+    pub credential: String,
+}
+
+/// `POST /v1/clusters/{name}/status`: the agent's IBU after a change. The hub ignores a
+/// report whose sequence is not greater than the last one it stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_id: String,
+    pub ibu: ImageBasedUpgrade,
+}

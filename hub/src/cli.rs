@@ -1,0 +1,78 @@
+//! Command line of `fleet-hub`. Every flag also reads the environment variable named beside
+//! it (`contract.md`); each subcommand destructures its arguments so none goes unused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-hub",
+    version,
+    about = "Rolls ImageBasedGroupUpgrades across a fleet of single-node OpenShift clusters"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "FLEET_HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the REST API and drive rollouts (migrates the database at start; SIGTERM drains
+    /// and exits 0).
+    Serve(ServeArgs),
+    /// The guided demo: a private database, a simulated fleet and a sample rollout.
+    Demo(DemoArgs),
+}
+
+/// Where the database is.
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres URL. Absent: the hub starts a private Postgres under --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Data directory of the private Postgres used when no --database-url is given.
+    #[arg(
+        long,
+        env = "FLEET_HUB_DATA_DIR",
+        default_value = "./.fleet-hub/pgdata"
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "FLEET_HUB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Token with full access to the REST API (rollouts, clusters, history, configmaps).
+    #[arg(long, env = "FLEET_HUB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Token a spoke agent presents to register.
+    #[arg(long, env = "FLEET_HUB_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster.
+    #[arg(long, env = "FLEET_HUB_KUBE")]
+    pub kube: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of simulated clusters.
+    #[arg(long, default_value_t = 20)]
+    pub clusters: u32,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}

@@ -1,0 +1,14 @@
+//! fleet-hub: plans and drives `ImageBasedGroupUpgrade` rollouts across a fleet of
+//! single-node OpenShift clusters, with Postgres as the source of truth.
+
+pub mod cli;
+pub mod db;
+pub mod demo;
+pub mod embedded_pg;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod serve;
+pub mod telemetry;
+
+pub use error::Error;

@@ -1,0 +1,229 @@
+//! The hub's integration tests, in one binary: real Postgres, the HTTP router in-process.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use hub::db::{self, MIGRATOR};
+use hub::embedded_pg::EmbeddedPostgres;
+use hub::http::{AppState, router};
+use hub::metrics::Metrics;
+use support::TestDb;
+
+#[tokio::test]
+async fn migrations_apply_to_a_fresh_database_and_twice_is_harmless() {
+    let db = TestDb::empty().await;
+    assert!(
+        db::check_ready(&db.pool).await.is_err(),
+        "an empty database is not ready"
+    );
+    db::migrate(&db.pool).await.expect("first run");
+    db::migrate(&db.pool).await.expect("second run is harmless");
+    db::check_ready(&db.pool)
+        .await
+        .expect("ready after migrating");
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, MIGRATOR.iter().count());
+    for table in [
+        "clusters",
+        "rollouts",
+        "rollout_steps",
+        "rollout_clusters",
+        "configmaps",
+        "history",
+    ] {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(exists, "table {table} exists");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_migrations_from_two_hubs_do_not_conflict() {
+    let db = TestDb::empty().await;
+    let (a, b) = tokio::join!(db::migrate(&db.pool), db::migrate(&db.pool));
+    a.expect("first hub migrates");
+    b.expect("second hub migrates");
+    db::check_ready(&db.pool).await.expect("ready");
+}
+
+#[tokio::test]
+async fn history_is_append_only() {
+    let db = TestDb::migrated().await;
+    sqlx::query(
+        "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, event, message)
+         VALUES (1, 'default', 'r', now(), 'StepStarted', 'step 0 started')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("insert is allowed");
+    for stmt in [
+        "UPDATE history SET message = 'rewritten'",
+        "DELETE FROM history",
+        "TRUNCATE history",
+    ] {
+        let err = sqlx::query(stmt).execute(&db.pool).await.expect_err(stmt);
+        assert!(err.to_string().contains("append-only"), "{stmt}: {err}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM history")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+async fn get(app: axum::Router, path: &str) -> (StatusCode, String) {
+    let res = app
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_errors_over_http() {
+    let db = TestDb::empty().await;
+    let state = AppState {
+        pool: db.pool.clone(),
+        metrics: Metrics::new().unwrap(),
+    };
+    let app = router(state.clone());
+
+    let (code, body) = get(app.clone(), "/healthz").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+
+    let (code, body) = get(app.clone(), "/readyz").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "not migrated yet");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "ServiceUnavailable");
+    assert_eq!(status["code"], 503);
+
+    db::migrate(&db.pool).await.unwrap();
+    let (code, _) = get(app.clone(), "/readyz").await;
+    assert_eq!(code, StatusCode::OK);
+
+    let (code, body) = get(app.clone(), "/v1/nothing/here").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "NotFound");
+    assert_eq!(status["message"], "no such endpoint: GET /v1/nothing/here");
+
+    let (code, body) = get(app, "/metrics").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(
+        body.contains(
+            r#"fleet_hub_http_requests_total{method="GET",route="/readyz",status="503"} 1"#
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            r#"fleet_hub_http_requests_total{method="GET",route="unmatched",status="404"} 1"#
+        ),
+        "{body}"
+    );
+}
+
+/// A temporary directory the `postgres` user can traverse when the tests run as root.
+fn reachable_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn embedded_postgres_is_created_once_and_keeps_its_data() {
+    let dir = reachable_tempdir();
+    let data_dir = dir.path().join("pgdata");
+
+    let pg = EmbeddedPostgres::start(&data_dir)
+        .await
+        .expect("first start creates the cluster");
+    let pool = sqlx::PgPool::connect_with(pg.connect_options())
+        .await
+        .unwrap();
+    db::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash) VALUES ('spoke1', 'http://x', 'h')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    pg.stop().await.expect("stops");
+    assert!(!data_dir.join("postmaster.pid").exists(), "server is down");
+
+    let pg = EmbeddedPostgres::start(&data_dir)
+        .await
+        .expect("second start reuses the cluster");
+    let pool = sqlx::PgPool::connect_with(pg.connect_options())
+        .await
+        .unwrap();
+    db::check_ready(&pool).await.expect("still migrated");
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM clusters")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(names, vec!["spoke1".to_string()]);
+    pool.close().await;
+    pg.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_postgres_adopts_a_server_left_running() {
+    let dir = reachable_tempdir();
+    let data_dir = dir.path().join("pgdata");
+    let first = EmbeddedPostgres::start(&data_dir).await.unwrap();
+    // A second hub on the same directory (or a hub restarted after being killed) finds the
+    // server running and connects to it instead of starting another.
+    let second = EmbeddedPostgres::start(&data_dir).await.expect("adopts");
+    assert_eq!(first.url(), second.url());
+    let pool = sqlx::PgPool::connect_with(second.connect_options())
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    pool.close().await;
+    second.stop().await.unwrap();
+    assert!(
+        data_dir.join("postmaster.pid").exists(),
+        "the adopter does not stop it"
+    );
+    first.stop().await.unwrap();
+    assert!(!data_dir.join("postmaster.pid").exists());
+}
+
+#[tokio::test]
+async fn embedded_postgres_refuses_a_foreign_non_empty_directory() {
+    let dir = reachable_tempdir();
+    let data_dir = dir.path().join("pgdata");
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::write(data_dir.join("notes.txt"), "mine").unwrap();
+    let err = EmbeddedPostgres::start(&data_dir).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not empty and holds no Postgres cluster"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data_dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
+}

@@ -1,0 +1,167 @@
+//! Command line of `spoke-agent`. Every flag also reads the environment variable named
+//! beside it (`contract.md`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "spoke-agent",
+    version,
+    about = "Runs the image-based upgrade of one single-node OpenShift cluster (the ImageBasedUpgrade resource)"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent of one cluster: the IBU engine, its HTTP API and the hub reporting.
+    Serve(ServeArgs),
+    /// Run many simulated agents in one process on one listener (`/clusters/<name>/...`).
+    SimFleet(SimFleetArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// Simulated host: configurable step durations and injected faults.
+    Sim,
+    /// The real host: ostree/rpm-ostree, podman/skopeo, systemctl, the spoke's Kubernetes API.
+    Ostree,
+}
+
+/// What the simulated host does and knows.
+#[derive(Args, Debug, Clone)]
+pub struct SimArgs {
+    /// sim: the cluster's version before the upgrade.
+    #[arg(long, env = "SPOKE_CURRENT_VERSION", default_value = "4.15.0")]
+    pub current_version: String,
+    /// sim: duration of each simulated step, in milliseconds.
+    #[arg(long, env = "SPOKE_SIM_STEP_MS", default_value_t = 200)]
+    pub sim_step_ms: u64,
+    /// sim: how long a simulated reboot keeps the agent away, in milliseconds.
+    #[arg(long, env = "SPOKE_SIM_REBOOT_MS", default_value_t = 1000)]
+    pub sim_reboot_ms: u64,
+    /// sim: a namespace the cluster has besides the built-in ones (repeatable).
+    #[arg(
+        long = "sim-namespace",
+        env = "SPOKE_SIM_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub sim_namespaces: Vec<String>,
+    /// sim: a CRD the cluster has, as GROUP/VERSION/KIND (repeatable).
+    #[arg(long = "sim-crd", env = "SPOKE_SIM_CRDS", value_delimiter = ',')]
+    pub sim_crds: Vec<String>,
+    /// sim: the cluster has LVM Storage (topolvm) volumes.
+    #[arg(long, env = "SPOKE_SIM_LVMS")]
+    pub sim_lvms: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Name of this cluster, as the hub knows it.
+    #[arg(long, env = "SPOKE_CLUSTER_NAME")]
+    pub cluster_name: String,
+    /// Address the agent's HTTP API listens on.
+    #[arg(long, env = "SPOKE_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Directory holding the persisted IBU and the agent's state.
+    #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-agent")]
+    pub state_dir: PathBuf,
+    /// Hub base URL. Absent: no hub, local API only.
+    #[arg(long, env = "SPOKE_HUB_URL")]
+    pub hub_url: Option<String>,
+    /// Token presented to the hub to register.
+    #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Token with full access to the local API.
+    #[arg(long, env = "SPOKE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Label announced at registration, as k=v (repeatable).
+    #[arg(long = "label", env = "SPOKE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Host backend.
+    #[arg(long, env = "SPOKE_HOST", value_enum, default_value_t = HostKind::Sim)]
+    pub host: HostKind,
+    #[command(flatten)]
+    pub sim: SimArgs,
+    /// sim: make that fault point fail (repeatable): prep, precache, backup, post-reboot,
+    /// init-monitor, restore, rollback, cleanup, unreachable.
+    #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
+    pub faults: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SimFleetArgs {
+    /// Number of simulated clusters.
+    #[arg(long, env = "SPOKE_SIM_COUNT")]
+    pub count: u32,
+    /// Clusters are named <prefix>1..<prefix>N.
+    #[arg(long, env = "SPOKE_SIM_PREFIX", default_value = "spoke")]
+    pub prefix: String,
+    /// Address of the one listener; each cluster is served under /clusters/<name>.
+    #[arg(long, env = "SPOKE_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Directory holding one sub-directory of state per cluster.
+    #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-fleet")]
+    pub state_dir: PathBuf,
+    /// Hub base URL. Absent: no hub, local API only.
+    #[arg(long, env = "SPOKE_HUB_URL")]
+    pub hub_url: Option<String>,
+    /// Token presented to the hub to register.
+    #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Token with full access to every simulated cluster's local API.
+    #[arg(long, env = "SPOKE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Label of every cluster, as k=v (repeatable); each also gets name=<cluster>.
+    #[arg(long = "label", env = "SPOKE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub sim: SimArgs,
+    /// Make POINT fail on CLUSTER, as CLUSTER=POINT (repeatable).
+    #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
+    pub faults: Vec<String>,
+}
+
+/// `k=v`, with a non-empty key.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} is not of the form key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(
+            parse_label("env=prod").unwrap(),
+            ("env".into(), "prod".into())
+        );
+        assert_eq!(parse_label("k=").unwrap(), ("k".into(), String::new()));
+        assert!(parse_label("=v").is_err());
+        assert!(parse_label("novalue").is_err());
+    }
+}
