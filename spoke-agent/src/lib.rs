@@ -2,3 +2,6 @@
 //! like the Lifecycle Agent's `ImageBasedUpgrade` resource.
 
 pub mod cli;
+pub mod engine;
+pub mod host;
+pub mod store;

@@ -1,0 +1,121 @@
+//! The host backend: everything the agent does to the node, behind one trait, so the engine
+//! and the runner are the same for the real node and the simulated one.
+
+pub mod sim;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgradeSpec, SeedImageRef};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::validate::ClusterFacts;
+use crate::engine::{Root, SpokeState};
+
+/// A host operation that did not succeed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HostError {
+    /// The stage fails.
+    #[error("{0}")]
+    Terminal(String),
+    /// Worth retrying with backoff (a registry or API hiccup).
+    #[error("{0}")]
+    Transient(String),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrecacheSummary {
+    pub total: u32,
+    pub pulled: u32,
+    pub failed: u32,
+}
+
+/// One OADP Restore as `oc get restores -n openshift-adp` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreInfo {
+    pub name: String,
+    pub phase: String,
+    #[serde(default)]
+    pub failure_reason: String,
+}
+
+/// The node's side of an image-based upgrade. Methods are the steps of `ibu-spoke.md`
+/// section 4; each is idempotent, because a restarted agent runs an interrupted step again.
+pub trait Host: Send + Sync + 'static {
+    /// The IBU state saved on the booted stateroot, if any.
+    fn load_state(&self) -> impl Future<Output = Result<Option<SpokeState>, HostError>> + Send;
+    /// Saves the state on a stateroot, atomically.
+    fn save_state(
+        &self,
+        root: &Root,
+        state: &SpokeState,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// `Err(why)` while the cluster is not healthy: the stage waits.
+    fn health(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// What Prep validation needs to know about the cluster and the referenced ConfigMaps.
+    fn cluster_facts(
+        &self,
+        spec: &ImageBasedUpgradeSpec,
+    ) -> impl Future<Output = Result<ClusterFacts, HostError>> + Send;
+    /// The seed image's labels, read without pulling it (`skopeo inspect`).
+    fn inspect_seed(
+        &self,
+        seed: &SeedImageRef,
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, HostError>> + Send;
+    /// Pulls the seed, creates and deploys the stateroot (not as default), writes the
+    /// auto-rollback configuration into it.
+    fn setup_stateroot(
+        &self,
+        stateroot: &str,
+        seed: &SeedImageRef,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Pulls every image the target release needs.
+    fn precache(
+        &self,
+        seed: &SeedImageRef,
+        release_registry: &str,
+    ) -> impl Future<Output = Result<PrecacheSummary, HostError>> + Send;
+    /// Runs Velero Backups group by group; a failed group is terminal (`Failed backup CRs: ...`).
+    fn backup(&self, groups: &[Vec<Value>]) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Makes the stateroot's deployment the default one for the next boot.
+    fn set_default(&self, root: &Root) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Reboots into the default deployment. The simulated host returns when the node is
+    /// back; the real one never returns.
+    fn reboot(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// The DataProtectionApplication saved before the reboot exists again.
+    fn check_dpa(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn apply_extra_manifests(
+        &self,
+        groups: &[Vec<Value>],
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Runs Velero Restores group by group (`Failed restore CRs: ...`).
+    fn restore(&self, groups: &[Vec<Value>]) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// The deferred health checks that end an upgrade; `Err(why)` waits.
+    fn deferred_health(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Every cleanup step of abort and finalize, collecting errors.
+    fn cleanup(&self, manual: bool) -> impl Future<Output = Result<(), Vec<String>>> + Send;
+
+    /// When rollback to the old stateroot stops being possible.
+    fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>>;
+    fn restores(&self) -> impl Future<Output = Vec<RestoreInfo>> + Send;
+    fn configmap_get(
+        &self,
+        r: &ConfigMapRef,
+    ) -> impl Future<Output = Option<BTreeMap<String, String>>> + Send;
+    fn configmap_put(
+        &self,
+        r: &ConfigMapRef,
+        data: BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn configmap_delete(
+        &self,
+        r: &ConfigMapRef,
+    ) -> impl Future<Output = Result<bool, HostError>> + Send;
+    /// The host's view for must-gather (`ostree admin status`, OADP objects).
+    fn describe(&self) -> impl Future<Output = String> + Send;
+}
