@@ -975,9 +975,11 @@ fn extra_manifest_bodies(spec: &ImageBasedUpgradeSpec, facts: &ClusterFacts) -> 
     for r in &spec.extra_manifests {
         for text in facts.configmaps.get(r).into_iter().flat_map(|d| d.values()) {
             for doc in serde_yaml::Deserializer::from_str(text) {
-                if let Ok(v) = Value::deserialize(doc)
-                    && !v.is_null()
-                {
+                // Validation already refused undecodable streams.
+                let Ok(v) = Value::deserialize(doc) else {
+                    break;
+                };
+                if !v.is_null() {
                     out.push(v);
                 }
             }

@@ -125,10 +125,14 @@ fn documents(
                         namespace: str_at(&body, &["metadata", "namespace"]),
                         body,
                     }),
-                    Err(e) => errors.push(format!(
-                        "failed to decode manifest in configmap {}/{} key {key}: {e}",
-                        r.namespace, r.name
-                    )),
+                    Err(e) => {
+                        errors.push(format!(
+                            "failed to decode manifest in configmap {}/{} key {key}: {e}",
+                            r.namespace, r.name
+                        ));
+                        // The stream cannot be resynchronized after a syntax error.
+                        break;
+                    }
                 }
             }
         }
@@ -402,3 +406,7 @@ pub fn wave_groups(docs: &[Manifest]) -> Vec<Vec<Manifest>> {
     }
     groups.into_values().collect()
 }
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;
