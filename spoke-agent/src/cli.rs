@@ -101,6 +101,9 @@ pub struct ServeArgs {
     /// init-monitor, restore, rollback, cleanup, unreachable.
     #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// URL the hub uses to reach this agent's API (default: http://<listen>).
+    #[arg(long, env = "SPOKE_ENDPOINT")]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -134,6 +137,10 @@ pub struct SimFleetArgs {
     /// Make POINT fail on CLUSTER, as CLUSTER=POINT (repeatable).
     #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// Base URL the hub uses to reach the listener (default: http://<listen>); each cluster
+    /// is <endpoint>/clusters/<name>.
+    #[arg(long, env = "SPOKE_ENDPOINT")]
+    pub endpoint: Option<String>,
 }
 
 /// `k=v`, with a non-empty key.

@@ -1,14 +1,33 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spoke_agent::cli::{Cli, Command};
+use spoke_agent::cli::{Cli, Command, LogFormat};
+use spoke_agent::run::{self, RunError};
+use tracing_subscriber::EnvFilter;
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let what = match cli.command {
-        Command::Serve(_) => "spoke-agent serve",
-        Command::SimFleet(_) => "spoke-agent sim-fleet",
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let result = match cli.command {
+        Command::Serve(args) => run::serve(args).await,
+        Command::SimFleet(args) => run::sim_fleet(args).await,
     };
-    eprintln!("{what}: not implemented yet (the IBU engine arrives with the spoke-agent issue)");
-    ExitCode::from(2)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("spoke-agent: {err}");
+            match err {
+                RunError::Usage(_) | RunError::NotImplemented(_) => ExitCode::from(2),
+                RunError::Failed(_) => ExitCode::FAILURE,
+            }
+        }
+    }
 }

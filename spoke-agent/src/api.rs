@@ -1,0 +1,305 @@
+//! The agent's HTTP API (`contract.md`, "Spoke HTTP API"). One router serves a single agent at
+//! `/v1/...` or a simulated fleet at `/clusters/<name>/v1/...`; handlers are thin and
+//! errors leave as Kubernetes `Status` bodies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fleet_types::ibu::ConfigMapRef;
+use fleet_types::{Reason, Status};
+use serde::{Deserialize, Serialize};
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::host::Host;
+use crate::metrics::AgentMetrics;
+use crate::runner::{Agent, AgentError};
+
+/// Largest request body: a ConfigMap of extra manifests fits easily, a flood does not.
+pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
+
+pub struct ApiState<H: Host> {
+    pub agents: HashMap<String, Arc<Agent<H>>>,
+    /// The cluster served at `/v1` (single-agent mode).
+    pub single: Option<String>,
+    pub api_token: Option<String>,
+    pub metrics: AgentMetrics,
+}
+
+type Shared<H> = Arc<ApiState<H>>;
+
+pub struct ApiError(Box<Status>);
+
+impl ApiError {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
+        ApiError(Box::new(Status::failure(reason, message)))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (code, Json(*self.0)).into_response()
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Refused(r) => ApiError::new(Reason::Invalid, r.0),
+            AgentError::Offline(why) => ApiError::new(Reason::ServiceUnavailable, why),
+            AgentError::Save(err) => {
+                tracing::error!(%err, "saving the IBU failed");
+                ApiError::new(
+                    Reason::InternalError,
+                    "saving the IBU failed; nothing changed",
+                )
+            }
+        }
+    }
+}
+
+pub fn router<H: Host>(state: Shared<H>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/ibu", get(get_ibu::<H>).patch(patch_ibu::<H>))
+        .route("/v1/restores", get(restores::<H>))
+        .route(
+            "/v1/configmaps/{namespace}/{name}",
+            get(cm_get::<H>).put(cm_put::<H>).delete(cm_delete::<H>),
+        )
+        .route("/v1/must-gather", get(must_gather::<H>))
+        .route("/readyz", get(readyz::<H>));
+    let routes = if state.single.is_some() {
+        v1
+    } else {
+        Router::new().nest("/clusters/{cluster}", v1)
+    };
+    routes
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics::<H>))
+        .fallback(|req: axum::extract::Request| async move {
+            ApiError::new(
+                Reason::NotFound,
+                format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+            )
+        })
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
+/// The agent a request is for, after its bearer token was checked.
+struct Authed<H: Host> {
+    agent: Arc<Agent<H>>,
+    params: HashMap<String, String>,
+}
+
+impl<H: Host> FromRequestParts<Shared<H>> for Authed<H> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared<H>) -> Result<Self, ApiError> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(Reason::BadRequest, e.to_string()))?;
+        let name = params
+            .get("cluster")
+            .or(state.single.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        let agent =
+            state.agents.get(&name).cloned().ok_or_else(|| {
+                ApiError::new(Reason::NotFound, format!("no cluster named {name:?}"))
+            })?;
+        authorize(
+            &parts.headers,
+            state.api_token.as_deref(),
+            agent.credential().as_deref(),
+        )?;
+        Ok(Authed { agent, params })
+    }
+}
+
+/// Accepts the API token and the credential the hub got for this cluster. With neither
+/// configured the API is open (a lab agent on loopback).
+fn authorize(
+    headers: &HeaderMap,
+    api_token: Option<&str>,
+    credential: Option<&str>,
+) -> Result<(), ApiError> {
+    if api_token.is_none() && credential.is_none() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(Reason::Unauthorized, "missing bearer token"))?;
+    let ok = [api_token, credential]
+        .into_iter()
+        .flatten()
+        .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(Reason::Unauthorized, "invalid bearer token"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn get_ibu<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    Ok(Json(a.agent.ibu().await?).into_response())
+}
+
+async fn patch_ibu<H: Host>(
+    a: Authed<H>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if content_type != "application/merge-patch+json" && content_type != "application/json" {
+        return Err(ApiError::new(
+            Reason::BadRequest,
+            format!(
+                "content type {content_type:?} not supported; use application/merge-patch+json"
+            ),
+        ));
+    }
+    let patch: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(Reason::BadRequest, format!("the body is not JSON: {e}")))?;
+    Ok(Json(a.agent.patch(&patch).await?).into_response())
+}
+
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+}
+
+async fn restores<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    Ok(Json(Items {
+        items: a.agent.host.restores().await,
+    })
+    .into_response())
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConfigMap {
+    metadata: ConfigMapRef,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+}
+
+fn cm_ref(params: &HashMap<String, String>) -> ConfigMapRef {
+    ConfigMapRef {
+        name: params.get("name").cloned().unwrap_or_default(),
+        namespace: params.get("namespace").cloned().unwrap_or_default(),
+    }
+}
+
+async fn cm_get<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    let r = cm_ref(&a.params);
+    match a.agent.host.configmap_get(&r).await {
+        Some(data) => Ok(Json(ConfigMap { metadata: r, data }).into_response()),
+        None => Err(ApiError::new(
+            Reason::NotFound,
+            format!("configmap {}/{} not found", r.namespace, r.name),
+        )),
+    }
+}
+
+async fn cm_put<H: Host>(a: Authed<H>, body: Bytes) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    let r = cm_ref(&a.params);
+    let cm: ConfigMap = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(Reason::Invalid, format!("not a ConfigMap ({{\"metadata\":{{\"name\",\"namespace\"}},\"data\":{{...}}}}): {e}"))
+    })?;
+    if cm.metadata != r {
+        return Err(ApiError::new(
+            Reason::Invalid,
+            format!(
+                "metadata names {}/{} but the path names {}/{}",
+                cm.metadata.namespace, cm.metadata.name, r.namespace, r.name
+            ),
+        ));
+    }
+    a.agent
+        .host
+        .configmap_put(&r, cm.data.clone())
+        .await
+        .map_err(|e| ApiError::new(Reason::InternalError, e.to_string()))?;
+    Ok(Json(cm).into_response())
+}
+
+async fn cm_delete<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    let r = cm_ref(&a.params);
+    match a.agent.host.configmap_delete(&r).await {
+        Ok(true) => Ok(Json(Status {
+            status: "Success".into(),
+            ..Status::failure(
+                Reason::NotFound,
+                format!("configmap {}/{} deleted", r.namespace, r.name),
+            )
+        })
+        .into_response()),
+        Ok(false) => Err(ApiError::new(
+            Reason::NotFound,
+            format!("configmap {}/{} not found", r.namespace, r.name),
+        )),
+        Err(e) => Err(ApiError::new(Reason::InternalError, e.to_string())),
+    }
+}
+
+async fn must_gather<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    let bundle = crate::must_gather::bundle(&a.agent)
+        .await
+        .map_err(|e| ApiError::new(Reason::InternalError, format!("building the bundle: {e}")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/gzip".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"must-gather-{}.tar.gz\"",
+                    a.agent.name
+                ),
+            ),
+        ],
+        bundle,
+    )
+        .into_response())
+}
+
+async fn readyz<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+    a.agent.check_reachable()?;
+    Ok(Json(serde_json::json!({"status": "ready"})).into_response())
+}
+
+async fn metrics<H: Host>(State(state): State<Shared<H>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,157 @@
+//! Reporting to the hub: register with the join token, then send the IBU after every change
+//! with a growing sequence number. While the hub is away, retry with backoff; once it
+//! answers again, the current state goes first, so nothing the hub needs is lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
+use reqwest::StatusCode;
+
+use crate::host::Host;
+use crate::metrics::AgentMetrics;
+use crate::runner::Agent;
+
+/// Backoff bounds while the hub does not answer.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A hub that takes longer than this to answer counts as away.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct HubLink {
+    pub hub_url: String,
+    pub join_token: String,
+    /// How the hub reaches this agent's API.
+    pub endpoint: String,
+    pub labels: BTreeMap<String, String>,
+    /// Identifies this run of the agent: a new one restarts the hub's sequence check.
+    pub agent_id: String,
+    pub client: reqwest::Client,
+}
+
+impl HubLink {
+    pub fn client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .unwrap_or_default()
+    }
+}
+
+enum Failure {
+    /// The hub refused our credential: register again.
+    Unauthorized,
+    Other(String),
+}
+
+pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMetrics) {
+    let mut changes = agent.subscribe();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if agent.check_reachable().is_err() {
+            // Rebooting or simulated unreachable: nothing leaves the node.
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        changes.borrow_and_update();
+        let result = match agent.credential() {
+            None => register(&agent, &link).await,
+            Some(credential) => send(&agent, &link, &credential).await,
+        };
+        match result {
+            Ok(registered) => {
+                backoff = BACKOFF_MIN;
+                if registered {
+                    // Registered just now: report the current state at once.
+                    continue;
+                }
+                metrics.report("sent");
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Err(Failure::Unauthorized) => {
+                tracing::warn!(cluster = %agent.name, "the hub refused our credential; registering again");
+                agent.clear_credential();
+                metrics.report("failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(Failure::Other(why)) => {
+                tracing::debug!(cluster = %agent.name, %why, ?backoff, "hub not reachable; retrying");
+                metrics.report("failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Answers `Ok(true)` once registered.
+async fn register<H: Host>(agent: &Agent<H>, link: &HubLink) -> Result<bool, Failure> {
+    let url = format!(
+        "{}/v1/clusters/register",
+        link.hub_url.trim_end_matches('/')
+    );
+    let body = RegisterRequest {
+        name: agent.name.clone(),
+        endpoint: link.endpoint.clone(),
+        labels: link.labels.clone(),
+        agent_id: link.agent_id.clone(),
+    };
+    let res = link
+        .client
+        .post(&url)
+        .bearer_auth(&link.join_token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    if !res.status().is_success() {
+        let code = res.status();
+        let text = res.text().await.unwrap_or_default();
+        tracing::warn!(cluster = %agent.name, %code, %text, "registration refused");
+        return Err(Failure::Other(format!("registration answered {code}")));
+    }
+    let reg: RegisterResponse = res
+        .json()
+        .await
+        .map_err(|e| Failure::Other(format!("registration answer: {e}")))?;
+    agent.set_credential(reg.credential);
+    tracing::info!(cluster = %agent.name, hub = %link.hub_url, "registered with the hub");
+    Ok(true)
+}
+
+async fn send<H: Host>(
+    agent: &Agent<H>,
+    link: &HubLink,
+    credential: &str,
+) -> Result<bool, Failure> {
+    let report = StatusReport {
+        sequence: agent.next_sequence(),
+        agent_id: link.agent_id.clone(),
+        ibu: agent.snapshot().await.ibu,
+    };
+    let url = format!(
+        "{}/v1/clusters/{}/status",
+        link.hub_url.trim_end_matches('/'),
+        agent.name
+    );
+    let res = link
+        .client
+        .post(&url)
+        .bearer_auth(credential)
+        .json(&report)
+        .send()
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    match res.status() {
+        s if s.is_success() => Ok(false),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Unauthorized),
+        s => Err(Failure::Other(format!("report answered {s}"))),
+    }
+}

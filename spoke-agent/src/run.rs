@@ -1,0 +1,251 @@
+//! `spoke-agent serve` and `spoke-agent sim-fleet`: wire the host, the agents, their API and
+//! the hub reporting together, and stop cleanly on SIGTERM.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState};
+use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
+use crate::host::sim::{Fault, SimConfig, SimHost};
+use crate::metrics::AgentMetrics;
+use crate::report::{self, HubLink};
+use crate::runner::{Agent, SystemClock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("not implemented yet: {0}")]
+    NotImplemented(&'static str),
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
+    SimConfig {
+        current_version: sim.current_version.clone(),
+        step: Duration::from_millis(sim.sim_step_ms),
+        reboot: Duration::from_millis(sim.sim_reboot_ms),
+        faults,
+        namespaces: sim.sim_namespaces.clone(),
+        crds: sim.sim_crds.clone(),
+        lvms: sim.sim_lvms,
+    }
+}
+
+fn parse_faults<'a>(
+    points: impl IntoIterator<Item = &'a str>,
+) -> Result<BTreeSet<Fault>, RunError> {
+    points
+        .into_iter()
+        .map(|p| p.parse::<Fault>().map_err(RunError::Usage))
+        .collect()
+}
+
+fn hub_link(
+    hub_url: Option<String>,
+    join_token: Option<String>,
+    endpoint: String,
+    labels: BTreeMap<String, String>,
+    client: reqwest::Client,
+) -> Result<Option<HubLink>, RunError> {
+    let Some(hub_url) = hub_url else {
+        return Ok(None);
+    };
+    let join_token = join_token
+        .ok_or_else(|| RunError::Usage("--hub-url needs --join-token to register".into()))?;
+    Ok(Some(HubLink {
+        hub_url,
+        join_token,
+        endpoint,
+        labels,
+        agent_id: uuid::Uuid::new_v4().to_string(),
+        client,
+    }))
+}
+
+async fn start_agent(
+    name: String,
+    state_dir: &Path,
+    config: SimConfig,
+    metrics: &AgentMetrics,
+    link: Option<HubLink>,
+) -> Result<Arc<Agent<SimHost>>, RunError> {
+    let unreachable = config.faults.contains(&Fault::Unreachable);
+    let host = SimHost::open(state_dir, config)
+        .map_err(|e| RunError::Failed(format!("cluster {name}: {e}")))?;
+    let agent = Agent::open(
+        name.clone(),
+        Arc::new(host),
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Failed(format!("cluster {name}: {e}")))?;
+    agent.set_unreachable(unreachable);
+    tokio::spawn(agent.clone().run());
+    if let Some(link) = link {
+        tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
+    }
+    Ok(agent)
+}
+
+async fn serve_http(listen: SocketAddr, app: axum::Router) -> Result<(), RunError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| RunError::Failed(format!("listening on {listen}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| RunError::Failed(e.to_string()))?;
+    tracing::info!(address = %local, "spoke-agent listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| RunError::Failed(e.to_string()))
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
+    let ServeArgs {
+        cluster_name,
+        listen,
+        state_dir,
+        hub_url,
+        join_token,
+        api_token,
+        labels,
+        host,
+        sim,
+        faults,
+        endpoint,
+    } = args;
+    if host == HostKind::Ostree {
+        return Err(RunError::NotImplemented(
+            "the real host backend (--host ostree) is not in this build; use --host sim",
+        ));
+    }
+    if cluster_name.is_empty() {
+        return Err(RunError::Usage("--cluster-name must not be empty".into()));
+    }
+    let faults = parse_faults(faults.iter().map(String::as_str))?;
+    let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
+    let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
+    let link = hub_link(
+        hub_url,
+        join_token,
+        endpoint,
+        labels.into_iter().collect(),
+        HubLink::client(),
+    )?;
+    let agent = start_agent(
+        cluster_name.clone(),
+        &state_dir,
+        sim_config(&sim, faults),
+        &metrics,
+        link,
+    )
+    .await?;
+    let state = ApiState {
+        agents: HashMap::from([(cluster_name.clone(), agent)]),
+        single: Some(cluster_name),
+        api_token,
+        metrics,
+    };
+    serve_http(listen, api::router(Arc::new(state))).await
+}
+
+/// How many simulated agents open their state at once at start.
+const OPEN_CONCURRENCY: usize = 64;
+
+pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
+    let SimFleetArgs {
+        count,
+        prefix,
+        listen,
+        state_dir,
+        hub_url,
+        join_token,
+        api_token,
+        labels,
+        sim,
+        faults,
+        endpoint,
+    } = args;
+    let mut per_cluster: HashMap<String, BTreeSet<Fault>> = HashMap::new();
+    for f in &faults {
+        let (cluster, point) = f.split_once('=').ok_or_else(|| {
+            RunError::Usage(format!("--fault {f:?}: sim-fleet faults are CLUSTER=POINT"))
+        })?;
+        per_cluster
+            .entry(cluster.to_string())
+            .or_default()
+            .extend(parse_faults([point])?);
+    }
+    let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+    if let Some(unknown) = per_cluster.keys().find(|c| !names.contains(c)) {
+        return Err(RunError::Usage(format!(
+            "--fault names cluster {unknown:?}, which is not in {prefix}1..{prefix}{count}"
+        )));
+    }
+    let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
+    let base = endpoint.unwrap_or_else(|| format!("http://{listen}"));
+    let client = HubLink::client();
+    let common: BTreeMap<String, String> = labels.into_iter().collect();
+    let mut agents = HashMap::new();
+    let mut pending = tokio::task::JoinSet::new();
+    for name in names {
+        if pending.len() >= OPEN_CONCURRENCY
+            && let Some(done) = pending.join_next().await
+        {
+            let agent: Arc<Agent<SimHost>> =
+                done.map_err(|e| RunError::Failed(e.to_string()))??;
+            agents.insert(agent.name.clone(), agent);
+        }
+        let mut labels = common.clone();
+        labels.insert("name".into(), name.clone());
+        let link = hub_link(
+            hub_url.clone(),
+            join_token.clone(),
+            format!("{base}/clusters/{name}"),
+            labels,
+            client.clone(),
+        )?;
+        let config = sim_config(&sim, per_cluster.get(&name).cloned().unwrap_or_default());
+        let dir = state_dir.join(&name);
+        let metrics = metrics.clone();
+        pending.spawn(async move { start_agent(name, &dir, config, &metrics, link).await });
+    }
+    while let Some(done) = pending.join_next().await {
+        let agent = done.map_err(|e| RunError::Failed(e.to_string()))??;
+        agents.insert(agent.name.clone(), agent);
+    }
+    tracing::info!(clusters = agents.len(), "simulated fleet running");
+    let state = ApiState {
+        agents,
+        single: None,
+        api_token,
+        metrics,
+    };
+    serve_http(listen, api::router(Arc::new(state))).await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

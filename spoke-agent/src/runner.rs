@@ -1,0 +1,382 @@
+//! The runner: applies the engine's decisions through the host, saves the IBU after every
+//! change, and tells the reporter. It owns no rules; those are in `engine`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use fleet_types::ibu::ImageBasedUpgrade;
+use serde_json::Value;
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::engine::{self, Next, Outcome, Refusal, Root, SpokeState, Work};
+use crate::host::{Host, HostError};
+use crate::metrics::AgentMetrics;
+
+/// Where the runner gets the time; tests may supply their own.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    /// Whole seconds, as Kubernetes writes times.
+    fn now(&self) -> DateTime<Utc> {
+        use chrono::SubsecRound;
+        Utc::now().trunc_subsecs(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("saving the IBU failed, nothing changed: {0}")]
+    Save(HostError),
+    #[error("the agent is not reachable: {0}")]
+    Offline(&'static str),
+}
+
+/// One cluster's agent.
+pub struct Agent<H: Host> {
+    pub name: String,
+    pub host: Arc<H>,
+    clock: Arc<dyn Clock>,
+    state: Mutex<SpokeState>,
+    wake: Notify,
+    /// Bumped at every saved change; the reporter follows it.
+    changes: watch::Sender<u64>,
+    rebooting: AtomicBool,
+    unreachable: AtomicBool,
+    seq: AtomicU64,
+    metrics: AgentMetrics,
+    /// The credential the hub issued at registration; accepted on the local API.
+    credential: std::sync::RwLock<Option<String>>,
+    /// Recent changes of the current state, for must-gather.
+    events: std::sync::Mutex<VecDeque<String>>,
+}
+
+/// Events kept for must-gather.
+const EVENTS_KEPT: usize = 200;
+
+impl<H: Host> Agent<H> {
+    /// Loads the IBU saved on the booted stateroot (or creates it), resumes an interrupted
+    /// step, and reconciles the saved request.
+    pub async fn open(
+        name: String,
+        host: Arc<H>,
+        clock: Arc<dyn Clock>,
+        metrics: AgentMetrics,
+    ) -> Result<Arc<Self>, HostError> {
+        let now = clock.now();
+        let mut state = match host.load_state().await? {
+            Some(s) => s,
+            None => engine::initial(now),
+        };
+        engine::resume(&mut state, now);
+        engine::reconcile(&mut state, now);
+        host.save_state(&Root::Booted, &state).await?;
+        metrics.observe_state(None, &state);
+        let (changes, _) = watch::channel(0);
+        Ok(Arc::new(Agent {
+            name,
+            host,
+            clock,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            changes,
+            rebooting: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            metrics,
+            credential: std::sync::RwLock::new(None),
+            events: std::sync::Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    pub async fn ibu(&self) -> Result<ImageBasedUpgrade, AgentError> {
+        self.check_reachable()?;
+        Ok(self.state.lock().await.ibu.clone())
+    }
+
+    pub async fn snapshot(&self) -> SpokeState {
+        self.state.lock().await.clone()
+    }
+
+    /// A JSON merge patch from the API: checked, saved, then acted on.
+    pub async fn patch(&self, patch: &Value) -> Result<ImageBasedUpgrade, AgentError> {
+        self.check_reachable()?;
+        let mut guard = self.state.lock().await;
+        let next = match engine::request(&guard, patch, self.clock.now()) {
+            Ok(n) => n,
+            Err(refusal) => {
+                self.metrics.transition("refused");
+                return Err(refusal.into());
+            }
+        };
+        self.host
+            .save_state(&Root::Booted, &next)
+            .await
+            .map_err(AgentError::Save)?;
+        self.metrics.transition("accepted");
+        self.metrics.observe_state(Some(&guard), &next);
+        self.record(&guard, &next);
+        *guard = next;
+        let ibu = guard.ibu.clone();
+        drop(guard);
+        self.changed();
+        self.wake.notify_one();
+        Ok(ibu)
+    }
+
+    /// Stop answering and reporting (the `unreachable` fault).
+    pub fn set_unreachable(&self, on: bool) {
+        self.unreachable.store(on, Ordering::SeqCst);
+        self.changed();
+    }
+
+    pub fn check_reachable(&self) -> Result<(), AgentError> {
+        if self.unreachable.load(Ordering::SeqCst) {
+            Err(AgentError::Offline("simulated fault: unreachable"))
+        } else if self.rebooting.load(Ordering::SeqCst) {
+            Err(AgentError::Offline("rebooting"))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The next report sequence number.
+    pub fn next_sequence(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn credential(&self) -> Option<String> {
+        self.credential
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_credential(&self, credential: String) {
+        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
+    }
+
+    pub fn clear_credential(&self) {
+        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record(&self, old: &SpokeState, new: &SpokeState) {
+        let current = |s: &SpokeState| s.ibu.status.as_ref().and_then(|st| st.current().cloned());
+        let Some(c) = current(new) else { return };
+        if current(old).as_ref() == Some(&c) {
+            return;
+        }
+        let line = format!(
+            "{} stage={} {}={:?} reason={} message={:?}",
+            self.clock.now().to_rfc3339(),
+            new.ibu.spec.stage,
+            c.type_,
+            c.status,
+            c.reason,
+            c.message
+        );
+        tracing::info!(cluster = %self.name, condition = %c.type_, reason = %c.reason, message = %c.message, "IBU state");
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(line);
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Saves and publishes a state the engine changed.
+    async fn commit(&self, guard: &mut SpokeState, next: SpokeState) {
+        if *guard == next {
+            return;
+        }
+        // A failed save is retried with the next change; the state in memory stays right.
+        if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
+            tracing::error!(cluster = %self.name, %err, "saving the IBU failed");
+        }
+        self.metrics.observe_state(Some(guard), &next);
+        self.record(guard, &next);
+        *guard = next;
+        self.changed();
+    }
+
+    /// Runs the engine until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let now = self.clock.now();
+            let started = {
+                let mut guard = self.state.lock().await;
+                let mut next = guard.clone();
+                engine::tick(&mut next, now);
+                match engine::next(&next, now) {
+                    Next::Work(_) => {
+                        let begun = engine::begin(&mut next, now);
+                        self.commit(&mut guard, next).await;
+                        begun.map(|(work, epoch)| Ok((work, epoch)))
+                    }
+                    Next::WaitUntil(t) => {
+                        self.commit(&mut guard, next).await;
+                        Some(Err(Some(t)))
+                    }
+                    Next::Nothing => {
+                        self.commit(&mut guard, next).await;
+                        Some(Err(None))
+                    }
+                }
+            };
+            match started {
+                Some(Ok((work, epoch))) => self.execute(work, epoch).await,
+                Some(Err(until)) => self.wait(until).await,
+                None => self.wait(None).await,
+            }
+        }
+    }
+
+    async fn wait(&self, until: Option<DateTime<Utc>>) {
+        let sleep = match until {
+            Some(t) => (t - self.clock.now()).to_std().unwrap_or_default(),
+            // Nothing to do: wait for a request, but look again now and then.
+            None => std::time::Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+
+    async fn execute(&self, work: Work, epoch: u64) {
+        if work == Work::Reboot {
+            self.reboot().await;
+            return;
+        }
+        let outcome = dispatch(&*self.host, work).await;
+        let mut guard = self.state.lock().await;
+        let mut next = guard.clone();
+        engine::complete(&mut next, epoch, outcome, self.clock.now());
+        if next
+            .run
+            .op
+            .as_ref()
+            .is_some_and(|op| matches!(op, engine::Op::AutoRollback(_)))
+            && !guard
+                .run
+                .op
+                .as_ref()
+                .is_some_and(|op| matches!(op, engine::Op::AutoRollback(_)))
+        {
+            self.metrics.auto_rollback();
+        }
+        self.commit(&mut guard, next).await;
+    }
+
+    /// The node reboots: the agent is away, then starts again from what the booted
+    /// stateroot holds.
+    async fn reboot(&self) {
+        self.rebooting.store(true, Ordering::SeqCst);
+        tracing::info!(cluster = %self.name, "rebooting");
+        if let Err(err) = self.host.reboot().await {
+            tracing::error!(cluster = %self.name, %err, "reboot failed");
+        }
+        let now = self.clock.now();
+        let mut guard = self.state.lock().await;
+        match self.host.load_state().await {
+            Ok(Some(mut s)) => {
+                engine::resume(&mut s, now);
+                engine::booted(&mut s, self.host.rollback_availability_expiration(now), now);
+                engine::reconcile(&mut s, now);
+                if let Err(err) = self.host.save_state(&Root::Booted, &s).await {
+                    tracing::error!(cluster = %self.name, %err, "saving the IBU after the reboot failed");
+                }
+                self.metrics.observe_state(Some(&guard), &s);
+                self.record(&guard, &s);
+                *guard = s;
+            }
+            Ok(None) => tracing::error!(cluster = %self.name, "the booted stateroot holds no IBU"),
+            Err(err) => {
+                tracing::error!(cluster = %self.name, %err, "loading the IBU after the reboot failed")
+            }
+        }
+        drop(guard);
+        self.rebooting.store(false, Ordering::SeqCst);
+        tracing::info!(cluster = %self.name, "back after the reboot");
+        self.changed();
+    }
+}
+
+/// Hands one step to the host and says how it ended, in the engine's terms.
+async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
+    let done = |r: Result<(), HostError>| match r {
+        Ok(()) => Outcome::Done,
+        Err(HostError::Terminal(e)) => Outcome::Failed(e),
+        Err(HostError::Transient(e)) => Outcome::Transient(e),
+    };
+    let waited = |r: Result<(), String>| match r {
+        Ok(()) => Outcome::Done,
+        Err(why) => Outcome::Waiting(why),
+    };
+    match work {
+        Work::Health => waited(host.health().await),
+        Work::GatherFacts(spec) => match host.cluster_facts(&spec).await {
+            Ok(f) => Outcome::Facts(Box::new(f)),
+            Err(e) => done(Err(e)),
+        },
+        Work::InspectSeed(seed) => match host.inspect_seed(&seed).await {
+            Ok(labels) => Outcome::SeedLabels(labels),
+            Err(e) => done(Err(e)),
+        },
+        Work::SetupStateroot { stateroot, seed } => {
+            done(host.setup_stateroot(&stateroot, &seed).await)
+        }
+        Work::Precache {
+            seed,
+            release_registry,
+        } => match host.precache(&seed, &release_registry).await {
+            Ok(p) => Outcome::Precached {
+                total: p.total,
+                pulled: p.pulled,
+                failed: p.failed,
+            },
+            Err(e) => done(Err(e)),
+        },
+        Work::Backup(groups) => done(host.backup(&groups).await),
+        Work::Pivot { saves, default } => {
+            for (root, state) in &saves {
+                if let Err(e) = host.save_state(root, state).await {
+                    return done(Err(e));
+                }
+            }
+            done(host.set_default(&default).await)
+        }
+        Work::Reboot => Outcome::Done,
+        Work::CheckDpa => done(host.check_dpa().await),
+        Work::ApplyExtraManifests(groups) => done(host.apply_extra_manifests(&groups).await),
+        Work::Restore(groups) => done(host.restore(&groups).await),
+        Work::DeferredHealth => waited(host.deferred_health().await),
+        Work::Cleanup { manual } => match host.cleanup(manual).await {
+            Ok(()) => Outcome::Done,
+            Err(errors) => Outcome::CleanupFailed(errors),
+        },
+    }
+}
