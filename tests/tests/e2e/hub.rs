@@ -1,4 +1,4 @@
-//! End-to-end tests: the real binaries, started as an operator starts them.
+//! fleet-hub as a process: its own Postgres, SIGTERM, restart, flags.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

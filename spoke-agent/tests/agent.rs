@@ -1,0 +1,208 @@
+//! The agent in-process: hub reporting against a small test hub on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
+use serde_json::json;
+use spoke_agent::host::sim::{SimConfig, SimHost};
+use spoke_agent::metrics::AgentMetrics;
+use spoke_agent::report::{self, HubLink};
+use spoke_agent::runner::{Agent, SystemClock};
+
+#[derive(Default)]
+struct TestHub {
+    down: AtomicBool,
+    registrations: Mutex<Vec<(String, RegisterRequest)>>,
+    reports: Mutex<Vec<(String, String, StatusReport)>>,
+}
+
+fn bearer(h: &HeaderMap) -> String {
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim_start_matches("Bearer ")
+        .to_string()
+}
+
+async fn register(
+    State(hub): State<Arc<TestHub>>,
+    headers: HeaderMap,
+    Json(req): Json<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, StatusCode> {
+    if hub.down.load(Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let name = req.name.clone();
+    hub.registrations
+        .lock()
+        .unwrap()
+        .push((bearer(&headers), req));
+    Ok(Json(RegisterResponse {
+        name,
+        credential: "cred-1".into(),
+    }))
+}
+
+async fn status(
+    State(hub): State<Arc<TestHub>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(report): Json<StatusReport>,
+) -> StatusCode {
+    if hub.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    hub.reports
+        .lock()
+        .unwrap()
+        .push((name, bearer(&headers), report));
+    StatusCode::NO_CONTENT
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn last_reason(r: &StatusReport) -> String {
+    r.ibu
+        .status
+        .as_ref()
+        .and_then(|s| s.current())
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
+    let hub = Arc::new(TestHub::default());
+    let app = Router::new()
+        .route("/v1/clusters/register", post(register))
+        .route("/v1/clusters/{name}/status", post(status))
+        .with_state(hub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = SimConfig {
+        current_version: "4.15.0".into(),
+        ..Default::default()
+    };
+    let host = Arc::new(SimHost::open(dir.path(), config).unwrap());
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = Agent::open("sno1".into(), host, Arc::new(SystemClock), metrics.clone())
+        .await
+        .unwrap();
+    tokio::spawn(agent.clone().run());
+    let link = HubLink {
+        hub_url,
+        join_token: "join-me".into(),
+        endpoint: "http://127.0.0.1:1/".into(),
+        labels: BTreeMap::from([("site".to_string(), "edge-1".to_string())]),
+        agent_id: "run-1".into(),
+        client: HubLink::client(),
+    };
+    tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
+
+    wait_until("the first report", || async {
+        !hub.reports.lock().unwrap().is_empty()
+    })
+    .await;
+    {
+        let regs = hub.registrations.lock().unwrap();
+        assert_eq!(regs.len(), 1);
+        assert_eq!(regs[0].0, "join-me", "registers with the join token");
+        assert_eq!(regs[0].1.labels["site"], "edge-1");
+        let reports = hub.reports.lock().unwrap();
+        assert_eq!(reports[0].0, "sno1");
+        assert_eq!(reports[0].1, "cred-1", "reports with the issued credential");
+        assert_eq!(reports[0].2.sequence, 1);
+        assert_eq!(reports[0].2.agent_id, "run-1");
+    }
+    assert_eq!(
+        agent.credential().as_deref(),
+        Some("cred-1"),
+        "the hub's credential opens the local API"
+    );
+
+    agent
+        .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await
+        .unwrap();
+    wait_until("Prep completed reported", || async {
+        hub.reports
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|r| last_reason(&r.2) == "Completed")
+    })
+    .await;
+    let seqs: Vec<u64> = hub
+        .reports
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.2.sequence)
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence grows: {seqs:?}"
+    );
+
+    // the hub goes away; the agent keeps working and retries
+    hub.down.store(true, Ordering::SeqCst);
+    let before = hub.reports.lock().unwrap().len();
+    agent
+        .patch(&json!({"spec": {"stage": "Idle"}}))
+        .await
+        .unwrap();
+    wait_until("the abort to finish locally", || async {
+        let ibu = agent.ibu().await.unwrap();
+        ibu.status
+            .and_then(|s| s.current().cloned())
+            .is_some_and(|c| c.reason == "Idle")
+    })
+    .await;
+    wait_until("a failed report", || async {
+        metrics
+            .render()
+            .contains(r#"spoke_reports_total{result="failed"}"#)
+    })
+    .await;
+    assert_eq!(
+        hub.reports.lock().unwrap().len(),
+        before,
+        "nothing got through"
+    );
+
+    // back: the current state is reported
+    hub.down.store(false, Ordering::SeqCst);
+    wait_until("the current state after reconnecting", || async {
+        hub.reports
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|r| last_reason(&r.2) == "Idle")
+    })
+    .await;
+    let last = hub.reports.lock().unwrap().last().unwrap().2.sequence;
+    assert!(last > *seqs.last().unwrap());
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests: the real binaries, started as an operator starts them, over loopback.
+
+mod hub;
+mod spoke;

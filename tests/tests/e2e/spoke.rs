@@ -1,0 +1,380 @@
+//! spoke-agent as a process: the stages over HTTP through a simulated reboot, a SIGKILL in
+//! the middle of Prep, and the simulated fleet.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleet_e2e::{ChildGuard, binary, free_port, wait_for};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const TOKEN: &str = "test-api-token";
+
+/// The agent's API, by URL: the process behind it may be killed and started again.
+struct Agent {
+    base: String,
+    client: reqwest::Client,
+}
+
+fn start(state_dir: &Path, port: u16, extra: &[&str]) -> ChildGuard {
+    let mut cmd = Command::new(binary("spoke-agent"));
+    cmd.args([
+        "serve",
+        "--cluster-name",
+        "sno1",
+        "--host",
+        "sim",
+        "--api-token",
+        TOKEN,
+    ])
+    .arg("--listen")
+    .arg(format!("127.0.0.1:{port}"))
+    .arg("--state-dir")
+    .arg(state_dir)
+    .args(extra)
+    .env_remove("SPOKE_HUB_URL")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    ChildGuard(cmd.spawn().expect("spoke-agent starts"))
+}
+
+impl Agent {
+    async fn at(port: u16) -> Agent {
+        let agent = Agent {
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        agent.wait_ibu("the agent to answer", |_| true).await;
+        agent
+    }
+
+    async fn get(&self) -> Option<Value> {
+        let res = self
+            .client
+            .get(format!("{}/v1/ibu", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?;
+        if res.status() != 200 {
+            return None;
+        }
+        res.json().await.ok()
+    }
+
+    async fn patch(&self, body: Value) -> (u16, Value) {
+        let res = self
+            .client
+            .patch(format!("{}/v1/ibu", self.base))
+            .bearer_auth(TOKEN)
+            .header("Content-Type", "application/merge-patch+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("PATCH answers");
+        (
+            res.status().as_u16(),
+            res.json().await.expect("JSON answer"),
+        )
+    }
+
+    async fn stage(&self, stage: &str) {
+        let (code, body) = self.patch(json!({"spec": {"stage": stage}})).await;
+        assert_eq!(code, 200, "{stage}: {body}");
+    }
+
+    /// Waits until the IBU satisfies `pred`, answering it.
+    async fn wait_ibu(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, DEADLINE, || async {
+            self.get().await.filter(|v| pred(v))
+        })
+        .await
+    }
+}
+
+fn last(ibu: &Value) -> (String, String, String) {
+    let c = ibu["status"]["conditions"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["type"].as_str().unwrap_or("").into(),
+        c["reason"].as_str().unwrap_or("").into(),
+        c["message"].as_str().unwrap_or("").into(),
+    )
+}
+
+fn next_stages(ibu: &Value) -> Vec<String> {
+    serde_json::from_value(ibu["status"]["validNextStages"].clone()).unwrap_or_default()
+}
+
+fn is_last(type_: &'static str, reason: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| {
+        let (t, r, _) = last(v);
+        t == type_ && r == reason
+    }
+}
+
+#[tokio::test]
+async fn stages_over_http_through_a_simulated_reboot() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _child = start(
+        dir.path(),
+        port,
+        &["--sim-step-ms", "20", "--sim-reboot-ms", "300"],
+    );
+    let agent = Agent::at(port).await;
+
+    // auth
+    let res = agent
+        .client
+        .get(format!("{}/v1/ibu", agent.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let status: Value = res.json().await.unwrap();
+    assert_eq!(status["reason"], "Unauthorized");
+
+    let ibu = agent.get().await.unwrap();
+    assert_eq!(last(&ibu), ("Idle".into(), "Idle".into(), "Idle".into()));
+    assert_eq!(next_stages(&ibu), vec!["Prep"]);
+
+    // the CEL-equivalent refusal, nothing changed
+    let (code, body) = agent.patch(json!({"spec": {"stage": "Upgrade"}})).await;
+    assert_eq!(code, 422);
+    assert_eq!(body["reason"], "Invalid");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the stage transition is not permitted")
+    );
+    assert_eq!(agent.get().await.unwrap(), ibu);
+
+    let (code, _) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await;
+    assert_eq!(code, 200);
+    let ibu = agent
+        .wait_ibu("Prep completed", is_last("PrepCompleted", "Completed"))
+        .await;
+    assert_eq!(next_stages(&ibu), vec!["Idle", "Upgrade"]);
+
+    agent.stage("Upgrade").await;
+    let ibu = agent
+        .wait_ibu(
+            "Upgrade completed",
+            is_last("UpgradeCompleted", "Completed"),
+        )
+        .await;
+    assert_eq!(
+        ibu["metadata"]["generation"], 1,
+        "restored on the new stateroot"
+    );
+    assert!(ibu["status"]["rollbackAvailabilityExpiration"].is_string());
+    assert_eq!(next_stages(&ibu), vec!["Idle", "Rollback"]);
+
+    agent.stage("Rollback").await;
+    let ibu = agent
+        .wait_ibu(
+            "Rollback completed",
+            is_last("RollbackCompleted", "Completed"),
+        )
+        .await;
+    assert_eq!(next_stages(&ibu), vec!["Idle"]);
+    let stages: Vec<&str> = ibu["status"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, vec!["Prep", "Upgrade", "Rollback"]);
+
+    agent.stage("Idle").await;
+    let ibu = agent
+        .wait_ibu("back to Idle", is_last("Idle", "Idle"))
+        .await;
+    assert_eq!(ibu["status"]["conditions"].as_array().unwrap().len(), 1);
+    assert!(ibu["status"].get("history").is_none());
+
+    // must-gather is a real gzip'd tar holding the IBU
+    let res = agent
+        .client
+        .get(format!("{}/v1/must-gather", agent.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "application/gzip");
+    let bytes = res.bytes().await.unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(
+        names.contains(&"must-gather-sno1/ibu.yaml".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"must-gather-sno1/ostree-admin-status.txt".to_string()));
+}
+
+#[tokio::test]
+async fn sigkill_mid_prep_resumes_from_the_saved_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--sim-step-ms", "500"];
+    let mut child = start(dir.path(), port, &args);
+    let agent = Agent::at(port).await;
+    let (code, _) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await;
+    assert_eq!(code, 200);
+    let before = agent
+        .wait_ibu("the stateroot step", |v| {
+            last(v).2 == "Setting up stateroot"
+        })
+        .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = child.0.wait();
+    drop(child);
+
+    let _again = start(dir.path(), port, &args);
+    let ibu = agent
+        .wait_ibu(
+            "Prep to settle after the restart",
+            is_last("PrepInProgress", "Failed"),
+        )
+        .await;
+    assert_eq!(
+        last(&ibu).2,
+        "stateroot setup was interrupted by an agent restart; move to Idle to clean up and start again"
+    );
+    // what was done before the kill is unchanged
+    assert_eq!(
+        ibu["status"]["history"][0]["startTime"],
+        before["status"]["history"][0]["startTime"]
+    );
+    assert_eq!(
+        ibu["status"]["history"][0]["phases"][0]["startTime"],
+        before["status"]["history"][0]["phases"][0]["startTime"]
+    );
+    let host: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("host.json")).unwrap()).unwrap();
+    for step in ["validate", "inspect-seed"] {
+        assert_eq!(host["runs"][step], 1, "{step} ran once");
+    }
+    assert!(
+        host["runs"].get("precache").is_none(),
+        "nothing ran after the interrupted step"
+    );
+
+    // the way out is Idle, and Prep then succeeds
+    agent.stage("Idle").await;
+    agent.wait_ibu("aborted", is_last("Idle", "Idle")).await;
+    agent.stage("Prep").await;
+    agent
+        .wait_ibu("Prep completed", is_last("PrepCompleted", "Completed"))
+        .await;
+}
+
+#[tokio::test]
+async fn a_completed_stage_survives_a_sigkill_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--sim-step-ms", "10"];
+    let child = start(dir.path(), port, &args);
+    let agent = Agent::at(port).await;
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await;
+    let done = agent
+        .wait_ibu("Prep completed", is_last("PrepCompleted", "Completed"))
+        .await;
+    drop(child); // SIGKILL
+    let _again = start(dir.path(), port, &args);
+    let after = agent.wait_ibu("the agent to answer again", |_| true).await;
+    assert_eq!(after, done);
+}
+
+#[tokio::test]
+async fn sim_fleet_serves_each_cluster_under_its_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _fleet = ChildGuard(
+        Command::new(binary("spoke-agent"))
+            .args([
+                "sim-fleet",
+                "--count",
+                "3",
+                "--prefix",
+                "sno",
+                "--sim-step-ms",
+                "10",
+            ])
+            .args(["--fault", "sno2=prep", "--fault", "sno3=unreachable"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .env_remove("SPOKE_HUB_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let url = |c: &str| format!("http://127.0.0.1:{port}/clusters/{c}/v1/ibu");
+    for c in ["sno1", "sno2"] {
+        let res = wait_for("the fleet to answer", DEADLINE, || {
+            let req = client.get(url(c)).send();
+            async move { req.await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        let ibu: Value = res.json().await.unwrap();
+        assert_eq!(ibu["spec"]["stage"], "Idle");
+    }
+    let res = client.get(url("sno3")).send().await.unwrap();
+    assert_eq!(res.status(), 503, "the unreachable fault");
+    let res = client.get(url("sno9")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    for c in ["sno1", "sno2"] {
+        let res = client
+            .patch(url(c))
+            .header("Content-Type", "application/merge-patch+json")
+            .body(json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let settled = |c: &'static str, type_: &'static str, reason: &'static str| {
+        let client = client.clone();
+        let u = url(c);
+        async move {
+            wait_for(&format!("{c} {type_} {reason}"), DEADLINE, || {
+                let req = client.get(&u).send();
+                async move {
+                    let v: Value = req.await.ok()?.json().await.ok()?;
+                    is_last(type_, reason)(&v).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    settled("sno1", "PrepCompleted", "Completed").await;
+    settled("sno2", "PrepInProgress", "Failed").await;
+    assert!(
+        dir.path().join("sno1/host.json").is_file(),
+        "each cluster has its own state"
+    );
+}
