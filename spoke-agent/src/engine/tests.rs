@@ -546,6 +546,7 @@ fn finalize_after_upgrade_removes_the_old_stateroot() {
             "Finalizing".into()
         )
     );
+    assert_eq!(n.next_stages(), Vec::<Stage>::new(), "finalizing");
     n.run();
     assert_eq!(
         n.last(),
@@ -878,6 +879,12 @@ fn abort_or_finalize_not_allowed_when_nothing_ran() {
     assert_eq!(
         n.cond(ct::IDLE),
         c(False, "InvalidTransition", "Abort or finalize not allowed")
+    );
+    // nor start Prep: it is not idle
+    force(&mut n, Stage::Prep);
+    assert_eq!(
+        n.cond(ct::PREP_IN_PROGRESS),
+        c(False, "InvalidTransition", "Previous stage not succeeded")
     );
 }
 
