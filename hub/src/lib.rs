@@ -8,6 +8,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod planner;
 pub mod serve;
 pub mod telemetry;
 

@@ -1,0 +1,4 @@
+//! The planner: pure functions that decide what a rollout does next. No IO, no clock.
+
+pub mod selector;
+pub mod validate;
