@@ -1,4 +1,5 @@
 //! The planner: pure functions that decide what a rollout does next. No IO, no clock.
 
+pub mod rollout;
 pub mod selector;
 pub mod validate;

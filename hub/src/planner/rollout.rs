@@ -1,0 +1,923 @@
+//! A rollout's progress (`ibgu-hub.md` sections 2 to 4): given the stored state of an IBGU,
+//! the fleet's labels and last reported IBUs, and the time, decide what changes: steps and
+//! batches started or ended, clusters moved through their actions, labels to write, stage
+//! pushes to send, history events, and the derived status.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Duration, Utc};
+use fleet_types::ibgu::{
+    Action, ActionMessage, ClusterLabelSelector, ClusterState, ImageBasedGroupUpgradeSpec,
+    ImageBasedGroupUpgradeStatus, LabelSelectorRequirement, SelectorOperator, StepSummary,
+};
+use fleet_types::ibu::{
+    Condition, ConditionStatus, ImageBasedUpgrade, Stage, condition_type as ct, reason,
+};
+use fleet_types::labels::{completed_label, failed_label, is_ibgu_label};
+use serde::{Deserialize, Serialize};
+
+use super::selector;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterPhase {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// One cluster's progress through the actions of one plan step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClusterProgress {
+    pub batch: usize,
+    pub phase: ClusterPhase,
+    pub action_index: usize,
+    pub completed: Vec<Action>,
+    pub failed: Option<(Action, String)>,
+    pub timed_out: bool,
+    /// The stage last pushed successfully, and when a push was last tried.
+    pub pushed_stage: Option<Stage>,
+    pub pushed_at: Option<DateTime<Utc>>,
+    pub push_failures: u32,
+    /// The spoke refused the last push (422): the action fails with this message.
+    pub refused: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub action_started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A started plan step: its frozen selection and where its batches are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepState {
+    pub step: usize,
+    pub actions: Vec<Action>,
+    /// Selected clusters, in name order, frozen at the start.
+    pub clusters: Vec<String>,
+    pub max_concurrency: usize,
+    pub timeout_minutes: i64,
+    pub started_at: DateTime<Utc>,
+    pub current_batch: usize,
+    pub batch_started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub timed_out: bool,
+    pub progress: BTreeMap<String, ClusterProgress>,
+}
+
+impl StepState {
+    pub fn batch_count(&self) -> usize {
+        self.clusters.len().div_ceil(self.max_concurrency.max(1))
+    }
+
+    fn batch_members(&self, b: usize) -> Vec<String> {
+        self.clusters
+            .iter()
+            .skip(b * self.max_concurrency)
+            .take(self.max_concurrency)
+            .cloned()
+            .collect()
+    }
+
+    /// When the step as a whole times out.
+    pub fn deadline(&self) -> DateTime<Utc> {
+        self.started_at + Duration::minutes(self.timeout_minutes)
+    }
+
+    /// When the current batch times out: it gets an equal share of what is left of the
+    /// step's time among the batches still to run; the last gets all of it.
+    pub fn batch_deadline(&self) -> DateTime<Utc> {
+        self.batch_started_at
+            + batch_timeout(
+                self.timeout_minutes,
+                self.batch_started_at - self.started_at,
+                self.batch_count(),
+                self.current_batch,
+            )
+    }
+}
+
+/// `(T - (t_b - t_0)) / (n - b + 1)` with `b` counted from 1; here `b` counts from 0.
+pub fn batch_timeout(
+    timeout_minutes: i64,
+    elapsed: Duration,
+    batches: usize,
+    b: usize,
+) -> Duration {
+    let left = Duration::minutes(timeout_minutes) - elapsed;
+    let remaining = (batches.saturating_sub(b)).max(1) as i32;
+    (left / remaining).max(Duration::zero())
+}
+
+/// What the hub knows of a cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterInfo {
+    pub labels: BTreeMap<String, String>,
+    pub ibu: Option<ImageBasedUpgrade>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    pub cluster: Option<String>,
+    pub step: Option<usize>,
+    pub action: Option<Action>,
+    pub event: &'static str,
+    pub message: String,
+}
+
+/// A stage the spoke of `cluster` must be moved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Push {
+    pub cluster: String,
+    pub step: usize,
+    pub action: Action,
+    pub stage: Stage,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelChange {
+    pub add: BTreeSet<String>,
+    pub remove: BTreeSet<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Progressing,
+    Completed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Progressing => "Progressing",
+            Phase::Completed => "Completed",
+        }
+    }
+}
+
+/// Everything one pass decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub steps: Vec<StepState>,
+    /// Cluster labels after the pass (only clusters whose labels changed).
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub label_changes: BTreeMap<String, LabelChange>,
+    pub pushes: Vec<Push>,
+    pub events: Vec<Event>,
+    pub phase: Phase,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When the planner wants to look again even if nothing is reported (timeouts, retries).
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// A push is sent again after this when the spoke still does not show the stage.
+pub const PUSH_RESEND: Duration = Duration::seconds(30);
+/// Backoff for pushes to a spoke that did not answer.
+pub const PUSH_BACKOFF_MAX: Duration = Duration::seconds(60);
+
+pub fn push_backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::zero();
+    }
+    (Duration::milliseconds(500) * 2i32.pow(failures.min(10) - 1)).min(PUSH_BACKOFF_MAX)
+}
+
+/// How an action stands on a spoke.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    Done,
+    Failed(String),
+    Waiting,
+}
+
+fn cond<'a>(ibu: &'a ImageBasedUpgrade, type_: &str) -> Option<&'a Condition> {
+    ibu.status.as_ref().and_then(|s| s.condition(type_))
+}
+
+/// Whether the spoke shows the action complete or failed (fail fast on an explicit failure).
+pub fn check(action: Action, ibu: Option<&ImageBasedUpgrade>) -> Check {
+    let Some(ibu) = ibu else {
+        return Check::Waiting;
+    };
+    let stage_pair = match action.spoke_stage() {
+        Stage::Prep => Some((ct::PREP_IN_PROGRESS, ct::PREP_COMPLETED)),
+        Stage::Upgrade => Some((ct::UPGRADE_IN_PROGRESS, ct::UPGRADE_COMPLETED)),
+        Stage::Rollback => Some((ct::ROLLBACK_IN_PROGRESS, ct::ROLLBACK_COMPLETED)),
+        Stage::Idle => None,
+    };
+    match stage_pair {
+        Some((in_progress, completed)) => {
+            if let Some(c) = cond(ibu, in_progress)
+                && c.reason == reason::INVALID_TRANSITION
+                && ibu.spec.stage == action.spoke_stage()
+            {
+                return Check::Failed(c.message.clone());
+            }
+            match cond(ibu, completed).map(|c| c.status) {
+                Some(ConditionStatus::True) => Check::Done,
+                Some(ConditionStatus::False) => {
+                    let why = cond(ibu, in_progress)
+                        .filter(|c| c.status == ConditionStatus::False && !c.message.is_empty())
+                        .or_else(|| cond(ibu, completed))
+                        .map(|c| c.message.clone())
+                        .unwrap_or_default();
+                    Check::Failed(why)
+                }
+                _ => Check::Waiting,
+            }
+        }
+        None => match cond(ibu, ct::IDLE) {
+            Some(c) if c.status == ConditionStatus::True => Check::Done,
+            Some(c)
+                if ibu.spec.stage == Stage::Idle
+                    && [
+                        reason::ABORT_FAILED,
+                        reason::FINALIZE_FAILED,
+                        reason::INVALID_TRANSITION,
+                    ]
+                    .contains(&c.reason.as_str()) =>
+            {
+                Check::Failed(c.message.clone())
+            }
+            _ => Check::Waiting,
+        },
+    }
+}
+
+/// The selectors of an item, each augmented by its first action (`ibgu-hub.md` table).
+pub fn item_selectors(
+    selectors: &[ClusterLabelSelector],
+    first: Action,
+) -> Vec<ClusterLabelSelector> {
+    let with = |s: &ClusterLabelSelector, key: String, op| {
+        let mut s = s.clone();
+        s.match_expressions.push(LabelSelectorRequirement {
+            key,
+            operator: op,
+            values: vec![],
+        });
+        s
+    };
+    selectors
+        .iter()
+        .flat_map(|s| match first {
+            Action::Prep => vec![s.clone()],
+            Action::Upgrade => vec![with(
+                s,
+                completed_label(Action::Prep),
+                SelectorOperator::Exists,
+            )],
+            Action::Rollback | Action::FinalizeUpgrade => {
+                vec![with(
+                    s,
+                    completed_label(Action::Upgrade),
+                    SelectorOperator::Exists,
+                )]
+            }
+            Action::FinalizeRollback => {
+                vec![with(
+                    s,
+                    completed_label(Action::Rollback),
+                    SelectorOperator::Exists,
+                )]
+            }
+            Action::Abort => vec![with(
+                s,
+                completed_label(Action::Upgrade),
+                SelectorOperator::DoesNotExist,
+            )],
+            Action::AbortOnFailure => vec![
+                with(s, failed_label(Action::Prep), SelectorOperator::Exists),
+                with(s, failed_label(Action::Upgrade), SelectorOperator::Exists),
+            ],
+        })
+        .collect()
+}
+
+/// The clusters an item selects, in name order.
+pub fn select(
+    selectors: &[ClusterLabelSelector],
+    first: Action,
+    clusters: &BTreeMap<String, ClusterInfo>,
+) -> Vec<String> {
+    let sels = item_selectors(selectors, first);
+    clusters
+        .iter()
+        .filter(|(_, c)| sels.iter().any(|s| selector::matches(s, &c.labels)))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+struct Pass<'a> {
+    spec: &'a ImageBasedGroupUpgradeSpec,
+    now: DateTime<Utc>,
+    clusters: BTreeMap<String, ClusterInfo>,
+    changes: BTreeMap<String, LabelChange>,
+    events: Vec<Event>,
+    pushes: Vec<Push>,
+    wake: Option<DateTime<Utc>>,
+}
+
+impl Pass<'_> {
+    fn event(
+        &mut self,
+        cluster: Option<&str>,
+        step: usize,
+        action: Option<Action>,
+        event: &'static str,
+        message: String,
+    ) {
+        self.events.push(Event {
+            cluster: cluster.map(str::to_string),
+            step: Some(step),
+            action,
+            event,
+            message,
+        });
+    }
+
+    fn wake_at(&mut self, t: DateTime<Utc>) {
+        self.wake = Some(self.wake.map_or(t, |w| w.min(t)));
+    }
+
+    fn label(&mut self, cluster: &str, action: Action, ok: bool) {
+        let Some(info) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        let change = self.changes.entry(cluster.to_string()).or_default();
+        let clears = matches!(
+            action,
+            Action::Abort
+                | Action::AbortOnFailure
+                | Action::FinalizeUpgrade
+                | Action::FinalizeRollback
+        );
+        if ok && clears {
+            let ours: Vec<String> = info
+                .labels
+                .keys()
+                .filter(|k| is_ibgu_label(k))
+                .cloned()
+                .collect();
+            for k in ours {
+                info.labels.remove(&k);
+                change.add.remove(&k);
+                change.remove.insert(k);
+            }
+            return;
+        }
+        let key = if ok {
+            if !matches!(action, Action::Prep | Action::Upgrade | Action::Rollback) {
+                return;
+            }
+            completed_label(action)
+        } else {
+            failed_label(action)
+        };
+        // Existing labels are never overwritten.
+        if !info.labels.contains_key(&key) {
+            info.labels.insert(key.clone(), String::new());
+            change.remove.remove(&key);
+            change.add.insert(key);
+        }
+    }
+
+    /// Records the failure of the cluster's current action.
+    fn fail(
+        &mut self,
+        step: &mut StepState,
+        cluster: &str,
+        message: String,
+        timed_out: bool,
+        event: &'static str,
+    ) {
+        let Some(p) = step.progress.get_mut(cluster) else {
+            return;
+        };
+        let action = step.actions[p.action_index.min(step.actions.len() - 1)];
+        p.failed = Some((action, message.clone()));
+        p.phase = ClusterPhase::Failed;
+        p.timed_out = timed_out;
+        p.finished_at = Some(self.now);
+        let n = step.step;
+        self.label(cluster, action, false);
+        self.event(Some(cluster), n, Some(action), event, message);
+    }
+
+    fn start_cluster(&mut self, step: &mut StepState, cluster: &str) {
+        let now = self.now;
+        if let Some(p) = step.progress.get_mut(cluster)
+            && p.phase == ClusterPhase::Pending
+        {
+            p.phase = ClusterPhase::Running;
+            p.started_at = Some(now);
+            p.action_started_at = Some(now);
+            let action = step.actions[0];
+            let n = step.step;
+            self.event(
+                Some(cluster),
+                n,
+                Some(action),
+                "ActionStarted",
+                format!("{action} started"),
+            );
+        }
+    }
+
+    /// Moves one running cluster as far as its spoke's state allows.
+    fn drive_cluster(&mut self, step: &mut StepState, cluster: &str) {
+        loop {
+            let Some(p) = step.progress.get(cluster) else {
+                return;
+            };
+            if p.phase != ClusterPhase::Running {
+                return;
+            }
+            let action = step.actions[p.action_index];
+            if let Some(msg) = p.refused.clone() {
+                self.fail(step, cluster, msg, false, "ActionFailed");
+                return;
+            }
+            let ibu = self.clusters.get(cluster).and_then(|c| c.ibu.as_ref());
+            let verdict = if p.pushed_stage == Some(action.spoke_stage())
+                || ibu.is_some_and(|i| i.spec.stage == action.spoke_stage())
+                || action.spoke_stage() == Stage::Idle
+            {
+                check(action, ibu)
+            } else {
+                // Not asked yet: only an action already complete counts (TALM selects by
+                // what the spoke shows), never a stale failure of an earlier request.
+                match check(action, ibu) {
+                    Check::Done => Check::Done,
+                    _ => Check::Waiting,
+                }
+            };
+            match verdict {
+                Check::Done => {
+                    let now = self.now;
+                    let n = step.step;
+                    let p = step.progress.get_mut(cluster).expect("present");
+                    p.completed.push(action);
+                    p.action_index += 1;
+                    p.refused = None;
+                    p.push_failures = 0;
+                    p.action_started_at = Some(now);
+                    let last = p.action_index == step.actions.len();
+                    if last {
+                        p.phase = ClusterPhase::Completed;
+                        p.finished_at = Some(now);
+                    }
+                    self.label(cluster, action, true);
+                    self.event(
+                        Some(cluster),
+                        n,
+                        Some(action),
+                        "ActionCompleted",
+                        format!("{action} completed"),
+                    );
+                    if last {
+                        return;
+                    }
+                    let next = step.actions[step.progress[cluster].action_index];
+                    self.event(
+                        Some(cluster),
+                        n,
+                        Some(next),
+                        "ActionStarted",
+                        format!("{next} started"),
+                    );
+                }
+                Check::Failed(msg) => {
+                    self.fail(step, cluster, msg, false, "ActionFailed");
+                    return;
+                }
+                Check::Waiting => {
+                    self.maybe_push(step, cluster, action, ibu.map(|i| i.spec.stage));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn maybe_push(
+        &mut self,
+        step: &mut StepState,
+        cluster: &str,
+        action: Action,
+        spoke_stage: Option<Stage>,
+    ) {
+        let stage = action.spoke_stage();
+        let p = step.progress.get(cluster).expect("present");
+        let shown = spoke_stage == Some(stage);
+        let due = match p.pushed_at {
+            None => true,
+            Some(at) if p.push_failures > 0 => self.now >= at + push_backoff(p.push_failures),
+            Some(at) => !shown && (p.pushed_stage != Some(stage) || self.now >= at + PUSH_RESEND),
+        };
+        if shown && p.pushed_stage == Some(stage) {
+            return;
+        }
+        if due {
+            self.pushes.push(Push {
+                cluster: cluster.to_string(),
+                step: step.step,
+                action,
+                stage,
+            });
+        } else if let Some(at) = p.pushed_at {
+            let next = if p.push_failures > 0 {
+                at + push_backoff(p.push_failures)
+            } else {
+                at + PUSH_RESEND
+            };
+            self.wake_at(next);
+        }
+    }
+
+    fn start_batch(&mut self, step: &mut StepState, b: usize) {
+        step.current_batch = b;
+        step.batch_started_at = self.now;
+        let members = step.batch_members(b);
+        let n = step.step;
+        self.event(
+            None,
+            n,
+            None,
+            "BatchStarted",
+            format!(
+                "batch {} of {} started: {}",
+                b + 1,
+                step.batch_count(),
+                members.join(", ")
+            ),
+        );
+        for c in &members {
+            self.start_cluster(step, c);
+        }
+    }
+
+    fn start_step(&mut self, n: usize) -> StepState {
+        let item = &self.spec.plan[n];
+        let clusters = select(
+            &self.spec.cluster_label_selectors,
+            item.actions[0],
+            &self.clusters,
+        );
+        let max = item.rollout_strategy.max_concurrency.max(1) as usize;
+        let progress = clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    c.clone(),
+                    ClusterProgress {
+                        batch: i / max,
+                        phase: ClusterPhase::Pending,
+                        action_index: 0,
+                        completed: vec![],
+                        failed: None,
+                        timed_out: false,
+                        pushed_stage: None,
+                        pushed_at: None,
+                        push_failures: 0,
+                        refused: None,
+                        started_at: None,
+                        action_started_at: None,
+                        finished_at: None,
+                    },
+                )
+            })
+            .collect();
+        let mut step = StepState {
+            step: n,
+            actions: item.actions.clone(),
+            clusters,
+            max_concurrency: max,
+            timeout_minutes: item.rollout_strategy.timeout_minutes(),
+            started_at: self.now,
+            current_batch: 0,
+            batch_started_at: self.now,
+            completed_at: None,
+            timed_out: false,
+            progress,
+        };
+        let names: Vec<&str> = step.actions.iter().map(|a| a.as_str()).collect();
+        self.event(
+            None,
+            n,
+            None,
+            "StepStarted",
+            format!(
+                "plan step {n} [{}] started: {} cluster(s) in {} batch(es)",
+                names.join(", "),
+                step.clusters.len(),
+                step.batch_count()
+            ),
+        );
+        if step.clusters.is_empty() {
+            step.completed_at = Some(self.now);
+            self.event(
+                None,
+                n,
+                None,
+                "StepCompleted",
+                format!("plan step {n} selected no cluster"),
+            );
+        } else {
+            self.start_batch(&mut step, 0);
+        }
+        step
+    }
+
+    /// Drives the current batch; moves to later batches as they finish or time out.
+    fn drive_step(&mut self, step: &mut StepState) {
+        loop {
+            if step.completed_at.is_some() {
+                return;
+            }
+            let members = step.batch_members(step.current_batch);
+            for c in &members {
+                self.drive_cluster(step, c);
+            }
+            let unfinished: Vec<String> = members
+                .iter()
+                .filter(|c| step.progress[*c].phase == ClusterPhase::Running)
+                .cloned()
+                .collect();
+            let n = step.step;
+            if self.now >= step.deadline() {
+                for c in &unfinished {
+                    let action = step.actions[step.progress[c].action_index];
+                    self.fail(
+                        step,
+                        c,
+                        format!(
+                            "{action} timed out: the plan step's timeout of {} minutes passed",
+                            step.timeout_minutes
+                        ),
+                        true,
+                        "ActionTimedOut",
+                    );
+                }
+                for b in step.current_batch + 1..step.batch_count() {
+                    for c in step.batch_members(b) {
+                        let p = step.progress.get_mut(&c).expect("present");
+                        p.phase = ClusterPhase::Running;
+                        self.fail(
+                            step,
+                            &c,
+                            "not started before the step timeout".into(),
+                            true,
+                            "ClusterNotStarted",
+                        );
+                    }
+                }
+                step.timed_out = true;
+                step.completed_at = Some(self.now);
+                self.event(
+                    None,
+                    n,
+                    None,
+                    "StepTimedOut",
+                    format!(
+                        "plan step {n} timed out after {} minutes",
+                        step.timeout_minutes
+                    ),
+                );
+                return;
+            }
+            if !unfinished.is_empty() && self.now >= step.batch_deadline() {
+                let b = step.current_batch + 1;
+                for c in &unfinished {
+                    let action = step.actions[step.progress[c].action_index];
+                    self.fail(
+                        step,
+                        c,
+                        format!("{action} timed out: batch {b} timeout passed"),
+                        true,
+                        "ActionTimedOut",
+                    );
+                }
+                self.event(
+                    None,
+                    n,
+                    None,
+                    "BatchTimedOut",
+                    format!("batch {b} of {} timed out", step.batch_count()),
+                );
+            } else if !unfinished.is_empty() {
+                self.wake_at(step.batch_deadline());
+                return;
+            }
+            let next = step.current_batch + 1;
+            if next >= step.batch_count() {
+                step.completed_at = Some(self.now);
+                let failed = step
+                    .progress
+                    .values()
+                    .filter(|p| p.phase == ClusterPhase::Failed)
+                    .count();
+                self.event(
+                    None,
+                    n,
+                    None,
+                    "StepCompleted",
+                    format!(
+                        "plan step {n} completed: {} cluster(s), {failed} failed",
+                        step.clusters.len()
+                    ),
+                );
+                return;
+            }
+            self.start_batch(step, next);
+        }
+    }
+}
+
+/// One planning pass over a rollout.
+pub fn advance(
+    spec: &ImageBasedGroupUpgradeSpec,
+    steps: &[StepState],
+    clusters: &BTreeMap<String, ClusterInfo>,
+    started_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Decision {
+    let mut pass = Pass {
+        spec,
+        now,
+        clusters: clusters.clone(),
+        changes: BTreeMap::new(),
+        events: vec![],
+        pushes: vec![],
+        wake: None,
+    };
+    let mut steps = steps.to_vec();
+    loop {
+        if let Some(last) = steps.last_mut()
+            && last.completed_at.is_none()
+        {
+            pass.drive_step(last);
+            if last.completed_at.is_none() {
+                break;
+            }
+            continue;
+        }
+        let n = steps.len();
+        if n >= spec.plan.len() {
+            break;
+        }
+        let step = pass.start_step(n);
+        steps.push(step);
+    }
+    let done = steps.len() == spec.plan.len() && steps.iter().all(|s| s.completed_at.is_some());
+    let started_at = started_at.or_else(|| steps.first().map(|s| s.started_at));
+    let completed_at = if done {
+        steps.iter().filter_map(|s| s.completed_at).max()
+    } else {
+        None
+    };
+    let phase = if done {
+        Phase::Completed
+    } else if steps.is_empty() {
+        Phase::Pending
+    } else {
+        Phase::Progressing
+    };
+    let labels = pass
+        .changes
+        .iter()
+        .filter(|(_, c)| !c.add.is_empty() || !c.remove.is_empty())
+        .map(|(n, _)| (n.clone(), pass.clusters[n].labels.clone()))
+        .collect();
+    Decision {
+        steps,
+        labels,
+        label_changes: pass
+            .changes
+            .into_iter()
+            .filter(|(_, c)| !c.add.is_empty() || !c.remove.is_empty())
+            .collect(),
+        pushes: pass.pushes,
+        events: pass.events,
+        phase,
+        started_at,
+        completed_at,
+        wake_at: pass.wake,
+    }
+}
+
+/// The IBGU status for these steps (`ibgu-hub.md` section 4, with the improvements).
+pub fn status(
+    generation: i64,
+    steps: &[StepState],
+    plan_len: usize,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    transition_time: DateTime<Utc>,
+) -> ImageBasedGroupUpgradeStatus {
+    let mut clusters: BTreeMap<String, ClusterState> = BTreeMap::new();
+    for step in steps {
+        for (name, p) in &step.progress {
+            if p.phase == ClusterPhase::Pending {
+                continue;
+            }
+            let entry = clusters
+                .entry(name.clone())
+                .or_insert_with(|| ClusterState {
+                    name: name.clone(),
+                    ..Default::default()
+                });
+            entry
+                .completed_actions
+                .extend(p.completed.iter().map(|a| ActionMessage {
+                    action: *a,
+                    message: String::new(),
+                }));
+            if let Some((a, m)) = &p.failed {
+                entry.failed_actions.push(ActionMessage {
+                    action: *a,
+                    message: m.clone(),
+                });
+            }
+            entry.current_action = (p.phase == ClusterPhase::Running).then(|| ActionMessage {
+                action: step.actions[p.action_index],
+                message: String::new(),
+            });
+        }
+    }
+    let done = completed_at.is_some();
+    let running = steps
+        .iter()
+        .position(|s| s.completed_at.is_none())
+        .unwrap_or(steps.len().min(plan_len.saturating_sub(1)));
+    let mut conditions = vec![Condition {
+        type_: "Progressing".into(),
+        status: if done {
+            ConditionStatus::False
+        } else {
+            ConditionStatus::True
+        },
+        reason: if done { "Completed" } else { "InProgress" }.into(),
+        message: if done {
+            "All plan steps are completed".into()
+        } else {
+            format!("Waiting for plan step {running} to be completed")
+        },
+        last_transition_time: Some(transition_time),
+        observed_generation: Some(generation),
+    }];
+    if done {
+        let failed = clusters
+            .values()
+            .filter(|c| !c.failed_actions.is_empty())
+            .count();
+        conditions.push(Condition {
+            type_: "Succeeded".into(),
+            status: if failed == 0 {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            reason: if failed == 0 { "Completed" } else { "Failed" }.into(),
+            message: if failed == 0 {
+                format!("All {} cluster(s) completed the plan", clusters.len())
+            } else {
+                format!("{failed} of {} cluster(s) failed an action", clusters.len())
+            },
+            last_transition_time: Some(transition_time),
+            observed_generation: Some(generation),
+        });
+    }
+    let summary = steps
+        .iter()
+        .map(|s| {
+            let count = |f: &dyn Fn(&ClusterProgress) -> bool| {
+                s.progress.values().filter(|p| f(p)).count() as u32
+            };
+            StepSummary {
+                step: s.step as u32,
+                actions: s.actions.clone(),
+                selected: s.clusters.len() as u32,
+                completed: count(&|p| p.phase == ClusterPhase::Completed),
+                failed: count(&|p| p.phase == ClusterPhase::Failed && !p.timed_out),
+                timed_out: count(&|p| p.phase == ClusterPhase::Failed && p.timed_out),
+                in_progress: count(&|p| p.phase == ClusterPhase::Running),
+                pending: count(&|p| p.phase == ClusterPhase::Pending),
+            }
+        })
+        .collect();
+    ImageBasedGroupUpgradeStatus {
+        observed_generation: Some(generation),
+        started_at,
+        completed_at,
+        conditions,
+        clusters: clusters.into_values().collect(),
+        summary,
+    }
+}
+
+#[cfg(test)]
+#[path = "rollout_tests.rs"]
+mod tests;

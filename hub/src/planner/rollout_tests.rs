@@ -1,0 +1,688 @@
+use super::*;
+use fleet_types::ibgu::{PlanItem, RolloutStrategy};
+use fleet_types::ibu::ImageBasedUpgradeStatus;
+
+fn t(minutes: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minutes)
+}
+
+fn ibu(stage: Stage, conds: &[(&str, bool, &str, &str)]) -> ImageBasedUpgrade {
+    let mut i = ImageBasedUpgrade::new("upgrade", Default::default());
+    i.spec.stage = stage;
+    i.status = Some(ImageBasedUpgradeStatus {
+        conditions: conds
+            .iter()
+            .map(|(ty, ok, r, m)| Condition {
+                type_: ty.to_string(),
+                status: if *ok {
+                    ConditionStatus::True
+                } else {
+                    ConditionStatus::False
+                },
+                reason: r.to_string(),
+                message: m.to_string(),
+                last_transition_time: None,
+                observed_generation: None,
+            })
+            .collect(),
+        ..Default::default()
+    });
+    i
+}
+
+fn idle() -> ImageBasedUpgrade {
+    ibu(Stage::Idle, &[(ct::IDLE, true, "Idle", "Idle")])
+}
+fn prep_done() -> ImageBasedUpgrade {
+    ibu(
+        Stage::Prep,
+        &[
+            (ct::IDLE, false, "InProgress", "In progress"),
+            (ct::PREP_IN_PROGRESS, false, "Completed", "Prep completed"),
+            (
+                ct::PREP_COMPLETED,
+                true,
+                "Completed",
+                "Prep stage completed successfully",
+            ),
+        ],
+    )
+}
+fn prep_failed(msg: &str) -> ImageBasedUpgrade {
+    ibu(
+        Stage::Prep,
+        &[
+            (ct::IDLE, false, "InProgress", "In progress"),
+            (ct::PREP_COMPLETED, false, "Failed", "Prep failed"),
+            (ct::PREP_IN_PROGRESS, false, "Failed", msg),
+        ],
+    )
+}
+fn upgrade_done() -> ImageBasedUpgrade {
+    ibu(
+        Stage::Upgrade,
+        &[
+            (ct::PREP_COMPLETED, true, "Completed", "ok"),
+            (
+                ct::UPGRADE_IN_PROGRESS,
+                false,
+                "Completed",
+                "Upgrade completed",
+            ),
+            (
+                ct::UPGRADE_COMPLETED,
+                true,
+                "Completed",
+                "Upgrade completed",
+            ),
+        ],
+    )
+}
+fn upgrade_failed(msg: &str) -> ImageBasedUpgrade {
+    ibu(
+        Stage::Upgrade,
+        &[
+            (ct::PREP_COMPLETED, true, "Completed", "ok"),
+            (ct::UPGRADE_COMPLETED, false, "Failed", "Upgrade failed"),
+            (ct::UPGRADE_IN_PROGRESS, false, "Failed", msg),
+        ],
+    )
+}
+
+fn selector_names(names: &[&str]) -> ClusterLabelSelector {
+    ClusterLabelSelector {
+        match_labels: BTreeMap::new(),
+        match_expressions: vec![LabelSelectorRequirement {
+            key: "name".into(),
+            operator: SelectorOperator::In,
+            values: names.iter().map(|s| s.to_string()).collect(),
+        }],
+    }
+}
+
+fn item(actions: &[Action], max: i64, timeout: Option<i64>) -> PlanItem {
+    PlanItem {
+        actions: actions.to_vec(),
+        rollout_strategy: RolloutStrategy {
+            max_concurrency: max,
+            timeout,
+        },
+    }
+}
+
+/// A fleet and one rollout, driven pass by pass.
+struct World {
+    spec: ImageBasedGroupUpgradeSpec,
+    steps: Vec<StepState>,
+    clusters: BTreeMap<String, ClusterInfo>,
+    started: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    last: Option<Decision>,
+}
+
+impl World {
+    fn new(names: &[&str], selected: &[&str], plan: Vec<PlanItem>) -> World {
+        let clusters = names
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    ClusterInfo {
+                        labels: [("name".to_string(), n.to_string())].into(),
+                        ibu: Some(idle()),
+                    },
+                )
+            })
+            .collect();
+        World {
+            spec: ImageBasedGroupUpgradeSpec {
+                cluster_label_selectors: vec![selector_names(selected)],
+                plan,
+                ..Default::default()
+            },
+            steps: vec![],
+            clusters,
+            started: None,
+            now: t(0),
+            last: None,
+        }
+    }
+
+    /// One pass; pushes are taken as accepted by the spokes.
+    fn pass(&mut self) -> Decision {
+        let d = advance(
+            &self.spec,
+            &self.steps,
+            &self.clusters,
+            self.started,
+            self.now,
+        );
+        self.steps = d.steps.clone();
+        self.started = d.started_at;
+        for (c, labels) in &d.labels {
+            self.clusters.get_mut(c).unwrap().labels = labels.clone();
+        }
+        for p in &d.pushes {
+            let pr = self.steps[p.step].progress.get_mut(&p.cluster).unwrap();
+            pr.pushed_stage = Some(p.stage);
+            pr.pushed_at = Some(self.now);
+        }
+        self.last = Some(d.clone());
+        d
+    }
+
+    fn report(&mut self, cluster: &str, ibu: ImageBasedUpgrade) {
+        self.clusters.get_mut(cluster).unwrap().ibu = Some(ibu);
+    }
+
+    fn status(&self) -> ImageBasedGroupUpgradeStatus {
+        let d = self.last.as_ref().unwrap();
+        status(
+            1,
+            &self.steps,
+            self.spec.plan.len(),
+            d.started_at,
+            d.completed_at,
+            self.now,
+        )
+    }
+
+    fn ibgu_labels(&self, cluster: &str) -> Vec<String> {
+        self.clusters[cluster]
+            .labels
+            .keys()
+            .filter(|k| is_ibgu_label(k))
+            .cloned()
+            .collect()
+    }
+
+    fn entry(&self, cluster: &str) -> Option<ClusterState> {
+        self.status()
+            .clusters
+            .into_iter()
+            .find(|c| c.name == cluster)
+    }
+}
+
+fn pushed(d: &Decision) -> Vec<(String, Stage)> {
+    d.pushes
+        .iter()
+        .map(|p| (p.cluster.clone(), p.stage))
+        .collect()
+}
+
+fn actions(v: &[ActionMessage]) -> Vec<Action> {
+    v.iter().map(|a| a.action).collect()
+}
+
+#[test]
+fn talm_reference_scenarios() {
+    use Action::*;
+    let all = ["spoke1", "spoke2", "spoke4", "spoke6"];
+    let mut w = World::new(
+        &all,
+        &["spoke1", "spoke4", "spoke6"],
+        vec![item(&[Prep], 2, None)],
+    );
+    let d = w.pass();
+    assert_eq!(w.steps[0].clusters, vec!["spoke1", "spoke4", "spoke6"]);
+    assert_eq!(w.steps[0].batch_count(), 2);
+    assert_eq!(
+        pushed(&d),
+        vec![
+            ("spoke1".into(), Stage::Prep),
+            ("spoke4".into(), Stage::Prep)
+        ]
+    );
+    let st = w.status();
+    assert_eq!(
+        st.clusters
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["spoke1", "spoke4"]
+    );
+    assert!(
+        st.clusters
+            .iter()
+            .all(|c| c.current_action.as_ref().unwrap().action == Prep)
+    );
+    assert_eq!(
+        st.conditions[0].message,
+        "Waiting for plan step 0 to be completed"
+    );
+    assert_eq!(st.conditions[0].reason, "InProgress");
+
+    // a second pass with nothing new pushes nothing
+    assert!(w.pass().pushes.is_empty());
+
+    w.report("spoke1", prep_done());
+    w.report("spoke4", prep_done());
+    let d = w.pass();
+    assert_eq!(
+        pushed(&d),
+        vec![("spoke6".into(), Stage::Prep)],
+        "batch 2 starts"
+    );
+    w.report("spoke6", prep_failed("failed to precache images"));
+    w.pass();
+    assert_eq!(
+        w.ibgu_labels("spoke1"),
+        vec!["lcm.openshift.io/ibgu-prep-completed"]
+    );
+    assert_eq!(
+        w.ibgu_labels("spoke4"),
+        vec!["lcm.openshift.io/ibgu-prep-completed"]
+    );
+    assert_eq!(
+        w.ibgu_labels("spoke6"),
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+    assert!(w.ibgu_labels("spoke2").is_empty());
+    let st = w.status();
+    assert_eq!(st.conditions[0].message, "All plan steps are completed");
+    assert_eq!(st.conditions[1].type_, "Succeeded");
+    assert_eq!(st.conditions[1].status, ConditionStatus::False);
+    assert_eq!(
+        st.conditions[1].message,
+        "1 of 3 cluster(s) failed an action"
+    );
+    let s6 = w.entry("spoke6").unwrap();
+    assert_eq!(s6.failed_actions[0].message, "failed to precache images");
+    assert!(st.completed_at.is_some() && st.started_at == Some(t(0)));
+
+    // appending [AbortOnFailure] selects only spoke6
+    w.spec.plan.push(item(&[AbortOnFailure], 2, None));
+    let d = w.pass();
+    assert_eq!(w.steps[1].clusters, vec!["spoke6"]);
+    assert_eq!(pushed(&d), vec![("spoke6".into(), Stage::Idle)]);
+    w.report("spoke6", idle());
+    w.pass();
+    assert!(w.ibgu_labels("spoke6").is_empty());
+    let s6 = w.entry("spoke6").unwrap();
+    assert_eq!(actions(&s6.completed_actions), vec![AbortOnFailure]);
+    assert_eq!(actions(&s6.failed_actions), vec![Prep]);
+
+    // appending [Upgrade] selects spoke1 and spoke4 only
+    w.spec.plan.push(item(&[Upgrade], 2, None));
+    let d = w.pass();
+    assert_eq!(w.steps[2].clusters, vec!["spoke1", "spoke4"]);
+    assert_eq!(
+        pushed(&d),
+        vec![
+            ("spoke1".into(), Stage::Upgrade),
+            ("spoke4".into(), Stage::Upgrade)
+        ]
+    );
+}
+
+#[test]
+fn failing_upgrade_and_finalize_clearing_labels() {
+    use Action::*;
+    let mut w = World::new(
+        &["a", "b"],
+        &["a", "b"],
+        vec![
+            item(&[Prep, Upgrade], 2, None),
+            item(&[FinalizeUpgrade], 2, None),
+        ],
+    );
+    w.pass();
+    w.report("a", prep_done());
+    w.report("b", prep_done());
+    let d = w.pass();
+    assert_eq!(
+        pushed(&d),
+        vec![("a".into(), Stage::Upgrade), ("b".into(), Stage::Upgrade)],
+        "next action of the item"
+    );
+    w.report("a", upgrade_done());
+    w.report("b", upgrade_failed("Failed restore CRs: r1"));
+    let d = w.pass();
+    assert_eq!(
+        w.ibgu_labels("a"),
+        vec![
+            "lcm.openshift.io/ibgu-prep-completed",
+            "lcm.openshift.io/ibgu-upgrade-completed"
+        ]
+    );
+    // credit for the action completed before the failure, and labelled
+    assert_eq!(
+        w.ibgu_labels("b"),
+        vec![
+            "lcm.openshift.io/ibgu-prep-completed",
+            "lcm.openshift.io/ibgu-upgrade-failed"
+        ]
+    );
+    let b = w.entry("b").unwrap();
+    assert_eq!(actions(&b.completed_actions), vec![Prep]);
+    assert_eq!(b.failed_actions[0].message, "Failed restore CRs: r1");
+    // step 1 (FinalizeUpgrade) selects only the cluster with upgrade-completed
+    assert_eq!(w.steps[1].clusters, vec!["a"]);
+    assert_eq!(pushed(&d), vec![("a".into(), Stage::Idle)]);
+    w.report("a", idle());
+    w.pass();
+    assert!(
+        w.ibgu_labels("a").is_empty(),
+        "finalize removes every ibgu label"
+    );
+    assert_eq!(w.last.as_ref().unwrap().phase, Phase::Completed);
+}
+
+#[test]
+fn a_failed_action_skips_the_rest_of_the_item() {
+    use Action::*;
+    let mut w = World::new(
+        &["a"],
+        &["a"],
+        vec![item(&[Prep, Upgrade, FinalizeUpgrade], 1, None)],
+    );
+    w.pass();
+    w.report("a", prep_failed("boom"));
+    let d = w.pass();
+    assert!(d.pushes.is_empty());
+    let a = w.entry("a").unwrap();
+    assert!(a.completed_actions.is_empty());
+    assert_eq!(actions(&a.failed_actions), vec![Prep]);
+    assert!(a.current_action.is_none());
+    assert_eq!(d.phase, Phase::Completed);
+}
+
+#[test]
+fn batch_timeout_formula_examples() {
+    assert_eq!(
+        batch_timeout(240, Duration::zero(), 5, 0),
+        Duration::minutes(48)
+    );
+    assert_eq!(
+        batch_timeout(240, Duration::minutes(40), 5, 1),
+        Duration::minutes(50)
+    );
+    assert_eq!(
+        batch_timeout(240, Duration::minutes(100), 5, 4),
+        Duration::minutes(140)
+    );
+    assert_eq!(
+        batch_timeout(240, Duration::minutes(300), 5, 4),
+        Duration::zero()
+    );
+}
+
+#[test]
+fn batch_timeout_fails_the_unfinished_and_starts_the_next_batch() {
+    use Action::*;
+    let names = ["c1", "c2", "c3", "c4", "c5"];
+    let mut w = World::new(&names, &names, vec![item(&[Prep], 1, Some(240))]);
+    let d = w.pass();
+    assert_eq!(
+        d.wake_at,
+        Some(t(48)),
+        "the planner asks to look again at the batch deadline"
+    );
+    w.report("c1", prep_done());
+    w.now = t(40);
+    w.pass();
+    assert_eq!(w.steps[0].current_batch, 1);
+    assert_eq!(
+        w.steps[0].batch_deadline(),
+        t(90),
+        "batch 2 starting at +40 min gets 50 min"
+    );
+    w.now = t(90);
+    let d = w.pass();
+    assert_eq!(w.steps[0].current_batch, 2);
+    assert!(d.events.iter().any(|e| e.event == "BatchTimedOut"));
+    let c2 = w.entry("c2").unwrap();
+    assert_eq!(
+        c2.failed_actions[0].message,
+        "Prep timed out: batch 2 timeout passed"
+    );
+    assert_eq!(
+        w.ibgu_labels("c2"),
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+    assert_eq!(w.status().summary[0].timed_out, 1);
+}
+
+#[test]
+fn step_timeout_records_clusters_that_never_started() {
+    use Action::*;
+    let names = ["c1", "c2", "c3", "c4"];
+    let mut w = World::new(
+        &names,
+        &names,
+        vec![item(&[Prep], 2, Some(60)), item(&[Upgrade], 2, None)],
+    );
+    w.pass();
+    // the first batch takes the whole item timeout (its batch deadline is 30 min)
+    w.report("c1", prep_done());
+    w.now = t(29);
+    w.pass();
+    assert_eq!(w.steps[0].current_batch, 0);
+    w.now = t(60);
+    let d = w.pass();
+    let step = &w.steps[0];
+    assert!(step.timed_out);
+    let c3 = w.entry("c3").unwrap();
+    assert_eq!(
+        c3.failed_actions[0].message,
+        "not started before the step timeout"
+    );
+    assert!(d.events.iter().any(|e| e.event == "StepTimedOut"));
+    let s = &w.status().summary[0];
+    assert_eq!(
+        (
+            s.selected,
+            s.completed,
+            s.failed,
+            s.timed_out,
+            s.in_progress,
+            s.pending
+        ),
+        (4, 1, 0, 3, 0, 0)
+    );
+    // the next item starts and selects the prep-completed cluster only
+    assert_eq!(w.steps[1].clusters, vec!["c1"]);
+}
+
+#[test]
+fn an_item_selecting_nothing_finishes_at_once() {
+    use Action::*;
+    let mut w = World::new(&["a"], &["a"], vec![item(&[Upgrade], 1, None)]);
+    let d = w.pass();
+    assert_eq!(w.steps[0].clusters, Vec::<String>::new());
+    assert_eq!(d.phase, Phase::Completed);
+    assert_eq!(w.status().conditions[1].status, ConditionStatus::True);
+}
+
+#[test]
+fn selection_is_frozen_when_the_step_starts() {
+    use Action::*;
+    let mut w = World::new(&["a", "b"], &["a"], vec![item(&[Prep], 5, None)]);
+    w.pass();
+    // b gets a label that would match, but the running step keeps its selection
+    w.spec.cluster_label_selectors = vec![selector_names(&["a", "b"])];
+    let d = w.pass();
+    assert_eq!(w.steps[0].clusters, vec!["a"]);
+    assert!(d.pushes.is_empty());
+}
+
+#[test]
+fn existing_labels_are_never_overwritten() {
+    use Action::*;
+    let mut w = World::new(&["a"], &["a"], vec![item(&[Prep], 1, None)]);
+    w.clusters
+        .get_mut("a")
+        .unwrap()
+        .labels
+        .insert("lcm.openshift.io/ibgu-prep-completed".into(), "kept".into());
+    w.pass();
+    w.report("a", prep_done());
+    let d = w.pass();
+    assert_eq!(
+        w.clusters["a"].labels["lcm.openshift.io/ibgu-prep-completed"],
+        "kept"
+    );
+    assert!(d.label_changes.is_empty());
+}
+
+#[test]
+fn a_refused_push_fails_fast() {
+    use Action::*;
+    let mut w = World::new(&["a", "b"], &["a", "b"], vec![item(&[Upgrade], 2, None)]);
+    for c in ["a", "b"] {
+        w.clusters
+            .get_mut(c)
+            .unwrap()
+            .labels
+            .insert(completed_label(Prep), String::new());
+    }
+    w.pass();
+    w.steps[0].progress.get_mut("a").unwrap().refused =
+        Some("the stage transition is not permitted".into());
+    w.pass();
+    let a = w.entry("a").unwrap();
+    assert_eq!(
+        a.failed_actions[0].message,
+        "the stage transition is not permitted"
+    );
+    assert_eq!(
+        w.ibgu_labels("a"),
+        vec![completed_label(Prep), failed_label(Upgrade)]
+    );
+    assert!(
+        w.entry("b").unwrap().current_action.is_some(),
+        "b is not held by a's failure"
+    );
+}
+
+#[test]
+fn pushes_back_off_while_a_spoke_is_unreachable() {
+    use Action::*;
+    let mut w = World::new(&["a"], &["a"], vec![item(&[Prep], 1, None)]);
+    let d = w.pass();
+    assert_eq!(d.pushes.len(), 1);
+    // the push failed
+    let p = w.steps[0].progress.get_mut("a").unwrap();
+    p.pushed_stage = None;
+    p.push_failures = 3;
+    p.pushed_at = Some(w.now);
+    let d = w.pass();
+    assert!(d.pushes.is_empty());
+    assert_eq!(
+        d.wake_at.unwrap(),
+        t(0) + Duration::seconds(2),
+        "backoff after 3 failures"
+    );
+    w.now = t(0) + Duration::seconds(2);
+    assert_eq!(w.pass().pushes.len(), 1);
+}
+
+#[test]
+fn a_push_is_sent_again_if_the_spoke_never_shows_the_stage() {
+    use Action::*;
+    let mut w = World::new(&["a"], &["a"], vec![item(&[Prep], 1, None)]);
+    w.pass();
+    assert!(w.pass().pushes.is_empty());
+    w.now = t(0) + PUSH_RESEND;
+    assert_eq!(w.pass().pushes.len(), 1);
+    // once the spoke shows the stage, no more pushes
+    let mut running = prep_done();
+    running.status = None;
+    w.report("a", running);
+    w.now = t(10);
+    assert!(w.pass().pushes.is_empty());
+}
+
+#[test]
+fn stale_failures_from_before_the_push_do_not_count() {
+    use Action::*;
+    // a cluster whose earlier upgrade failed is selected by a later [Upgrade] item: until
+    // the push is answered, its old UpgradeCompleted=False is not this item's failure
+    let mut w = World::new(&["a"], &["a"], vec![item(&[Upgrade], 1, None)]);
+    w.clusters
+        .get_mut("a")
+        .unwrap()
+        .labels
+        .insert(completed_label(Prep), String::new());
+    let mut old = upgrade_failed("old failure");
+    old.spec.stage = Stage::Idle;
+    w.report("a", old);
+    let d = advance(&w.spec, &w.steps, &w.clusters, None, w.now);
+    assert_eq!(d.pushes.len(), 1);
+    assert_eq!(d.steps[0].progress["a"].phase, ClusterPhase::Running);
+}
+
+#[test]
+fn abort_on_failure_splits_each_selector_in_two() {
+    let sels = item_selectors(&[selector_names(&["a"])], Action::AbortOnFailure);
+    assert_eq!(sels.len(), 2);
+    let keys: Vec<&str> = sels
+        .iter()
+        .map(|s| s.match_expressions[1].key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "lcm.openshift.io/ibgu-prep-failed",
+            "lcm.openshift.io/ibgu-upgrade-failed"
+        ]
+    );
+    let abort = item_selectors(&[selector_names(&["a"])], Action::Abort);
+    assert_eq!(
+        abort[0].match_expressions[1].operator,
+        SelectorOperator::DoesNotExist
+    );
+}
+
+#[test]
+fn checks_follow_the_action_table() {
+    use Action::*;
+    assert_eq!(check(Prep, Some(&prep_done())), Check::Done);
+    assert_eq!(
+        check(Prep, Some(&prep_failed("x"))),
+        Check::Failed("x".into())
+    );
+    assert_eq!(check(Prep, Some(&idle())), Check::Waiting);
+    assert_eq!(check(Upgrade, Some(&upgrade_done())), Check::Done);
+    let rb = ibu(
+        Stage::Rollback,
+        &[(
+            ct::ROLLBACK_COMPLETED,
+            true,
+            "Completed",
+            "Rollback completed",
+        )],
+    );
+    assert_eq!(check(Rollback, Some(&rb)), Check::Done);
+    for a in [FinalizeUpgrade, FinalizeRollback, Abort, AbortOnFailure] {
+        assert_eq!(check(a, Some(&idle())), Check::Done);
+    }
+    let failed = ibu(
+        Stage::Idle,
+        &[(
+            ct::IDLE,
+            false,
+            "FinalizeFailed",
+            "busy Perform cleanup manually",
+        )],
+    );
+    assert_eq!(
+        check(FinalizeUpgrade, Some(&failed)),
+        Check::Failed("busy Perform cleanup manually".into())
+    );
+    let invalid = ibu(
+        Stage::Upgrade,
+        &[(
+            ct::UPGRADE_IN_PROGRESS,
+            false,
+            "InvalidTransition",
+            "Previous stage not succeeded",
+        )],
+    );
+    assert_eq!(
+        check(Upgrade, Some(&invalid)),
+        Check::Failed("Previous stage not succeeded".into())
+    );
+    assert_eq!(check(Prep, None), Check::Waiting);
+}
