@@ -10,6 +10,8 @@ CREATE TABLE clusters (
     -- SHA-256 (hex) of the per-cluster credential issued at registration; the secret itself
     -- is never stored.
     credential_hash TEXT NOT NULL,
+    -- Random per registration; with the hub's key it yields the credential.
+    credential_nonce TEXT NOT NULL DEFAULT '',
     -- The agent state the report sequence belongs to; a new agent id restarts the sequence.
     agent_id        TEXT NOT NULL DEFAULT '',
     last_report     JSONB,
@@ -78,6 +80,8 @@ CREATE TABLE rollout_clusters (
     pushed_stage      TEXT,
     pushed_at         TIMESTAMPTZ,
     push_attempts     INTEGER NOT NULL DEFAULT 0,
+    -- The spoke refused the last push (422): the action fails with this message.
+    refused           TEXT,
     started_at        TIMESTAMPTZ,
     action_started_at TIMESTAMPTZ,
     finished_at       TIMESTAMPTZ,
@@ -85,6 +89,13 @@ CREATE TABLE rollout_clusters (
     FOREIGN KEY (rollout_id, step) REFERENCES rollout_steps (rollout_id, step) ON DELETE CASCADE
 );
 CREATE INDEX rollout_clusters_cluster_idx ON rollout_clusters (cluster);
+
+-- The key per-cluster credentials are derived from (credential = SHA-256 of key, cluster,
+-- nonce): the hub can present a cluster's credential on its pushes without storing it.
+CREATE TABLE hub_secret (
+    id  BOOLEAN PRIMARY KEY DEFAULT true CHECK (id),
+    key BYTEA NOT NULL
+);
 
 -- ConfigMaps that rollouts refer to (ibuSpec.oadpContent, ibuSpec.extraManifests).
 CREATE TABLE configmaps (

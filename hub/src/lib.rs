@@ -5,11 +5,13 @@ pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod embedded_pg;
+pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod planner;
 pub mod serve;
+pub mod store;
 pub mod telemetry;
 
 pub use error::Error;

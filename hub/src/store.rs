@@ -1,0 +1,758 @@
+//! Postgres access, named resource first (`cluster_register`, `rollout_fetch`, ...). The
+//! functions run single statements or short transactions; the engine's pass uses the
+//! `_in_txn` ones inside its own transaction.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use fleet_types::ibgu::{Action, ImageBasedGroupUpgrade, ImageBasedGroupUpgradeStatus};
+use fleet_types::ibu::{ImageBasedUpgrade, Stage};
+use fleet_types::messages::RegisterRequest;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::error::Error;
+use crate::planner::rollout::{ClusterInfo, ClusterPhase, ClusterProgress, Event, StepState};
+
+fn db(e: sqlx::Error) -> Error {
+    Error::Database(e)
+}
+
+// ---------------------------------------------------------------------------------------
+// Credentials
+
+async fn hub_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let fresh: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|u| u.as_bytes().to_vec())
+        .collect();
+    sqlx::query("INSERT INTO hub_secret (id, key) VALUES (true, $1) ON CONFLICT (id) DO NOTHING")
+        .bind(&fresh)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+    sqlx::query_scalar("SELECT key FROM hub_secret WHERE id")
+        .fetch_one(pool)
+        .await
+        .map_err(db)
+}
+
+fn derive(key: &[u8], cluster: &str, nonce: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(cluster.as_bytes());
+    h.update([0]);
+    h.update(nonce.as_bytes());
+    hex::encode(h.finalize())
+}
+
+pub fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Clusters
+
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub endpoint: String,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub ibu: Option<ImageBasedUpgrade>,
+}
+
+/// Registers (or re-registers) a spoke: announced labels are merged over the stored ones
+/// (the hub's own `lcm.openshift.io/ibgu-*` labels stay), a new credential is issued and the
+/// report sequence restarts. Answers the credential.
+pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<String, Error> {
+    let key = hub_key(pool).await?;
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let credential = derive(&key, &req.name, &nonce);
+    let labels = serde_json::to_value(&req.labels).map_err(|e| Error::Config(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, now())
+         ON CONFLICT (name) DO UPDATE SET
+           labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
+           credential_hash = EXCLUDED.credential_hash, credential_nonce = EXCLUDED.credential_nonce,
+           agent_id = EXCLUDED.agent_id, last_report_seq = 0, last_seen = now()",
+    )
+    .bind(&req.name)
+    .bind(labels)
+    .bind(&req.endpoint)
+    .bind(hash(&credential))
+    .bind(&nonce)
+    .bind(&req.agent_id)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(credential)
+}
+
+/// Whether `credential` is the one issued to `cluster`.
+pub async fn cluster_credential_ok(pool: &PgPool, cluster: &str, credential: &str) -> Result<bool, Error> {
+    let stored: Option<String> = sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
+        .bind(cluster)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+    Ok(stored.is_some_and(|h| h == hash(credential)))
+}
+
+/// Stores a report unless it is older than, or the same as, the last one of this agent.
+/// Answers whether it was stored.
+pub async fn cluster_report(
+    pool: &PgPool,
+    cluster: &str,
+    agent_id: &str,
+    sequence: u64,
+    ibu: &ImageBasedUpgrade,
+) -> Result<bool, Error> {
+    let ibu = serde_json::to_value(ibu).map_err(|e| Error::Config(e.to_string()))?;
+    let res = sqlx::query(
+        "UPDATE clusters SET last_report = $3, last_report_seq = $4, last_seen = now()
+         WHERE name = $1 AND agent_id = $2 AND last_report_seq < $4",
+    )
+    .bind(cluster)
+    .bind(agent_id)
+    .bind(ibu)
+    .bind(sequence as i64)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(res.rows_affected() == 1)
+}
+
+fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
+    let labels: Value = r.try_get("labels").map_err(db)?;
+    let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;
+    Ok(ClusterRecord {
+        name: r.try_get("name").map_err(db)?,
+        labels: serde_json::from_value(labels).unwrap_or_default(),
+        endpoint: r.try_get("endpoint").map_err(db)?,
+        last_seen: r.try_get("last_seen").map_err(db)?,
+        ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
+    })
+}
+
+pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
+    let rows = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters ORDER BY name")
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter().map(cluster_from_row).collect()
+}
+
+pub async fn cluster_fetch(pool: &PgPool, name: &str) -> Result<Option<ClusterRecord>, Error> {
+    let row = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(cluster_from_row).transpose()
+}
+
+/// Merges labels (a `null` value removes the label). Answers the updated cluster.
+pub async fn cluster_patch_labels(pool: &PgPool, name: &str, patch: &serde_json::Map<String, Value>) -> Result<Option<ClusterRecord>, Error> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let labels: Option<Value> = sqlx::query_scalar("SELECT labels FROM clusters WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+    let Some(mut labels) = labels else {
+        return Ok(None);
+    };
+    json_patch::merge(&mut labels, &Value::Object(patch.clone()));
+    sqlx::query("UPDATE clusters SET labels = $2 WHERE name = $1")
+        .bind(name)
+        .bind(labels)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    cluster_fetch(pool, name).await
+}
+
+/// Where and how the hub reaches a spoke.
+pub struct SpokeAccess {
+    pub endpoint: String,
+    pub credential: String,
+}
+
+pub async fn cluster_access(pool: &PgPool, names: &[String]) -> Result<HashMap<String, SpokeAccess>, Error> {
+    let key = hub_key(pool).await?;
+    let rows = sqlx::query("SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)")
+        .bind(names)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let name: String = r.try_get("name").map_err(db)?;
+            let nonce: String = r.try_get("credential_nonce").map_err(db)?;
+            Ok((
+                name.clone(),
+                SpokeAccess {
+                    endpoint: r.try_get("endpoint").map_err(db)?,
+                    credential: derive(&key, &name, &nonce),
+                },
+            ))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// ConfigMaps
+
+pub async fn configmap_fetch(pool: &PgPool, namespace: &str, name: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
+    let v: Option<Value> = sqlx::query_scalar("SELECT data FROM configmaps WHERE namespace = $1 AND name = $2")
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+    Ok(v.map(|v| serde_json::from_value(v).unwrap_or_default()))
+}
+
+pub async fn configmap_put(pool: &PgPool, namespace: &str, name: &str, data: &BTreeMap<String, String>) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO configmaps (namespace, name, data) VALUES ($1, $2, $3)
+         ON CONFLICT (namespace, name) DO UPDATE SET data = EXCLUDED.data, updated_at = now()",
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(serde_json::to_value(data).map_err(|e| Error::Config(e.to_string()))?)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub async fn configmap_delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, Error> {
+    let r = sqlx::query("DELETE FROM configmaps WHERE namespace = $1 AND name = $2")
+        .bind(namespace)
+        .bind(name)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn configmap_names(pool: &PgPool) -> Result<Vec<(String, String)>, Error> {
+    let rows = sqlx::query("SELECT namespace, name FROM configmaps")
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("namespace").map_err(db)?, r.try_get("name").map_err(db)?)))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Rollouts
+
+pub struct RolloutRow {
+    pub id: i64,
+    pub object: ImageBasedGroupUpgrade,
+    pub phase: String,
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
+    let spec: Value = r.try_get("spec").map_err(db)?;
+    let status: Value = r.try_get("status").map_err(db)?;
+    let labels: Value = r.try_get("labels").map_err(db)?;
+    let annotations: Value = r.try_get("annotations").map_err(db)?;
+    let uid: uuid::Uuid = r.try_get("uid").map_err(db)?;
+    let name: String = r.try_get("name").map_err(db)?;
+    let created: DateTime<Utc> = r.try_get("created_at").map_err(db)?;
+    let mut object = ImageBasedGroupUpgrade::new(&name, serde_json::from_value(spec).map_err(|e| Error::Config(format!("stored spec: {e}")))?);
+    object.metadata.namespace = Some(r.try_get("namespace").map_err(db)?);
+    object.metadata.uid = Some(uid.to_string());
+    object.metadata.generation = Some(r.try_get("generation").map_err(db)?);
+    object.metadata.labels = serde_json::from_value(labels).ok().filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.annotations = serde_json::from_value(annotations).ok().filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.creation_timestamp = serde_json::from_value(Value::String(created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).ok();
+    let status: ImageBasedGroupUpgradeStatus = serde_json::from_value(status).unwrap_or_default();
+    object.status = (status != ImageBasedGroupUpgradeStatus::default()).then_some(status);
+    Ok(RolloutRow {
+        id: r.try_get("id").map_err(db)?,
+        object,
+        phase: r.try_get("phase").map_err(db)?,
+        started_at: r.try_get("started_at").map_err(db)?,
+    })
+}
+
+const ROLLOUT_COLUMNS: &str = "id, uid, namespace, name, generation, labels, annotations, spec, status, phase, created_at, started_at";
+
+pub async fn rollout_insert(pool: &PgPool, obj: &ImageBasedGroupUpgrade) -> Result<Option<RolloutRow>, Error> {
+    let ns = obj.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO rollouts (uid, namespace, name, labels, annotations, spec)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, name) DO NOTHING RETURNING {ROLLOUT_COLUMNS}"
+    )))
+    .bind(uuid::Uuid::new_v4())
+    .bind(ns)
+    .bind(obj.metadata.name.clone().unwrap_or_default())
+    .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::Config(e.to_string()))?)
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?;
+    row.as_ref().map(rollout_from_row).transpose()
+}
+
+pub async fn rollout_fetch(pool: &PgPool, namespace: &str, name: &str) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE namespace = $1 AND name = $2")))
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(rollout_from_row).transpose()
+}
+
+pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY namespace, name")))
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter().map(rollout_from_row).collect()
+}
+
+/// Stores a changed object (spec, labels, annotations) with the next generation, and marks
+/// the rollout active again so an appended step starts.
+pub async fn rollout_update(pool: &PgPool, id: i64, obj: &ImageBasedGroupUpgrade, spec_changed: bool) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE rollouts SET spec = $2, labels = $3, annotations = $4,
+           generation = generation + CASE WHEN $5 THEN 1 ELSE 0 END,
+           phase = CASE WHEN $5 THEN 'Progressing' ELSE phase END,
+           completed_at = CASE WHEN $5 THEN NULL ELSE completed_at END, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::Config(e.to_string()))?)
+    .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(spec_changed)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub async fn rollout_delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, Error> {
+    let r = sqlx::query("DELETE FROM rollouts WHERE namespace = $1 AND name = $2")
+        .bind(namespace)
+        .bind(name)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn rollout_active_ids(pool: &PgPool) -> Result<Vec<i64>, Error> {
+    sqlx::query_scalar("SELECT id FROM rollouts WHERE phase <> 'Completed' ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .map_err(db)
+}
+
+/// Takes the rollout's pass lock for this transaction; `false` when another hub holds it.
+pub async fn rollout_try_lock_in_txn(conn: &mut PgConnection, id: i64) -> Result<bool, Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(1717658484, $1::int4)")
+        .bind(id as i32)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
+}
+
+pub async fn rollout_fetch_for_update_in_txn(conn: &mut PgConnection, id: i64) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1 FOR UPDATE")))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(rollout_from_row).transpose()
+}
+
+fn parse_action(s: &str) -> Result<Action, Error> {
+    s.parse().map_err(Error::Config)
+}
+
+fn parse_phase(s: &str) -> ClusterPhase {
+    match s {
+        "running" => ClusterPhase::Running,
+        "completed" => ClusterPhase::Completed,
+        "failed" => ClusterPhase::Failed,
+        _ => ClusterPhase::Pending,
+    }
+}
+
+fn phase_str(p: ClusterPhase) -> &'static str {
+    match p {
+        ClusterPhase::Pending => "pending",
+        ClusterPhase::Running => "running",
+        ClusterPhase::Completed => "completed",
+        ClusterPhase::Failed => "failed",
+    }
+}
+
+pub async fn rollout_steps_in_txn(conn: &mut PgConnection, id: i64) -> Result<Vec<StepState>, Error> {
+    let rows = sqlx::query(
+        "SELECT step, actions, clusters, max_concurrency, timeout_minutes, current_batch, batch_started_at,
+                started_at, completed_at, timed_out
+         FROM rollout_steps WHERE rollout_id = $1 ORDER BY step",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let mut steps = Vec::with_capacity(rows.len());
+    for r in rows {
+        let actions: Vec<String> = r.try_get("actions").map_err(db)?;
+        let started_at: DateTime<Utc> = r.try_get("started_at").map_err(db)?;
+        steps.push(StepState {
+            step: r.try_get::<i32, _>("step").map_err(db)? as usize,
+            actions: actions.iter().map(|a| parse_action(a)).collect::<Result<_, _>>()?,
+            clusters: r.try_get("clusters").map_err(db)?,
+            max_concurrency: r.try_get::<i32, _>("max_concurrency").map_err(db)? as usize,
+            timeout_minutes: r.try_get::<i32, _>("timeout_minutes").map_err(db)? as i64,
+            started_at,
+            current_batch: r.try_get::<i32, _>("current_batch").map_err(db)? as usize,
+            batch_started_at: r.try_get::<Option<DateTime<Utc>>, _>("batch_started_at").map_err(db)?.unwrap_or(started_at),
+            completed_at: r.try_get("completed_at").map_err(db)?,
+            timed_out: r.try_get("timed_out").map_err(db)?,
+            progress: BTreeMap::new(),
+        });
+    }
+    let rows = sqlx::query(
+        "SELECT step, cluster, batch, state, action_index, completed_actions, failed_action, failure_message,
+                timed_out, pushed_stage, pushed_at, push_attempts, refused, started_at, action_started_at, finished_at
+         FROM rollout_clusters WHERE rollout_id = $1",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    for r in rows {
+        let step: i32 = r.try_get("step").map_err(db)?;
+        let completed: Vec<String> = r.try_get("completed_actions").map_err(db)?;
+        let failed_action: Option<String> = r.try_get("failed_action").map_err(db)?;
+        let pushed_stage: Option<String> = r.try_get("pushed_stage").map_err(db)?;
+        let progress = ClusterProgress {
+            batch: r.try_get::<i32, _>("batch").map_err(db)? as usize,
+            phase: parse_phase(r.try_get::<String, _>("state").map_err(db)?.as_str()),
+            action_index: r.try_get::<i32, _>("action_index").map_err(db)? as usize,
+            completed: completed.iter().map(|a| parse_action(a)).collect::<Result<_, _>>()?,
+            failed: match failed_action {
+                Some(a) => Some((parse_action(&a)?, r.try_get::<Option<String>, _>("failure_message").map_err(db)?.unwrap_or_default())),
+                None => None,
+            },
+            timed_out: r.try_get("timed_out").map_err(db)?,
+            pushed_stage: pushed_stage.and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
+            pushed_at: r.try_get("pushed_at").map_err(db)?,
+            push_failures: r.try_get::<i32, _>("push_attempts").map_err(db)? as u32,
+            refused: r.try_get("refused").map_err(db)?,
+            started_at: r.try_get("started_at").map_err(db)?,
+            action_started_at: r.try_get("action_started_at").map_err(db)?,
+            finished_at: r.try_get("finished_at").map_err(db)?,
+        };
+        let cluster: String = r.try_get("cluster").map_err(db)?;
+        if let Some(s) = steps.get_mut(step as usize) {
+            s.progress.insert(cluster, progress);
+        }
+    }
+    Ok(steps)
+}
+
+/// What the planner needs of the fleet: every cluster's labels, and the last IBU of those
+/// in `with_ibu`.
+pub async fn fleet_in_txn(conn: &mut PgConnection, with_ibu: &[String]) -> Result<BTreeMap<String, ClusterInfo>, Error> {
+    let rows = sqlx::query(
+        "SELECT name, labels, CASE WHEN name = ANY($1) THEN last_report END AS last_report FROM clusters",
+    )
+    .bind(with_ibu)
+    .fetch_all(conn)
+    .await
+    .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let labels: Value = r.try_get("labels").map_err(db)?;
+            let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;
+            Ok((
+                r.try_get("name").map_err(db)?,
+                ClusterInfo {
+                    labels: serde_json::from_value(labels).unwrap_or_default(),
+                    ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Writes the steps and cluster progress that differ from `before`.
+pub async fn rollout_save_steps_in_txn(conn: &mut PgConnection, id: i64, before: &[StepState], after: &[StepState]) -> Result<(), Error> {
+    for s in after {
+        let old = before.get(s.step);
+        let head_changed = old.is_none_or(|o| {
+            o.current_batch != s.current_batch || o.batch_started_at != s.batch_started_at || o.completed_at != s.completed_at || o.timed_out != s.timed_out
+        });
+        if head_changed {
+            let actions: Vec<&str> = s.actions.iter().map(|a| a.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO rollout_steps (rollout_id, step, actions, clusters, max_concurrency, timeout_minutes,
+                   current_batch, batch_started_at, started_at, completed_at, timed_out)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (rollout_id, step) DO UPDATE SET current_batch = EXCLUDED.current_batch,
+                   batch_started_at = EXCLUDED.batch_started_at, completed_at = EXCLUDED.completed_at,
+                   timed_out = EXCLUDED.timed_out",
+            )
+            .bind(id)
+            .bind(s.step as i32)
+            .bind(&actions)
+            .bind(&s.clusters)
+            .bind(s.max_concurrency as i32)
+            .bind(s.timeout_minutes as i32)
+            .bind(s.current_batch as i32)
+            .bind(s.batch_started_at)
+            .bind(s.started_at)
+            .bind(s.completed_at)
+            .bind(s.timed_out)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+        let changed: Vec<(&String, &ClusterProgress)> = s
+            .progress
+            .iter()
+            .filter(|(c, p)| old.and_then(|o| o.progress.get(*c)) != Some(*p))
+            .collect();
+        if changed.is_empty() {
+            continue;
+        }
+        progress_upsert(conn, id, s, &changed).await?;
+    }
+    Ok(())
+}
+
+/// One statement for all changed rows of a step (the engine writes in batches).
+async fn progress_upsert(conn: &mut PgConnection, id: i64, s: &StepState, rows: &[(&String, &ClusterProgress)]) -> Result<(), Error> {
+    let mut clusters = Vec::new();
+    let mut batch = Vec::new();
+    let mut state = Vec::new();
+    let mut action_index = Vec::new();
+    let mut completed = Vec::new();
+    let mut failed_action = Vec::new();
+    let mut failure_message = Vec::new();
+    let mut timed_out = Vec::new();
+    let mut pushed_stage = Vec::new();
+    let mut pushed_at = Vec::new();
+    let mut attempts = Vec::new();
+    let mut refused = Vec::new();
+    let mut started = Vec::new();
+    let mut action_started = Vec::new();
+    let mut finished = Vec::new();
+    for (c, p) in rows {
+        clusters.push((*c).clone());
+        batch.push(p.batch as i32);
+        state.push(phase_str(p.phase).to_string());
+        action_index.push(p.action_index as i32);
+        completed.push(p.completed.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","));
+        failed_action.push(p.failed.as_ref().map(|(a, _)| a.as_str().to_string()));
+        failure_message.push(p.failed.as_ref().map(|(_, m)| m.clone()));
+        timed_out.push(p.timed_out);
+        pushed_stage.push(p.pushed_stage.map(|s| s.as_str().to_string()));
+        pushed_at.push(p.pushed_at);
+        attempts.push(p.push_failures as i32);
+        refused.push(p.refused.clone());
+        started.push(p.started_at);
+        action_started.push(p.action_started_at);
+        finished.push(p.finished_at);
+    }
+    sqlx::query(
+        "INSERT INTO rollout_clusters (rollout_id, step, cluster, batch, state, action_index, completed_actions,
+           failed_action, failure_message, timed_out, pushed_stage, pushed_at, push_attempts, refused,
+           started_at, action_started_at, finished_at)
+         SELECT $1, $2, u.cluster, u.batch, u.state, u.action_index,
+           CASE WHEN u.completed = '' THEN '{}'::text[] ELSE string_to_array(u.completed, ',') END,
+           u.failed_action, u.failure_message, u.timed_out, u.pushed_stage, u.pushed_at, u.attempts, u.refused,
+           u.started, u.action_started, u.finished
+         FROM UNNEST($3::text[], $4::int4[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::text[],
+                     $10::bool[], $11::text[], $12::timestamptz[], $13::int4[], $14::text[],
+                     $15::timestamptz[], $16::timestamptz[], $17::timestamptz[])
+           AS u(cluster, batch, state, action_index, completed, failed_action, failure_message, timed_out,
+                pushed_stage, pushed_at, attempts, refused, started, action_started, finished)
+         ON CONFLICT (rollout_id, step, cluster) DO UPDATE SET batch = EXCLUDED.batch, state = EXCLUDED.state,
+           action_index = EXCLUDED.action_index, completed_actions = EXCLUDED.completed_actions,
+           failed_action = EXCLUDED.failed_action, failure_message = EXCLUDED.failure_message,
+           timed_out = EXCLUDED.timed_out, pushed_stage = EXCLUDED.pushed_stage, pushed_at = EXCLUDED.pushed_at,
+           push_attempts = EXCLUDED.push_attempts, refused = EXCLUDED.refused, started_at = EXCLUDED.started_at,
+           action_started_at = EXCLUDED.action_started_at, finished_at = EXCLUDED.finished_at",
+    )
+    .bind(id)
+    .bind(s.step as i32)
+    .bind(&clusters)
+    .bind(&batch)
+    .bind(&state)
+    .bind(&action_index)
+    .bind(&completed)
+    .bind(&failed_action)
+    .bind(&failure_message)
+    .bind(&timed_out)
+    .bind(&pushed_stage)
+    .bind(&pushed_at)
+    .bind(&attempts)
+    .bind(&refused)
+    .bind(&started)
+    .bind(&action_started)
+    .bind(&finished)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub async fn cluster_labels_set_in_txn(conn: &mut PgConnection, labels: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), Error> {
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&String> = labels.keys().collect();
+    let values: Vec<Value> = labels.values().map(|l| serde_json::to_value(l).unwrap_or_default()).collect();
+    sqlx::query("UPDATE clusters c SET labels = u.labels FROM UNNEST($1::text[], $2::jsonb[]) AS u(name, labels) WHERE c.name = u.name")
+        .bind(&names)
+        .bind(&values)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+pub async fn history_insert_in_txn(conn: &mut PgConnection, rollout: &RolloutRow, now: DateTime<Utc>, events: &[Event]) -> Result<(), Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let clusters: Vec<Option<String>> = events.iter().map(|e| e.cluster.clone()).collect();
+    let steps: Vec<Option<i32>> = events.iter().map(|e| e.step.map(|s| s as i32)).collect();
+    let actions: Vec<Option<String>> = events.iter().map(|e| e.action.map(|a| a.as_str().to_string())).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event).collect();
+    let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, cluster, step, action, event, message)
+         SELECT $1, $2, $3, $4, u.cluster, u.step, u.action, u.event, u.message
+         FROM UNNEST($5::text[], $6::int4[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY
+           AS u(cluster, step, action, event, message, n) ORDER BY u.n",
+    )
+    .bind(rollout.id)
+    .bind(rollout.object.metadata.namespace.clone().unwrap_or_default())
+    .bind(rollout.object.metadata.name.clone().unwrap_or_default())
+    .bind(now)
+    .bind(&clusters)
+    .bind(&steps)
+    .bind(&actions)
+    .bind(&kinds)
+    .bind(&messages)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub async fn rollout_save_status_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+    status: &ImageBasedGroupUpgradeStatus,
+    phase: &str,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+) -> Result<(), Error> {
+    sqlx::query("UPDATE rollouts SET status = $2, phase = $3, started_at = $4, completed_at = $5, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(serde_json::to_value(status).map_err(|e| Error::Config(e.to_string()))?)
+        .bind(phase)
+        .bind(started_at)
+        .bind(completed_at)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// Records the outcome of a push.
+pub async fn push_result(pool: &PgPool, id: i64, step: usize, cluster: &str, outcome: &PushOutcome, now: DateTime<Utc>) -> Result<(), Error> {
+    let q = match outcome {
+        PushOutcome::Accepted(stage) => sqlx::query(
+            "UPDATE rollout_clusters SET pushed_stage = $4, pushed_at = $5, push_attempts = 0, refused = NULL
+             WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
+        )
+        .bind(id)
+        .bind(step as i32)
+        .bind(cluster)
+        .bind(stage.as_str())
+        .bind(now),
+        PushOutcome::Refused(msg) => sqlx::query(
+            "UPDATE rollout_clusters SET refused = $4, pushed_at = $5 WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
+        )
+        .bind(id)
+        .bind(step as i32)
+        .bind(cluster)
+        .bind(msg)
+        .bind(now),
+        PushOutcome::Unreachable(_) => sqlx::query(
+            "UPDATE rollout_clusters SET pushed_stage = NULL, pushed_at = $4, push_attempts = push_attempts + 1
+             WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
+        )
+        .bind(id)
+        .bind(step as i32)
+        .bind(cluster)
+        .bind(now),
+    };
+    q.execute(pool).await.map_err(db)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushOutcome {
+    Accepted(Stage),
+    Refused(String),
+    Unreachable(String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    pub time: DateTime<Utc>,
+    pub cluster: Option<String>,
+    pub step: Option<i32>,
+    pub action: Option<String>,
+    pub event: String,
+    pub message: String,
+}
+
+pub async fn history_list(pool: &PgPool, rollout_id: i64, cluster: Option<&str>) -> Result<Vec<HistoryEntry>, Error> {
+    let rows = sqlx::query(
+        "SELECT time, cluster, step, action, event, message FROM history
+         WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",
+    )
+    .bind(rollout_id)
+    .bind(cluster)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(HistoryEntry {
+                time: r.try_get("time").map_err(db)?,
+                cluster: r.try_get("cluster").map_err(db)?,
+                step: r.try_get("step").map_err(db)?,
+                action: r.try_get("action").map_err(db)?,
+                event: r.try_get("event").map_err(db)?,
+                message: r.try_get("message").map_err(db)?,
+            })
+        })
+        .collect()
+}
