@@ -26,8 +26,10 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    /// Whole seconds, as Kubernetes writes times.
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        use chrono::SubsecRound;
+        Utc::now().trunc_subsecs(0)
     }
 }
 
@@ -149,7 +151,13 @@ impl Engine {
         Ok(true)
     }
 
-    async fn push_all(&self, ibgu: &ImageBasedGroupUpgrade, id: i64, pushes: Vec<Push>, now: DateTime<Utc>) -> Result<(), Error> {
+    async fn push_all(
+        &self,
+        ibgu: &ImageBasedGroupUpgrade,
+        id: i64,
+        pushes: Vec<Push>,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
         let access = store::cluster_access(&self.pool, &names).await?;
         let configmaps = self.configmaps(ibgu).await?;
@@ -162,15 +170,26 @@ impl Engine {
             {
                 results.extend(r.ok());
             }
-            let Some(SpokeAccess { endpoint, credential }) = access.get(&push.cluster).map(|a| SpokeAccess { endpoint: a.endpoint.clone(), credential: a.credential.clone() }) else {
-                results.push((push.clone(), PushOutcome::Unreachable("cluster not registered".into())));
+            let Some(SpokeAccess {
+                endpoint,
+                credential,
+            }) = access.get(&push.cluster).map(|a| SpokeAccess {
+                endpoint: a.endpoint.clone(),
+                credential: a.credential.clone(),
+            })
+            else {
+                results.push((
+                    push.clone(),
+                    PushOutcome::Unreachable("cluster not registered".into()),
+                ));
                 continue;
             };
             let client = self.client.clone();
             let body = body.clone();
             let configmaps = configmaps.clone();
             set.spawn(async move {
-                let outcome = push_one(&client, &endpoint, &credential, &push, &body, &configmaps).await;
+                let outcome =
+                    push_one(&client, &endpoint, &credential, &push, &body, &configmaps).await;
                 (push, outcome)
             });
         }
@@ -186,7 +205,10 @@ impl Engine {
         Ok(())
     }
 
-    async fn configmaps(&self, ibgu: &ImageBasedGroupUpgrade) -> Result<Vec<(String, String, BTreeMap<String, String>)>, Error> {
+    async fn configmaps(
+        &self,
+        ibgu: &ImageBasedGroupUpgrade,
+    ) -> Result<Vec<(String, String, BTreeMap<String, String>)>, Error> {
         let mut out = Vec::new();
         let spec = &ibgu.spec.ibu_spec;
         for r in spec.oadp_content.iter().chain(&spec.extra_manifests) {
@@ -240,7 +262,12 @@ async fn push_one(
                 .await;
             match res {
                 Ok(r) if r.status().is_success() => {}
-                Ok(r) => return PushOutcome::Unreachable(format!("configmap {ns}/{name}: {}", r.status())),
+                Ok(r) => {
+                    return PushOutcome::Unreachable(format!(
+                        "configmap {ns}/{name}: {}",
+                        r.status()
+                    ));
+                }
                 Err(e) => return PushOutcome::Unreachable(e.to_string()),
             }
         }
@@ -258,7 +285,11 @@ async fn push_one(
         Ok(r) if r.status().is_success() => PushOutcome::Accepted(push.stage),
         Ok(r) if r.status().as_u16() == 422 => {
             let status: Option<fleet_types::Status> = r.json().await.ok();
-            PushOutcome::Refused(status.map(|s| s.message).unwrap_or_else(|| "refused by the spoke".into()))
+            PushOutcome::Refused(
+                status
+                    .map(|s| s.message)
+                    .unwrap_or_else(|| "refused by the spoke".into()),
+            )
         }
         Ok(r) => PushOutcome::Unreachable(format!("spoke answered {}", r.status())),
         Err(e) => PushOutcome::Unreachable(e.to_string()),

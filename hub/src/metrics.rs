@@ -10,6 +10,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
     pub build_info: IntGauge,
+    pub reports_received: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -37,6 +38,11 @@ impl Metrics {
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
+        let reports_received = prometheus::IntCounter::new(
+            "fleet_hub_spoke_reports_total",
+            "Spoke status reports stored (stale and duplicate ones are not counted)",
+        )?;
+        registry.register(Box::new(reports_received.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_request_duration.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
@@ -45,6 +51,7 @@ impl Metrics {
             http_requests,
             http_request_duration,
             build_info,
+            reports_received,
         })
     }
 

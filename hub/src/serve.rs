@@ -1,10 +1,13 @@
 //! `fleet-hub serve`: open the database (migrating it), serve HTTP until SIGTERM or Ctrl-C,
 //! then drain and stop the embedded database.
 
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
 
 use crate::cli::ServeArgs;
 use crate::db::Database;
+use crate::engine::{Engine, SystemClock};
 use crate::error::Error;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -23,18 +26,23 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
             "--kube (Kubernetes mode) is not in this build; run without it",
         ));
     }
-    if admin_token.is_some() || join_token.is_some() {
-        return Err(Error::NotImplemented(
-            "--admin-token/--join-token: the rollout and cluster API they protect is not in \
-             this build; run without them",
-        ));
+    if admin_token.is_none() {
+        tracing::warn!("no --admin-token: the REST API is open to anyone who can reach it");
+    }
+    if join_token.is_none() {
+        tracing::warn!("no --join-token: any spoke that can reach the hub may register");
     }
 
     let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
     tracing::info!(database = %db.url, embedded = db.is_embedded(), "database ready and migrated");
+    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock));
+    let driver = tokio::spawn(engine.clone().run());
     let state = AppState {
         pool: db.pool.clone(),
         metrics: Metrics::new()?,
+        engine,
+        admin_token,
+        join_token,
     };
     let listener = TcpListener::bind(listen)
         .await
@@ -51,6 +59,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         .with_graceful_shutdown(shutdown_signal())
         .await;
     tracing::info!("draining done, shutting down");
+    driver.abort();
     let closed = db.close().await;
     served.map_err(|source| Error::Listen {
         addr: local.to_string(),

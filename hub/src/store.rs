@@ -93,12 +93,17 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
 }
 
 /// Whether `credential` is the one issued to `cluster`.
-pub async fn cluster_credential_ok(pool: &PgPool, cluster: &str, credential: &str) -> Result<bool, Error> {
-    let stored: Option<String> = sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
-        .bind(cluster)
-        .fetch_optional(pool)
-        .await
-        .map_err(db)?;
+pub async fn cluster_credential_ok(
+    pool: &PgPool,
+    cluster: &str,
+    credential: &str,
+) -> Result<bool, Error> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
+            .bind(cluster)
+            .fetch_optional(pool)
+            .await
+            .map_err(db)?;
     Ok(stored.is_some_and(|h| h == hash(credential)))
 }
 
@@ -139,30 +144,39 @@ fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
 }
 
 pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
-    let rows = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters ORDER BY name")
-        .fetch_all(pool)
-        .await
-        .map_err(db)?;
+    let rows = sqlx::query(
+        "SELECT name, labels, endpoint, last_seen, last_report FROM clusters ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
     rows.iter().map(cluster_from_row).collect()
 }
 
 pub async fn cluster_fetch(pool: &PgPool, name: &str) -> Result<Option<ClusterRecord>, Error> {
-    let row = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await
-        .map_err(db)?;
+    let row = sqlx::query(
+        "SELECT name, labels, endpoint, last_seen, last_report FROM clusters WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?;
     row.as_ref().map(cluster_from_row).transpose()
 }
 
 /// Merges labels (a `null` value removes the label). Answers the updated cluster.
-pub async fn cluster_patch_labels(pool: &PgPool, name: &str, patch: &serde_json::Map<String, Value>) -> Result<Option<ClusterRecord>, Error> {
+pub async fn cluster_patch_labels(
+    pool: &PgPool,
+    name: &str,
+    patch: &serde_json::Map<String, Value>,
+) -> Result<Option<ClusterRecord>, Error> {
     let mut tx = pool.begin().await.map_err(db)?;
-    let labels: Option<Value> = sqlx::query_scalar("SELECT labels FROM clusters WHERE name = $1 FOR UPDATE")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
+    let labels: Option<Value> =
+        sqlx::query_scalar("SELECT labels FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
     let Some(mut labels) = labels else {
         return Ok(None);
     };
@@ -183,13 +197,17 @@ pub struct SpokeAccess {
     pub credential: String,
 }
 
-pub async fn cluster_access(pool: &PgPool, names: &[String]) -> Result<HashMap<String, SpokeAccess>, Error> {
+pub async fn cluster_access(
+    pool: &PgPool,
+    names: &[String],
+) -> Result<HashMap<String, SpokeAccess>, Error> {
     let key = hub_key(pool).await?;
-    let rows = sqlx::query("SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)")
-        .bind(names)
-        .fetch_all(pool)
-        .await
-        .map_err(db)?;
+    let rows =
+        sqlx::query("SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)")
+            .bind(names)
+            .fetch_all(pool)
+            .await
+            .map_err(db)?;
     rows.iter()
         .map(|r| {
             let name: String = r.try_get("name").map_err(db)?;
@@ -208,17 +226,27 @@ pub async fn cluster_access(pool: &PgPool, names: &[String]) -> Result<HashMap<S
 // ---------------------------------------------------------------------------------------
 // ConfigMaps
 
-pub async fn configmap_fetch(pool: &PgPool, namespace: &str, name: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
-    let v: Option<Value> = sqlx::query_scalar("SELECT data FROM configmaps WHERE namespace = $1 AND name = $2")
-        .bind(namespace)
-        .bind(name)
-        .fetch_optional(pool)
-        .await
-        .map_err(db)?;
+pub async fn configmap_fetch(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, String>>, Error> {
+    let v: Option<Value> =
+        sqlx::query_scalar("SELECT data FROM configmaps WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .map_err(db)?;
     Ok(v.map(|v| serde_json::from_value(v).unwrap_or_default()))
 }
 
-pub async fn configmap_put(pool: &PgPool, namespace: &str, name: &str, data: &BTreeMap<String, String>) -> Result<(), Error> {
+pub async fn configmap_put(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    data: &BTreeMap<String, String>,
+) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO configmaps (namespace, name, data) VALUES ($1, $2, $3)
          ON CONFLICT (namespace, name) DO UPDATE SET data = EXCLUDED.data, updated_at = now()",
@@ -248,7 +276,12 @@ pub async fn configmap_names(pool: &PgPool) -> Result<Vec<(String, String)>, Err
         .await
         .map_err(db)?;
     rows.iter()
-        .map(|r| Ok((r.try_get("namespace").map_err(db)?, r.try_get("name").map_err(db)?)))
+        .map(|r| {
+            Ok((
+                r.try_get("namespace").map_err(db)?,
+                r.try_get("name").map_err(db)?,
+            ))
+        })
         .collect()
 }
 
@@ -270,13 +303,23 @@ fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
     let uid: uuid::Uuid = r.try_get("uid").map_err(db)?;
     let name: String = r.try_get("name").map_err(db)?;
     let created: DateTime<Utc> = r.try_get("created_at").map_err(db)?;
-    let mut object = ImageBasedGroupUpgrade::new(&name, serde_json::from_value(spec).map_err(|e| Error::Config(format!("stored spec: {e}")))?);
+    let mut object = ImageBasedGroupUpgrade::new(
+        &name,
+        serde_json::from_value(spec).map_err(|e| Error::Config(format!("stored spec: {e}")))?,
+    );
     object.metadata.namespace = Some(r.try_get("namespace").map_err(db)?);
     object.metadata.uid = Some(uid.to_string());
     object.metadata.generation = Some(r.try_get("generation").map_err(db)?);
-    object.metadata.labels = serde_json::from_value(labels).ok().filter(|m: &BTreeMap<String, String>| !m.is_empty());
-    object.metadata.annotations = serde_json::from_value(annotations).ok().filter(|m: &BTreeMap<String, String>| !m.is_empty());
-    object.metadata.creation_timestamp = serde_json::from_value(Value::String(created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).ok();
+    object.metadata.labels = serde_json::from_value(labels)
+        .ok()
+        .filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.annotations = serde_json::from_value(annotations)
+        .ok()
+        .filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.creation_timestamp = serde_json::from_value(Value::String(
+        created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    ))
+    .ok();
     let status: ImageBasedGroupUpgradeStatus = serde_json::from_value(status).unwrap_or_default();
     object.status = (status != ImageBasedGroupUpgradeStatus::default()).then_some(status);
     Ok(RolloutRow {
@@ -289,8 +332,15 @@ fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
 
 const ROLLOUT_COLUMNS: &str = "id, uid, namespace, name, generation, labels, annotations, spec, status, phase, created_at, started_at";
 
-pub async fn rollout_insert(pool: &PgPool, obj: &ImageBasedGroupUpgrade) -> Result<Option<RolloutRow>, Error> {
-    let ns = obj.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+pub async fn rollout_insert(
+    pool: &PgPool,
+    obj: &ImageBasedGroupUpgrade,
+) -> Result<Option<RolloutRow>, Error> {
+    let ns = obj
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO rollouts (uid, namespace, name, labels, annotations, spec)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, name) DO NOTHING RETURNING {ROLLOUT_COLUMNS}"
@@ -307,27 +357,40 @@ pub async fn rollout_insert(pool: &PgPool, obj: &ImageBasedGroupUpgrade) -> Resu
     row.as_ref().map(rollout_from_row).transpose()
 }
 
-pub async fn rollout_fetch(pool: &PgPool, namespace: &str, name: &str) -> Result<Option<RolloutRow>, Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE namespace = $1 AND name = $2")))
-        .bind(namespace)
-        .bind(name)
-        .fetch_optional(pool)
-        .await
-        .map_err(db)?;
+pub async fn rollout_fetch(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE namespace = $1 AND name = $2"
+    )))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?;
     row.as_ref().map(rollout_from_row).transpose()
 }
 
 pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY namespace, name")))
-        .fetch_all(pool)
-        .await
-        .map_err(db)?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY namespace, name"
+    )))
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
     rows.iter().map(rollout_from_row).collect()
 }
 
 /// Stores a changed object (spec, labels, annotations) with the next generation, and marks
 /// the rollout active again so an appended step starts.
-pub async fn rollout_update(pool: &PgPool, id: i64, obj: &ImageBasedGroupUpgrade, spec_changed: bool) -> Result<(), Error> {
+pub async fn rollout_update(
+    pool: &PgPool,
+    id: i64,
+    obj: &ImageBasedGroupUpgrade,
+    spec_changed: bool,
+) -> Result<(), Error> {
     sqlx::query(
         "UPDATE rollouts SET spec = $2, labels = $3, annotations = $4,
            generation = generation + CASE WHEN $5 THEN 1 ELSE 0 END,
@@ -338,7 +401,10 @@ pub async fn rollout_update(pool: &PgPool, id: i64, obj: &ImageBasedGroupUpgrade
     .bind(id)
     .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::Config(e.to_string()))?)
     .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
-    .bind(serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(
+        serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default())
+            .unwrap_or_default(),
+    )
     .bind(spec_changed)
     .execute(pool)
     .await
@@ -372,12 +438,17 @@ pub async fn rollout_try_lock_in_txn(conn: &mut PgConnection, id: i64) -> Result
         .map_err(db)
 }
 
-pub async fn rollout_fetch_for_update_in_txn(conn: &mut PgConnection, id: i64) -> Result<Option<RolloutRow>, Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1 FOR UPDATE")))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
-        .map_err(db)?;
+pub async fn rollout_fetch_for_update_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+    .map_err(db)?;
     row.as_ref().map(rollout_from_row).transpose()
 }
 
@@ -403,7 +474,10 @@ fn phase_str(p: ClusterPhase) -> &'static str {
     }
 }
 
-pub async fn rollout_steps_in_txn(conn: &mut PgConnection, id: i64) -> Result<Vec<StepState>, Error> {
+pub async fn rollout_steps_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Vec<StepState>, Error> {
     let rows = sqlx::query(
         "SELECT step, actions, clusters, max_concurrency, timeout_minutes, current_batch, batch_started_at,
                 started_at, completed_at, timed_out
@@ -419,13 +493,19 @@ pub async fn rollout_steps_in_txn(conn: &mut PgConnection, id: i64) -> Result<Ve
         let started_at: DateTime<Utc> = r.try_get("started_at").map_err(db)?;
         steps.push(StepState {
             step: r.try_get::<i32, _>("step").map_err(db)? as usize,
-            actions: actions.iter().map(|a| parse_action(a)).collect::<Result<_, _>>()?,
+            actions: actions
+                .iter()
+                .map(|a| parse_action(a))
+                .collect::<Result<_, _>>()?,
             clusters: r.try_get("clusters").map_err(db)?,
             max_concurrency: r.try_get::<i32, _>("max_concurrency").map_err(db)? as usize,
             timeout_minutes: r.try_get::<i32, _>("timeout_minutes").map_err(db)? as i64,
             started_at,
             current_batch: r.try_get::<i32, _>("current_batch").map_err(db)? as usize,
-            batch_started_at: r.try_get::<Option<DateTime<Utc>>, _>("batch_started_at").map_err(db)?.unwrap_or(started_at),
+            batch_started_at: r
+                .try_get::<Option<DateTime<Utc>>, _>("batch_started_at")
+                .map_err(db)?
+                .unwrap_or(started_at),
             completed_at: r.try_get("completed_at").map_err(db)?,
             timed_out: r.try_get("timed_out").map_err(db)?,
             progress: BTreeMap::new(),
@@ -449,13 +529,22 @@ pub async fn rollout_steps_in_txn(conn: &mut PgConnection, id: i64) -> Result<Ve
             batch: r.try_get::<i32, _>("batch").map_err(db)? as usize,
             phase: parse_phase(r.try_get::<String, _>("state").map_err(db)?.as_str()),
             action_index: r.try_get::<i32, _>("action_index").map_err(db)? as usize,
-            completed: completed.iter().map(|a| parse_action(a)).collect::<Result<_, _>>()?,
+            completed: completed
+                .iter()
+                .map(|a| parse_action(a))
+                .collect::<Result<_, _>>()?,
             failed: match failed_action {
-                Some(a) => Some((parse_action(&a)?, r.try_get::<Option<String>, _>("failure_message").map_err(db)?.unwrap_or_default())),
+                Some(a) => Some((
+                    parse_action(&a)?,
+                    r.try_get::<Option<String>, _>("failure_message")
+                        .map_err(db)?
+                        .unwrap_or_default(),
+                )),
                 None => None,
             },
             timed_out: r.try_get("timed_out").map_err(db)?,
-            pushed_stage: pushed_stage.and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
+            pushed_stage: pushed_stage
+                .and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
             pushed_at: r.try_get("pushed_at").map_err(db)?,
             push_failures: r.try_get::<i32, _>("push_attempts").map_err(db)? as u32,
             refused: r.try_get("refused").map_err(db)?,
@@ -473,7 +562,10 @@ pub async fn rollout_steps_in_txn(conn: &mut PgConnection, id: i64) -> Result<Ve
 
 /// What the planner needs of the fleet: every cluster's labels, and the last IBU of those
 /// in `with_ibu`.
-pub async fn fleet_in_txn(conn: &mut PgConnection, with_ibu: &[String]) -> Result<BTreeMap<String, ClusterInfo>, Error> {
+pub async fn fleet_in_txn(
+    conn: &mut PgConnection,
+    with_ibu: &[String],
+) -> Result<BTreeMap<String, ClusterInfo>, Error> {
     let rows = sqlx::query(
         "SELECT name, labels, CASE WHEN name = ANY($1) THEN last_report END AS last_report FROM clusters",
     )
@@ -497,11 +589,19 @@ pub async fn fleet_in_txn(conn: &mut PgConnection, with_ibu: &[String]) -> Resul
 }
 
 /// Writes the steps and cluster progress that differ from `before`.
-pub async fn rollout_save_steps_in_txn(conn: &mut PgConnection, id: i64, before: &[StepState], after: &[StepState]) -> Result<(), Error> {
+pub async fn rollout_save_steps_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+    before: &[StepState],
+    after: &[StepState],
+) -> Result<(), Error> {
     for s in after {
         let old = before.get(s.step);
         let head_changed = old.is_none_or(|o| {
-            o.current_batch != s.current_batch || o.batch_started_at != s.batch_started_at || o.completed_at != s.completed_at || o.timed_out != s.timed_out
+            o.current_batch != s.current_batch
+                || o.batch_started_at != s.batch_started_at
+                || o.completed_at != s.completed_at
+                || o.timed_out != s.timed_out
         });
         if head_changed {
             let actions: Vec<&str> = s.actions.iter().map(|a| a.as_str()).collect();
@@ -542,7 +642,12 @@ pub async fn rollout_save_steps_in_txn(conn: &mut PgConnection, id: i64, before:
 }
 
 /// One statement for all changed rows of a step (the engine writes in batches).
-async fn progress_upsert(conn: &mut PgConnection, id: i64, s: &StepState, rows: &[(&String, &ClusterProgress)]) -> Result<(), Error> {
+async fn progress_upsert(
+    conn: &mut PgConnection,
+    id: i64,
+    s: &StepState,
+    rows: &[(&String, &ClusterProgress)],
+) -> Result<(), Error> {
     let mut clusters = Vec::new();
     let mut batch = Vec::new();
     let mut state = Vec::new();
@@ -563,7 +668,13 @@ async fn progress_upsert(conn: &mut PgConnection, id: i64, s: &StepState, rows: 
         batch.push(p.batch as i32);
         state.push(phase_str(p.phase).to_string());
         action_index.push(p.action_index as i32);
-        completed.push(p.completed.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","));
+        completed.push(
+            p.completed
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         failed_action.push(p.failed.as_ref().map(|(a, _)| a.as_str().to_string()));
         failure_message.push(p.failed.as_ref().map(|(_, m)| m.clone()));
         timed_out.push(p.timed_out);
@@ -618,12 +729,18 @@ async fn progress_upsert(conn: &mut PgConnection, id: i64, s: &StepState, rows: 
     Ok(())
 }
 
-pub async fn cluster_labels_set_in_txn(conn: &mut PgConnection, labels: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), Error> {
+pub async fn cluster_labels_set_in_txn(
+    conn: &mut PgConnection,
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(), Error> {
     if labels.is_empty() {
         return Ok(());
     }
     let names: Vec<&String> = labels.keys().collect();
-    let values: Vec<Value> = labels.values().map(|l| serde_json::to_value(l).unwrap_or_default()).collect();
+    let values: Vec<Value> = labels
+        .values()
+        .map(|l| serde_json::to_value(l).unwrap_or_default())
+        .collect();
     sqlx::query("UPDATE clusters c SET labels = u.labels FROM UNNEST($1::text[], $2::jsonb[]) AS u(name, labels) WHERE c.name = u.name")
         .bind(&names)
         .bind(&values)
@@ -633,13 +750,21 @@ pub async fn cluster_labels_set_in_txn(conn: &mut PgConnection, labels: &BTreeMa
     Ok(())
 }
 
-pub async fn history_insert_in_txn(conn: &mut PgConnection, rollout: &RolloutRow, now: DateTime<Utc>, events: &[Event]) -> Result<(), Error> {
+pub async fn history_insert_in_txn(
+    conn: &mut PgConnection,
+    rollout: &RolloutRow,
+    now: DateTime<Utc>,
+    events: &[Event],
+) -> Result<(), Error> {
     if events.is_empty() {
         return Ok(());
     }
     let clusters: Vec<Option<String>> = events.iter().map(|e| e.cluster.clone()).collect();
     let steps: Vec<Option<i32>> = events.iter().map(|e| e.step.map(|s| s as i32)).collect();
-    let actions: Vec<Option<String>> = events.iter().map(|e| e.action.map(|a| a.as_str().to_string())).collect();
+    let actions: Vec<Option<String>> = events
+        .iter()
+        .map(|e| e.action.map(|a| a.as_str().to_string()))
+        .collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.event).collect();
     let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
     sqlx::query(
@@ -684,7 +809,14 @@ pub async fn rollout_save_status_in_txn(
 }
 
 /// Records the outcome of a push.
-pub async fn push_result(pool: &PgPool, id: i64, step: usize, cluster: &str, outcome: &PushOutcome, now: DateTime<Utc>) -> Result<(), Error> {
+pub async fn push_result(
+    pool: &PgPool,
+    id: i64,
+    step: usize,
+    cluster: &str,
+    outcome: &PushOutcome,
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
     let q = match outcome {
         PushOutcome::Accepted(stage) => sqlx::query(
             "UPDATE rollout_clusters SET pushed_stage = $4, pushed_at = $5, push_attempts = 0, refused = NULL
@@ -733,7 +865,11 @@ pub struct HistoryEntry {
     pub message: String,
 }
 
-pub async fn history_list(pool: &PgPool, rollout_id: i64, cluster: Option<&str>) -> Result<Vec<HistoryEntry>, Error> {
+pub async fn history_list(
+    pool: &PgPool,
+    rollout_id: i64,
+    cluster: Option<&str>,
+) -> Result<Vec<HistoryEntry>, Error> {
     let rows = sqlx::query(
         "SELECT time, cluster, step, action, event, message FROM history
          WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",

@@ -1,7 +1,5 @@
 //! The hub's integration tests, in one binary: real Postgres, the HTTP router in-process.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 
 use axum::body::Body;
@@ -9,11 +7,20 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
+use std::sync::Arc;
+
+use fleet_e2e::TestDb;
 use hub::db::{self, MIGRATOR};
 use hub::embedded_pg::EmbeddedPostgres;
+use hub::engine::{Engine, SystemClock};
 use hub::http::{AppState, router};
 use hub::metrics::Metrics;
-use support::TestDb;
+
+async fn migrated() -> TestDb {
+    let db = TestDb::empty().await;
+    db::migrate(&db.pool).await.expect("migrations apply");
+    db
+}
 
 #[tokio::test]
 async fn migrations_apply_to_a_fresh_database_and_twice_is_harmless() {
@@ -60,7 +67,7 @@ async fn concurrent_migrations_from_two_hubs_do_not_conflict() {
 
 #[tokio::test]
 async fn history_is_append_only() {
-    let db = TestDb::migrated().await;
+    let db = migrated().await;
     sqlx::query(
         "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, event, message)
          VALUES (1, 'default', 'r', now(), 'StepStarted', 'step 0 started')",
@@ -99,6 +106,9 @@ async fn health_readiness_metrics_and_errors_over_http() {
     let state = AppState {
         pool: db.pool.clone(),
         metrics: Metrics::new().unwrap(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        admin_token: None,
+        join_token: None,
     };
     let app = router(state.clone());
 

@@ -69,7 +69,7 @@ fn hub_link(
     }))
 }
 
-async fn start_agent(
+pub async fn start_agent(
     name: String,
     state_dir: &Path,
     config: SimConfig,

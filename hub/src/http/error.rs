@@ -9,18 +9,24 @@ use fleet_types::{Reason, Status};
 use crate::error::Error;
 
 #[derive(Debug)]
-pub struct ApiError(pub Status);
+pub struct ApiError(pub Box<Status>);
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        ApiError(Box::new(s))
+    }
+}
 
 impl ApiError {
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
-        ApiError(Status::failure(reason, message))
+        ApiError(Box::new(Status::failure(reason, message)))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, Json(self.0)).into_response()
+        (code, Json(*self.0)).into_response()
     }
 }
 

@@ -1,15 +1,17 @@
 //! The hub's HTTP surface. Handlers are thin: they read, call the layer that decides, and
 //! turn errors into the contract's `Status` bodies here, at the edge.
 
+mod api;
 mod error;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_types::Reason;
 use sqlx::PgPool;
@@ -19,6 +21,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use error::ApiError;
 
 use crate::db;
+use crate::engine::Engine;
 use crate::metrics::Metrics;
 
 /// Largest request body accepted. An IBGU or a spoke report is a few KiB; 1 MiB leaves room
@@ -31,6 +34,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: Metrics,
+    pub engine: Arc<Engine>,
+    pub admin_token: Option<String>,
+    pub join_token: Option<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,6 +44,30 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/clusters/register", post(api::register))
+        .route("/v1/clusters/{name}/status", post(api::report))
+        .route("/v1/clusters", get(api::cluster_list))
+        .route(
+            "/v1/clusters/{name}",
+            get(api::cluster_get).patch(api::cluster_patch),
+        )
+        .route(
+            "/v1/rollouts",
+            get(api::rollout_list).post(api::rollout_create),
+        )
+        .route(
+            "/v1/rollouts/{namespace}/{name}",
+            get(api::rollout_get)
+                .patch(api::rollout_patch)
+                .delete(api::rollout_delete),
+        )
+        .route("/v1/rollouts/{namespace}/{name}/history", get(api::history))
+        .route(
+            "/v1/configmaps/{namespace}/{name}",
+            get(api::configmap_get)
+                .put(api::configmap_put)
+                .delete(api::configmap_delete),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,4 +1,5 @@
 //! End-to-end tests: the real binaries, started as an operator starts them, over loopback.
 
 mod hub;
+mod rollout;
 mod spoke;

@@ -1,0 +1,504 @@
+//! The REST API of the contract: clusters (registration, reports, labels), rollouts,
+//! history, ConfigMaps. Handlers check, call the store, and trigger the engine.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fleet_types::ibgu::ImageBasedGroupUpgrade;
+use fleet_types::ibu::ConfigMapRef;
+use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
+use fleet_types::{Reason, Status};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ApiError, AppState};
+use crate::planner::{rollout, selector, validate};
+use crate::store;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The admin token guards the REST API; without one configured the API is open.
+pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = state.admin_token.as_deref() else {
+        return Ok(());
+    };
+    match bearer(headers) {
+        Some(t) if same(t, token) => Ok(()),
+        Some(_) => Err(ApiError::new(Reason::Unauthorized, "invalid bearer token")),
+        None => Err(ApiError::new(Reason::Unauthorized, "missing bearer token")),
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}")))
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    if let Some(join) = state.join_token.as_deref() {
+        match bearer(&headers) {
+            Some(t) if same(t, join) => {}
+            _ => {
+                return Err(ApiError::new(
+                    Reason::Unauthorized,
+                    "registration needs the join token",
+                ));
+            }
+        }
+    }
+    let req: RegisterRequest = json_body(&body, "registration")?;
+    let mut problems = Vec::new();
+    if req.name.is_empty()
+        || req.name.len() > 253
+        || !req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        problems.push("name must be 1 to 253 characters of letters, digits, '-' and '.'");
+    }
+    if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+        problems.push("endpoint must be an http(s) URL");
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::from(Status::invalid(
+            problems
+                .into_iter()
+                .map(|m| fleet_types::status::StatusCause {
+                    field: String::new(),
+                    message: m.into(),
+                })
+                .collect(),
+        )));
+    }
+    let credential = store::cluster_register(&state.pool, &req).await?;
+    tracing::info!(cluster = %req.name, endpoint = %req.endpoint, "spoke registered");
+    Ok(Json(RegisterResponse {
+        name: req.name,
+        credential,
+    }))
+}
+
+pub async fn report(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(credential) = bearer(&headers) else {
+        return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
+    };
+    if !store::cluster_credential_ok(&state.pool, &name, credential).await? {
+        // A spoke can report only for itself.
+        return Err(ApiError::new(
+            Reason::Forbidden,
+            format!("this credential may not report for cluster {name}"),
+        ));
+    }
+    let report: StatusReport = json_body(&body, "status report")?;
+    let stored = store::cluster_report(
+        &state.pool,
+        &name,
+        &report.agent_id,
+        report.sequence,
+        &report.ibu,
+    )
+    .await?;
+    if stored {
+        state.metrics.reports_received.inc();
+        state.engine.trigger();
+    }
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::json!({"accepted": stored})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ClusterQuery {
+    #[serde(rename = "labelSelector")]
+    label_selector: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+pub struct Items<T> {
+    pub items: Vec<T>,
+}
+
+pub async fn cluster_list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ClusterQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let sel = match q.label_selector.as_deref() {
+        Some(s) => Some(
+            selector::parse(s)
+                .map_err(|e| ApiError::new(Reason::BadRequest, format!("labelSelector: {e}")))?,
+        ),
+        None => None,
+    };
+    let items: Vec<_> = store::cluster_list(&state.pool)
+        .await?
+        .into_iter()
+        .filter(|c| sel.as_ref().is_none_or(|s| selector::matches(s, &c.labels)))
+        .collect();
+    Ok(Json(Items { items }).into_response())
+}
+
+pub async fn cluster_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    match store::cluster_fetch(&state.pool, &name).await? {
+        Some(c) => Ok(Json(c).into_response()),
+        None => Err(ApiError::new(
+            Reason::NotFound,
+            format!("cluster {name} not found"),
+        )),
+    }
+}
+
+pub async fn cluster_patch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let patch: Value = json_body(&body, "patch")?;
+    let labels = patch
+        .get("labels")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::new(Reason::Invalid, "the patch must be {\"labels\": {...}}"))?;
+    if let Some((k, _)) = labels.iter().find(|(_, v)| !(v.is_string() || v.is_null())) {
+        return Err(ApiError::new(
+            Reason::Invalid,
+            format!("label {k}: values are strings (or null to remove)"),
+        ));
+    }
+    match store::cluster_patch_labels(&state.pool, &name, labels).await? {
+        Some(c) => Ok(Json(c).into_response()),
+        None => Err(ApiError::new(
+            Reason::NotFound,
+            format!("cluster {name} not found"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct CreateQuery {
+    #[serde(rename = "dryRun")]
+    dry_run: Option<String>,
+}
+
+async fn validation(
+    state: &AppState,
+    new: &ImageBasedGroupUpgrade,
+    old: Option<&ImageBasedGroupUpgrade>,
+) -> Result<(), ApiError> {
+    let existing: std::collections::BTreeSet<(String, String)> =
+        store::configmap_names(&state.pool)
+            .await?
+            .into_iter()
+            .collect();
+    let exists = |r: &ConfigMapRef| existing.contains(&(r.namespace.clone(), r.name.clone()));
+    let causes = validate::validate(new, old, &exists);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::from(Status::invalid(causes)))
+    }
+}
+
+pub async fn rollout_create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<CreateQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let mut obj: ImageBasedGroupUpgrade = json_body(&body, "ImageBasedGroupUpgrade")?;
+    if obj.metadata.namespace.as_deref().is_none_or(str::is_empty) {
+        obj.metadata.namespace = Some("default".into());
+    }
+    validation(&state, &obj, None).await?;
+    match q.dry_run.as_deref() {
+        Some("All") => return dry_run(&state, &obj).await,
+        Some(other) => {
+            return Err(ApiError::new(
+                Reason::BadRequest,
+                format!("dryRun={other}: only dryRun=All is supported"),
+            ));
+        }
+        None => {}
+    }
+    let Some(row) = store::rollout_insert(&state.pool, &obj).await? else {
+        return Err(ApiError::new(
+            Reason::Conflict,
+            format!(
+                "rollout {}/{} already exists",
+                obj.metadata.namespace.unwrap_or_default(),
+                obj.metadata.name.unwrap_or_default()
+            ),
+        ));
+    };
+    state.engine.trigger();
+    Ok((StatusCode::CREATED, Json(row.object)).into_response())
+}
+
+/// The plan computed without storing anything: the first step's selection and batches
+/// (later steps select by the labels earlier ones leave, so they show their selectors).
+async fn dry_run(state: &AppState, obj: &ImageBasedGroupUpgrade) -> Result<Response, ApiError> {
+    let fleet: BTreeMap<String, rollout::ClusterInfo> = store::cluster_list(&state.pool)
+        .await?
+        .into_iter()
+        .map(|c| {
+            (
+                c.name,
+                rollout::ClusterInfo {
+                    labels: c.labels,
+                    ibu: None,
+                },
+            )
+        })
+        .collect();
+    let steps: Vec<Value> = obj
+        .spec
+        .plan
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let first = item.actions[0];
+            let max = item.rollout_strategy.max_concurrency.max(1) as usize;
+            let mut step = serde_json::json!({
+                "step": i,
+                "actions": item.actions,
+                "maxConcurrency": max,
+                "timeoutMinutes": item.rollout_strategy.timeout_minutes(),
+                "selectors": rollout::item_selectors(&obj.spec.cluster_label_selectors, first),
+            });
+            if i == 0 {
+                let clusters = rollout::select(&obj.spec.cluster_label_selectors, first, &fleet);
+                let batches: Vec<Vec<String>> = clusters.chunks(max).map(|c| c.to_vec()).collect();
+                step["clusters"] = serde_json::json!(clusters);
+                step["batches"] = serde_json::json!(batches);
+            }
+            step
+        })
+        .collect();
+    Ok(
+        Json(serde_json::json!({"kind": "RolloutPlan", "dryRun": true, "steps": steps}))
+            .into_response(),
+    )
+}
+
+pub async fn rollout_list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let items: Vec<ImageBasedGroupUpgrade> = store::rollout_list(&state.pool)
+        .await?
+        .into_iter()
+        .map(|r| r.object)
+        .collect();
+    Ok(Json(Items { items }).into_response())
+}
+
+async fn fetch(state: &AppState, ns: &str, name: &str) -> Result<store::RolloutRow, ApiError> {
+    store::rollout_fetch(&state.pool, ns, name)
+        .await?
+        .ok_or_else(|| ApiError::new(Reason::NotFound, format!("rollout {ns}/{name} not found")))
+}
+
+pub async fn rollout_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(fetch(&state, &ns, &name).await?.object).into_response())
+}
+
+pub async fn rollout_patch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let row = fetch(&state, &ns, &name).await?;
+    let mut doc = serde_json::to_value(&row.object)
+        .map_err(|e| ApiError::new(Reason::InternalError, e.to_string()))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    match content_type.as_str() {
+        "application/json-patch+json" => {
+            let patch: json_patch::Patch = json_body(&body, "JSON patch")?;
+            json_patch::patch(&mut doc, &patch)
+                .map_err(|e| ApiError::new(Reason::Invalid, format!("JSON patch: {e}")))?;
+        }
+        "application/merge-patch+json" | "application/json" => {
+            let patch: Value = json_body(&body, "merge patch")?;
+            json_patch::merge(&mut doc, &patch);
+        }
+        other => {
+            return Err(ApiError::new(
+                Reason::BadRequest,
+                format!(
+                    "content type {other:?} not supported; use application/json-patch+json or application/merge-patch+json"
+                ),
+            ));
+        }
+    }
+    let mut new: ImageBasedGroupUpgrade =
+        serde_json::from_value(doc).map_err(|e| ApiError::new(Reason::Invalid, e.to_string()))?;
+    if new.metadata.name != row.object.metadata.name
+        || new.metadata.namespace != row.object.metadata.namespace
+    {
+        return Err(ApiError::new(
+            Reason::Invalid,
+            "metadata.name and metadata.namespace cannot change",
+        ));
+    }
+    new.status = row.object.status.clone();
+    validation(&state, &new, Some(&row.object)).await?;
+    let spec_changed = new.spec != row.object.spec;
+    store::rollout_update(&state.pool, row.id, &new, spec_changed).await?;
+    state.engine.trigger();
+    Ok(Json(fetch(&state, &ns, &name).await?.object).into_response())
+}
+
+pub async fn rollout_delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    if store::rollout_delete(&state.pool, &ns, &name).await? {
+        Ok(Json(Status {
+            status: "Success".into(),
+            ..Status::failure(
+                Reason::NotFound,
+                format!("rollout {ns}/{name} deleted; its history is kept"),
+            )
+        })
+        .into_response())
+    } else {
+        Err(ApiError::new(
+            Reason::NotFound,
+            format!("rollout {ns}/{name} not found"),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    cluster: Option<String>,
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let row = fetch(&state, &ns, &name).await?;
+    let items = store::history_list(&state.pool, row.id, q.cluster.as_deref()).await?;
+    Ok(Json(Items { items }).into_response())
+}
+
+#[derive(serde::Serialize, Deserialize)]
+pub struct ConfigMap {
+    pub metadata: ConfigMapRef,
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+pub async fn configmap_get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    match store::configmap_fetch(&state.pool, &ns, &name).await? {
+        Some(data) => Ok(Json(ConfigMap {
+            metadata: ConfigMapRef {
+                name,
+                namespace: ns,
+            },
+            data,
+        })
+        .into_response()),
+        None => Err(ApiError::new(
+            Reason::NotFound,
+            format!("configmap {ns}/{name} not found"),
+        )),
+    }
+}
+
+pub async fn configmap_put(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let cm: ConfigMap = json_body(&body, "ConfigMap")?;
+    if cm.metadata.name != name || cm.metadata.namespace != ns {
+        return Err(ApiError::new(
+            Reason::Invalid,
+            "metadata.name and metadata.namespace must match the path",
+        ));
+    }
+    store::configmap_put(&state.pool, &ns, &name, &cm.data).await?;
+    Ok(Json(cm).into_response())
+}
+
+pub async fn configmap_delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    if store::configmap_delete(&state.pool, &ns, &name).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(
+            Reason::NotFound,
+            format!("configmap {ns}/{name} not found"),
+        ))
+    }
+}

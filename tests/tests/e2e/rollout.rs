@@ -1,0 +1,644 @@
+//! The real hub (engine, REST API, Postgres) driving simulated spokes over loopback HTTP.
+//! The engine's passes are run by the tests (the worker exposes one step), and the hub's
+//! clock is injected, so timeouts are tested without waiting for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleet_e2e::{TestDb, wait_for};
+use hub::engine::{Clock, Engine};
+use hub::http::{AppState, router};
+use hub::metrics::Metrics;
+use serde_json::{Value, json};
+use spoke_agent::api::ApiState;
+use spoke_agent::host::sim::{Fault, SimConfig, SimHost};
+use spoke_agent::metrics::AgentMetrics;
+use spoke_agent::report::HubLink;
+use spoke_agent::runner::Agent;
+
+const ADMIN: &str = "admin-token";
+const JOIN: &str = "join-token";
+const DEADLINE: Duration = Duration::from_secs(40);
+
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl ManualClock {
+    fn advance(&self, d: chrono::Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+pub struct Hub {
+    pub url: String,
+    pub engine: Arc<Engine>,
+    pub clock: Arc<ManualClock>,
+    client: reqwest::Client,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub async fn start_hub(db: &TestDb) -> Hub {
+    start_hub_on(db, "127.0.0.1:0").await
+}
+
+/// A hub on a given address: a restarted hub comes back where its spokes report.
+pub async fn start_hub_on(db: &TestDb, addr: &str) -> Hub {
+    hub::db::migrate(&db.pool).await.unwrap();
+    let clock = Arc::new(ManualClock(Mutex::new(chrono::SubsecRound::trunc_subsecs(
+        Utc::now(),
+        0,
+    ))));
+    let engine = Engine::new(db.pool.clone(), clock.clone());
+    let state = AppState {
+        pool: db.pool.clone(),
+        metrics: Metrics::new().unwrap(),
+        engine: engine.clone(),
+        admin_token: Some(ADMIN.into()),
+        join_token: Some(JOIN.into()),
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router(state)).await.unwrap();
+    });
+    Hub {
+        url,
+        engine,
+        clock,
+        client: reqwest::Client::new(),
+        task: Some(task),
+    }
+}
+
+impl Hub {
+    /// Stops serving (as a killed hub does) and frees its address.
+    pub async fn stop(mut self) -> String {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let res = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "GET {path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let res = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(ADMIN)
+            .header("Content-Type", content_type)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let code = res.status().as_u16();
+        (code, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, ibgu: Value) {
+        let (code, body) = self
+            .send(
+                reqwest::Method::POST,
+                "/v1/rollouts",
+                "application/json",
+                ibgu,
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+
+    pub async fn append(&self, name: &str, actions: &[&str]) {
+        let (code, body) = self
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/v1/rollouts/default/{name}"),
+                "application/json-patch+json",
+                json!([{"op": "add", "path": "/spec/plan/-", "value": {"actions": actions, "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}}}]),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+
+    /// Runs engine passes until the rollout satisfies `pred`.
+    pub async fn settle(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, DEADLINE, || async {
+            self.engine.pass_all().await.unwrap();
+            let g = self.get(&format!("/v1/rollouts/default/{name}")).await;
+            pred(&g).then_some(g)
+        })
+        .await
+    }
+
+    pub async fn labels(&self, cluster: &str) -> Vec<String> {
+        let c = self.get(&format!("/v1/clusters/{cluster}")).await;
+        c["labels"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("lcm.openshift.io/ibgu-"))
+            .cloned()
+            .collect()
+    }
+}
+
+pub struct Fleet {
+    pub agents: HashMap<String, Arc<Agent<SimHost>>>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn start_fleet(hub: &Hub, names: &[&str], faults: &[(&str, Fault)]) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let metrics = AgentMetrics::new().unwrap();
+    let mut agents = HashMap::new();
+    for name in names {
+        let config = SimConfig {
+            current_version: "4.15.0".into(),
+            step: Duration::from_millis(5),
+            reboot: Duration::from_millis(50),
+            faults: faults
+                .iter()
+                .filter(|(c, _)| c == name)
+                .map(|(_, f)| *f)
+                .collect(),
+            ..Default::default()
+        };
+        let link = HubLink {
+            hub_url: hub.url.clone(),
+            join_token: JOIN.into(),
+            endpoint: format!("{base}/clusters/{name}"),
+            labels: BTreeMap::from([("name".to_string(), name.to_string())]),
+            agent_id: uuid_like(name),
+            client: HubLink::client(),
+        };
+        let agent = spoke_agent::run::start_agent(
+            name.to_string(),
+            &dir.path().join(name),
+            config,
+            &metrics,
+            Some(link),
+        )
+        .await
+        .unwrap();
+        agents.insert(name.to_string(), agent);
+    }
+    let state = Arc::new(ApiState {
+        agents: agents.clone(),
+        single: None,
+        api_token: None,
+        metrics,
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, spoke_agent::api::router(state))
+            .await
+            .unwrap();
+    });
+    let n = names.len();
+    wait_for("every spoke to register and report", DEADLINE, || async {
+        let list = hub.get("/v1/clusters").await;
+        let items = list["items"].as_array().unwrap();
+        (items.len() == n && items.iter().all(|c| c["ibu"].is_object())).then_some(())
+    })
+    .await;
+    Fleet {
+        agents,
+        _dir: dir,
+        task,
+    }
+}
+
+fn uuid_like(name: &str) -> String {
+    format!("agent-{name}-{}", std::process::id())
+}
+
+pub fn ibgu(name: &str, clusters: &[&str], plan: Value) -> Value {
+    json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchExpressions": [{"key": "name", "operator": "In", "values": clusters}]}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+            "plan": plan,
+        }
+    })
+}
+
+pub fn done(g: &Value) -> bool {
+    g["status"]["conditions"][0]["reason"] == "Completed"
+}
+
+fn cluster<'a>(g: &'a Value, name: &str) -> &'a Value {
+    g["status"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or(&Value::Null)
+}
+
+fn acts(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x["action"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn talm_reference_scenarios_end_to_end() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let _fleet = start_fleet(
+        &hub,
+        &["spoke1", "spoke2", "spoke4", "spoke6"],
+        &[("spoke6", Fault::Prep), ("spoke4", Fault::Restore)],
+    )
+    .await;
+    hub.create(ibgu(
+        "upgrade",
+        &["spoke1", "spoke4", "spoke6"],
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}}]),
+    ))
+    .await;
+
+    let g = hub
+        .settle("upgrade", "step 0 running", |g| {
+            !g["status"]["clusters"].is_null()
+        })
+        .await;
+    assert_eq!(
+        g["status"]["conditions"][0]["message"],
+        "Waiting for plan step 0 to be completed"
+    );
+    let names: Vec<&str> = g["status"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["spoke1", "spoke4"],
+        "spoke6 is in the second batch"
+    );
+
+    let g = hub.settle("upgrade", "[Prep] done", done).await;
+    assert_eq!(
+        hub.labels("spoke1").await,
+        vec!["lcm.openshift.io/ibgu-prep-completed"]
+    );
+    assert_eq!(
+        hub.labels("spoke4").await,
+        vec!["lcm.openshift.io/ibgu-prep-completed"]
+    );
+    assert_eq!(
+        hub.labels("spoke6").await,
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+    assert!(hub.labels("spoke2").await.is_empty());
+    let s6 = cluster(&g, "spoke6");
+    assert!(
+        s6["failedActions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed to setup stateroot"),
+        "the spoke's message: {s6}"
+    );
+    assert_eq!(g["status"]["conditions"][1]["type"], "Succeeded");
+    assert_eq!(g["status"]["conditions"][1]["status"], "False");
+
+    hub.append("upgrade", &["AbortOnFailure"]).await;
+    let g = hub.settle("upgrade", "[AbortOnFailure] done", done).await;
+    assert!(hub.labels("spoke6").await.is_empty());
+    assert_eq!(
+        acts(&cluster(&g, "spoke6")["completedActions"]),
+        vec!["AbortOnFailure"]
+    );
+    assert_eq!(acts(&cluster(&g, "spoke6")["failedActions"]), vec!["Prep"]);
+    assert_eq!(g["status"]["summary"][1]["selected"], 1);
+
+    hub.append("upgrade", &["Upgrade"]).await;
+    let g = hub.settle("upgrade", "[Upgrade] done", done).await;
+    assert_eq!(
+        g["status"]["summary"][2]["selected"], 2,
+        "only the prep-completed clusters"
+    );
+    assert_eq!(
+        hub.labels("spoke1").await,
+        vec![
+            "lcm.openshift.io/ibgu-prep-completed",
+            "lcm.openshift.io/ibgu-upgrade-completed"
+        ]
+    );
+    // spoke4's restore failed after the reboot: it rolled back on its own and the hub failed it fast
+    assert_eq!(
+        hub.labels("spoke4").await,
+        vec![
+            "lcm.openshift.io/ibgu-prep-completed",
+            "lcm.openshift.io/ibgu-upgrade-failed"
+        ]
+    );
+    let msg = cluster(&g, "spoke4")["failedActions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.starts_with("Rollback due to restore failure"), "{msg}");
+
+    hub.append("upgrade", &["AbortOnFailure"]).await;
+    hub.settle("upgrade", "second [AbortOnFailure] done", done)
+        .await;
+    assert!(hub.labels("spoke4").await.is_empty());
+
+    hub.append("upgrade", &["FinalizeUpgrade"]).await;
+    let g = hub.settle("upgrade", "[FinalizeUpgrade] done", done).await;
+    assert!(
+        hub.labels("spoke1").await.is_empty(),
+        "finalize clears the labels"
+    );
+    assert_eq!(
+        acts(&cluster(&g, "spoke1")["completedActions"]),
+        vec!["Prep", "Upgrade", "FinalizeUpgrade"]
+    );
+    let spoke1 = hub.get("/v1/clusters/spoke1").await;
+    assert_eq!(spoke1["ibu"]["status"]["conditions"][0]["reason"], "Idle");
+
+    // the history tells the whole story, oldest first, per cluster on demand
+    let h = hub
+        .get("/v1/rollouts/default/upgrade/history?cluster=spoke1")
+        .await;
+    let events: Vec<String> = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event"].as_str().unwrap(),
+                e["action"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            "ActionStarted Prep",
+            "ActionCompleted Prep",
+            "ActionStarted Upgrade",
+            "ActionCompleted Upgrade",
+            "ActionStarted FinalizeUpgrade",
+            "ActionCompleted FinalizeUpgrade"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn step_timeout_on_the_injected_clock_and_an_unreachable_spoke() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let fleet = start_fleet(&hub, &["a", "b", "c", "d", "e"], &[]).await;
+    fleet.agents["b"].set_unreachable(true);
+    hub.create(ibgu(
+        "t",
+        &["a", "b", "c"],
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 60}}]),
+    ))
+    .await;
+    hub.settle("t", "a completes while b is away", |g| {
+        !acts(&cluster(g, "a")["completedActions"]).is_empty()
+    })
+    .await;
+    // b comes back before the timeout: its push is retried and it completes
+    fleet.agents["b"].set_unreachable(false);
+    // the push backoff runs on the hub's clock
+    hub.clock.advance(chrono::Duration::minutes(2));
+    hub.settle("t", "b catches up", |g| {
+        !acts(&cluster(g, "b")["completedActions"]).is_empty()
+    })
+    .await;
+    hub.settle("t", "done", done).await;
+
+    // a second rollout where d never answers: the hub's clock passes the step timeout
+    fleet.agents["d"].set_unreachable(true);
+    hub.create(ibgu(
+        "t2",
+        &["d", "a", "e"],
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 60}}]),
+    ))
+    .await;
+    hub.settle("t2", "d running", |g| {
+        cluster(g, "d")["currentAction"]["action"] == "Prep"
+    })
+    .await;
+    hub.clock.advance(chrono::Duration::minutes(61));
+    let g = hub.settle("t2", "timed out", done).await;
+    // a was prepped already (batch 1); d never answered (batch 2); e never started (batch 3)
+    assert_eq!(acts(&cluster(&g, "a")["completedActions"]), vec!["Prep"]);
+    let d = cluster(&g, "d");
+    assert!(
+        d["failedActions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{d}"
+    );
+    assert_eq!(
+        cluster(&g, "e")["failedActions"][0]["message"],
+        "not started before the step timeout"
+    );
+    assert_eq!(g["status"]["summary"][0]["timedOut"], 2);
+    assert_eq!(
+        hub.labels("d").await,
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+}
+
+#[tokio::test]
+async fn a_hub_restart_mid_batch_loses_and_repeats_nothing_and_two_hubs_share_the_work() {
+    let db = TestDb::empty().await;
+    let first = start_hub(&db).await;
+    let names = ["s1", "s2", "s3", "s4"];
+    let fleet = start_fleet(&first, &names, &[]).await;
+    // s4 is away so the first batch cannot finish before the restart
+    fleet.agents["s2"].set_unreachable(true);
+    first
+        .create(ibgu(
+            "r",
+            &names,
+            json!([{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 2}}]),
+        ))
+        .await;
+    first
+        .settle("r", "s1 under way", |g| {
+            !acts(&cluster(g, "s1")["completedActions"]).is_empty()
+        })
+        .await;
+    let addr = first.stop().await;
+
+    // a new hub process on the same database and address, and a second one beside it
+    let second = start_hub_on(&db, &addr).await;
+    let third = start_hub(&db).await;
+    fleet.agents["s2"].set_unreachable(false);
+    second.clock.advance(chrono::Duration::minutes(2));
+    third.clock.advance(chrono::Duration::minutes(2));
+    let g = wait_for("the rollout to finish under two hubs", DEADLINE, || async {
+        let (a, b) = tokio::join!(second.engine.pass_all(), third.engine.pass_all());
+        a.unwrap();
+        b.unwrap();
+        let g = second.get("/v1/rollouts/default/r").await;
+        done(&g).then_some(g)
+    })
+    .await;
+    for n in names {
+        assert_eq!(
+            acts(&cluster(&g, n)["completedActions"]),
+            vec!["Prep", "Upgrade"],
+            "{n}"
+        );
+    }
+    let h = second.get("/v1/rollouts/default/r/history").await;
+    let mut seen = std::collections::BTreeSet::new();
+    for e in h["items"].as_array().unwrap() {
+        let key = format!(
+            "{} {} {} {}",
+            e["event"], e["cluster"], e["action"], e["message"]
+        );
+        assert!(seen.insert(key.clone()), "recorded twice: {key}");
+    }
+    assert_eq!(
+        seen.iter()
+            .filter(|k| k.starts_with("\"ActionCompleted\""))
+            .count(),
+        8
+    );
+}
+
+#[tokio::test]
+async fn the_api_refuses_bad_input_with_every_problem() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let mut bad = ibgu(
+        "x",
+        &["a"],
+        json!([{"actions": ["Upgrade", "Prep"], "rolloutStrategy": {"maxConcurrency": 0}}]),
+    );
+    bad["spec"]["clusterLabelSelectors"] = json!([]);
+    bad["spec"]["ibuSpec"]["oadpContent"] = json!([{"name": "oadp", "namespace": "openshift-adp"}]);
+    let (code, body) = hub
+        .send(
+            reqwest::Method::POST,
+            "/v1/rollouts",
+            "application/json",
+            bad,
+        )
+        .await;
+    assert_eq!(code, 422);
+    assert_eq!(body["kind"], "Status");
+    let causes: Vec<&str> = body["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes.len(), 4, "{causes:?}");
+    assert!(causes.contains(&"invalid combinations of actions in the plan"));
+
+    hub.create(ibgu(
+        "ok",
+        &["a"],
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1}}]),
+    ))
+    .await;
+    let (code, _) = hub
+        .send(
+            reqwest::Method::POST,
+            "/v1/rollouts",
+            "application/json",
+            ibgu(
+                "ok",
+                &["a"],
+                json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1}}]),
+            ),
+        )
+        .await;
+    assert_eq!(code, 409);
+    let (code, body) = hub
+        .send(reqwest::Method::PATCH, "/v1/rollouts/default/ok", "application/merge-patch+json", json!({"spec": {"plan": [{"actions": ["Upgrade"], "rolloutStrategy": {"maxConcurrency": 1}}]}}))
+        .await;
+    assert_eq!(code, 422);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("plan is append only"),
+        "{body}"
+    );
+    let res = reqwest::Client::new()
+        .get(format!("{}/v1/rollouts", hub.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let (code, body) = hub
+        .send(
+            reqwest::Method::POST,
+            "/v1/rollouts?dryRun=All",
+            "application/json",
+            ibgu(
+                "dry",
+                &["a"],
+                json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1}}]),
+            ),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["dryRun"], true);
+    let list = hub.get("/v1/rollouts").await;
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        1,
+        "a dry run stores nothing"
+    );
+}
