@@ -75,4 +75,13 @@ pub struct DemoArgs {
     pub clusters: u32,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Address of the hub's REST API while the demo runs.
+    #[arg(long, env = "FLEET_HUB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Duration of each simulated step, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub sim_step_ms: u64,
+    /// How long a simulated reboot keeps a cluster away, in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    pub sim_reboot_ms: u64,
 }

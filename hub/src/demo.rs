@@ -1,33 +1,370 @@
-//! `fleet-hub demo`. For now it performs and shows the set-up the demo stands on (the private
-//! database, created, started, migrated and stopped); the simulated fleet and the sample
-//! rollout come with the rollout engine.
+//! `fleet-hub demo`: the hub on its private database, a simulated fleet served in-process
+//! over loopback HTTP (a few clusters with injected faults), the sample rollout
+//! `[Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade]`, a live view of its progress and a
+//! final table. The REST API answers throughout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_types::ibgu::{ImageBasedGroupUpgrade, ImageBasedGroupUpgradeStatus};
+use spoke_agent::api::ApiState;
+use spoke_agent::host::sim::{Fault, SimConfig};
+use spoke_agent::metrics::AgentMetrics;
+use spoke_agent::report::HubLink;
+use tokio::net::TcpListener;
 
 use crate::cli::DemoArgs;
 use crate::db::Database;
+use crate::engine::{Engine, SystemClock};
 use crate::error::Error;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Which simulated clusters misbehave, and how (cluster number, fault).
+const FAULTS: &[(u32, Fault, &str)] = &[
+    (3, Fault::Prep, "stateroot setup fails"),
+    (
+        7,
+        Fault::Restore,
+        "OADP restore fails after the reboot: automatic rollback",
+    ),
+    (12, Fault::Backup, "OADP backup fails before the reboot"),
+];
+const JOIN_TOKEN_LEN: usize = 32;
+/// How often the live view redraws.
+const REFRESH: Duration = Duration::from_millis(400);
 
 pub async fn run(args: DemoArgs) -> Result<(), Error> {
-    let DemoArgs { clusters, database } = args;
-    println!("fleet-hub demo");
-    let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(&db.pool)
-        .await
-        .map_err(Error::Database)?;
-    if db.is_embedded() {
-        println!(
-            "  database: private Postgres under {} ({} migration(s) applied)",
-            database.data_dir.display(),
-            applied
-        );
-    } else {
-        println!("  database: {} ({} migration(s) applied)", db.url, applied);
+    let DemoArgs {
+        clusters,
+        database,
+        listen,
+        sim_step_ms,
+        sim_reboot_ms,
+    } = args;
+    if clusters == 0 {
+        return Err(Error::Config("--clusters must be at least 1".into()));
     }
     println!(
-        "  simulated fleet of {clusters} clusters and the sample rollout: not implemented yet \
-         (they arrive with the rollout engine); nothing else was started."
+        "fleet-hub demo: {clusters} simulated single-node clusters, one image-based upgrade\n"
     );
+    let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
+    if db.is_embedded() {
+        println!(
+            "  database   private Postgres under {} ({})",
+            database.data_dir.display(),
+            db.url
+        );
+    } else {
+        println!("  database   {}", db.url);
+    }
+
+    // The hub: engine and REST API.
+    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock));
+    let driver = tokio::spawn(engine.clone().run());
+    let join_token = uuid::Uuid::new_v4().simple().to_string()[..JOIN_TOKEN_LEN].to_string();
+    let state = AppState {
+        pool: db.pool.clone(),
+        metrics: Metrics::new()?,
+        engine: engine.clone(),
+        admin_token: None,
+        join_token: Some(join_token.clone()),
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: format!("{listen} (choose another with --listen)"),
+            source,
+        })?;
+    let hub_addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: listen.to_string(),
+        source,
+    })?;
+    let api = tokio::spawn(async move {
+        let _ = axum::serve(listener, http::router(state)).await;
+    });
+    let hub_url = format!("http://{hub_addr}");
+    println!("  hub API    {hub_url}   (try: curl -s {hub_url}/v1/rollouts | jq)");
+
+    // The fleet: simulated agents on one loopback listener, registering like real ones.
+    let fleet_dir = database
+        .data_dir
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("demo-fleet");
+    let _ = std::fs::remove_dir_all(&fleet_dir);
+    let fleet_listener =
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| Error::Listen {
+                addr: "127.0.0.1:0".into(),
+                source,
+            })?;
+    let fleet_url = format!(
+        "http://{}",
+        fleet_listener
+            .local_addr()
+            .map_err(|source| Error::Listen {
+                addr: "fleet".into(),
+                source
+            })?
+    );
+    let metrics = AgentMetrics::new()?;
+    let mut agents = HashMap::new();
+    for i in 1..=clusters {
+        let name = format!("spoke{i}");
+        let faults = FAULTS
+            .iter()
+            .filter(|(n, _, _)| *n == i)
+            .map(|(_, f, _)| *f)
+            .collect();
+        let config = SimConfig {
+            current_version: "4.15.0".into(),
+            step: Duration::from_millis(sim_step_ms),
+            reboot: Duration::from_millis(sim_reboot_ms),
+            faults,
+            ..Default::default()
+        };
+        let link = HubLink {
+            hub_url: hub_url.clone(),
+            join_token: join_token.clone(),
+            endpoint: format!("{fleet_url}/clusters/{name}"),
+            labels: BTreeMap::from([
+                ("name".into(), name.clone()),
+                ("demo".into(), "true".into()),
+            ]),
+            agent_id: uuid::Uuid::new_v4().to_string(),
+            client: HubLink::client(),
+        };
+        let agent = spoke_agent::run::start_agent(
+            name.clone(),
+            &fleet_dir.join(&name),
+            config,
+            &metrics,
+            Some(link),
+        )
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+        agents.insert(name, agent);
+    }
+    let fleet_state = Arc::new(ApiState {
+        agents,
+        single: None,
+        api_token: None,
+        metrics,
+    });
+    let fleet = tokio::spawn(async move {
+        let _ = axum::serve(fleet_listener, spoke_agent::api::router(fleet_state)).await;
+    });
+    println!("  fleet      {clusters} agents under {fleet_url}/clusters/<name>");
+    for (n, _, what) in FAULTS.iter().filter(|(n, _, _)| *n <= clusters) {
+        println!("             spoke{n}: {what}");
+    }
+
+    // Wait for every agent to register and report, and start clean.
+    let names: Vec<String> = (1..=clusters).map(|i| format!("spoke{i}")).collect();
+    loop {
+        let known = store::cluster_list(&db.pool).await?;
+        let ready = names
+            .iter()
+            .filter(|n| known.iter().any(|c| &c.name == *n && c.ibu.is_some()))
+            .count();
+        if ready == names.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in &names {
+        let stale: serde_json::Map<String, serde_json::Value> = store::cluster_fetch(&db.pool, n)
+            .await?
+            .map(|c| {
+                c.labels
+                    .into_keys()
+                    .filter(|k| fleet_types::labels::is_ibgu_label(k))
+                    .map(|k| (k, serde_json::Value::Null))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !stale.is_empty() {
+            store::cluster_patch_labels(&db.pool, n, &stale).await?;
+        }
+    }
+
+    let name = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let ibgu: ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchLabels": {"demo": "true"}}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/openshift-kni/seed-image:4.16.0"}},
+            "plan": [
+                {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
+                {"actions": ["Upgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
+                {"actions": ["AbortOnFailure"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}},
+                {"actions": ["FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}}
+            ]
+        }
+    }))
+    .map_err(|e| Error::Config(e.to_string()))?;
+    store::rollout_insert(&db.pool, &ibgu).await?;
+    engine.trigger();
+    println!(
+        "  rollout    default/{name}: [Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade], 5 clusters per batch"
+    );
+    println!("             curl -s {hub_url}/v1/rollouts/default/{name} | jq .status");
+    println!("             curl -s {hub_url}/v1/rollouts/default/{name}/history | jq\n");
+
+    let tty = std::io::stdout().is_terminal();
+    let mut drawn = 0usize;
+    let mut last_text = String::new();
+    let final_status = loop {
+        let row = store::rollout_fetch(&db.pool, "default", &name).await?;
+        let Some(row) = row else {
+            return Err(Error::Config(format!("rollout default/{name} disappeared")));
+        };
+        let status = row.object.status.clone().unwrap_or_default();
+        let text = render_progress(&row.object, &status);
+        if tty {
+            if drawn > 0 {
+                print!("\x1b[{drawn}A\x1b[J");
+            }
+            print!("{text}");
+            drawn = text.lines().count();
+        } else if text != last_text {
+            print!("{text}");
+        }
+        let _ = std::io::stdout().flush();
+        last_text = text;
+        if row.phase == "Completed" {
+            break status;
+        }
+        tokio::time::sleep(REFRESH).await;
+    };
+
+    println!(
+        "\n{}",
+        render_summary(&final_status, &store::cluster_list(&db.pool).await?)
+    );
+    if let Some(s) = final_status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+    {
+        println!("Succeeded={:?}: {}", s.status, s.message);
+    }
+    println!(
+        "\nhistory: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq   (kept in Postgres after the demo)"
+    );
+    driver.abort();
+    api.abort();
+    fleet.abort();
     db.close().await?;
-    println!("  database stopped cleanly; run `fleet-hub serve` to keep it up with the API.");
     Ok(())
+}
+
+fn bar(done: u32, failed: u32, running: u32, total: u32) -> String {
+    const WIDTH: u32 = 30;
+    if total == 0 {
+        return format!("[{}]", " ".repeat(WIDTH as usize));
+    }
+    let cells = |n: u32| (n * WIDTH).div_ceil(total).min(WIDTH) as usize;
+    let (d, f, r) = (cells(done), cells(failed), cells(running));
+    let used = (d + f + r).min(WIDTH as usize);
+    format!(
+        "[{}{}{}{}]",
+        "#".repeat(d),
+        "x".repeat(f.min(WIDTH as usize - d)),
+        ">".repeat(r.min((WIDTH as usize).saturating_sub(d + f))),
+        ".".repeat(WIDTH as usize - used)
+    )
+}
+
+/// One line per plan step: done / failed / running / pending with a bar.
+pub fn render_progress(
+    ibgu: &ImageBasedGroupUpgrade,
+    status: &ImageBasedGroupUpgradeStatus,
+) -> String {
+    let mut out = String::new();
+    for (i, item) in ibgu.spec.plan.iter().enumerate() {
+        let actions: Vec<&str> = item.actions.iter().map(|a| a.as_str()).collect();
+        let label = format!("step {i} [{}]", actions.join(","));
+        match status.summary.get(i) {
+            Some(s) => {
+                let failed = s.failed + s.timed_out;
+                out.push_str(&format!(
+                    "{label:<24} {} {:>3} done {:>3} failed {:>3} running {:>3} pending  of {}\n",
+                    bar(s.completed, failed, s.in_progress, s.selected),
+                    s.completed,
+                    failed,
+                    s.in_progress,
+                    s.pending,
+                    s.selected
+                ));
+            }
+            None => out.push_str(&format!("{label:<24} {} not started\n", bar(0, 0, 0, 0))),
+        }
+    }
+    if let Some(c) = status.conditions.first() {
+        out.push_str(&format!("{}\n", c.message));
+    }
+    out
+}
+
+/// The final table: per cluster, its outcome and its labels.
+pub fn render_summary(
+    status: &ImageBasedGroupUpgradeStatus,
+    clusters: &[store::ClusterRecord],
+) -> String {
+    let mut out = format!(
+        "{:<10} {:<44} {:<40} {}\n",
+        "CLUSTER", "COMPLETED", "FAILED", "IBGU LABELS"
+    );
+    for c in &status.clusters {
+        let done: Vec<&str> = c
+            .completed_actions
+            .iter()
+            .map(|a| a.action.as_str())
+            .collect();
+        let failed: Vec<String> = c
+            .failed_actions
+            .iter()
+            .map(|a| {
+                let mut m = a.message.clone();
+                if m.chars().count() > 28 {
+                    m = m.chars().take(27).collect::<String>() + "…";
+                }
+                format!("{} ({m})", a.action)
+            })
+            .collect();
+        let labels: Vec<String> = clusters
+            .iter()
+            .find(|x| x.name == c.name)
+            .map(|x| {
+                x.labels
+                    .keys()
+                    .filter(|k| fleet_types::labels::is_ibgu_label(k))
+                    .map(|k| {
+                        k.trim_start_matches(fleet_types::labels::IBGU_LABEL_PREFIX)
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<10} {:<44} {:<40} {}\n",
+            c.name,
+            done.join(","),
+            failed.join("; "),
+            if labels.is_empty() {
+                "-".to_string()
+            } else {
+                labels.join(",")
+            }
+        ));
+    }
+    out
 }

@@ -169,3 +169,63 @@ async fn help_documents_every_contract_flag() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_demo_runs_start_to_finish_on_its_own_database() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = tokio::process::Command::new(binary("fleet-hub"))
+        .args([
+            "demo",
+            "--clusters",
+            "5",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-step-ms",
+            "20",
+            "--sim-reboot-ms",
+            "50",
+        ])
+        .current_dir(work.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("FLEET_HUB_DATA_DIR")
+        .env_remove("FLEET_HUB_LISTEN")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("the demo finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("All plan steps are completed"), "{text}");
+    // spoke3 fails its Prep by design; the others finish the whole plan
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        row("spoke3").contains("Prep (failed to setup stateroot"),
+        "{text}"
+    );
+    assert!(
+        row("spoke1").contains("Prep,Upgrade,FinalizeUpgrade"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Succeeded=False: 1 of 5 cluster(s) failed an action"),
+        "{text}"
+    );
+    assert!(
+        !work
+            .path()
+            .join(".fleet-hub/pgdata/postmaster.pid")
+            .exists(),
+        "its Postgres is stopped"
+    );
+}
