@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::ibu::ImageBasedUpgrade;
 
 /// `POST /v1/clusters/register`, authenticated with the join token.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
     pub name: String,
@@ -24,7 +25,7 @@ pub struct RegisterRequest {
 
 /// Answer to a registration: the credential the agent presents on its reports, and the hub
 /// presents on its pushes.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterResponse {
     pub name: String,
@@ -33,7 +34,7 @@ pub struct RegisterResponse {
 
 /// `POST /v1/clusters/{name}/status`: the agent's IBU after a change. The hub ignores a
 /// report whose sequence is not greater than the last one it stored.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReport {
     pub sequence: u64,

@@ -1,10 +1,11 @@
 //! The error body of both APIs: a Kubernetes `Status`, so that clients written for the
 //! Kubernetes API read our errors without special cases.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The reasons the contract allows, each with its HTTP code.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Reason {
     BadRequest,
     Unauthorized,
@@ -33,7 +34,7 @@ impl Reason {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub kind: String,
@@ -47,13 +48,13 @@ pub struct Status {
 }
 
 /// Every problem found, one cause each (`details.causes`), as Kubernetes lists field errors.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 pub struct StatusDetails {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<StatusCause>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct StatusCause {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub field: String,

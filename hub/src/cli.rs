@@ -33,6 +33,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// The guided demo: a private database, a simulated fleet and a sample rollout.
     Demo(DemoArgs),
+    /// Print the OpenAPI document of the REST API (also served at /openapi.json).
+    Openapi,
 }
 
 /// Where the database is.

@@ -8,13 +8,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws a live view on the terminal: only warnings interrupt it.
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Openapi => "warn",
         Command::Serve(_) => "info",
     };
     hub::telemetry::init(cli.log_format, default_level);
     let result = match cli.command {
         Command::Serve(args) => hub::serve::run(args).await,
         Command::Demo(args) => hub::demo::run(args).await,
+        Command::Openapi => {
+            let doc = hub::http::openapi::document();
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

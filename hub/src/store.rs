@@ -54,7 +54,7 @@ pub fn hash(secret: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // Clusters
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterRecord {
     pub name: String,
@@ -855,7 +855,7 @@ pub enum PushOutcome {
     Unreachable(String),
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct HistoryEntry {
     pub time: DateTime<Utc>,
     pub cluster: Option<String>,

@@ -237,3 +237,54 @@ async fn embedded_postgres_refuses_a_foreign_non_empty_directory() {
         "mine"
     );
 }
+
+#[tokio::test]
+async fn every_documented_operation_is_routed_and_the_document_is_committed() {
+    let db = TestDb::empty().await;
+    let state = AppState {
+        pool: db.pool.clone(),
+        metrics: Metrics::new().unwrap(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        admin_token: None,
+        join_token: None,
+    };
+    db::migrate(&db.pool).await.unwrap();
+    let app = router(state);
+    for op in hub::http::openapi::OPERATIONS {
+        let path = op
+            .path
+            .replace("{namespace}", "default")
+            .replace("{name}", "x");
+        let res = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method(op.method.to_uppercase().as_str())
+                    .uri(&path)
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let code = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert_ne!(code, StatusCode::METHOD_NOT_ALLOWED, "{} {path}", op.method);
+        assert!(
+            !text.contains("no such endpoint"),
+            "{} {path} is documented but not routed",
+            op.method
+        );
+    }
+    let (code, body) = get(app, "/openapi.json").await;
+    assert_eq!(code, StatusCode::OK);
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(served, hub::http::openapi::document());
+    let committed: serde_json::Value =
+        serde_json::from_str(include_str!("../openapi.json")).expect("hub/openapi.json is JSON");
+    assert_eq!(
+        committed, served,
+        "hub/openapi.json is stale: run `cargo run -p hub -- openapi > hub/openapi.json`"
+    );
+}

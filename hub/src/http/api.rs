@@ -440,7 +440,7 @@ pub async fn history(
     Ok(Json(Items { items }).into_response())
 }
 
-#[derive(serde::Serialize, Deserialize)]
+#[derive(serde::Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ConfigMap {
     pub metadata: ConfigMapRef,
     #[serde(default)]

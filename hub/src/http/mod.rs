@@ -1,8 +1,9 @@
 //! The hub's HTTP surface. Handlers are thin: they read, call the layer that decides, and
 //! turn errors into the contract's `Status` bodies here, at the edge.
 
-mod api;
+pub mod api;
 mod error;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/v1/clusters/register", post(api::register))
         .route("/v1/clusters/{name}/status", post(api::report))
         .route("/v1/clusters", get(api::cluster_list))
