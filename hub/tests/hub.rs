@@ -288,3 +288,220 @@ async fn every_documented_operation_is_routed_and_the_document_is_committed() {
         "hub/openapi.json is stale: run `cargo run -p hub -- openapi > hub/openapi.json`"
     );
 }
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let code = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        code,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn registration_reports_and_labels() {
+    let db = migrated().await;
+    let app = router(AppState {
+        pool: db.pool.clone(),
+        metrics: Metrics::new().unwrap(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        admin_token: Some("admin".into()),
+        join_token: Some("join".into()),
+    });
+    let reg = |name: &str| serde_json::json!({"name": name, "endpoint": format!("http://127.0.0.1:1/clusters/{name}"), "labels": {"site": "a"}, "agentId": "run-1"});
+    let (code, _) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("wrong"),
+        reg("sno1"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        serde_json::json!({"name": "bad name!", "endpoint": "ftp://x", "labels": {}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body["details"]["causes"].as_array().unwrap().len(),
+        2,
+        "every problem: {body}"
+    );
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg("sno1"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let cred1 = body["credential"].as_str().unwrap().to_string();
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg("sno2"),
+    )
+    .await;
+    let cred2 = body["credential"].as_str().unwrap().to_string();
+    assert_ne!(cred1, cred2);
+
+    let ibu = |stage: &str| serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}});
+    let report = |seq: u64, stage: &str| serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": ibu(stage)});
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        report(2, "Prep"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["accepted"].clone()),
+        (StatusCode::OK, serde_json::json!(true))
+    );
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        report(1, "Idle"),
+    )
+    .await;
+    assert_eq!(body["accepted"], false, "an older report is ignored");
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        report(2, "Idle"),
+    )
+    .await;
+    assert_eq!(body["accepted"], false, "a duplicate is ignored");
+    let (code, _) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred2),
+        report(3, "Idle"),
+    )
+    .await;
+    assert_eq!(
+        code,
+        StatusCode::FORBIDDEN,
+        "a spoke reports only for itself"
+    );
+    let (code, c) = call(
+        &app,
+        "GET",
+        "/v1/clusters/sno1",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(c["ibu"]["spec"]["stage"], "Prep");
+    assert!(c["lastSeen"].is_string());
+
+    // labels: merge, remove with null, select
+    let (code, c) = call(
+        &app,
+        "PATCH",
+        "/v1/clusters/sno2",
+        Some("admin"),
+        serde_json::json!({"labels": {"tier": "gold", "site": null}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(c["labels"], serde_json::json!({"tier": "gold"}));
+    let (_, list) = call(
+        &app,
+        "GET",
+        "/v1/clusters?labelSelector=tier%3Dgold",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["sno2"]);
+    let (code, _) = call(
+        &app,
+        "GET",
+        "/v1/clusters?labelSelector=a%20in%20b",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    // re-registration keeps the hub's labels and restarts the sequence
+    sqlx::query("UPDATE clusters SET labels = labels || '{\"lcm.openshift.io/ibgu-prep-completed\": \"\"}' WHERE name = 'sno1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg("sno1"),
+    )
+    .await;
+    let cred1b = body["credential"].as_str().unwrap().to_string();
+    let (_, c) = call(
+        &app,
+        "GET",
+        "/v1/clusters/sno1",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert!(c["labels"]["lcm.openshift.io/ibgu-prep-completed"].is_string());
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1b),
+        report(1, "Idle"),
+    )
+    .await;
+    assert_eq!(body["accepted"], true);
+    let (code, _) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        report(5, "Idle"),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "the old credential is gone");
+}
