@@ -5,6 +5,7 @@
 //! written for those tools round-trip through ours unchanged. Everything here is plain data:
 //! no IO, no tokio, so both engines can depend on it.
 
+pub mod clock;
 pub mod ibgu;
 pub mod ibu;
 pub mod labels;

@@ -18,20 +18,7 @@ use crate::error::Error;
 use crate::planner::rollout::{self, Push};
 use crate::store::{self, PushOutcome, SpokeAccess};
 
-/// Where the engine gets the time; tests move it by hand.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    /// Whole seconds, as Kubernetes writes times.
-    fn now(&self) -> DateTime<Utc> {
-        use chrono::SubsecRound;
-        Utc::now().trunc_subsecs(0)
-    }
-}
+pub use fleet_types::clock::{Clock, SystemClock};
 
 /// Pushes to spokes in flight at once; the rest wait their turn.
 const PUSH_CONCURRENCY: usize = 64;

@@ -14,20 +14,7 @@ use crate::engine::{self, Next, Outcome, Refusal, Root, SpokeState, Work};
 use crate::host::{Host, HostError};
 use crate::metrics::AgentMetrics;
 
-/// Where the runner gets the time; tests may supply their own.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    /// Whole seconds, as Kubernetes writes times.
-    fn now(&self) -> DateTime<Utc> {
-        use chrono::SubsecRound;
-        Utc::now().trunc_subsecs(0)
-    }
-}
+pub use fleet_types::clock::{Clock, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -687,7 +687,6 @@ fn groups(docs: &[Value]) -> Vec<Vec<Value>> {
 /// reboot (generation back to 1). Rollback: the old stateroot gets the IBU that completes the
 /// rollback. Automatic rollback: the old stateroot gets the failed upgrade with its reason.
 fn pivot_work(s: &SpokeState, t: DateTime<Utc>) -> Work {
-    use ConditionStatus::False;
     match s.run.op.clone() {
         Some(Op::UpgradePre) => {
             let mut new = s.clone();
@@ -718,28 +717,7 @@ fn pivot_work(s: &SpokeState, t: DateTime<Utc>) -> Work {
             }
         }
         Some(Op::AutoRollback(why)) => {
-            let mut old = s.clone();
-            old.run = Run {
-                epoch: s.run.epoch,
-                ..Run::default()
-            };
-            cond(
-                &mut old,
-                ct::UPGRADE_COMPLETED,
-                False,
-                reason::FAILED,
-                "Upgrade failed",
-                t,
-            );
-            cond(
-                &mut old,
-                ct::UPGRADE_IN_PROGRESS,
-                False,
-                reason::FAILED,
-                &why,
-                t,
-            );
-            refresh(&mut old);
+            let old = failed_on_old_stateroot(s, &why, t);
             Work::Pivot {
                 saves: vec![(Root::Previous, old)],
                 default: Root::Previous,
@@ -796,11 +774,24 @@ pub fn begin(s: &mut SpokeState, now: DateTime<Utc>) -> Option<(Work, u64)> {
 }
 
 fn uncontrolled_rollback(s: &mut SpokeState, now: DateTime<Utc>) {
-    use ConditionStatus::False;
-    s.run = Run {
+    *s = failed_on_old_stateroot(s, "Uncontrolled rollback", now);
+}
+
+/// The IBU as it must read on the old stateroot after the node went back there: the upgrade
+/// failed, for `why`, nothing running.
+fn failed_on_old_stateroot(s: &SpokeState, why: &str, now: DateTime<Utc>) -> SpokeState {
+    let mut old = s.clone();
+    old.run = Run {
         epoch: s.run.epoch,
         ..Run::default()
     };
+    mark_upgrade_failed(&mut old, why, now);
+    refresh(&mut old);
+    old
+}
+
+fn mark_upgrade_failed(s: &mut SpokeState, why: &str, now: DateTime<Utc>) {
+    use ConditionStatus::False;
     cond(
         s,
         ct::UPGRADE_COMPLETED,
@@ -809,15 +800,7 @@ fn uncontrolled_rollback(s: &mut SpokeState, now: DateTime<Utc>) {
         "Upgrade failed",
         now,
     );
-    cond(
-        s,
-        ct::UPGRADE_IN_PROGRESS,
-        False,
-        reason::FAILED,
-        "Uncontrolled rollback",
-        now,
-    );
-    refresh(s);
+    cond(s, ct::UPGRADE_IN_PROGRESS, False, reason::FAILED, why, now);
 }
 
 fn open_phase(s: &mut SpokeState, phase: &str, now: DateTime<Utc>) {
@@ -1144,23 +1127,7 @@ fn fail(s: &mut SpokeState, op: &Op, step: Step, error: String, now: DateTime<Ut
 }
 
 fn upgrade_failed(s: &mut SpokeState, error: &str, now: DateTime<Utc>) {
-    use ConditionStatus::False;
-    cond(
-        s,
-        ct::UPGRADE_COMPLETED,
-        False,
-        reason::FAILED,
-        "Upgrade failed",
-        now,
-    );
-    cond(
-        s,
-        ct::UPGRADE_IN_PROGRESS,
-        False,
-        reason::FAILED,
-        error,
-        now,
-    );
+    mark_upgrade_failed(s, error, now);
     s.run.watchdog_deadline = None;
     s.run.op = None;
 }
