@@ -84,10 +84,12 @@ impl Engine {
             return Ok(true);
         };
         let steps = store::rollout_steps_in_txn(&mut tx, id).await?;
+        // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
+        // fleet's on every pass would cost the most at the largest scale.
         let watched: Vec<String> = steps
             .last()
             .filter(|s| s.completed_at.is_none())
-            .map(|s| s.clusters.clone())
+            .map(|s| s.batch_members(s.current_batch))
             .unwrap_or_default();
         let fleet = store::fleet_in_txn(&mut tx, &watched).await?;
         let spec = &row.object.spec;

@@ -69,7 +69,7 @@ impl StepState {
         self.clusters.len().div_ceil(self.max_concurrency.max(1))
     }
 
-    fn batch_members(&self, b: usize) -> Vec<String> {
+    pub fn batch_members(&self, b: usize) -> Vec<String> {
         self.clusters
             .iter()
             .skip(b * self.max_concurrency)
