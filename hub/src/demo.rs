@@ -63,12 +63,13 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
     }
 
     // The hub: engine and REST API.
-    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock));
+    let metrics = Metrics::new()?;
+    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
     let join_token = uuid::Uuid::new_v4().simple().to_string()[..JOIN_TOKEN_LEN].to_string();
     let state = AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new()?,
+        metrics,
         engine: engine.clone(),
         admin_token: None,
         join_token: Some(join_token.clone()),

@@ -3,7 +3,7 @@
 //! A pass takes no input but the stored state, so running it again (after a crash, on
 //! another hub, on a timer) is always safe.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::planner::rollout::{self, Push};
 use crate::store::{self, PushOutcome, SpokeAccess};
 
@@ -31,15 +32,17 @@ pub struct Engine {
     pub pool: PgPool,
     pub clock: Arc<dyn Clock>,
     pub wake: Notify,
+    metrics: Metrics,
     client: reqwest::Client,
 }
 
 impl Engine {
-    pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Arc<Self> {
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>, metrics: Metrics) -> Arc<Self> {
         Arc::new(Engine {
             pool,
             clock,
             wake: Notify::new(),
+            metrics,
             client: reqwest::Client::builder()
                 .timeout(PUSH_TIMEOUT)
                 .build()
@@ -76,6 +79,7 @@ impl Engine {
     /// One pass over one rollout. Answers `false` when another hub holds it.
     pub async fn pass(&self, id: i64) -> Result<bool, Error> {
         let now = self.clock.now();
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(Error::Database)?;
         if !store::rollout_try_lock_in_txn(&mut tx, id).await? {
             return Ok(false);
@@ -91,7 +95,7 @@ impl Engine {
             .filter(|s| s.completed_at.is_none())
             .map(|s| s.batch_members(s.current_batch))
             .unwrap_or_default();
-        let fleet = store::fleet_in_txn(&mut tx, &watched).await?;
+        let (fleet, last_seen) = store::fleet_in_txn(&mut tx, &watched).await?;
         let spec = &row.object.spec;
         let decision = rollout::advance(spec, &steps, &fleet, row.started_at, now);
         store::rollout_save_steps_in_txn(&mut tx, id, &steps, &decision.steps).await?;
@@ -129,11 +133,15 @@ impl Engine {
             .await?;
         }
         tx.commit().await.map_err(Error::Database)?;
+        self.metrics
+            .pass_duration
+            .observe(started.elapsed().as_secs_f64());
         for e in &decision.events {
             tracing::info!(rollout = %row.object.metadata.name.clone().unwrap_or_default(), step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
         }
         if !decision.pushes.is_empty() {
-            self.push_all(&row.object, id, decision.pushes, now).await?;
+            self.push_all(&row.object, id, decision.pushes, now, &last_seen)
+                .await?;
             // What the pushes changed is for the next pass.
             self.trigger();
         }
@@ -146,6 +154,7 @@ impl Engine {
         id: i64,
         pushes: Vec<Push>,
         now: DateTime<Utc>,
+        last_seen: &HashMap<String, DateTime<Utc>>,
     ) -> Result<(), Error> {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
         let access = store::cluster_access(&self.pool, &names).await?;
@@ -185,12 +194,32 @@ impl Engine {
         while let Some(r) = set.join_next().await {
             results.extend(r.ok());
         }
+        let mut rows = Vec::with_capacity(results.len());
         for (push, outcome) in results {
-            if let PushOutcome::Unreachable(why) = &outcome {
-                tracing::debug!(cluster = %push.cluster, %why, "push failed; will retry with backoff");
+            let result = match &outcome {
+                PushOutcome::Accepted(_) => "accepted",
+                PushOutcome::Refused(_) => "refused",
+                PushOutcome::Unreachable(why) => {
+                    tracing::debug!(cluster = %push.cluster, %why, "push failed; will retry with backoff");
+                    "unreachable"
+                }
+            };
+            self.metrics.pushes.with_label_values(&[result]).inc();
+            if push.follows_report
+                && let Some(seen) = last_seen.get(&push.cluster)
+            {
+                // Wall time, not the engine's clock: this measures the hub itself.
+                let latency = (Utc::now() - *seen).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                if latency >= 0.0 {
+                    self.metrics.decision_latency.observe(latency);
+                    if latency > self.metrics.decision_latency_max.get() {
+                        self.metrics.decision_latency_max.set(latency);
+                    }
+                }
             }
-            store::push_result(&self.pool, id, push.step, &push.cluster, &outcome, now).await?;
+            rows.push((push.step, push.cluster, outcome));
         }
+        store::push_results(&self.pool, id, &rows, now).await?;
         Ok(())
     }
 

@@ -11,6 +11,10 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     pub build_info: IntGauge,
     pub reports_received: prometheus::IntCounter,
+    pub pushes: IntCounterVec,
+    pub decision_latency: prometheus::Histogram,
+    pub decision_latency_max: prometheus::Gauge,
+    pub pass_duration: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -43,6 +47,40 @@ impl Metrics {
             "Spoke status reports stored (stale and duplicate ones are not counted)",
         )?;
         registry.register(Box::new(reports_received.clone()))?;
+        let pushes = IntCounterVec::new(
+            Opts::new(
+                "fleet_hub_spoke_pushes_total",
+                "Stage pushes to spokes, by result (accepted, refused, unreachable)",
+            ),
+            &["result"],
+        )?;
+        // From a spoke's report to the push it caused: the hub's reaction time.
+        let decision_latency = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "fleet_hub_decision_latency_seconds",
+                "Time from a spoke's report being stored to the next stage push sent to it",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        let decision_latency_max = prometheus::Gauge::new(
+            "fleet_hub_decision_latency_max_seconds",
+            "Largest decision latency seen since the hub started",
+        )?;
+        let pass_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "fleet_hub_engine_pass_duration_seconds",
+                "Time of one engine pass over one rollout (load, plan, store)",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(pushes.clone()))?;
+        registry.register(Box::new(decision_latency.clone()))?;
+        registry.register(Box::new(decision_latency_max.clone()))?;
+        registry.register(Box::new(pass_duration.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_request_duration.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
@@ -52,6 +90,10 @@ impl Metrics {
             http_request_duration,
             build_info,
             reports_received,
+            pushes,
+            decision_latency,
+            decision_latency_max,
+            pass_duration,
         })
     }
 

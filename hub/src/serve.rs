@@ -35,11 +35,12 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
 
     let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
     tracing::info!(database = %db.url, embedded = db.is_embedded(), "database ready and migrated");
-    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock));
+    let metrics = Metrics::new()?;
+    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
     let state = AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new()?,
+        metrics,
         engine,
         admin_token,
         join_token,

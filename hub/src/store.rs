@@ -565,27 +565,43 @@ pub async fn rollout_steps_in_txn(
 pub async fn fleet_in_txn(
     conn: &mut PgConnection,
     with_ibu: &[String],
-) -> Result<BTreeMap<String, ClusterInfo>, Error> {
+) -> Result<
+    (
+        BTreeMap<String, ClusterInfo>,
+        HashMap<String, DateTime<Utc>>,
+    ),
+    Error,
+> {
     let rows = sqlx::query(
-        "SELECT name, labels, CASE WHEN name = ANY($1) THEN last_report END AS last_report FROM clusters",
+        "SELECT name, labels, CASE WHEN name = ANY($1) THEN last_report END AS last_report,
+                CASE WHEN name = ANY($1) THEN last_seen END AS last_seen
+         FROM clusters",
     )
     .bind(with_ibu)
     .fetch_all(conn)
     .await
     .map_err(db)?;
-    rows.iter()
-        .map(|r| {
-            let labels: Value = r.try_get("labels").map_err(db)?;
-            let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;
-            Ok((
-                r.try_get("name").map_err(db)?,
-                ClusterInfo {
-                    labels: serde_json::from_value(labels).unwrap_or_default(),
-                    ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
-                },
-            ))
-        })
-        .collect()
+    let mut fleet = BTreeMap::new();
+    let mut seen = HashMap::new();
+    for r in &rows {
+        let name: String = r.try_get("name").map_err(db)?;
+        let labels: Value = r.try_get("labels").map_err(db)?;
+        let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;
+        if let Some(t) = r
+            .try_get::<Option<DateTime<Utc>>, _>("last_seen")
+            .map_err(db)?
+        {
+            seen.insert(name.clone(), t);
+        }
+        fleet.insert(
+            name,
+            ClusterInfo {
+                labels: serde_json::from_value(labels).unwrap_or_default(),
+                ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
+            },
+        );
+    }
+    Ok((fleet, seen))
 }
 
 /// Writes the steps and cluster progress that differ from `before`.
@@ -808,43 +824,52 @@ pub async fn rollout_save_status_in_txn(
     Ok(())
 }
 
-/// Records the outcome of a push.
-pub async fn push_result(
+/// Records the outcomes of a round of pushes, in one statement.
+pub async fn push_results(
     pool: &PgPool,
     id: i64,
-    step: usize,
-    cluster: &str,
-    outcome: &PushOutcome,
+    results: &[(usize, String, PushOutcome)],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
-    let q = match outcome {
-        PushOutcome::Accepted(stage) => sqlx::query(
-            "UPDATE rollout_clusters SET pushed_stage = $4, pushed_at = $5, push_attempts = 0, refused = NULL
-             WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
-        )
-        .bind(id)
-        .bind(step as i32)
-        .bind(cluster)
-        .bind(stage.as_str())
-        .bind(now),
-        PushOutcome::Refused(msg) => sqlx::query(
-            "UPDATE rollout_clusters SET refused = $4, pushed_at = $5 WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
-        )
-        .bind(id)
-        .bind(step as i32)
-        .bind(cluster)
-        .bind(msg)
-        .bind(now),
-        PushOutcome::Unreachable(_) => sqlx::query(
-            "UPDATE rollout_clusters SET pushed_stage = NULL, pushed_at = $4, push_attempts = push_attempts + 1
-             WHERE rollout_id = $1 AND step = $2 AND cluster = $3",
-        )
-        .bind(id)
-        .bind(step as i32)
-        .bind(cluster)
-        .bind(now),
-    };
-    q.execute(pool).await.map_err(db)?;
+    if results.is_empty() {
+        return Ok(());
+    }
+    let mut steps = Vec::new();
+    let mut clusters = Vec::new();
+    let mut kinds = Vec::new();
+    let mut stages = Vec::new();
+    let mut messages = Vec::new();
+    for (step, cluster, outcome) in results {
+        steps.push(*step as i32);
+        clusters.push(cluster.clone());
+        let (kind, stage, message) = match outcome {
+            PushOutcome::Accepted(stage) => ("accepted", Some(stage.as_str().to_string()), None),
+            PushOutcome::Refused(m) => ("refused", None, Some(m.clone())),
+            PushOutcome::Unreachable(m) => ("unreachable", None, Some(m.clone())),
+        };
+        kinds.push(kind);
+        stages.push(stage);
+        messages.push(message);
+    }
+    sqlx::query(
+        "UPDATE rollout_clusters rc SET
+           pushed_stage = CASE u.kind WHEN 'accepted' THEN u.stage WHEN 'unreachable' THEN NULL ELSE rc.pushed_stage END,
+           pushed_at = $2,
+           push_attempts = CASE u.kind WHEN 'accepted' THEN 0 WHEN 'unreachable' THEN rc.push_attempts + 1 ELSE rc.push_attempts END,
+           refused = CASE u.kind WHEN 'accepted' THEN NULL WHEN 'refused' THEN u.message ELSE rc.refused END
+         FROM UNNEST($3::int4[], $4::text[], $5::text[], $6::text[], $7::text[]) AS u(step, cluster, kind, stage, message)
+         WHERE rc.rollout_id = $1 AND rc.step = u.step AND rc.cluster = u.cluster",
+    )
+    .bind(id)
+    .bind(now)
+    .bind(&steps)
+    .bind(&clusters)
+    .bind(&kinds)
+    .bind(&stages)
+    .bind(&messages)
+    .execute(pool)
+    .await
+    .map_err(db)?;
     Ok(())
 }
 

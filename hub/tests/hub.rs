@@ -103,10 +103,11 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, String) {
 #[tokio::test]
 async fn health_readiness_metrics_and_errors_over_http() {
     let db = TestDb::empty().await;
+    let metrics = Metrics::new().unwrap();
     let state = AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new().unwrap(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        metrics: metrics.clone(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
         admin_token: None,
         join_token: None,
     };
@@ -241,10 +242,11 @@ async fn embedded_postgres_refuses_a_foreign_non_empty_directory() {
 #[tokio::test]
 async fn every_documented_operation_is_routed_and_the_document_is_committed() {
     let db = TestDb::empty().await;
+    let metrics = Metrics::new().unwrap();
     let state = AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new().unwrap(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        metrics: metrics.clone(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
         admin_token: None,
         join_token: None,
     };
@@ -319,10 +321,11 @@ async fn call(
 #[tokio::test]
 async fn registration_reports_and_labels() {
     let db = migrated().await;
+    let metrics = Metrics::new().unwrap();
     let app = router(AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new().unwrap(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock)),
+        metrics: metrics.clone(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
         admin_token: Some("admin".into()),
         join_token: Some("join".into()),
     });

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 /// `cargo build`) next to the test executable's own directory.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>  ->  target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
+    // target/<profile>/deps/<test>-<hash> (tests) or target/<profile>/<bin> (fleet-bench)
+    let mut profile_dir = exe.parent().expect("executable has a directory");
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().expect("deps has a parent");
+    }
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),

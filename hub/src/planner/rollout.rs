@@ -131,6 +131,9 @@ pub struct Push {
     pub step: usize,
     pub action: Action,
     pub stage: Stage,
+    /// The cluster's own report of its previous action's end caused this push (what the
+    /// decision-latency metric measures).
+    pub follows_report: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -463,6 +466,9 @@ impl Pass<'_> {
                     p.action_index += 1;
                     p.refused = None;
                     p.push_failures = 0;
+                    // The next action starts with no push made for it.
+                    p.pushed_stage = None;
+                    p.pushed_at = None;
                     p.action_started_at = Some(now);
                     let last = p.action_index == step.actions.len();
                     if last {
@@ -525,6 +531,7 @@ impl Pass<'_> {
                 step: step.step,
                 action,
                 stage,
+                follows_report: p.action_index > 0 && p.pushed_at.is_none(),
             });
         } else if let Some(at) = p.pushed_at {
             let next = if p.push_failures > 0 {

@@ -68,6 +68,9 @@ pub struct SimConfig {
     pub namespaces: Vec<String>,
     pub crds: Vec<String>,
     pub lvms: bool,
+    /// Save without fsync (benchmarks of the hub, where the simulator's disk is not the
+    /// subject).
+    pub no_fsync: bool,
 }
 
 const BUILTIN_NAMESPACES: &[&str] = &[
@@ -448,6 +451,7 @@ pub struct SimHost {
     path: PathBuf,
     step: Duration,
     reboot: Duration,
+    fsync: bool,
 }
 
 impl SimHost {
@@ -470,6 +474,7 @@ impl SimHost {
             path,
             step: config.step,
             reboot: config.reboot,
+            fsync: !config.no_fsync,
         })
     }
 
@@ -486,7 +491,7 @@ impl SimHost {
     fn with<T>(&self, f: impl FnOnce(&mut SimCluster) -> T) -> Result<T, HostError> {
         let mut c = self.lock();
         let out = f(&mut c);
-        crate::store::write_atomic(&self.path, &*c)
+        crate::store::write(&self.path, &*c, self.fsync)
             .map_err(|e| HostError::Transient(e.to_string()))?;
         Ok(out)
     }

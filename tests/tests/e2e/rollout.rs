@@ -63,10 +63,11 @@ pub async fn start_hub_on(db: &TestDb, addr: &str) -> Hub {
         Utc::now(),
         0,
     ))));
-    let engine = Engine::new(db.pool.clone(), clock.clone());
+    let metrics = Metrics::new().unwrap();
+    let engine = Engine::new(db.pool.clone(), clock.clone(), metrics.clone());
     let state = AppState {
         pool: db.pool.clone(),
-        metrics: Metrics::new().unwrap(),
+        metrics,
         engine: engine.clone(),
         admin_token: Some(ADMIN.into()),
         join_token: Some(JOIN.into()),

@@ -1,0 +1,500 @@
+//! fleet-bench: how fast and how lean the hub orchestrates a large fleet, on this machine.
+//!
+//! It starts Postgres (the embedded default, or a fresh database on `--database-url`'s
+//! server), measures the database's raw durable single-row commit rate, starts `fleet-hub
+//! serve` and `spoke-agent sim-fleet` (steps that take no time) as separate processes, runs
+//! one `[Prep, Upgrade, FinalizeUpgrade]` rollout over every cluster, and reports. It is a
+//! benchmark: it prints numbers and never fails for being slow.
+
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet_e2e::{ChildGuard, binary, free_port};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+const ADMIN: &str = "bench-admin";
+const JOIN: &str = "bench-join";
+const BASELINE_CONNECTIONS: usize = 16;
+const BASELINE_SECONDS: u64 = 10;
+
+struct Args {
+    clusters: u32,
+    max_concurrency: u32,
+    database_url: Option<String>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        clusters: 10_000,
+        max_concurrency: 500,
+        database_url: std::env::var("DATABASE_URL").ok(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--clusters" => {
+                a.clusters = value()?.parse().map_err(|e| format!("--clusters: {e}"))?
+            }
+            "--max-concurrency" => {
+                a.max_concurrency = value()?
+                    .parse()
+                    .map_err(|e| format!("--max-concurrency: {e}"))?
+            }
+            "--database-url" => a.database_url = Some(value()?),
+            "--help" | "-h" => {
+                println!(
+                    "fleet-bench [--clusters N (10000)] [--max-concurrency M (500)] [--database-url URL]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if a.clusters == 0 || a.max_concurrency == 0 {
+        return Err("--clusters and --max-concurrency must be at least 1".into());
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() {
+    let a = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fleet-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(a).await {
+        eprintln!("fleet-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("[fleet-bench] {msg}");
+}
+
+async fn run(a: Args) -> Result<(), String> {
+    let work = tempfile::Builder::new()
+        .prefix("fleet-bench")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| e.to_string())?;
+
+    // The database: a fresh one, on the given server or on a private instance.
+    let (_embedded, server_url) = match &a.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            say("starting a private Postgres (initdb)");
+            let pg = hub::embedded_pg::EmbeddedPostgres::start(&work.path().join("pgdata"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
+    let name = format!("fleet_bench_{}", std::process::id());
+    let admin =
+        PgConnectOptions::from_str(&server_url).map_err(|e| format!("database URL: {e}"))?;
+    let mut conn = PgConnection::connect_with(&admin)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let options = admin.clone().database(&name);
+    let db_url = database_url(&server_url, &name);
+    let pool = PgPoolOptions::new()
+        .max_connections(BASELINE_CONNECTIONS as u32 + 2)
+        .connect_with(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    hub::db::migrate(&pool).await.map_err(|e| e.to_string())?;
+
+    say(&format!(
+        "baseline: single-row insert commits, {BASELINE_CONNECTIONS} connections, {BASELINE_SECONDS} s"
+    ));
+    let baseline = baseline(&pool).await?;
+    say(&format!("baseline: {baseline:.0} commits/s"));
+
+    let hub_port = free_port();
+    let fleet_port = free_port();
+    let hub_url = format!("http://127.0.0.1:{hub_port}");
+    let hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{hub_port}"),
+                "--database-url",
+                &db_url,
+                "--admin-token",
+                ADMIN,
+                "--join-token",
+                JOIN,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting fleet-hub: {e}"))?,
+    );
+    wait_http(&format!("{hub_url}/readyz"), Duration::from_secs(60)).await?;
+    say(&format!("starting {} simulated clusters", a.clusters));
+    let fleet_dir = work.path().join("fleet");
+    let _fleet = ChildGuard(
+        Command::new(binary("spoke-agent"))
+            .args([
+                "sim-fleet",
+                "--count",
+                &a.clusters.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{fleet_port}"),
+            ])
+            .arg("--state-dir")
+            .arg(&fleet_dir)
+            .args([
+                "--hub-url",
+                &hub_url,
+                "--join-token",
+                JOIN,
+                "--sim-step-ms",
+                "0",
+                "--sim-reboot-ms",
+                "0",
+                "--sim-no-fsync",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting spoke-agent sim-fleet: {e}"))?,
+    );
+    let t = Instant::now();
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM clusters WHERE last_report IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        if n as u32 >= a.clusters {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err(format!(
+                "only {n} of {} clusters registered after 10 minutes",
+                a.clusters
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say(&format!(
+        "{} clusters registered and reporting after {:.1} s",
+        a.clusters,
+        t.elapsed().as_secs_f64()
+    ));
+
+    let rows_before = rows_written(&pool, &name).await?;
+    let http_before = hub_counter(&hub_url, "fleet_hub_http_requests_total").await;
+    let pushes_before = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await;
+    let cpu_before = cpu_seconds(hub.pid());
+
+    let ibgu = serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchExpressions": [{"key": "name", "operator": "Exists"}]}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+            "plan": [{"actions": ["Prep", "Upgrade", "FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": a.max_concurrency, "timeout": 600}}]
+        }
+    });
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop, pid) = (peak_rss.clone(), stop.clone(), hub.pid());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let res = reqwest::Client::new()
+        .post(format!("{hub_url}/v1/rollouts"))
+        .bearer_auth(ADMIN)
+        .json(&ibgu)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if res.status() != 201 {
+        return Err(format!(
+            "creating the rollout: {} {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        ));
+    }
+    loop {
+        let phase: String = sqlx::query_scalar("SELECT phase FROM rollouts WHERE name = 'bench'")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if phase == "Completed" {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err("the rollout did not finish within an hour".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    let _ = sampler.await;
+    let peak_rss_mib = peak_rss.load(Ordering::SeqCst).max(hwm_kib(hub.pid())) as f64 / 1024.0;
+    let cpu = cpu_seconds(hub.pid()) - cpu_before;
+    let transitions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM history WHERE rollout_name = 'bench'")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    let summary: serde_json::Value =
+        sqlx::query_scalar("SELECT status->'summary' FROM rollouts WHERE name = 'bench'")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    let rows = rows_written(&pool, &name).await? - rows_before;
+    let http = hub_counter(&hub_url, "fleet_hub_http_requests_total").await - http_before;
+    let pushes = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await - pushes_before;
+    let metrics = reqwest::get(format!("{hub_url}/metrics"))
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .unwrap_or_default();
+    let (p50, p99) = (
+        quantile(&metrics, "fleet_hub_decision_latency_seconds", 0.5),
+        quantile(&metrics, "fleet_hub_decision_latency_seconds", 0.99),
+    );
+    let max = gauge(&metrics, "fleet_hub_decision_latency_max_seconds");
+    let actions = a.clusters as f64 * 3.0;
+    let result = serde_json::json!({
+        "clusters": a.clusters, "maxConcurrency": a.max_concurrency,
+        "orchestrationSeconds": round(elapsed), "clusterActionsPerSecond": round(actions / elapsed),
+        "transitions": transitions, "transitionsPerSecond": round(transitions as f64 / elapsed),
+        "baselineCommitsPerSecond": round(baseline), "transitionsToBaseline": round(transitions as f64 / elapsed / baseline),
+        "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
+        "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu),
+        "rowsWritten": rows, "hubHttpRequestsServed": http, "hubPushesSent": pushes,
+        "summary": summary,
+    });
+    println!("{}", serde_json::to_string(&result).unwrap_or_default());
+    println!();
+    println!("clusters                     {}", a.clusters);
+    println!("max concurrency              {}", a.max_concurrency);
+    println!("orchestration                {elapsed:.1} s   (target <= 60 s at 10,000 / 500)");
+    println!("cluster-actions per second   {:.0}", actions / elapsed);
+    println!(
+        "transitions (history rows)   {transitions}   {:.0}/s",
+        transitions as f64 / elapsed
+    );
+    println!(
+        "raw commit baseline          {baseline:.0}/s   ratio {:.2}   (target >= 1.0)",
+        transitions as f64 / elapsed / baseline
+    );
+    println!(
+        "decision latency             p50 {}  p99 {}  max {}   (target p99 <= 1 s)",
+        fmt(p50),
+        fmt(p99),
+        fmt(max)
+    );
+    println!("hub peak RSS                 {peak_rss_mib:.0} MiB   (target <= 200 MiB)");
+    println!("hub CPU                      {cpu:.1} s");
+    println!("rows written                 {rows}");
+    println!("hub HTTP requests served     {http}   pushes sent {pushes}");
+    drop(hub);
+    drop(pool);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await;
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fmt(x: Option<f64>) -> String {
+    x.map(|v| format!("{:.3} s", v))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The same server, another database.
+fn database_url(server_url: &str, db: &str) -> String {
+    if let Some((base, query)) = server_url.split_once('?') {
+        let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+        format!("{base}/{db}?{query}")
+    } else {
+        let base = server_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(server_url);
+        format!("{base}/{db}")
+    }
+}
+
+/// Single-row insert commits per second, 16 connections, into a table like `history`.
+async fn baseline(pool: &PgPool) -> Result<f64, String> {
+    sqlx::query("CREATE TABLE bench_baseline (LIKE history INCLUDING DEFAULTS INCLUDING INDEXES)")
+        .execute(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(BASELINE_SECONDS);
+    let mut tasks = Vec::new();
+    for _ in 0..BASELINE_CONNECTIONS {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let r = sqlx::query("INSERT INTO bench_baseline (rollout_id, rollout_namespace, rollout_name, time, cluster, step, action, event, message) VALUES (1, 'default', 'baseline', now(), 'spoke1', 0, 'Prep', 'ActionCompleted', 'Prep completed')")
+                    .execute(&pool)
+                    .await;
+                if r.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0u64;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    sqlx::query("DROP TABLE bench_baseline")
+        .execute(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(total as f64 / BASELINE_SECONDS as f64)
+}
+
+async fn rows_written(pool: &PgPool, db: &str) -> Result<i64, String> {
+    sqlx::query_scalar("SELECT (tup_inserted + tup_updated + tup_deleted)::bigint FROM pg_stat_database WHERE datname = $1")
+        .bind(db)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn wait_http(url: &str, limit: Duration) -> Result<(), String> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{url} did not answer within {limit:?}"))
+}
+
+async fn hub_counter(hub_url: &str, name: &str) -> f64 {
+    let text = match reqwest::get(format!("{hub_url}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A quantile from a Prometheus histogram, interpolated within its bucket.
+fn quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut prev_le, mut prev_count) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev_le);
+            }
+            let frac = if count > prev_count {
+                (rank - prev_count) / (count - prev_count)
+            } else {
+                1.0
+            };
+            return Some(prev_le + (le - prev_le) * frac);
+        }
+        (prev_le, prev_count) = (le, count);
+    }
+    None
+}
+
+fn proc_status(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+fn hwm_kib(pid: i32) -> u64 {
+    proc_status(pid, "VmHWM:")
+}
+
+fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let hz = 100.0;
+    (ticks(11) + ticks(12)) / hz
+}
