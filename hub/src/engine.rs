@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::planner::rollout::{self, Push};
+use crate::reports::ReportWriter;
 use crate::store::{self, PushOutcome, SpokeAccess};
 
 pub use fleet_types::clock::{Clock, SystemClock};
@@ -33,12 +34,15 @@ pub struct Engine {
     pub clock: Arc<dyn Clock>,
     pub wake: Notify,
     metrics: Metrics,
+    /// Where spoke reports are stored (in groups).
+    pub reports: ReportWriter,
     client: reqwest::Client,
 }
 
 impl Engine {
     pub fn new(pool: PgPool, clock: Arc<dyn Clock>, metrics: Metrics) -> Arc<Self> {
         Arc::new(Engine {
+            reports: ReportWriter::start(pool.clone()),
             pool,
             clock,
             wake: Notify::new(),

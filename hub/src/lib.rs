@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod planner;
+pub mod reports;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

@@ -107,30 +107,6 @@ pub async fn cluster_credential_ok(
     Ok(stored.is_some_and(|h| h == hash(credential)))
 }
 
-/// Stores a report unless it is older than, or the same as, the last one of this agent.
-/// Answers whether it was stored.
-pub async fn cluster_report(
-    pool: &PgPool,
-    cluster: &str,
-    agent_id: &str,
-    sequence: u64,
-    ibu: &ImageBasedUpgrade,
-) -> Result<bool, Error> {
-    let ibu = serde_json::to_value(ibu).map_err(|e| Error::Config(e.to_string()))?;
-    let res = sqlx::query(
-        "UPDATE clusters SET last_report = $3, last_report_seq = $4, last_seen = now()
-         WHERE name = $1 AND agent_id = $2 AND last_report_seq < $4",
-    )
-    .bind(cluster)
-    .bind(agent_id)
-    .bind(ibu)
-    .bind(sequence as i64)
-    .execute(pool)
-    .await
-    .map_err(db)?;
-    Ok(res.rows_affected() == 1)
-}
-
 fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
     let labels: Value = r.try_get("labels").map_err(db)?;
     let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;

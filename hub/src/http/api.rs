@@ -116,14 +116,11 @@ pub async fn report(
         ));
     }
     let report: StatusReport = json_body(&body, "status report")?;
-    let stored = store::cluster_report(
-        &state.pool,
-        &name,
-        &report.agent_id,
-        report.sequence,
-        &report.ibu,
-    )
-    .await?;
+    let stored = state
+        .engine
+        .reports
+        .store(&name, &report.agent_id, report.sequence, &report.ibu)
+        .await?;
     if stored {
         state.metrics.reports_received.inc();
         state.engine.trigger();
