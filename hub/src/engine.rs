@@ -144,8 +144,11 @@ impl Engine {
             tracing::info!(rollout = %row.object.metadata.name.clone().unwrap_or_default(), step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
         }
         if !decision.pushes.is_empty() {
+            let pushed = std::time::Instant::now();
+            let count = decision.pushes.len();
             self.push_all(&row.object, id, decision.pushes, now, &last_seen)
                 .await?;
+            tracing::debug!(count, elapsed = ?pushed.elapsed(), pass = ?started.elapsed(), "pushes sent");
             // What the pushes changed is for the next pass.
             self.trigger();
         }

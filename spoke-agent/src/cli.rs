@@ -67,10 +67,10 @@ pub struct SimArgs {
     /// sim: the cluster has LVM Storage (topolvm) volumes.
     #[arg(long, env = "SPOKE_SIM_LVMS")]
     pub sim_lvms: bool,
-    /// sim: save state without fsync (for benchmarks of the hub; a power loss may lose the
-    /// last changes).
-    #[arg(long, env = "SPOKE_SIM_NO_FSYNC")]
-    pub sim_no_fsync: bool,
+    /// sim: keep the simulated nodes in memory only, no state files (for benchmarks of the
+    /// hub; a restart of the agent starts from scratch).
+    #[arg(long, env = "SPOKE_SIM_IN_MEMORY")]
+    pub sim_in_memory: bool,
 }
 
 #[derive(Args, Debug)]

@@ -35,7 +35,7 @@ fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
         namespaces: sim.sim_namespaces.clone(),
         crds: sim.sim_crds.clone(),
         lvms: sim.sim_lvms,
-        no_fsync: sim.sim_no_fsync,
+        in_memory: sim.sim_in_memory,
     }
 }
 

@@ -8,12 +8,6 @@ use std::path::Path;
 use serde::Serialize;
 
 pub fn write_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> std::io::Result<()> {
-    write(path, value, true)
-}
-
-/// As [`write_atomic`]; without `fsync` the rename is still atomic for the running system,
-/// but a power loss may lose the last writes (for simulators and benchmarks only).
-pub fn write<T: Serialize + ?Sized>(path: &Path, value: &T, fsync: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
@@ -23,12 +17,8 @@ pub fn write<T: Serialize + ?Sized>(path: &Path, value: &T, fsync: bool) -> std:
     ));
     let mut f = File::create(&tmp)?;
     f.write_all(&bytes)?;
-    if fsync {
-        f.sync_all()?;
-    }
+    f.sync_all()?;
     fs::rename(&tmp, path)?;
-    if fsync {
-        File::open(dir)?.sync_all()?;
-    }
+    File::open(dir)?.sync_all()?;
     Ok(())
 }

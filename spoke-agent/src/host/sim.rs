@@ -68,9 +68,9 @@ pub struct SimConfig {
     pub namespaces: Vec<String>,
     pub crds: Vec<String>,
     pub lvms: bool,
-    /// Save without fsync (benchmarks of the hub, where the simulator's disk is not the
-    /// subject).
-    pub no_fsync: bool,
+    /// Keep the node in memory only (benchmarks of the hub, where the simulator's disk is not
+    /// the subject).
+    pub in_memory: bool,
 }
 
 const BUILTIN_NAMESPACES: &[&str] = &[
@@ -451,7 +451,7 @@ pub struct SimHost {
     path: PathBuf,
     step: Duration,
     reboot: Duration,
-    fsync: bool,
+    in_memory: bool,
 }
 
 impl SimHost {
@@ -474,7 +474,7 @@ impl SimHost {
             path,
             step: config.step,
             reboot: config.reboot,
-            fsync: !config.no_fsync,
+            in_memory: config.in_memory,
         })
     }
 
@@ -491,8 +491,10 @@ impl SimHost {
     fn with<T>(&self, f: impl FnOnce(&mut SimCluster) -> T) -> Result<T, HostError> {
         let mut c = self.lock();
         let out = f(&mut c);
-        crate::store::write(&self.path, &*c, self.fsync)
-            .map_err(|e| HostError::Transient(e.to_string()))?;
+        if !self.in_memory {
+            crate::store::write_atomic(&self.path, &*c)
+                .map_err(|e| HostError::Transient(e.to_string()))?;
+        }
         Ok(out)
     }
 
