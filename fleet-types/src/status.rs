@@ -94,6 +94,17 @@ impl Status {
     }
 }
 
+/// The body of a successful delete, as Kubernetes answers it.
+pub fn success(message: impl Into<String>) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Success",
+        "message": message.into(),
+        "code": 200,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,13 +254,10 @@ async fn cm_delete<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
     a.agent.check_reachable()?;
     let r = cm_ref(&a.params);
     match a.agent.host.configmap_delete(&r).await {
-        Ok(true) => Ok(Json(Status {
-            status: "Success".into(),
-            ..Status::failure(
-                Reason::NotFound,
-                format!("configmap {}/{} deleted", r.namespace, r.name),
-            )
-        })
+        Ok(true) => Ok(Json(fleet_types::status::success(format!(
+            "configmap {}/{} deleted",
+            r.namespace, r.name
+        )))
         .into_response()),
         Ok(false) => Err(ApiError::new(
             Reason::NotFound,

@@ -404,13 +404,9 @@ pub async fn rollout_delete(
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     if store::rollout_delete(&state.pool, &ns, &name).await? {
-        Ok(Json(Status {
-            status: "Success".into(),
-            ..Status::failure(
-                Reason::NotFound,
-                format!("rollout {ns}/{name} deleted; its history is kept"),
-            )
-        })
+        Ok(Json(fleet_types::status::success(format!(
+            "rollout {ns}/{name} deleted; its history is kept"
+        )))
         .into_response())
     } else {
         Err(ApiError::new(

@@ -642,4 +642,26 @@ async fn the_api_refuses_bad_input_with_every_problem() {
         1,
         "a dry run stores nothing"
     );
+    let (code, body) = hub
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/rollouts/default/ok",
+            "application/json",
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("Success")),
+        "{body}"
+    );
+    let (code, body) = hub
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/rollouts/default/ok",
+            "application/json",
+            Value::Null,
+        )
+        .await;
+    assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
 }
