@@ -224,7 +224,7 @@ impl Engine {
                     }
                 }
             }
-            rows.push((push.step, push.cluster, outcome));
+            rows.push((push.step, push.action_index, push.cluster, outcome));
         }
         store::push_results(&self.pool, id, &rows, now).await?;
         Ok(())

@@ -804,19 +804,21 @@ pub async fn rollout_save_status_in_txn(
 pub async fn push_results(
     pool: &PgPool,
     id: i64,
-    results: &[(usize, String, PushOutcome)],
+    results: &[(usize, usize, String, PushOutcome)],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     if results.is_empty() {
         return Ok(());
     }
     let mut steps = Vec::new();
+    let mut indexes = Vec::new();
     let mut clusters = Vec::new();
     let mut kinds = Vec::new();
     let mut stages = Vec::new();
     let mut messages = Vec::new();
-    for (step, cluster, outcome) in results {
+    for (step, index, cluster, outcome) in results {
         steps.push(*step as i32);
+        indexes.push(*index as i32);
         clusters.push(cluster.clone());
         let (kind, stage, message) = match outcome {
             PushOutcome::Accepted(stage) => ("accepted", Some(stage.as_str().to_string()), None),
@@ -833,8 +835,10 @@ pub async fn push_results(
            pushed_at = $2,
            push_attempts = CASE u.kind WHEN 'accepted' THEN 0 WHEN 'unreachable' THEN rc.push_attempts + 1 ELSE rc.push_attempts END,
            refused = CASE u.kind WHEN 'accepted' THEN NULL WHEN 'refused' THEN u.message ELSE rc.refused END
-         FROM UNNEST($3::int4[], $4::text[], $5::text[], $6::text[], $7::text[]) AS u(step, cluster, kind, stage, message)
-         WHERE rc.rollout_id = $1 AND rc.step = u.step AND rc.cluster = u.cluster",
+         FROM UNNEST($3::int4[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int4[])
+           AS u(step, cluster, kind, stage, message, action_index)
+         WHERE rc.rollout_id = $1 AND rc.step = u.step AND rc.cluster = u.cluster
+           AND rc.action_index = u.action_index AND rc.state = 'running'",
     )
     .bind(id)
     .bind(now)
@@ -843,6 +847,7 @@ pub async fn push_results(
     .bind(&kinds)
     .bind(&stages)
     .bind(&messages)
+    .bind(&indexes)
     .execute(pool)
     .await
     .map_err(db)?;

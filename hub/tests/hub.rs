@@ -508,3 +508,87 @@ async fn registration_reports_and_labels() {
     .await;
     assert_eq!(code, StatusCode::FORBIDDEN, "the old credential is gone");
 }
+
+#[tokio::test]
+async fn a_push_outcome_lands_only_on_the_action_it_was_for() {
+    use hub::planner::rollout::{ClusterPhase, ClusterProgress, StepState};
+    use hub::store::{self, PushOutcome};
+
+    let db = migrated().await;
+    let ibgu: fleet_types::ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "r", "namespace": "default"},
+        "spec": {"clusterLabelSelectors": [{}], "plan": [{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 1}}]}
+    }))
+    .unwrap();
+    let row = store::rollout_insert(&db.pool, &ibgu)
+        .await
+        .unwrap()
+        .unwrap();
+    let now = chrono::Utc::now();
+    let progress = ClusterProgress {
+        batch: 0,
+        phase: ClusterPhase::Running,
+        action_index: 1,
+        completed: vec![fleet_types::Action::Prep],
+        failed: None,
+        timed_out: false,
+        pushed_stage: None,
+        pushed_at: None,
+        push_failures: 0,
+        refused: None,
+        started_at: Some(now),
+        action_started_at: Some(now),
+        finished_at: None,
+    };
+    let step = StepState {
+        step: 0,
+        actions: vec![fleet_types::Action::Prep, fleet_types::Action::Upgrade],
+        clusters: vec!["a".into()],
+        max_concurrency: 1,
+        timeout_minutes: 240,
+        started_at: now,
+        current_batch: 0,
+        batch_started_at: now,
+        completed_at: None,
+        timed_out: false,
+        progress: [("a".to_string(), progress)].into(),
+    };
+    let mut tx = db.pool.begin().await.unwrap();
+    store::rollout_save_steps_in_txn(&mut tx, row.id, &[], std::slice::from_ref(&step))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // another hub's late refusal of the Prep push must not fail the Upgrade the cluster is on
+    let load = || async {
+        let mut conn = db.pool.acquire().await.unwrap();
+        store::rollout_steps_in_txn(&mut conn, row.id)
+            .await
+            .unwrap()[0]
+            .progress["a"]
+            .clone()
+    };
+    store::push_results(
+        &db.pool,
+        row.id,
+        &[(0, 0, "a".into(), PushOutcome::Refused("late".into()))],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(load().await.refused, None);
+    store::push_results(
+        &db.pool,
+        row.id,
+        &[(0, 1, "a".into(), PushOutcome::Refused("now".into()))],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        load().await.refused.as_deref(),
+        Some("now"),
+        "the outcome for the current action lands"
+    );
+}

@@ -134,6 +134,9 @@ pub struct Push {
     /// The cluster's own report of its previous action's end caused this push (what the
     /// decision-latency metric measures).
     pub follows_report: bool,
+    /// Which of the item's actions the push is for: its outcome is recorded only while the
+    /// cluster is still on it (another hub's pass may have moved it on meanwhile).
+    pub action_index: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -532,6 +535,7 @@ impl Pass<'_> {
                 action,
                 stage,
                 follows_report: p.action_index > 0 && p.pushed_at.is_none(),
+                action_index: p.action_index,
             });
         } else if let Some(at) = p.pushed_at {
             let next = if p.push_failures > 0 {
