@@ -6,6 +6,7 @@
 //! no IO, no tokio, so both engines can depend on it.
 
 pub mod clock;
+pub mod http;
 pub mod ibgu;
 pub mod ibu;
 pub mod labels;

@@ -527,19 +527,12 @@ async fn a_push_outcome_lands_only_on_the_action_it_was_for() {
         .unwrap();
     let now = chrono::Utc::now();
     let progress = ClusterProgress {
-        batch: 0,
         phase: ClusterPhase::Running,
         action_index: 1,
         completed: vec![fleet_types::Action::Prep],
-        failed: None,
-        timed_out: false,
-        pushed_stage: None,
-        pushed_at: None,
-        push_failures: 0,
-        refused: None,
         started_at: Some(now),
         action_started_at: Some(now),
-        finished_at: None,
+        ..ClusterProgress::pending(0)
     };
     let step = StepState {
         step: 0,

@@ -137,24 +137,21 @@ fn authorize(
     if api_token.is_none() && credential.is_none() {
         return Ok(());
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(Reason::Unauthorized, "missing bearer token"))?;
+    let presented = fleet_types::http::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .ok_or_else(|| ApiError::new(Reason::Unauthorized, "missing bearer token"))?;
     let ok = [api_token, credential]
         .into_iter()
         .flatten()
-        .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
+        .any(|t| fleet_types::http::tokens_match(t, presented));
     if ok {
         Ok(())
     } else {
         Err(ApiError::new(Reason::Unauthorized, "invalid bearer token"))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn get_ibu<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
@@ -166,15 +163,11 @@ async fn patch_ibu<H: Host>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let content_type = fleet_types::http::media_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
     if content_type != "application/merge-patch+json" && content_type != "application/json" {
         return Err(ApiError::new(
             Reason::BadRequest,

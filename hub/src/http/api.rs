@@ -20,18 +20,19 @@ use crate::planner::{rollout, selector, validate};
 use crate::store;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    fleet_types::http::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+fn content_type(headers: &HeaderMap) -> &str {
+    fleet_types::http::media_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 /// The admin token guards the REST API; without one configured the API is open.
@@ -40,7 +41,7 @@ pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
         return Ok(());
     };
     match bearer(headers) {
-        Some(t) if same(t, token) => Ok(()),
+        Some(t) if fleet_types::http::tokens_match(t, token) => Ok(()),
         Some(_) => Err(ApiError::new(Reason::Unauthorized, "invalid bearer token")),
         None => Err(ApiError::new(Reason::Unauthorized, "missing bearer token")),
     }
@@ -57,7 +58,7 @@ pub async fn register(
 ) -> Result<Json<RegisterResponse>, ApiError> {
     if let Some(join) = state.join_token.as_deref() {
         match bearer(&headers) {
-            Some(t) if same(t, join) => {}
+            Some(t) if fleet_types::http::tokens_match(t, join) => {}
             _ => {
                 return Err(ApiError::new(
                     Reason::Unauthorized,
@@ -351,16 +352,7 @@ pub async fn rollout_patch(
     let row = fetch(&state, &ns, &name).await?;
     let mut doc = serde_json::to_value(&row.object)
         .map_err(|e| ApiError::new(Reason::InternalError, e.to_string()))?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    match content_type.as_str() {
+    match content_type(&headers) {
         "application/json-patch+json" => {
             let patch: json_patch::Patch = json_body(&body, "JSON patch")?;
             json_patch::patch(&mut doc, &patch)

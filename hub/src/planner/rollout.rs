@@ -47,6 +47,27 @@ pub struct ClusterProgress {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl ClusterProgress {
+    /// A selected cluster whose batch has not started yet.
+    pub fn pending(batch: usize) -> Self {
+        ClusterProgress {
+            batch,
+            phase: ClusterPhase::Pending,
+            action_index: 0,
+            completed: vec![],
+            failed: None,
+            timed_out: false,
+            pushed_stage: None,
+            pushed_at: None,
+            push_failures: 0,
+            refused: None,
+            started_at: None,
+            action_started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// A started plan step: its frozen selection and where its batches are.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StepState {
@@ -580,26 +601,7 @@ impl Pass<'_> {
         let progress = clusters
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                (
-                    c.clone(),
-                    ClusterProgress {
-                        batch: i / max,
-                        phase: ClusterPhase::Pending,
-                        action_index: 0,
-                        completed: vec![],
-                        failed: None,
-                        timed_out: false,
-                        pushed_stage: None,
-                        pushed_at: None,
-                        push_failures: 0,
-                        refused: None,
-                        started_at: None,
-                        action_started_at: None,
-                        finished_at: None,
-                    },
-                )
-            })
+            .map(|(i, c)| (c.clone(), ClusterProgress::pending(i / max)))
             .collect();
         let mut step = StepState {
             step: n,
