@@ -1,6 +1,26 @@
 //! Small header helpers both APIs need, kept here so the hub and the agent read requests the
 //! same way.
 
+/// The header that carries a request's id from the hub to a spoke and back, so the log
+/// lines of both programs about one push can be found together.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The span an HTTP request is served in: method, path and request id (set by the caller
+/// or made here). Never headers: they carry bearer tokens.
+pub fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %id,
+    )
+}
+
 /// The token of an `Authorization: Bearer <token>` header value.
 pub fn bearer(authorization: Option<&str>) -> Option<&str> {
     authorization.and_then(|v| v.strip_prefix("Bearer "))

@@ -86,4 +86,11 @@ pub struct DemoArgs {
     /// How long a simulated reboot keeps a cluster away, in milliseconds.
     #[arg(long, default_value_t = 1500)]
     pub sim_reboot_ms: u64,
+    /// Address the simulated fleet's API and its /metrics listen on (port 0: any free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub fleet_listen: SocketAddr,
+    /// Keep the hub and the fleet serving after the rollout ends, until Ctrl-C (to browse
+    /// the API and the dashboards).
+    #[arg(long)]
+    pub stay: bool,
 }

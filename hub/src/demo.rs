@@ -44,6 +44,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         listen,
         sim_step_ms,
         sim_reboot_ms,
+        fleet_listen,
+        stay,
     } = args;
     if clusters == 0 {
         return Err(Error::Config("--clusters must be at least 1".into()));
@@ -97,13 +99,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         .unwrap_or(std::path::Path::new("."))
         .join("demo-fleet");
     let _ = std::fs::remove_dir_all(&fleet_dir);
-    let fleet_listener =
-        TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|source| Error::Listen {
-                addr: "127.0.0.1:0".into(),
-                source,
-            })?;
+    let fleet_listener = TcpListener::bind(fleet_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: format!("{fleet_listen} (choose another with --fleet-listen)"),
+            source,
+        })?;
     let fleet_url = format!(
         "http://{}",
         fleet_listener
@@ -260,6 +261,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
     println!(
         "\nhistory: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq   (kept in Postgres after the demo)"
     );
+    if stay {
+        println!(
+            "\nstill serving: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics); Ctrl-C to stop"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
     driver.abort();
     api.abort();
     fleet.abort();

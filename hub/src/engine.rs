@@ -13,6 +13,9 @@ use fleet_types::labels::is_copied_to_spoke;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use fleet_types::http::REQUEST_ID;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -82,6 +85,11 @@ impl Engine {
 
     /// One pass over one rollout. Answers `false` when another hub holds it.
     pub async fn pass(&self, id: i64) -> Result<bool, Error> {
+        let span = tracing::info_span!("rollout", id, rollout = tracing::field::Empty);
+        self.pass_in_span(id).instrument(span).await
+    }
+
+    async fn pass_in_span(&self, id: i64) -> Result<bool, Error> {
         let now = self.clock.now();
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(Error::Database)?;
@@ -91,6 +99,14 @@ impl Engine {
         let Some(row) = store::rollout_fetch_for_update_in_txn(&mut tx, id).await? else {
             return Ok(true);
         };
+        tracing::Span::current().record(
+            "rollout",
+            format!(
+                "{}/{}",
+                row.object.metadata.namespace.as_deref().unwrap_or_default(),
+                row.object.metadata.name.as_deref().unwrap_or_default()
+            ),
+        );
         let steps = store::rollout_steps_in_txn(&mut tx, id).await?;
         // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
         // fleet's on every pass would cost the most at the largest scale.
@@ -141,7 +157,19 @@ impl Engine {
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
         for e in &decision.events {
-            tracing::info!(rollout = %row.object.metadata.name.clone().unwrap_or_default(), step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
+            self.metrics.events.with_label_values(&[e.event]).inc();
+            if let (Some(action), Some(took)) = (e.action, e.took) {
+                let result = match e.event {
+                    "ActionCompleted" => "completed",
+                    "ActionTimedOut" => "timed_out",
+                    _ => "failed",
+                };
+                self.metrics
+                    .action_duration
+                    .with_label_values(&[action.as_str(), result])
+                    .observe(took);
+            }
+            tracing::info!(step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
         }
         if !decision.pushes.is_empty() {
             let pushed = std::time::Instant::now();
@@ -192,11 +220,42 @@ impl Engine {
             let client = self.client.clone();
             let body = body.clone();
             let configmaps = configmaps.clone();
-            set.spawn(async move {
-                let outcome =
-                    push_one(&client, &endpoint, &credential, &push, &body, &configmaps).await;
-                (push, outcome)
-            });
+            // One id per push, sent as X-Request-Id: the spoke's log lines of the request
+            // carry it too.
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let span = tracing::info_span!(
+                "push",
+                cluster = %push.cluster,
+                step = push.step,
+                action = %push.action,
+                stage = %push.stage,
+                request_id = %request_id,
+            );
+            set.spawn(
+                async move {
+                    let outcome = push_one(
+                        &client,
+                        &endpoint,
+                        &credential,
+                        &request_id,
+                        &push,
+                        &body,
+                        &configmaps,
+                    )
+                    .await;
+                    match &outcome {
+                        PushOutcome::Accepted(_) => tracing::info!("stage pushed"),
+                        PushOutcome::Refused(why) => {
+                            tracing::warn!(%why, "the spoke refused the stage")
+                        }
+                        PushOutcome::Unreachable(why) => {
+                            tracing::debug!(%why, "push failed; will retry with backoff")
+                        }
+                    }
+                    (push, outcome)
+                }
+                .instrument(span),
+            );
         }
         while let Some(r) = set.join_next().await {
             results.extend(r.ok());
@@ -206,10 +265,7 @@ impl Engine {
             let result = match &outcome {
                 PushOutcome::Accepted(_) => "accepted",
                 PushOutcome::Refused(_) => "refused",
-                PushOutcome::Unreachable(why) => {
-                    tracing::debug!(cluster = %push.cluster, %why, "push failed; will retry with backoff");
-                    "unreachable"
-                }
+                PushOutcome::Unreachable(_) => "unreachable",
             };
             self.metrics.pushes.with_label_values(&[result]).inc();
             if push.follows_report
@@ -271,6 +327,7 @@ async fn push_one(
     client: &reqwest::Client,
     endpoint: &str,
     credential: &str,
+    request_id: &str,
     push: &Push,
     body: &serde_json::Value,
     configmaps: &[(String, String, BTreeMap<String, String>)],
@@ -282,6 +339,7 @@ async fn push_one(
             let res = client
                 .put(format!("{base}/v1/configmaps/{ns}/{name}"))
                 .bearer_auth(credential)
+                .header(REQUEST_ID, request_id)
                 .json(&cm)
                 .send()
                 .await;
@@ -302,6 +360,7 @@ async fn push_one(
     let res = client
         .patch(format!("{base}/v1/ibu"))
         .bearer_auth(credential)
+        .header(REQUEST_ID, request_id)
         .header("Content-Type", "application/merge-patch+json")
         .body(body.to_string())
         .send()

@@ -1,8 +1,26 @@
 //! The hub's metrics, in a registry the application owns (no global default registry), so
 //! tests and several hubs in one process never share counters. Labels are bounded: route
-//! templates, never raw paths or cluster names.
+//! templates, actions, states, rollout names; never raw paths or cluster names.
+//!
+//! Counters and histograms move where things happen; the gauges that describe the fleet
+//! (rollouts by phase, cluster actions by state, spokes, the database pool) are read from
+//! Postgres when `/metrics` is scraped, so every hub replica answers the same truth.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+/// Every state a cluster's action can be in (the `state` label of `fleet_hub_cluster_actions`).
+pub const ACTION_STATES: [&str; 5] = ["pending", "running", "completed", "failed", "timed_out"];
+/// Rollout phases (the `phase` label of `fleet_hub_rollouts`).
+pub const PHASES: [&str; 3] = ["Pending", "Progressing", "Completed"];
+/// Kubernetes verbs the hub's client is counted by.
+pub const KUBE_VERBS: [&str; 7] = [
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
+/// Outcomes of a Kubernetes request.
+pub const KUBE_RESULTS: [&str; 5] = ["success", "conflict", "throttled", "client_error", "error"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -10,52 +28,110 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
     pub build_info: IntGauge,
-    pub reports_received: prometheus::IntCounter,
+    pub reports: IntCounterVec,
     pub pushes: IntCounterVec,
-    pub decision_latency: prometheus::Histogram,
-    pub decision_latency_max: prometheus::Gauge,
-    pub pass_duration: prometheus::Histogram,
+    pub decision_latency: Histogram,
+    pub decision_latency_max: Gauge,
+    pub pass_duration: Histogram,
+    pub events: IntCounterVec,
+    pub action_duration: HistogramVec,
+    pub rollouts: IntGaugeVec,
+    pub cluster_actions: IntGaugeVec,
+    pub rollout_clusters: IntGaugeVec,
+    pub rollout_batch: IntGaugeVec,
+    pub rollout_batches: IntGaugeVec,
+    pub spokes_registered: IntGauge,
+    pub spokes_reachable: IntGauge,
+    pub db_connections: IntGaugeVec,
+    pub db_max_connections: IntGauge,
+    pub kube_requests: IntCounterVec,
+    pub kube_request_duration: HistogramVec,
+    /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
+    pub refresh_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+const FAST: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Actions run from seconds (simulated) to hours (a real Prep or Upgrade).
+const ACTION: [f64; 14] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+    28800.0,
+];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "fleet_hub_http_requests_total",
-                "HTTP requests answered, by method, route template and status code",
-            ),
+        let r = Registry::new();
+        let http_requests = counter(
+            &r,
+            "fleet_hub_http_requests_total",
+            "HTTP requests answered, by method, route template and status code",
             &["method", "route", "status"],
         )?;
-        let http_request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "fleet_hub_http_request_duration_seconds",
-                "Time to answer an HTTP request, by method and route template",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+        let http_request_duration = histogram(
+            &r,
+            "fleet_hub_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template",
             &["method", "route"],
+            &FAST,
         )?;
         let build_info = IntGauge::with_opts(
             Opts::new("fleet_hub_build_info", "Always 1; the version is a label")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
-        let reports_received = prometheus::IntCounter::new(
+        r.register(Box::new(build_info.clone()))?;
+        let reports = counter(
+            &r,
             "fleet_hub_spoke_reports_total",
-            "Spoke status reports stored (stale and duplicate ones are not counted)",
+            "Spoke status reports, by result (stored; stale: an older sequence; rejected: bad credential or body)",
+            &["result"],
         )?;
-        registry.register(Box::new(reports_received.clone()))?;
-        let pushes = IntCounterVec::new(
-            Opts::new(
-                "fleet_hub_spoke_pushes_total",
-                "Stage pushes to spokes, by result (accepted, refused, unreachable)",
-            ),
+        let pushes = counter(
+            &r,
+            "fleet_hub_spoke_pushes_total",
+            "Stage pushes to spokes, by result (accepted, refused, unreachable)",
             &["result"],
         )?;
         // From a spoke's report to the push it caused: the hub's reaction time.
-        let decision_latency = prometheus::Histogram::with_opts(
+        let decision_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "fleet_hub_decision_latency_seconds",
                 "Time from a spoke's report being stored to the next stage push sent to it",
@@ -64,37 +140,208 @@ impl Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         )?;
-        let decision_latency_max = prometheus::Gauge::new(
+        r.register(Box::new(decision_latency.clone()))?;
+        let decision_latency_max = Gauge::new(
             "fleet_hub_decision_latency_max_seconds",
             "Largest decision latency seen since the hub started",
         )?;
-        let pass_duration = prometheus::Histogram::with_opts(
+        r.register(Box::new(decision_latency_max.clone()))?;
+        let pass_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "fleet_hub_engine_pass_duration_seconds",
                 "Time of one engine pass over one rollout (load, plan, store)",
             )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            .buckets(FAST[..11].to_vec()),
         )?;
-        registry.register(Box::new(pushes.clone()))?;
-        registry.register(Box::new(decision_latency.clone()))?;
-        registry.register(Box::new(decision_latency_max.clone()))?;
-        registry.register(Box::new(pass_duration.clone()))?;
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_request_duration.clone()))?;
-        registry.register(Box::new(build_info.clone()))?;
+        r.register(Box::new(pass_duration.clone()))?;
+        let events = counter(
+            &r,
+            "fleet_hub_rollout_events_total",
+            "Rollout events recorded in the history, by event (ActionStarted, ActionCompleted, ActionFailed, ActionTimedOut, BatchStarted, ...)",
+            &["event"],
+        )?;
+        let action_duration = histogram(
+            &r,
+            "fleet_hub_action_duration_seconds",
+            "Time a cluster spent on one action, from its start to its end, by action and result (completed, failed, timed_out)",
+            &["action", "result"],
+            &ACTION,
+        )?;
+        let rollouts = gauge(
+            &r,
+            "fleet_hub_rollouts",
+            "ImageBasedGroupUpgrades by phase (Pending, Progressing, Completed)",
+            &["phase"],
+        )?;
+        let cluster_actions = gauge(
+            &r,
+            "fleet_hub_cluster_actions",
+            "Cluster actions of the started steps of active rollouts, by action and state (pending, running, completed, failed, timed_out)",
+            &["action", "state"],
+        )?;
+        let rollout_clusters = gauge(
+            &r,
+            "fleet_hub_rollout_clusters",
+            "Clusters of each started step of each active rollout, by state (pending, running, completed, failed, timed_out)",
+            &["namespace", "rollout", "step", "state"],
+        )?;
+        let rollout_batch = gauge(
+            &r,
+            "fleet_hub_rollout_step_batch",
+            "The batch each started step of each active rollout is on (1-based; the batch count once the step is done)",
+            &["namespace", "rollout", "step"],
+        )?;
+        let rollout_batches = gauge(
+            &r,
+            "fleet_hub_rollout_step_batches",
+            "Batches of each started step of each active rollout",
+            &["namespace", "rollout", "step"],
+        )?;
+        let spokes_registered = IntGauge::new(
+            "fleet_hub_spokes_registered",
+            "Clusters registered with the hub",
+        )?;
+        r.register(Box::new(spokes_registered.clone()))?;
+        let spokes_reachable = IntGauge::new(
+            "fleet_hub_spokes_reachable",
+            "Registered clusters whose last stage push did not fail to reach them",
+        )?;
+        r.register(Box::new(spokes_reachable.clone()))?;
+        let db_connections = gauge(
+            &r,
+            "fleet_hub_db_pool_connections",
+            "Database pool connections, by state (idle, in_use)",
+            &["state"],
+        )?;
+        let db_max_connections = IntGauge::new(
+            "fleet_hub_db_pool_max_connections",
+            "Largest number of connections the database pool opens",
+        )?;
+        r.register(Box::new(db_max_connections.clone()))?;
+        let kube_requests = counter(
+            &r,
+            "fleet_hub_kube_requests_total",
+            "Kubernetes API requests, by verb and result (success, conflict, throttled, client_error, error)",
+            &["verb", "result"],
+        )?;
+        let kube_request_duration = histogram(
+            &r,
+            "fleet_hub_kube_request_duration_seconds",
+            "Time to answer a Kubernetes API request (a watch: until its headers), by verb",
+            &["verb"],
+            &FAST,
+        )?;
+        // Known series start at zero, so rates and dashboards work before the first event.
+        for result in ["stored", "stale", "rejected"] {
+            reports.with_label_values(&[result]);
+        }
+        for result in ["accepted", "refused", "unreachable"] {
+            pushes.with_label_values(&[result]);
+        }
+        for phase in PHASES {
+            rollouts.with_label_values(&[phase]);
+        }
+        for verb in KUBE_VERBS {
+            kube_request_duration.with_label_values(&[verb]);
+            for result in KUBE_RESULTS {
+                kube_requests.with_label_values(&[verb, result]);
+            }
+        }
+        for event in [
+            "ActionStarted",
+            "ActionCompleted",
+            "ActionFailed",
+            "ActionTimedOut",
+            "ClusterNotStarted",
+            "BatchStarted",
+            "BatchTimedOut",
+            "StepStarted",
+            "StepCompleted",
+            "StepTimedOut",
+        ] {
+            events.with_label_values(&[event]);
+        }
         Ok(Metrics {
-            registry,
+            registry: r,
             http_requests,
             http_request_duration,
             build_info,
-            reports_received,
+            reports,
             pushes,
             decision_latency,
             decision_latency_max,
             pass_duration,
+            events,
+            action_duration,
+            rollouts,
+            cluster_actions,
+            rollout_clusters,
+            rollout_batch,
+            rollout_batches,
+            spokes_registered,
+            spokes_reachable,
+            db_connections,
+            db_max_connections,
+            kube_requests,
+            kube_request_duration,
+            refresh_lock: Default::default(),
         })
+    }
+
+    /// Sets the fleet gauges from a snapshot read from the database.
+    pub fn set_fleet(&self, s: &FleetSnapshot) {
+        for phase in PHASES {
+            let n = s.rollouts.get(phase).copied().unwrap_or(0);
+            self.rollouts.with_label_values(&[phase]).set(n);
+        }
+        // Every (action, state) is shown, at zero when no cluster is there: the set is
+        // small and fixed, and a series that vanishes reads as "no data", not as zero.
+        for action in fleet_types::Action::ALL {
+            for state in ACTION_STATES {
+                let n = s
+                    .cluster_actions
+                    .get(&(action.as_str().to_string(), state))
+                    .copied()
+                    .unwrap_or(0);
+                self.cluster_actions
+                    .with_label_values(&[action.as_str(), state])
+                    .set(n);
+            }
+        }
+        self.rollout_clusters.reset();
+        self.rollout_batch.reset();
+        self.rollout_batches.reset();
+        for step in &s.steps {
+            let id = [
+                step.namespace.as_str(),
+                step.rollout.as_str(),
+                &step.step.to_string(),
+            ];
+            for state in ACTION_STATES {
+                let n = step.clusters.get(state).copied().unwrap_or(0);
+                self.rollout_clusters
+                    .with_label_values(&[id[0], id[1], id[2], state])
+                    .set(n);
+            }
+            self.rollout_batch.with_label_values(&id).set(step.batch);
+            self.rollout_batches
+                .with_label_values(&id)
+                .set(step.batches);
+        }
+        self.spokes_registered.set(s.registered);
+        self.spokes_reachable.set(s.registered - s.unreachable);
+    }
+
+    /// Sets the database pool gauges.
+    pub fn set_pool(&self, pool: &sqlx::PgPool) {
+        let size = i64::from(pool.size());
+        let idle = pool.num_idle() as i64;
+        self.db_connections.with_label_values(&["idle"]).set(idle);
+        self.db_connections
+            .with_label_values(&["in_use"])
+            .set((size - idle).max(0));
+        self.db_max_connections
+            .set(i64::from(pool.options().get_max_connections()));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -104,5 +351,179 @@ impl Metrics {
         // families, which registration already rejected.
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// What the fleet gauges show, read from the database at scrape time.
+#[derive(Debug, Default, PartialEq)]
+pub struct FleetSnapshot {
+    pub rollouts: std::collections::BTreeMap<String, i64>,
+    /// (action, state) -> clusters.
+    pub cluster_actions: std::collections::BTreeMap<(String, &'static str), i64>,
+    pub steps: Vec<StepSnapshot>,
+    pub registered: i64,
+    pub unreachable: i64,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct StepSnapshot {
+    pub namespace: String,
+    pub rollout: String,
+    /// The plan item's index (0-based, as in the history).
+    pub step: i64,
+    pub clusters: std::collections::BTreeMap<&'static str, i64>,
+    pub batch: i64,
+    pub batches: i64,
+}
+
+/// One group of clusters of a started step, as stored: which actions the step has, which
+/// the clusters completed, where they are.
+#[derive(Debug, Clone)]
+pub struct ProgressGroup {
+    pub actions: Vec<String>,
+    pub completed: Vec<String>,
+    pub action_index: usize,
+    pub state: String,
+    pub timed_out: bool,
+    pub count: i64,
+}
+
+impl ProgressGroup {
+    /// The state of the group as a whole (`fleet_hub_rollout_clusters`).
+    pub fn cluster_state(&self) -> &'static str {
+        match self.state.as_str() {
+            "failed" if self.timed_out => "timed_out",
+            "failed" => "failed",
+            "running" => "running",
+            "completed" => "completed",
+            _ => "pending",
+        }
+    }
+
+    /// Adds the state of each of the step's actions for these clusters: completed ones,
+    /// the current one (running, failed or timed out), and pending ones after it. Actions
+    /// after a failure never run and are not counted.
+    pub fn add_action_states(
+        &self,
+        into: &mut std::collections::BTreeMap<(String, &'static str), i64>,
+    ) {
+        for (i, action) in self.actions.iter().enumerate() {
+            let state = if self.completed.contains(action) {
+                "completed"
+            } else if i < self.action_index {
+                // Completed before a failure was recorded against a later action.
+                "completed"
+            } else if i == self.action_index {
+                self.cluster_state()
+            } else if self.state == "failed" {
+                continue;
+            } else {
+                "pending"
+            };
+            *into.entry((action.clone(), state)).or_insert(0) += self.count;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(completed: &[&str], index: usize, state: &str, timed_out: bool) -> ProgressGroup {
+        ProgressGroup {
+            actions: vec!["Prep".into(), "Upgrade".into(), "FinalizeUpgrade".into()],
+            completed: completed.iter().map(|s| s.to_string()).collect(),
+            action_index: index,
+            state: state.into(),
+            timed_out,
+            count: 3,
+        }
+    }
+
+    fn states(g: &ProgressGroup) -> Vec<(String, &'static str, i64)> {
+        let mut m = Default::default();
+        g.add_action_states(&mut m);
+        m.into_iter().map(|((a, s), n)| (a, s, n)).collect()
+    }
+
+    #[test]
+    fn action_states_follow_the_progress_of_a_cluster() {
+        assert_eq!(
+            states(&group(&[], 0, "pending", false)),
+            vec![
+                ("FinalizeUpgrade".into(), "pending", 3),
+                ("Prep".into(), "pending", 3),
+                ("Upgrade".into(), "pending", 3)
+            ]
+        );
+        assert_eq!(
+            states(&group(&["Prep"], 1, "running", false)),
+            vec![
+                ("FinalizeUpgrade".into(), "pending", 3),
+                ("Prep".into(), "completed", 3),
+                ("Upgrade".into(), "running", 3)
+            ]
+        );
+        // A failed Upgrade: Finalize never runs, so it is not pending.
+        assert_eq!(
+            states(&group(&["Prep"], 1, "failed", false)),
+            vec![
+                ("Prep".into(), "completed", 3),
+                ("Upgrade".into(), "failed", 3)
+            ]
+        );
+        assert_eq!(
+            states(&group(&[], 0, "failed", true)),
+            vec![("Prep".into(), "timed_out", 3)]
+        );
+        assert_eq!(
+            states(&group(
+                &["Prep", "Upgrade", "FinalizeUpgrade"],
+                3,
+                "completed",
+                false
+            )),
+            vec![
+                ("FinalizeUpgrade".into(), "completed", 3),
+                ("Prep".into(), "completed", 3),
+                ("Upgrade".into(), "completed", 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn fleet_gauges_drop_rollouts_that_are_no_longer_active() {
+        let m = Metrics::new().unwrap();
+        let mut s = FleetSnapshot {
+            registered: 5,
+            unreachable: 2,
+            ..Default::default()
+        };
+        s.rollouts.insert("Progressing".into(), 1);
+        s.steps.push(StepSnapshot {
+            namespace: "default".into(),
+            rollout: "upgrade-4-16".into(),
+            step: 1,
+            clusters: [("running", 4)].into_iter().collect(),
+            batch: 1,
+            batches: 2,
+        });
+        m.set_fleet(&s);
+        let text = m.render();
+        assert!(
+            text.contains("fleet_hub_rollouts{phase=\"Progressing\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_hub_rollouts{phase=\"Completed\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("fleet_hub_spokes_reachable 3"), "{text}");
+        assert!(text.contains(
+            "fleet_hub_rollout_clusters{namespace=\"default\",rollout=\"upgrade-4-16\",state=\"running\",step=\"1\"} 4"
+        ), "{text}");
+        s.steps.clear();
+        m.set_fleet(&s);
+        assert!(!m.render().contains("upgrade-4-16"));
     }
 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::error::Error;
+use crate::metrics::{FleetSnapshot, ProgressGroup, StepSnapshot};
 use crate::planner::rollout::{ClusterInfo, ClusterPhase, ClusterProgress, Event, StepState};
 
 fn db(e: sqlx::Error) -> Error {
@@ -897,4 +898,88 @@ pub async fn history_list(
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+/// What the fleet gauges of `/metrics` show, in a few grouped queries (no per-cluster rows
+/// leave the database).
+pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
+    let mut snap = FleetSnapshot::default();
+    for r in sqlx::query("SELECT phase, count(*) AS n FROM rollouts GROUP BY phase")
+        .fetch_all(pool)
+        .await
+        .map_err(db)?
+    {
+        snap.rollouts
+            .insert(r.try_get("phase").map_err(db)?, r.try_get("n").map_err(db)?);
+    }
+    let rows = sqlx::query(
+        "SELECT r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
+                cardinality(s.clusters) AS members, s.max_concurrency,
+                rc.completed_actions, rc.action_index, rc.state, rc.timed_out, count(*) AS n
+         FROM rollouts r
+         JOIN rollout_steps s ON s.rollout_id = r.id
+         JOIN rollout_clusters rc ON rc.rollout_id = s.rollout_id AND rc.step = s.step
+         WHERE r.phase <> 'Completed'
+         GROUP BY r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
+                  s.clusters, s.max_concurrency,
+                  rc.completed_actions, rc.action_index, rc.state, rc.timed_out
+         ORDER BY r.namespace, r.name, s.step",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    for r in rows {
+        let group = ProgressGroup {
+            actions: r.try_get("actions").map_err(db)?,
+            completed: r.try_get("completed_actions").map_err(db)?,
+            action_index: r.try_get::<i32, _>("action_index").map_err(db)?.max(0) as usize,
+            state: r.try_get("state").map_err(db)?,
+            timed_out: r.try_get("timed_out").map_err(db)?,
+            count: r.try_get("n").map_err(db)?,
+        };
+        group.add_action_states(&mut snap.cluster_actions);
+        let namespace: String = r.try_get("namespace").map_err(db)?;
+        let rollout: String = r.try_get("name").map_err(db)?;
+        let step = i64::from(r.try_get::<i32, _>("step").map_err(db)?);
+        let same = snap
+            .steps
+            .last()
+            .is_some_and(|s| s.namespace == namespace && s.rollout == rollout && s.step == step);
+        if !same {
+            let members = i64::from(r.try_get::<i32, _>("members").map_err(db)?);
+            let max = i64::from(r.try_get::<i32, _>("max_concurrency").map_err(db)?).max(1);
+            let batches = (members + max - 1) / max;
+            let done: Option<DateTime<Utc>> = r.try_get("completed_at").map_err(db)?;
+            let current = i64::from(r.try_get::<i32, _>("current_batch").map_err(db)?);
+            snap.steps.push(StepSnapshot {
+                namespace,
+                rollout,
+                step,
+                clusters: BTreeMap::new(),
+                batch: if done.is_some() { batches } else { current + 1 },
+                batches,
+            });
+        }
+        if let Some(s) = snap.steps.last_mut() {
+            *s.clusters.entry(group.cluster_state()).or_insert(0) += group.count;
+        }
+    }
+    snap.registered = sqlx::query_scalar("SELECT count(*) FROM clusters")
+        .fetch_one(pool)
+        .await
+        .map_err(db)?;
+    // The hub's only sign of an unreachable spoke: its last push failed (a push that works
+    // resets the attempts).
+    snap.unreachable = sqlx::query_scalar(
+        "SELECT count(DISTINCT rc.cluster) FROM rollout_clusters rc
+         JOIN rollouts r ON r.id = rc.rollout_id
+         WHERE r.phase <> 'Completed' AND rc.state = 'running' AND rc.push_attempts > 0",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db)?;
+    Ok(snap)
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
+use axum::http::HeaderName;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +17,8 @@ use fleet_types::ibu::ConfigMapRef;
 use fleet_types::{Reason, Status};
 use serde::{Deserialize, Serialize};
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::host::Host;
 use crate::metrics::AgentMetrics;
@@ -93,6 +96,14 @@ pub fn router<H: Host>(state: Shared<H>) -> Router {
             )
         })
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES))
+        .layer(TraceLayer::new_for_http().make_span_with(fleet_types::http::request_span))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
+            fleet_types::http::REQUEST_ID,
+        )))
+        .layer(SetRequestIdLayer::new(
+            HeaderName::from_static(fleet_types::http::REQUEST_ID),
+            MakeRequestUuid,
+        ))
         .with_state(state)
 }
 
@@ -178,7 +189,16 @@ async fn patch_ibu<H: Host>(
     }
     let patch: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Reason::BadRequest, format!("the body is not JSON: {e}")))?;
-    Ok(Json(a.agent.patch(&patch).await?).into_response())
+    match a.agent.patch(&patch).await {
+        Ok(ibu) => {
+            tracing::info!(cluster = %a.agent.name, stage = %ibu.spec.stage, "IBU change accepted");
+            Ok(Json(ibu).into_response())
+        }
+        Err(err) => {
+            tracing::warn!(cluster = %a.agent.name, %err, "IBU change refused");
+            Err(err.into())
+        }
+    }
 }
 
 #[derive(Serialize)]

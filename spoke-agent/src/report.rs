@@ -145,6 +145,10 @@ async fn send<H: Host>(
         .client
         .post(&url)
         .bearer_auth(credential)
+        .header(
+            fleet_types::http::REQUEST_ID,
+            uuid::Uuid::new_v4().to_string(),
+        )
         .json(&report)
         .send()
         .await

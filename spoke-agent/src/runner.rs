@@ -65,7 +65,7 @@ impl<H: Host> Agent<H> {
         engine::resume(&mut state, now);
         engine::reconcile(&mut state, now);
         host.save_state(&Root::Booted, &state).await?;
-        metrics.observe_state(None, &state);
+        metrics.observe_change(None, &state);
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Agent {
             name,
@@ -108,7 +108,7 @@ impl<H: Host> Agent<H> {
             .await
             .map_err(AgentError::Save)?;
         self.metrics.transition("accepted");
-        self.metrics.observe_state(Some(&guard), &next);
+        self.metrics.observe_change(Some(&guard), &next);
         self.record(&guard, &next);
         *guard = next;
         let ibu = guard.ibu.clone();
@@ -203,7 +203,7 @@ impl<H: Host> Agent<H> {
         if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
             tracing::error!(cluster = %self.name, %err, "saving the IBU failed");
         }
-        self.metrics.observe_state(Some(guard), &next);
+        self.metrics.observe_change(Some(guard), &next);
         self.record(guard, &next);
         *guard = next;
         self.changed();
@@ -296,7 +296,7 @@ impl<H: Host> Agent<H> {
                 if let Err(err) = self.host.save_state(&Root::Booted, &s).await {
                     tracing::error!(cluster = %self.name, %err, "saving the IBU after the reboot failed");
                 }
-                self.metrics.observe_state(Some(&guard), &s);
+                self.metrics.observe_change(Some(&guard), &s);
                 self.record(&guard, &s);
                 *guard = s;
             }

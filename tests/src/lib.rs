@@ -108,6 +108,19 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The URL of this database, for a hub started as a process.
+    pub fn url(&self) -> String {
+        let admin = admin_url();
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b.to_string(), format!("?{q}")),
+            None => (admin.clone(), String::new()),
+        };
+        let server = base.rsplit_once('/').map(|(s, _)| s).unwrap_or(&base);
+        format!("{server}/{}{query}", self.name)
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Best effort, on a thread of its own: Drop cannot await on the test's runtime, and

@@ -106,25 +106,31 @@ pub async fn report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let counted = |result: &str| state.metrics.reports.with_label_values(&[result]).inc();
     let Some(credential) = bearer(&headers) else {
+        counted("rejected");
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };
     if !store::cluster_credential_ok(&state.pool, &name, credential).await? {
+        counted("rejected");
         // A spoke can report only for itself.
         return Err(ApiError::new(
             Reason::Forbidden,
             format!("this credential may not report for cluster {name}"),
         ));
     }
-    let report: StatusReport = json_body(&body, "status report")?;
+    let report: StatusReport =
+        json_body(&body, "status report").inspect_err(|_| counted("rejected"))?;
     let stored = state
         .engine
         .reports
         .store(&name, &report.agent_id, report.sequence, &report.ibu)
         .await?;
     if stored {
-        state.metrics.reports_received.inc();
+        counted("stored");
         state.engine.trigger();
+    } else {
+        counted("stale");
     }
     Ok((
         StatusCode::OK,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderName;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,13 +18,16 @@ use axum::{Json, Router};
 use fleet_types::Reason;
 use sqlx::PgPool;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
 use crate::db;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::store;
 
 /// Largest request body accepted. An IBGU or a spoke report is a few KiB; 1 MiB leaves room
 /// for ConfigMaps of extra manifests without letting a peer exhaust memory.
@@ -80,6 +84,14 @@ pub fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ))
+        .layer(TraceLayer::new_for_http().make_span_with(fleet_types::http::request_span))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
+            fleet_types::http::REQUEST_ID,
+        )))
+        .layer(SetRequestIdLayer::new(
+            HeaderName::from_static(fleet_types::http::REQUEST_ID),
+            MakeRequestUuid,
+        ))
         .with_state(state)
 }
 
@@ -95,6 +107,16 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    {
+        let _one_at_a_time = state.metrics.refresh_lock.lock().await;
+        state.metrics.set_pool(&state.pool);
+        match store::metrics_snapshot(&state.pool).await {
+            Ok(snapshot) => state.metrics.set_fleet(&snapshot),
+            Err(err) => {
+                tracing::warn!(%err, "reading the fleet gauges failed; serving their last values")
+            }
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -143,6 +143,10 @@ pub struct Event {
     pub action: Option<Action>,
     pub event: &'static str,
     pub message: String,
+    /// For an action that ended (completed, failed, timed out): how long it ran, in
+    /// seconds of the planner's clock.
+    #[serde(skip)]
+    pub took: Option<f64>,
 }
 
 /// A stage the spoke of `cluster` must be moved to.
@@ -362,7 +366,24 @@ impl Pass<'_> {
             action,
             event,
             message,
+            took: None,
         });
+    }
+
+    /// Records the end of a cluster's action that started at `started`.
+    fn action_ended(
+        &mut self,
+        cluster: &str,
+        step: usize,
+        action: Action,
+        event: &'static str,
+        message: String,
+        started: Option<DateTime<Utc>>,
+    ) {
+        self.event(Some(cluster), step, Some(action), event, message);
+        if let (Some(e), Some(t)) = (self.events.last_mut(), started) {
+            e.took = Some((self.now - t).num_milliseconds().max(0) as f64 / 1000.0);
+        }
     }
 
     fn wake_at(&mut self, t: DateTime<Utc>) {
@@ -428,9 +449,10 @@ impl Pass<'_> {
         p.phase = ClusterPhase::Failed;
         p.timed_out = timed_out;
         p.finished_at = Some(self.now);
+        let started = p.action_started_at;
         let n = step.step;
         self.label(cluster, action, false);
-        self.event(Some(cluster), n, Some(action), event, message);
+        self.action_ended(cluster, n, action, event, message, started);
     }
 
     fn start_cluster(&mut self, step: &mut StepState, cluster: &str) {
@@ -493,19 +515,20 @@ impl Pass<'_> {
                     // The next action starts with no push made for it.
                     p.pushed_stage = None;
                     p.pushed_at = None;
-                    p.action_started_at = Some(now);
+                    let started = p.action_started_at.replace(now);
                     let last = p.action_index == step.actions.len();
                     if last {
                         p.phase = ClusterPhase::Completed;
                         p.finished_at = Some(now);
                     }
                     self.label(cluster, action, true);
-                    self.event(
-                        Some(cluster),
+                    self.action_ended(
+                        cluster,
                         n,
-                        Some(action),
+                        action,
                         "ActionCompleted",
                         format!("{action} completed"),
+                        started,
                     );
                     if last {
                         return;

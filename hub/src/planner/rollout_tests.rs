@@ -686,3 +686,45 @@ fn checks_follow_the_action_table() {
     );
     assert_eq!(check(Prep, None), Check::Waiting);
 }
+
+#[test]
+fn ended_actions_carry_how_long_they_ran() {
+    use Action::*;
+    let mut w = World::new(
+        &["a", "b"],
+        &["a", "b"],
+        vec![item(&[Prep, Upgrade], 2, None)],
+    );
+    w.pass();
+    w.now = t(7);
+    w.report("a", prep_done());
+    w.report("b", prep_failed("seed image not found"));
+    let d = w.pass();
+    let took: Vec<(Option<String>, &str, Option<f64>)> = d
+        .events
+        .iter()
+        .map(|e| (e.cluster.clone(), e.event, e.took))
+        .collect();
+    assert!(
+        took.contains(&(Some("a".into()), "ActionCompleted", Some(420.0))),
+        "{took:?}"
+    );
+    assert!(
+        took.contains(&(Some("b".into()), "ActionFailed", Some(420.0))),
+        "{took:?}"
+    );
+    // The next action starts now: it has no duration yet.
+    assert!(
+        took.contains(&(Some("a".into()), "ActionStarted", None)),
+        "{took:?}"
+    );
+    w.now = t(10);
+    w.report("a", upgrade_done());
+    let d = w.pass();
+    let upgrade = d
+        .events
+        .iter()
+        .find(|e| e.event == "ActionCompleted")
+        .unwrap();
+    assert_eq!((upgrade.action, upgrade.took), (Some(Upgrade), Some(180.0)));
+}

@@ -10,6 +10,7 @@ use serde_json::json;
 use super::*;
 use crate::host::HostError;
 use crate::host::sim::{Fault, SimCluster, SimConfig};
+use crate::metrics::{Ended, ended};
 
 fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap()
@@ -21,6 +22,8 @@ struct Node {
     now: DateTime<Utc>,
     /// Work handed to the host, in order.
     log: Vec<String>,
+    /// What the agent's metrics saw end, save after save.
+    ended: Vec<(Ended, f64)>,
 }
 
 impl Node {
@@ -35,6 +38,7 @@ impl Node {
             sim,
             now: t0(),
             log: vec![],
+            ended: vec![],
         }
     }
 
@@ -43,6 +47,9 @@ impl Node {
     }
 
     fn put(&mut self, s: &SpokeState) {
+        if let Some(old) = self.sim.load_state() {
+            self.ended.extend(ended(&old.ibu, &s.ibu));
+        }
         self.sim.save_state(&Root::Booted, s).unwrap();
     }
 
@@ -1003,4 +1010,30 @@ fn go_durations() {
 #[test]
 fn stateroot_names() {
     assert_eq!(stateroot_name("4.16.0-rc.1"), "rhcos_4.16.0_rc.1");
+}
+
+#[test]
+fn metrics_see_stages_and_phases_end_with_their_durations() {
+    let stage = |s: &str, r: &'static str| Ended::Stage(s.into(), r);
+    let phase = |s: &str, p: &str| Ended::Phase(s.into(), p.into());
+    let mut n = Node::new(&[]);
+    n.prep();
+    // One simulated second per step of work: Health, facts, seed, stateroot, precache; the
+    // stage ends with its last phase, in the same save.
+    assert_eq!(
+        n.ended,
+        vec![
+            (phase("Prep", "Stateroot"), 1.0),
+            (stage("Prep", "completed"), 5.0),
+            (phase("Prep", "Precache"), 1.0),
+        ]
+    );
+    let mut n = Node::new(&[Fault::Prep]);
+    n.prep();
+    assert_eq!(n.ended.last(), Some(&(stage("Prep", "failed"), 4.0)));
+    assert!(
+        !n.ended
+            .iter()
+            .any(|(e, _)| *e == stage("Prep", "completed"))
+    );
 }

@@ -1,0 +1,485 @@
+//! Observability end to end: the hub and a simulated fleet as processes, with JSON logs, run
+//! a small rollout; then every dashboard is checked against what they expose and store.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleet_e2e::{ChildGuard, TestDb, binary, free_port, wait_for};
+use promql_parser::parser::{self, Expr};
+use promql_parser::util::{ExprVisitor, walk_expr};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Distinct enough to be found anywhere they leak.
+const ADMIN: &str = "admin-secret-3f9c1e7a";
+const JOIN: &str = "join-secret-81b2d4c6";
+
+fn dashboards_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards")
+}
+
+struct Running {
+    hub: String,
+    fleet: String,
+    hub_log: PathBuf,
+    fleet_log: PathBuf,
+    _procs: (ChildGuard, ChildGuard),
+    _dir: tempfile::TempDir,
+}
+
+/// `fleet-hub serve` and `spoke-agent sim-fleet` (obs1..obs3, obs3 fails Prep), JSON logs
+/// to files, every spoke registered and reported.
+async fn start(db: &TestDb) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub_port, fleet_port) = (free_port(), free_port());
+    let hub = format!("http://127.0.0.1:{hub_port}");
+    let fleet = format!("http://127.0.0.1:{fleet_port}");
+    let hub_log = dir.path().join("hub.log");
+    let fleet_log = dir.path().join("fleet.log");
+    let hub_proc = Command::new(binary("fleet-hub"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--admin-token",
+            ADMIN,
+            "--join-token",
+            JOIN,
+        ])
+        .args(["--listen", &format!("127.0.0.1:{hub_port}")])
+        .args(["--database-url", &db.url()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&hub_log).unwrap())
+        .spawn()
+        .expect("fleet-hub starts");
+    let hub_proc = ChildGuard(hub_proc);
+    let fleet_proc = Command::new(binary("spoke-agent"))
+        .args([
+            "--log-format",
+            "json",
+            "sim-fleet",
+            "--count",
+            "3",
+            "--prefix",
+            "obs",
+        ])
+        .args([
+            "--sim-step-ms",
+            "10",
+            "--sim-reboot-ms",
+            "50",
+            "--fault",
+            "obs3=prep",
+        ])
+        .args([
+            "--hub-url",
+            &hub,
+            "--join-token",
+            JOIN,
+            "--label",
+            "demo=obs",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{fleet_port}")])
+        .arg("--state-dir")
+        .arg(dir.path().join("fleet"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&fleet_log).unwrap())
+        .spawn()
+        .expect("spoke-agent sim-fleet starts");
+    let fleet_proc = ChildGuard(fleet_proc);
+    let client = reqwest::Client::new();
+    wait_for("three spokes registered and reporting", DEADLINE, || {
+        let req = client
+            .get(format!("{hub}/v1/clusters"))
+            .bearer_auth(ADMIN)
+            .send();
+        async move {
+            let list: Value = req.await.ok()?.json().await.ok()?;
+            let items = list["items"].as_array()?;
+            (items.len() == 3 && items.iter().all(|c| c["ibu"].is_object())).then_some(())
+        }
+    })
+    .await;
+    Running {
+        hub,
+        fleet,
+        hub_log,
+        fleet_log,
+        _procs: (hub_proc, fleet_proc),
+        _dir: dir,
+    }
+}
+
+async fn get_text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// Metric names present in a Prometheus text exposition (histogram series included).
+fn exposed(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+struct Names(BTreeSet<String>);
+
+impl ExprVisitor for Names {
+    type Error = ();
+    fn pre_visit(&mut self, e: &Expr) -> Result<bool, ()> {
+        match e {
+            Expr::VectorSelector(vs) => self.0.extend(vs.name.clone()),
+            Expr::MatrixSelector(ms) => self.0.extend(ms.vs.name.clone()),
+            _ => {}
+        }
+        Ok(true)
+    }
+}
+
+/// A dashboard expression as Prometheus receives it: Grafana's variables filled in.
+fn promql(expr: &str) -> String {
+    let e = expr
+        .replace("$__rate_interval", "1m")
+        .replace("$namespace", "default")
+        .replace("$rollout", "obs");
+    assert!(
+        !e.contains('$'),
+        "a variable the test does not know in {expr}"
+    );
+    e
+}
+
+/// A dashboard query as Postgres receives it: Grafana's macros and variables filled in.
+fn sql(query: &str) -> String {
+    let q = query
+        .replace(
+            "$__timeFilter(time)",
+            "time BETWEEN now() - interval '1 hour' AND now() + interval '1 minute'",
+        )
+        .replace(
+            "$__timeGroupAlias(time, '1m')",
+            "date_trunc('minute', time) AS \"time\"",
+        )
+        .replace("$namespace", "default")
+        .replace("$rollout", "obs");
+    assert!(
+        !q.contains('$'),
+        "a macro or variable the test does not know in {query}"
+    );
+    q
+}
+
+/// Every panel of every dashboard: structure, PromQL, the metrics it uses, its SQL.
+async fn check_dashboards(hub_metrics: &str, spoke_metrics: &str, db: &TestDb) {
+    let hub = exposed(hub_metrics);
+    let spoke = exposed(spoke_metrics);
+    let mut uids = BTreeSet::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 4, "four dashboards: {files:?}");
+    let mut sql_rows = 0;
+    for file in &files {
+        let name = file.display().to_string();
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: not JSON: {e}"));
+        let uid = d["uid"].as_str().unwrap_or_default();
+        assert!(!uid.is_empty() && uid.len() <= 40, "{name}: uid");
+        assert!(uids.insert(uid.to_string()), "{name}: uid {uid} used twice");
+        assert!(
+            d["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{name}: title"
+        );
+        let vars = d["templating"]["list"].as_array().unwrap();
+        let var_type = |v: &str| {
+            vars.iter()
+                .find(|x| x["name"] == v)
+                .map(|x| (x["type"].clone(), x["query"].clone()))
+        };
+        assert_eq!(
+            var_type("datasource"),
+            Some((json!("datasource"), json!("prometheus"))),
+            "{name}: a templated Prometheus datasource"
+        );
+        assert_eq!(
+            var_type("history"),
+            Some((json!("datasource"), json!("grafana-postgresql-datasource"))),
+            "{name}: a templated Postgres datasource"
+        );
+        let mut ids = BTreeSet::new();
+        for p in d["panels"].as_array().unwrap() {
+            let title = p["title"].as_str().unwrap_or_default();
+            let at = format!("{name}: panel {title:?}");
+            assert!(!title.is_empty(), "{name}: a panel without a title");
+            assert!(ids.insert(p["id"].as_i64().unwrap()), "{at}: id used twice");
+            assert!(
+                p["fieldConfig"]["defaults"]["unit"]
+                    .as_str()
+                    .is_some_and(|u| !u.is_empty()),
+                "{at}: no unit"
+            );
+            let ds = &p["datasource"];
+            let kind = ds["type"].as_str().unwrap_or_default();
+            match (kind, ds["uid"].as_str()) {
+                ("prometheus", Some("${datasource}"))
+                | ("grafana-postgresql-datasource", Some("${history}")) => {}
+                other => panic!("{at}: datasource {other:?} is not a dashboard variable"),
+            }
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{at}: no query");
+            for t in targets {
+                assert_eq!(&t["datasource"], ds, "{at}: a query on another datasource");
+                if kind == "prometheus" {
+                    let expr = t["expr"].as_str().unwrap();
+                    let parsed = parser::parse(&promql(expr))
+                        .unwrap_or_else(|e| panic!("{at}: {expr}: {e}"));
+                    let mut names = Names(BTreeSet::new());
+                    walk_expr(&mut names, &parsed).unwrap();
+                    assert!(!names.0.is_empty(), "{at}: {expr} reads no metric");
+                    for m in names.0 {
+                        let (where_, set) = if m.starts_with("spoke_") {
+                            ("a spoke", &spoke)
+                        } else {
+                            ("the hub", &hub)
+                        };
+                        assert!(
+                            set.contains(&m),
+                            "{at}: {m} is not in the /metrics of {where_}"
+                        );
+                    }
+                } else {
+                    let query = sql(t["rawSql"].as_str().unwrap());
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(query.clone()))
+                        .fetch_all(&db.pool)
+                        .await
+                        .unwrap_or_else(|e| panic!("{at}: {query}: {e}"));
+                    sql_rows += rows.len();
+                }
+            }
+        }
+        for v in vars.iter().filter(|v| v["type"] == "query") {
+            let query = sql(v["query"].as_str().unwrap());
+            let rows = sqlx::query(sqlx::AssertSqlSafe(query.clone()))
+                .fetch_all(&db.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: variable {}: {query}: {e}", v["name"]));
+            assert!(
+                !rows.is_empty(),
+                "{name}: variable {} offers nothing",
+                v["name"]
+            );
+        }
+    }
+    assert!(
+        sql_rows > 0,
+        "the history panels found nothing of the rollout"
+    );
+}
+
+/// The provisioning files name the datasources the dashboards' variables ask for and load
+/// this folder.
+fn check_provisioning() {
+    let dir = dashboards_dir().join("provisioning");
+    let ds: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("datasources/fleet-hub.yaml")).unwrap(),
+    )
+    .unwrap();
+    let types: BTreeSet<&str> = ds["datasources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        BTreeSet::from(["prometheus", "grafana-postgresql-datasource"])
+    );
+    let boards: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("dashboards/fleet-hub.yaml")).unwrap(),
+    )
+    .unwrap();
+    let provider = &boards["providers"][0];
+    assert_eq!(provider["type"].as_str(), Some("file"));
+    assert!(provider["options"]["path"].as_str().is_some());
+}
+
+/// JSON log lines of a file.
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// A field of the line's own fields or of any of its spans.
+fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
+    line["fields"][name].as_str().or_else(|| {
+        line["spans"]
+            .as_array()?
+            .iter()
+            .rev()
+            .find_map(|s| s[name].as_str())
+    })
+}
+
+#[tokio::test]
+async fn dashboards_metrics_and_logs_after_a_small_rollout() {
+    let db = TestDb::empty().await;
+    let run = start(&db).await;
+    let client = reqwest::Client::new();
+    let ibgu = json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "obs", "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchLabels": {"demo": "obs"}}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+            "plan": [
+                {"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}},
+                {"actions": ["FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}}
+            ]
+        }
+    });
+    let res = client
+        .post(format!("{}/v1/rollouts", run.hub))
+        .bearer_auth(ADMIN)
+        .json(&ibgu)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let url = format!("{}/v1/rollouts/default/obs", run.hub);
+    // While the first step runs, the per-rollout gauges show it.
+    // The per-rollout gauges exist only while the rollout is active: keep a scrape that
+    // shows them.
+    let active_scrape = std::cell::RefCell::new(String::new());
+    let status = wait_for("the rollout to complete", DEADLINE, || {
+        let (client, url, hub) = (client.clone(), url.clone(), run.hub.clone());
+        let seen = &active_scrape;
+        async move {
+            if seen.borrow().is_empty() {
+                let m = get_text(&format!("{hub}/metrics")).await;
+                if m.contains("fleet_hub_rollout_clusters{namespace=\"default\",rollout=\"obs\"") {
+                    *seen.borrow_mut() = m;
+                }
+            }
+            let g: Value = client
+                .get(&url)
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (g["status"]["conditions"][0]["reason"] == "Completed").then_some(g)
+        }
+    })
+    .await;
+    let active_scrape = active_scrape.into_inner();
+    assert!(
+        !active_scrape.is_empty(),
+        "fleet_hub_rollout_clusters showed the active rollout"
+    );
+    let failed: Vec<&str> = status["status"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["failedActions"].as_array().is_some_and(|f| !f.is_empty()))
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(failed, vec!["obs3"]);
+
+    let hub_metrics = get_text(&format!("{}/metrics", run.hub)).await;
+    let spoke_metrics = get_text(&format!("{}/metrics", run.fleet)).await;
+    // The rollout is over: the per-rollout gauges are gone, the totals stay.
+    assert!(!hub_metrics.contains("rollout=\"obs\""), "{hub_metrics}");
+    for line in [
+        "fleet_hub_rollouts{phase=\"Completed\"} 1",
+        "fleet_hub_spokes_registered 3",
+        "fleet_hub_spokes_reachable 3",
+        "fleet_hub_action_duration_seconds_count{action=\"Prep\",result=\"completed\"} 2",
+        "fleet_hub_action_duration_seconds_count{action=\"Prep\",result=\"failed\"} 1",
+        "fleet_hub_action_duration_seconds_count{action=\"FinalizeUpgrade\",result=\"completed\"} 2",
+        "fleet_hub_rollout_events_total{event=\"ActionFailed\"} 1",
+        "fleet_hub_db_pool_max_connections ",
+    ] {
+        assert!(
+            hub_metrics.contains(line),
+            "hub /metrics lacks {line}:\n{hub_metrics}"
+        );
+    }
+    for line in [
+        "spoke_stage_duration_seconds_count{result=\"completed\",stage=\"Prep\"} 2",
+        "spoke_stage_duration_seconds_count{result=\"failed\",stage=\"Prep\"} 1",
+        "spoke_stage_duration_seconds_count{result=\"completed\",stage=\"Upgrade\"} 2",
+        "spoke_phase_duration_seconds_count{phase=\"Precache\",stage=\"Prep\"} 2",
+        "spoke_transitions_total{result=\"accepted\"}",
+    ] {
+        assert!(
+            spoke_metrics.contains(line),
+            "spoke /metrics lacks {line}:\n{spoke_metrics}"
+        );
+    }
+    check_dashboards(
+        &format!("{hub_metrics}\n{active_scrape}"),
+        &spoke_metrics,
+        &db,
+    )
+    .await;
+    check_provisioning();
+
+    // Logs: JSON, the hub's pushes carry rollout, cluster, action and a request id that the
+    // spoke's log of the same request carries too; no token anywhere.
+    let hub_lines = log_lines(&run.hub_log);
+    let fleet_lines = log_lines(&run.fleet_log);
+    let pushes: Vec<&Value> = hub_lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "stage pushed")
+        .collect();
+    // obs1 and obs2: Prep, Upgrade, FinalizeUpgrade; obs3: Prep.
+    assert!(
+        pushes.len() >= 7,
+        "a push per cluster action: {}",
+        pushes.len()
+    );
+    for p in &pushes {
+        assert_eq!(field(p, "rollout"), Some("default/obs"), "{p}");
+        assert!(
+            field(p, "cluster").is_some_and(|c| c.starts_with("obs")),
+            "{p}"
+        );
+        assert!(field(p, "action").is_some(), "{p}");
+        let id = field(p, "request_id").unwrap();
+        let on_spoke = fleet_lines.iter().any(|l| {
+            field(l, "request_id") == Some(id) && l["fields"]["message"] == "IBU change accepted"
+        });
+        assert!(
+            on_spoke,
+            "the spoke logged no accepted change for request {id}"
+        );
+    }
+    let events: Vec<&Value> = hub_lines
+        .iter()
+        .filter(|l| l["fields"]["event"] == "ActionFailed")
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(field(events[0], "rollout"), Some("default/obs"));
+    for (what, path) in [("hub", &run.hub_log), ("fleet", &run.fleet_log)] {
+        let text = std::fs::read_to_string(path).unwrap();
+        for secret in [ADMIN, JOIN] {
+            assert!(!text.contains(secret), "the {what} log shows a token");
+        }
+    }
+}
