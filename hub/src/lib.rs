@@ -2,6 +2,7 @@
 //! single-node OpenShift clusters, with Postgres as the source of truth.
 
 pub mod cli;
+pub mod crd;
 pub mod db;
 pub mod demo;
 pub mod embedded_pg;
