@@ -65,9 +65,32 @@ pub struct ServeArgs {
     /// Token a spoke agent presents to register.
     #[arg(long, env = "FLEET_HUB_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
-    /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster.
+    /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster
+    /// (the in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "FLEET_HUB_KUBE")]
     pub kube: bool,
+    #[command(flatten)]
+    pub kube_options: KubeArgs,
+}
+
+/// Kubernetes mode (with --kube).
+#[derive(Args, Debug)]
+pub struct KubeArgs {
+    /// Namespaces whose ImageBasedGroupUpgrades are reconciled (comma-separated; empty: all).
+    #[arg(long, env = "FLEET_HUB_KUBE_NAMESPACES", value_delimiter = ',')]
+    pub kube_namespaces: Vec<String>,
+    /// Kubernetes writes per second, sustained.
+    #[arg(long, env = "FLEET_HUB_KUBE_QPS", default_value_t = 20.0)]
+    pub kube_qps: f64,
+    /// Kubernetes writes allowed at once above the sustained rate.
+    #[arg(long, env = "FLEET_HUB_KUBE_BURST", default_value_t = 40)]
+    pub kube_burst: u32,
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "FLEET_HUB_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "FLEET_HUB_LEASE_NAME", default_value = "fleet-hub")]
+    pub lease_name: String,
 }
 
 #[derive(Args, Debug)]

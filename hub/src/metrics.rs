@@ -46,6 +46,7 @@ pub struct Metrics {
     pub db_max_connections: IntGauge,
     pub kube_requests: IntCounterVec,
     pub kube_request_duration: HistogramVec,
+    pub reconcile_errors: IntCounterVec,
     /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
     pub refresh_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -231,6 +232,12 @@ impl Metrics {
             &["verb"],
             &FAST,
         )?;
+        let reconcile_errors = counter(
+            &r,
+            "fleet_hub_kube_reconcile_errors_total",
+            "IBGU reconciles that failed and were retried, by error (kubernetes, database, hub, encoding, vanished)",
+            &["error"],
+        )?;
         // Known series start at zero, so rates and dashboards work before the first event.
         for result in ["stored", "stale", "rejected"] {
             reports.with_label_values(&[result]);
@@ -284,6 +291,7 @@ impl Metrics {
             db_max_connections,
             kube_requests,
             kube_request_duration,
+            reconcile_errors,
             refresh_lock: Default::default(),
         })
     }

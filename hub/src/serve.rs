@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::cli::ServeArgs;
+use crate::cli::{KubeArgs, ServeArgs};
 use crate::db::Database;
 use crate::engine::{Engine, SystemClock};
 use crate::error::Error;
 use crate::http::{self, AppState};
+use crate::kubernetes;
 use crate::metrics::Metrics;
 
 pub async fn run(args: ServeArgs) -> Result<(), Error> {
@@ -19,13 +20,30 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         admin_token,
         join_token,
         kube,
+        kube_options:
+            KubeArgs {
+                kube_namespaces,
+                kube_qps,
+                kube_burst,
+                lease_namespace,
+                lease_name,
+            },
     } = args;
-    // Refuse what this build cannot do yet rather than accept it silently.
-    if kube {
-        return Err(Error::NotImplemented(
-            "--kube (Kubernetes mode) is not in this build; run without it",
+    if kube_qps <= 0.0 || kube_burst == 0 {
+        return Err(Error::Config(
+            "--kube-qps must be above 0 and --kube-burst at least 1".into(),
         ));
     }
+    // Found before anything starts, so a hub that cannot reach Kubernetes says so at once.
+    let kube_config = if kube {
+        Some(kube::Config::infer().await.map_err(|e| {
+            Error::Config(format!(
+                "--kube: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
+            ))
+        })?)
+    } else {
+        None
+    };
     if admin_token.is_none() {
         tracing::warn!("no --admin-token: the REST API is open to anyone who can reach it");
     }
@@ -38,6 +56,36 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
+    let kube_task = match kube_config {
+        Some(config) => {
+            let identity = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| format!("fleet-hub-{}", uuid::Uuid::new_v4().simple()));
+            let namespace = lease_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into());
+            let client = kubernetes::client(config, &metrics, kube_qps, kube_burst)?;
+            let ctx = Arc::new(kubernetes::Context {
+                client,
+                pool: db.pool.clone(),
+                engine: engine.clone(),
+                metrics: metrics.clone(),
+                clock: Arc::new(SystemClock),
+                identity: identity.clone(),
+            });
+            tracing::info!(%identity, lease = %format!("{namespace}/{lease_name}"), "Kubernetes mode");
+            Some(tokio::spawn(kubernetes::run(
+                ctx,
+                kubernetes::Options {
+                    namespaces: kube_namespaces,
+                    lease_namespace: namespace,
+                    lease_name,
+                    identity,
+                },
+            )))
+        }
+        None => None,
+    };
     let state = AppState {
         pool: db.pool.clone(),
         metrics,
@@ -61,6 +109,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         .await;
     tracing::info!("draining done, shutting down");
     driver.abort();
+    if let Some(task) = kube_task {
+        task.abort();
+    }
     let closed = db.close().await;
     served.map_err(|source| Error::Listen {
         addr: local.to_string(),

@@ -983,3 +983,119 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
     .map_err(db)?;
     Ok(snap)
 }
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes mode
+
+/// Every cluster's labels and endpoint, to compare with the ManagedClusters.
+pub async fn cluster_labels_all(
+    pool: &PgPool,
+) -> Result<HashMap<String, (BTreeMap<String, String>, String)>, Error> {
+    let rows = sqlx::query("SELECT name, labels, endpoint FROM clusters")
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let labels: Value = r.try_get("labels").map_err(db)?;
+            Ok((
+                r.try_get("name").map_err(db)?,
+                (
+                    serde_json::from_value(labels).unwrap_or_default(),
+                    r.try_get("endpoint").map_err(db)?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Clusters known from ManagedClusters: their labels replace the stored ones except the
+/// hub's `lcm.openshift.io/ibgu-*` labels, which are kept as they are in the row at that
+/// moment (the engine may be writing them); an empty endpoint keeps the stored one. A new
+/// cluster has no credential until its agent registers.
+pub async fn cluster_sync_from_kube(
+    pool: &PgPool,
+    clusters: &[(String, BTreeMap<String, String>, String)],
+) -> Result<(), Error> {
+    if clusters.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = clusters.iter().map(|c| c.0.as_str()).collect();
+    let labels: Vec<Value> = clusters
+        .iter()
+        .map(|c| {
+            let own: BTreeMap<&String, &String> =
+                c.1.iter()
+                    .filter(|(k, _)| !fleet_types::labels::is_ibgu_label(k))
+                    .collect();
+            serde_json::to_value(own).unwrap_or_default()
+        })
+        .collect();
+    let endpoints: Vec<&str> = clusters.iter().map(|c| c.2.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash)
+         SELECT u.name, u.labels, u.endpoint, '' FROM UNNEST($1::text[], $2::jsonb[], $3::text[])
+           AS u(name, labels, endpoint)
+         ON CONFLICT (name) DO UPDATE SET
+           labels = EXCLUDED.labels || (SELECT COALESCE(jsonb_object_agg(key, value), '{}'::jsonb)
+                                        FROM jsonb_each(clusters.labels)
+                                        WHERE key LIKE 'lcm.openshift.io/ibgu-%'),
+           endpoint = CASE WHEN EXCLUDED.endpoint = '' THEN clusters.endpoint ELSE EXCLUDED.endpoint END",
+    )
+    .bind(&names)
+    .bind(&labels)
+    .bind(&endpoints)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// A history row for Kubernetes Events.
+pub struct HistoryEvent {
+    pub id: i64,
+    pub namespace: String,
+    pub rollout: String,
+    pub cluster: Option<String>,
+    pub event: String,
+    pub message: String,
+}
+
+/// History rows after `after` whose event is one of `events`, oldest first.
+pub async fn history_since(
+    pool: &PgPool,
+    after: i64,
+    events: &[&str],
+    limit: i64,
+) -> Result<Vec<HistoryEvent>, Error> {
+    let rows = sqlx::query(
+        "SELECT id, rollout_namespace, rollout_name, cluster, event, message FROM history
+         WHERE id > $1 AND event = ANY($2) ORDER BY id LIMIT $3",
+    )
+    .bind(after)
+    .bind(events)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(HistoryEvent {
+                id: r.try_get("id").map_err(db)?,
+                namespace: r.try_get("rollout_namespace").map_err(db)?,
+                rollout: r.try_get("rollout_name").map_err(db)?,
+                cluster: r.try_get("cluster").map_err(db)?,
+                event: r.try_get("event").map_err(db)?,
+                message: r.try_get("message").map_err(db)?,
+            })
+        })
+        .collect()
+}
+
+/// The newest history id (0 when empty).
+pub async fn history_last_id(pool: &PgPool) -> Result<i64, Error> {
+    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM history")
+        .fetch_one(pool)
+        .await
+        .map_err(db)
+}

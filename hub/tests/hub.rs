@@ -16,6 +16,8 @@ use hub::engine::{Engine, SystemClock};
 use hub::http::{AppState, router};
 use hub::metrics::Metrics;
 
+mod kube_mode;
+
 async fn migrated() -> TestDb {
     let db = TestDb::empty().await;
     db::migrate(&db.pool).await.expect("migrations apply");

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ApiError, AppState};
-use crate::planner::{rollout, selector, validate};
+use crate::planner::{rollout, selector};
 use crate::store;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -224,13 +224,7 @@ async fn validation(
     new: &ImageBasedGroupUpgrade,
     old: Option<&ImageBasedGroupUpgrade>,
 ) -> Result<(), ApiError> {
-    let existing: std::collections::BTreeSet<(String, String)> =
-        store::configmap_names(&state.pool)
-            .await?
-            .into_iter()
-            .collect();
-    let exists = |r: &ConfigMapRef| existing.contains(&(r.namespace.clone(), r.name.clone()));
-    let causes = validate::validate(new, old, &exists);
+    let causes = crate::rollouts::problems(&state.pool, new, old).await?;
     if causes.is_empty() {
         Ok(())
     } else {

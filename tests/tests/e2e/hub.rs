@@ -85,15 +85,19 @@ async fn serve_with_no_configuration_runs_its_own_postgres_and_keeps_data() {
 }
 
 #[tokio::test]
-async fn flags_not_in_this_build_are_refused_not_ignored() {
+async fn kube_mode_without_a_cluster_says_so_before_starting() {
+    let empty = tempfile::tempdir().unwrap();
     let out = Command::new(binary("fleet-hub"))
         .args(["serve", "--kube"])
         .env_remove("DATABASE_URL")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", empty.path().join("missing-kubeconfig"))
+        .env("HOME", empty.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not implemented yet"), "{err}");
+    assert!(err.contains("--kube: no Kubernetes configuration"), "{err}");
 }
 
 #[tokio::test]

@@ -1,0 +1,142 @@
+//! Kubernetes mode (`fleet-hub serve --kube`): ImageBasedGroupUpgrade CRs reconciled into
+//! the engine with their status written back, the fleet read from ManagedClusters and the
+//! `lcm.openshift.io/ibgu-*` labels written onto them, Events for steps, batches, timeouts
+//! and failures. Every Kubernetes request goes through one rate-limited, counted client; one
+//! replica at a time does the Kubernetes writes (a Lease).
+
+pub mod client;
+pub mod controller;
+pub mod decide;
+pub mod events;
+pub mod fleet;
+pub mod lease;
+
+use std::sync::Arc;
+
+use fleet_types::ibgu::ImageBasedGroupUpgrade;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::runtime::{Controller, watcher};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::engine::{Clock, Engine};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// One error type for the Kubernetes side, with a bounded label for the metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error(transparent)]
+    Hub(#[from] Error),
+    #[error("encoding a patch: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the rollout disappeared while it was being updated")]
+    Vanished,
+}
+
+impl KubeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            KubeError::Api(_) => "kubernetes",
+            KubeError::Hub(Error::Database(_)) => "database",
+            KubeError::Hub(_) => "hub",
+            KubeError::Json(_) => "encoding",
+            KubeError::Vanished => "vanished",
+        }
+    }
+}
+
+/// What the reconcilers share.
+pub struct Context {
+    pub client: kube::Client,
+    pub pool: PgPool,
+    pub engine: Arc<Engine>,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    /// This replica's name in the Lease and in Events.
+    pub identity: String,
+}
+
+/// How Kubernetes mode runs (from `serve`'s flags).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespaces whose IBGUs are reconciled; empty: all.
+    pub namespaces: Vec<String>,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+}
+
+/// A client for `config` whose every request is counted and rate-limited.
+pub fn client(
+    config: kube::Config,
+    metrics: &Metrics,
+    qps: f64,
+    burst: u32,
+) -> Result<kube::Client, Error> {
+    let layer = client::KubeLayer {
+        metrics: metrics.clone(),
+        limiter: client::Limiter::new(qps, burst),
+    };
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| Error::Config(format!("--kube: building the Kubernetes client: {e}")))?;
+    Ok(builder.with_layer(&layer).build())
+}
+
+/// Runs Kubernetes mode until the task is dropped: the Lease always, the rest while this
+/// replica leads.
+pub async fn run(ctx: Arc<Context>, options: Options) {
+    let (tx, mut leading) = watch::channel(false);
+    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &options.lease_namespace);
+    tokio::spawn(lease::run(
+        lease_api,
+        options.lease_name.clone(),
+        options.identity.clone(),
+        ctx.clock.clone(),
+        tx,
+    ));
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        tracing::info!(identity = %options.identity, "leading: reconciling IBGUs and ManagedClusters");
+        let work = tokio::spawn(lead(ctx.clone(), options.namespaces.clone()));
+        let _ = leading.wait_for(|l| !*l).await;
+        tracing::warn!(identity = %options.identity, "no longer leading: Kubernetes writes stop");
+        work.abort();
+    }
+}
+
+/// The leader's work: one controller per watched namespace (or one for all), the fleet
+/// sync, the Events.
+async fn lead(ctx: Arc<Context>, namespaces: Vec<String>) {
+    let apis: Vec<Api<ImageBasedGroupUpgrade>> = if namespaces.is_empty() {
+        vec![Api::all(ctx.client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .collect()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stores = Vec::new();
+    for api in apis {
+        let controller = Controller::new(api, watcher::Config::default());
+        stores.push(controller.store());
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            controller
+                .shutdown_on_signal()
+                .run(controller::reconcile, controller::error_policy, ctx)
+                .for_each(|_| async {})
+                .await;
+        });
+    }
+    tasks.spawn(fleet::run(ctx.clone()));
+    tasks.spawn(events::run(ctx.clone(), stores));
+    while tasks.join_next().await.is_some() {}
+}
