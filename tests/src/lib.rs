@@ -1,6 +1,8 @@
 //! Support for the end-to-end tests: find the workspace's binaries and run them as child
 //! processes, the way an operator would; give each test a fresh real Postgres database.
 
+pub mod fake_kube;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

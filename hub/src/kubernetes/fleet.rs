@@ -119,7 +119,7 @@ async fn write_labels(
             .await
         {
             Ok(_) => {
-                tracing::debug!(cluster = %name, "ibgu labels written to the ManagedCluster");
+                tracing::info!(cluster = %name, "ibgu labels written to the ManagedCluster");
                 return Ok(());
             }
             Err(kube::Error::Api(e)) if e.code == 409 && attempt == 0 => {

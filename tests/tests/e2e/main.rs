@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binaries, started as an operator starts them, over loopback.
 
 mod hub;
+mod kube;
 mod observability;
 mod rollout;
 mod spoke;

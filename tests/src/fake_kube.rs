@@ -1,0 +1,594 @@
+//! An in-process fake Kubernetes API server, enough for the hub's Kubernetes mode: any
+//! resource under `/api/v1` and `/apis/<group>/<version>`, cluster-scoped or namespaced,
+//! with list, watch (newline-delimited events from a resourceVersion), get, create, replace
+//! (with the `status` subresource), JSON and merge patches, delete with finalizers, and
+//! resourceVersion semantics (a stale version is a 409). Objects of a kind with a CRD given
+//! to it are checked against the CRD's CEL rules, as the real API server would. Requests can
+//! be checked against ClusterRoles: a request no rule allows is answered 403 and recorded.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// A request with this header is a cluster admin's, not checked against the ClusterRoles.
+pub const ADMIN_HEADER: &str = "x-fake-cluster-admin";
+
+/// Where an object lives: api prefix (`api/v1`, `apis/g/v`), plural, namespace, name.
+type Key = (String, String, String, String);
+
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    prefix: String,
+    plural: String,
+    namespace: String,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    log: Vec<Change>,
+    denied: Vec<String>,
+    requests: Vec<String>,
+}
+
+/// A RBAC rule: API groups, resources (with `/status` for subresources), verbs.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub groups: Vec<String>,
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct FakeKube {
+    inner: Arc<Mutex<Inner>>,
+    changes: broadcast::Sender<Change>,
+    /// (prefix, plural) -> the CRD's openAPIV3Schema.
+    schemas: Arc<BTreeMap<(String, String), Value>>,
+    rules: Arc<Option<Vec<Rule>>>,
+    pub url: String,
+}
+
+fn status(code: u16, reason: &str, message: impl Into<String>) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "code": code, "reason": reason, "message": message.into()});
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// The parts of a request path.
+struct Target {
+    prefix: String,
+    group: String,
+    namespace: String,
+    plural: String,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (prefix, group, rest) = match *parts.first()? {
+        "api" => (parts.get(..2)?.join("/"), String::new(), parts.get(2..)?),
+        "apis" => (
+            parts.get(..3)?.join("/"),
+            parts[1].to_string(),
+            parts.get(3..)?,
+        ),
+        _ => return None,
+    };
+    let (namespace, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (rest[1].to_string(), &rest[2..])
+    } else {
+        (String::new(), rest)
+    };
+    Some(Target {
+        prefix,
+        group,
+        namespace,
+        plural: rest.first()?.to_string(),
+        name: rest.get(1).map(|s| s.to_string()),
+        sub: rest.get(2).map(|s| s.to_string()),
+    })
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl FakeKube {
+    /// Serves on a free loopback port until the runtime ends. `crds` are CRD objects
+    /// whose CEL rules apply; `rules`, when given, is what the client may do.
+    pub async fn start(crds: &[Value], rules: Option<Vec<Rule>>) -> FakeKube {
+        let mut schemas = BTreeMap::new();
+        for crd in crds {
+            let group = crd["spec"]["group"].as_str().unwrap_or_default();
+            let version = crd["spec"]["versions"][0]["name"]
+                .as_str()
+                .unwrap_or_default();
+            let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            schemas.insert(
+                (format!("apis/{group}/{version}"), plural.to_string()),
+                crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone(),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = FakeKube {
+            inner: Default::default(),
+            changes: broadcast::channel(4096).0,
+            schemas: Arc::new(schemas),
+            rules: Arc::new(rules),
+            url,
+        };
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(fake.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        fake
+    }
+
+    /// A kubeconfig that points a client at this server (no authentication).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            self.url
+        )
+    }
+
+    /// Puts an object as a user would (`oc apply` of a new object).
+    pub fn seed(&self, prefix: &str, plural: &str, object: Value) {
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut inner = self.inner.lock().unwrap();
+        let key = (prefix.to_string(), plural.to_string(), ns.clone(), name);
+        let obj = self.stamp(&mut inner, object, true);
+        inner.objects.insert(key, obj.clone());
+        self.publish(&mut inner, "ADDED", prefix, plural, &ns, obj);
+    }
+
+    pub fn get(&self, prefix: &str, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (
+            prefix.to_string(),
+            plural.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        self.inner.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    pub fn list(&self, prefix: &str, plural: &str) -> Vec<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|((p, r, _, _), _)| p == prefix && r == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Requests refused because no ClusterRole rule allowed them.
+    pub fn denied(&self) -> Vec<String> {
+        self.inner.lock().unwrap().denied.clone()
+    }
+
+    /// Every request served, as `VERB group/resource`.
+    pub fn requests(&self) -> Vec<String> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    fn stamp(&self, inner: &mut Inner, mut obj: Value, created: bool) -> Value {
+        inner.rv += 1;
+        let meta = &mut obj["metadata"];
+        meta["resourceVersion"] = json!(inner.rv.to_string());
+        if created {
+            meta["uid"] = json!(format!("uid-{}", inner.rv));
+            meta["creationTimestamp"] = json!(now());
+            meta["generation"] = json!(1);
+        }
+        obj
+    }
+
+    fn publish(
+        &self,
+        inner: &mut Inner,
+        kind: &'static str,
+        prefix: &str,
+        plural: &str,
+        ns: &str,
+        object: Value,
+    ) {
+        let change = Change {
+            rv: inner.rv,
+            kind,
+            prefix: prefix.to_string(),
+            plural: plural.to_string(),
+            namespace: ns.to_string(),
+            object,
+        };
+        inner.log.push(change.clone());
+        let _ = self.changes.send(change);
+    }
+
+    fn allowed(&self, group: &str, resource: &str, verb: &str) -> bool {
+        match self.rules.as_ref() {
+            None => true,
+            Some(rules) => rules.iter().any(|r| {
+                r.groups.iter().any(|g| g == group || g == "*")
+                    && r.resources.iter().any(|x| x == resource || x == "*")
+                    && r.verbs.iter().any(|v| v == verb || v == "*")
+            }),
+        }
+    }
+
+    /// The CRD's CEL verdict: the messages of every rule broken, or nothing.
+    fn validate(&self, t: &Target, new: &Value, old: Option<&Value>) -> Result<(), String> {
+        let Some(schema) = self.schemas.get(&(t.prefix.clone(), t.plural.clone())) else {
+            return Ok(());
+        };
+        kube::core::cel::Validator::new()
+            .validate(schema, new, old)
+            .map_err(|errors| {
+                let messages: Vec<String> =
+                    errors.into_vec().into_iter().map(|e| e.message).collect();
+                messages.join("; ")
+            })
+    }
+}
+
+fn verb(method: &Method, t: &Target, query: &str) -> &'static str {
+    match *method {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ if query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1") =>
+        {
+            "watch"
+        }
+        _ if t.name.is_none() => "list",
+        _ => "get",
+    }
+}
+
+async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    // The test itself acts as a cluster admin (`oc` of a user); RBAC is for the program.
+    let admin = req.headers().contains_key(ADMIN_HEADER);
+    let Some(t) = parse(&path) else {
+        return status(404, "NotFound", format!("no such path {path}"));
+    };
+    let verb = verb(&method, &t, &query);
+    let resource = match &t.sub {
+        Some(sub) => format!("{}/{sub}", t.plural),
+        None => t.plural.clone(),
+    };
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner
+            .requests
+            .push(format!("{verb} {}/{resource}", t.group));
+        if !admin && !fake.allowed(&t.group, &resource, verb) {
+            let what = format!("{verb} {}/{resource}", t.group);
+            inner.denied.push(what.clone());
+            return status(403, "Forbidden", format!("RBAC: {what} is not allowed"));
+        }
+    }
+    let body: Bytes = match axum::body::to_bytes(req.into_body(), 4 << 20).await {
+        Ok(b) => b,
+        Err(e) => return status(400, "BadRequest", e.to_string()),
+    };
+    match verb {
+        "watch" => watch(&fake, &t, &query),
+        "list" => {
+            let inner = fake.inner.lock().unwrap();
+            let items: Vec<Value> = inner
+                .objects
+                .iter()
+                .filter(|((p, r, ns, _), _)| {
+                    *p == t.prefix
+                        && *r == t.plural
+                        && (t.namespace.is_empty() || *ns == t.namespace)
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            axum::Json(json!({"apiVersion": "v1", "kind": "List",
+                              "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}))
+            .into_response()
+        }
+        _ => write(&fake, &t, verb, &content_type, &body),
+    }
+}
+
+fn key(t: &Target, name: &str) -> Key {
+    (
+        t.prefix.clone(),
+        t.plural.clone(),
+        t.namespace.clone(),
+        name.to_string(),
+    )
+}
+
+fn write(fake: &FakeKube, t: &Target, verb: &str, content_type: &str, body: &[u8]) -> Response {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let mut inner = fake.inner.lock().unwrap();
+    if verb == "create" {
+        let Some(obj) = parsed else {
+            return status(400, "BadRequest", "the body is not JSON");
+        };
+        let mut obj = obj;
+        if !t.namespace.is_empty() {
+            obj["metadata"]["namespace"] = json!(t.namespace);
+        }
+        let name = match obj["metadata"]["name"].as_str() {
+            Some(n) => n.to_string(),
+            None => match obj["metadata"]["generateName"].as_str() {
+                Some(g) => format!("{g}{}", inner.rv + 1),
+                None => return status(422, "Invalid", "metadata.name is required"),
+            },
+        };
+        obj["metadata"]["name"] = json!(name);
+        let k = key(t, &name);
+        if inner.objects.contains_key(&k) {
+            return status(
+                409,
+                "AlreadyExists",
+                format!("{} {name:?} already exists", t.plural),
+            );
+        }
+        if let Err(why) = fake.validate(t, &obj, None) {
+            return status(422, "Invalid", why);
+        }
+        let obj = fake.stamp(&mut inner, obj, true);
+        inner.objects.insert(k, obj.clone());
+        fake.publish(
+            &mut inner,
+            "ADDED",
+            &t.prefix,
+            &t.plural,
+            &t.namespace,
+            obj.clone(),
+        );
+        return (StatusCode::CREATED, axum::Json(obj)).into_response();
+    }
+    let Some(name) = t.name.clone() else {
+        return status(405, "MethodNotAllowed", "a collection cannot be changed");
+    };
+    let k = key(t, &name);
+    let Some(current) = inner.objects.get(&k).cloned() else {
+        return status(404, "NotFound", format!("{} {name:?} not found", t.plural));
+    };
+    if verb == "get" {
+        return axum::Json(current).into_response();
+    }
+    let mut next = match verb {
+        "update" => {
+            let Some(obj) = parsed else {
+                return status(400, "BadRequest", "the body is not JSON");
+            };
+            if obj["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            obj
+        }
+        "patch" => {
+            let mut doc = current.clone();
+            if content_type.starts_with("application/json-patch+json") {
+                let patch: json_patch::Patch = match parsed.map(serde_json::from_value) {
+                    Some(Ok(p)) => p,
+                    _ => return status(400, "BadRequest", "not a JSON patch"),
+                };
+                if let Err(e) = json_patch::patch(&mut doc, &patch) {
+                    return status(
+                        422,
+                        "Invalid",
+                        format!("the JSON patch does not apply: {e}"),
+                    );
+                }
+            } else {
+                let Some(patch) = parsed else {
+                    return status(400, "BadRequest", "the body is not JSON");
+                };
+                let wanted_rv = patch["metadata"]["resourceVersion"].clone();
+                if !wanted_rv.is_null() && wanted_rv != current["metadata"]["resourceVersion"] {
+                    return status(409, "Conflict", "the object has been modified");
+                }
+                json_patch::merge(&mut doc, &patch);
+            }
+            doc
+        }
+        "delete" => {
+            let finalizers = current["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if !finalizers {
+                inner.objects.remove(&k);
+                inner.rv += 1;
+                fake.publish(
+                    &mut inner,
+                    "DELETED",
+                    &t.prefix,
+                    &t.plural,
+                    &t.namespace,
+                    current.clone(),
+                );
+                return axum::Json(current).into_response();
+            }
+            let mut doc = current.clone();
+            doc["metadata"]["deletionTimestamp"] = json!(now());
+            doc
+        }
+        _ => return status(405, "MethodNotAllowed", verb.to_string()),
+    };
+    // The status subresource changes the status only; the object itself never the status.
+    match t.sub.as_deref() {
+        Some("status") => {
+            let mut only = current.clone();
+            only["status"] = next["status"].clone();
+            next = only;
+        }
+        _ => next["status"] = current["status"].clone(),
+    }
+    if next.get("status").is_some_and(Value::is_null) {
+        next.as_object_mut().map(|o| o.remove("status"));
+    }
+    if next["spec"] != current["spec"] {
+        let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        next["metadata"]["generation"] = json!(generation);
+    }
+    for field in ["uid", "creationTimestamp", "deletionTimestamp"] {
+        if next["metadata"][field].is_null() && !current["metadata"][field].is_null() {
+            next["metadata"][field] = current["metadata"][field].clone();
+        }
+    }
+    if next == current {
+        return axum::Json(current).into_response();
+    }
+    if let Err(why) = fake.validate(t, &next, Some(&current)) {
+        return status(422, "Invalid", why);
+    }
+    let gone = !next["metadata"]["deletionTimestamp"].is_null()
+        && next["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty());
+    let next = fake.stamp(&mut inner, next, false);
+    if gone {
+        inner.objects.remove(&k);
+        fake.publish(
+            &mut inner,
+            "DELETED",
+            &t.prefix,
+            &t.plural,
+            &t.namespace,
+            next.clone(),
+        );
+    } else {
+        inner.objects.insert(k, next.clone());
+        fake.publish(
+            &mut inner,
+            "MODIFIED",
+            &t.prefix,
+            &t.plural,
+            &t.namespace,
+            next.clone(),
+        );
+    }
+    axum::Json(next).into_response()
+}
+
+/// Newline-delimited watch events after the requested resourceVersion, then live ones.
+fn watch(fake: &FakeKube, t: &Target, query: &str) -> Response {
+    let from: u64 = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let matches = {
+        let (prefix, plural, ns) = (t.prefix.clone(), t.plural.clone(), t.namespace.clone());
+        move |c: &Change| {
+            c.prefix == prefix && c.plural == plural && (ns.is_empty() || c.namespace == ns)
+        }
+    };
+    let rx = fake.changes.subscribe();
+    let backlog: Vec<Change> = {
+        let inner = fake.inner.lock().unwrap();
+        inner
+            .log
+            .iter()
+            .filter(|c| c.rv > from && matches(c))
+            .cloned()
+            .collect()
+    };
+    let last = backlog.last().map_or(from, |c| c.rv);
+    let line = |c: &Change| {
+        let mut s =
+            serde_json::to_string(&json!({"type": c.kind, "object": c.object})).unwrap_or_default();
+        s.push('\n');
+        Ok::<_, std::io::Error>(Bytes::from(s))
+    };
+    let first: Vec<Result<Bytes, std::io::Error>> = backlog.iter().map(line).collect();
+    let live = futures::stream::unfold((rx, last), move |(mut rx, last)| {
+        let matches = matches.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(c) if c.rv > last && matches(&c) => {
+                        let rv = c.rv;
+                        return Some((line(&c), (rx, rv)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::chain(futures::stream::iter(first), live);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+/// The rules of the ClusterRoles in a YAML file of several documents.
+pub fn cluster_role_rules(yaml: &str) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let Ok(v) = <Value as serde::Deserialize>::deserialize(doc) else {
+            continue;
+        };
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        for r in v["rules"].as_array().into_iter().flatten() {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            };
+            rules.push(Rule {
+                groups: list("apiGroups"),
+                resources: list("resources"),
+                verbs: list("verbs"),
+            });
+        }
+    }
+    rules
+}

@@ -1,0 +1,339 @@
+//! Kubernetes mode end to end: `fleet-hub serve --kube` as a process against the in-process
+//! fake API server (CRD CEL rules enforced, the chart's ClusterRole enforced), a simulated
+//! fleet registering with the hub, and the workflow of the seed document: `oc apply` an
+//! IBGU, watch its status, `oc patch` to append a step, delete it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules};
+use fleet_e2e::{ChildGuard, TestDb, binary, free_port, wait_for};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const IBGU: (&str, &str) = ("apis/lcm.openshift.io/v1alpha1", "imagebasedgroupupgrades");
+const MC: (&str, &str) = (
+    "apis/cluster.open-cluster-management.io/v1",
+    "managedclusters",
+);
+const JOIN: &str = "join-kube-e2e";
+const ADMIN: &str = "admin-kube-e2e";
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn labels_of(obj: &Value) -> Vec<String> {
+    obj["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.keys()
+                .filter(|k| k.starts_with("lcm.openshift.io/ibgu-"))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn completed(ibgu: &Value, generation: i64) -> bool {
+    ibgu["status"]["observedGeneration"] == generation
+        && ibgu["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Progressing" && c["reason"] == "Completed")
+        })
+}
+
+#[tokio::test]
+async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
+    let rbac =
+        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
+    let kube = FakeKube::start(
+        &[hub::crd::ibgu(), hub::crd::ibu()],
+        Some(cluster_role_rules(&rbac)),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    let (hub_port, fleet_port) = (free_port(), free_port());
+    let hub = format!("http://127.0.0.1:{hub_port}");
+    // The fleet as ACM knows it: three ManagedClusters, the agents' endpoints annotated.
+    for i in 1..=3 {
+        kube.seed(
+            MC.0,
+            MC.1,
+            json!({"apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                   "metadata": {"name": format!("k{i}"), "labels": {"common": "true", "site": format!("s{i}")},
+                                "annotations": {"fleet-hub.lcm.openshift.io/spoke-endpoint":
+                                                format!("http://127.0.0.1:{fleet_port}/clusters/k{i}")}}}),
+        );
+    }
+    kube.seed(
+        "api/v1",
+        "configmaps",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "oadp-cm", "namespace": "ztp"},
+               "data": {
+                   "backup.yaml": "apiVersion: velero.io/v1\nkind: Backup\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  includedNamespaces: [app]\n",
+                   "restore.yaml": "apiVersion: velero.io/v1\nkind: Restore\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  backupName: apps\n"
+               }}),
+    );
+    let db = TestDb::empty().await;
+    let _hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args([
+                "serve",
+                "--kube",
+                "--kube-qps",
+                "50",
+                "--lease-namespace",
+                "fleet",
+            ])
+            .args(["--admin-token", ADMIN, "--join-token", JOIN])
+            .args(["--listen", &format!("127.0.0.1:{hub_port}")])
+            .args(["--database-url", &db.url()])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("POD_NAME", "fleet-hub-0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fleet-hub starts"),
+    );
+    let _fleet = ChildGuard(
+        Command::new(binary("spoke-agent"))
+            .args([
+                "sim-fleet",
+                "--count",
+                "3",
+                "--prefix",
+                "k",
+                "--sim-step-ms",
+                "10",
+                "--sim-reboot-ms",
+                "50",
+            ])
+            .args(["--hub-url", &hub, "--join-token", JOIN])
+            .args(["--listen", &format!("127.0.0.1:{fleet_port}")])
+            .arg("--state-dir")
+            .arg(dir.path().join("fleet"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sim-fleet starts"),
+    );
+
+    // One replica leads.
+    wait_for("the hub to hold the Lease", DEADLINE, || async {
+        let lease = kube.get(
+            "apis/coordination.k8s.io/v1",
+            "leases",
+            "fleet",
+            "fleet-hub",
+        )?;
+        (lease["spec"]["holderIdentity"] == "fleet-hub-0").then_some(())
+    })
+    .await;
+
+    // The labels come from the ManagedClusters: `site` is known to the hub.
+    let client = reqwest::Client::new();
+    wait_for(
+        "the clusters known with their ManagedCluster labels",
+        DEADLINE,
+        || async {
+            let list: Value = client
+                .get(format!(
+                    "{hub}/v1/clusters?labelSelector=common%3Dtrue,site"
+                ))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let items = list["items"].as_array()?;
+            (items.len() == 3 && items.iter().all(|c| c["ibu"].is_object())).then_some(())
+        },
+    )
+    .await;
+
+    // oc apply: an IBGU the CRD's CEL rules refuse is refused, a TALM manifest is accepted.
+    let apply = |body: Value| {
+        let client = client.clone();
+        let url = format!("{}/{}/namespaces/ztp/{}", kube.url, IBGU.0, IBGU.1);
+        async move {
+            client
+                .post(url)
+                .header(ADMIN_HEADER, "1")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let manifest = |plan: Value| {
+        json!({"apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+               "metadata": {"name": "upgrade-4-16", "namespace": "ztp"},
+               "spec": {"clusterLabelSelectors": [{"matchLabels": {"common": "true"}}],
+                        "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"},
+                                    "oadpContent": [{"name": "oadp-cm", "namespace": "ztp"}]},
+                        "plan": plan}})
+    };
+    let refused = apply(manifest(
+        json!([{"actions": ["Upgrade", "Prep"], "rolloutStrategy": {"maxConcurrency": 2}}]),
+    ))
+    .await;
+    assert_eq!(refused.status(), 422);
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("invalid combinations of actions in the plan")
+    );
+    let created = apply(manifest(json!([{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}}]))).await;
+    assert_eq!(created.status(), 201);
+
+    // oc get ibgu -o yaml: the hub writes the status; finalizer held; labels on the clusters.
+    let done = wait_for("the IBGU to complete", DEADLINE, || async {
+        let g = kube.get(IBGU.0, IBGU.1, "ztp", "upgrade-4-16")?;
+        completed(&g, 1).then_some(g)
+    })
+    .await;
+    assert_eq!(
+        done["metadata"]["finalizers"],
+        json!(["lcm.openshift.io/fleet-hub"])
+    );
+    let clusters = done["status"]["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 3, "{done}");
+    assert!(
+        clusters.iter().all(|c| c["failedActions"].is_null()),
+        "every cluster upgraded: {done}"
+    );
+    wait_for(
+        "the ibgu labels on the ManagedClusters",
+        DEADLINE,
+        || async {
+            let all = kube.list(MC.0, MC.1);
+            all.iter()
+                .all(|mc| {
+                    labels_of(mc)
+                        == vec![
+                            "lcm.openshift.io/ibgu-prep-completed".to_string(),
+                            "lcm.openshift.io/ibgu-upgrade-completed".to_string(),
+                        ]
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Events on the IBGU for the step and its batches.
+    let events = kube.list("apis/events.k8s.io/v1", "events");
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter(|e| e["regarding"]["name"] == "upgrade-4-16")
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    for r in ["StepStarted", "BatchStarted", "StepCompleted"] {
+        assert!(reasons.contains(&r), "no {r} Event: {reasons:?}");
+    }
+
+    // oc patch: changing the seed is refused by the CRD; appending FinalizeUpgrade runs it.
+    let patch = |ops: Value| {
+        let client = client.clone();
+        let url = format!(
+            "{}/{}/namespaces/ztp/{}/upgrade-4-16",
+            kube.url, IBGU.0, IBGU.1
+        );
+        async move {
+            client
+                .patch(url)
+                .header(ADMIN_HEADER, "1")
+                .header("Content-Type", "application/json-patch+json")
+                .body(ops.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let immutable = patch(
+        json!([{"op": "replace", "path": "/spec/ibuSpec/seedImageRef/version", "value": "4.17.0"}]),
+    )
+    .await;
+    assert_eq!(immutable.status(), 422);
+    assert!(
+        immutable
+            .text()
+            .await
+            .unwrap()
+            .contains("ibuSpec is immutable")
+    );
+    let appended = patch(json!([{"op": "add", "path": "/spec/plan/-",
+                                 "value": {"actions": ["FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 3, "timeout": 30}}}]))
+    .await;
+    assert_eq!(appended.status(), 200);
+    wait_for("the appended step to complete", DEADLINE, || async {
+        let g = kube.get(IBGU.0, IBGU.1, "ztp", "upgrade-4-16")?;
+        completed(&g, 2).then_some(())
+    })
+    .await;
+    wait_for(
+        "finalize to clear the labels on the ManagedClusters",
+        DEADLINE,
+        || async {
+            kube.list(MC.0, MC.1)
+                .iter()
+                .all(|mc| labels_of(mc).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+
+    // oc delete: the hub lets go of it only after removing the rollout.
+    let deleted = client
+        .delete(format!(
+            "{}/{}/namespaces/ztp/{}/upgrade-4-16",
+            kube.url, IBGU.0, IBGU.1
+        ))
+        .header(ADMIN_HEADER, "1")
+        .send()
+        .await
+        .unwrap();
+    let code = deleted.status();
+    assert!(
+        code.is_success(),
+        "{code}: {}",
+        deleted.text().await.unwrap()
+    );
+    wait_for("the IBGU to be gone", DEADLINE, || async {
+        kube.get(IBGU.0, IBGU.1, "ztp", "upgrade-4-16")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let rollouts: Value = client
+        .get(format!("{hub}/v1/rollouts"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rollouts["items"], json!([]));
+
+    // Everything the hub did was allowed by the chart's ClusterRole, through the counted client.
+    assert_eq!(kube.denied(), Vec::<String>::new());
+    let metrics = reqwest::get(format!("{hub}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fleet_hub_kube_requests_total{result=\"success\",verb=\"watch\"}"),
+        "{metrics}"
+    );
+}
