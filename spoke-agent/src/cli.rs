@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// URL the hub uses to reach this agent's API (default: http://<listen>).
     #[arg(long, env = "SPOKE_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// Kubernetes mode: mirror the cluster's ImageBasedUpgrade `upgrade` (oc get/patch ibu),
+    /// use the cluster's ConfigMaps and run OADP through Velero (in-cluster service account
+    /// or KUBECONFIG).
+    #[arg(long, env = "SPOKE_KUBE")]
+    pub kube: bool,
 }
 
 #[derive(Args, Debug)]

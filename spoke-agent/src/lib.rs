@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod host;
+pub mod kubernetes;
 pub mod metrics;
 pub mod must_gather;
 pub mod report;

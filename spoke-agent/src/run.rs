@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
+use crate::host::Host;
 use crate::host::sim::{Fault, SimConfig, SimHost};
+use crate::kubernetes::host::KubeHost;
 use crate::metrics::AgentMetrics;
 use crate::report::{self, HubLink};
 use crate::runner::{Agent, SystemClock};
@@ -80,6 +82,17 @@ pub async fn start_agent(
     let unreachable = config.faults.contains(&Fault::Unreachable);
     let host = SimHost::open(state_dir, config)
         .map_err(|e| RunError::Failed(format!("cluster {name}: {e}")))?;
+    run_agent(name, host, metrics, link, unreachable).await
+}
+
+/// Opens an agent on a host, runs it, and reports to the hub when linked.
+async fn run_agent<H: Host>(
+    name: String,
+    host: H,
+    metrics: &AgentMetrics,
+    link: Option<HubLink>,
+    unreachable: bool,
+) -> Result<Arc<Agent<H>>, RunError> {
     let agent = Agent::open(
         name.clone(),
         Arc::new(host),
@@ -123,6 +136,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         sim,
         faults,
         endpoint,
+        kube,
     } = args;
     if host == HostKind::Ostree {
         return Err(RunError::NotImplemented(
@@ -142,14 +156,34 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         labels.into_iter().collect(),
         HubLink::client(),
     )?;
-    let agent = start_agent(
-        cluster_name.clone(),
-        &state_dir,
-        sim_config(&sim, faults),
-        &metrics,
-        link,
-    )
-    .await?;
+    let config = sim_config(&sim, faults);
+    if !kube {
+        let agent = start_agent(cluster_name.clone(), &state_dir, config, &metrics, link).await?;
+        return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+    }
+    let kube_config = kube::Config::infer().await.map_err(|e| {
+        RunError::Usage(format!(
+            "--kube: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
+        ))
+    })?;
+    let client = kube::Client::try_from(kube_config)
+        .map_err(|e| RunError::Failed(format!("--kube: building the Kubernetes client: {e}")))?;
+    let unreachable = config.faults.contains(&Fault::Unreachable);
+    let sim = SimHost::open(&state_dir, config)
+        .map_err(|e| RunError::Failed(format!("cluster {cluster_name}: {e}")))?;
+    let host = KubeHost::new(sim, client.clone());
+    let agent = run_agent(cluster_name.clone(), host, &metrics, link, unreachable).await?;
+    tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
+    serve_one(agent, cluster_name, api_token, metrics, listen).await
+}
+
+async fn serve_one<H: Host>(
+    agent: Arc<Agent<H>>,
+    cluster_name: String,
+    api_token: Option<String>,
+    metrics: AgentMetrics,
+    listen: SocketAddr,
+) -> Result<(), RunError> {
     let state = ApiState {
         agents: HashMap::from([(cluster_name.clone(), agent)]),
         single: Some(cluster_name),

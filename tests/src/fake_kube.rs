@@ -387,6 +387,28 @@ fn write(fake: &FakeKube, t: &Target, verb: &str, content_type: &str, body: &[u8
         return status(405, "MethodNotAllowed", "a collection cannot be changed");
     };
     let k = key(t, &name);
+    // Server-side apply creates what does not exist yet.
+    if verb == "patch"
+        && content_type.starts_with("application/apply-patch")
+        && !inner.objects.contains_key(&k)
+        && let Some(mut obj) = parsed.clone()
+    {
+        obj["metadata"]["name"] = json!(name);
+        if !t.namespace.is_empty() {
+            obj["metadata"]["namespace"] = json!(t.namespace);
+        }
+        let obj = fake.stamp(&mut inner, obj, true);
+        inner.objects.insert(k, obj.clone());
+        fake.publish(
+            &mut inner,
+            "ADDED",
+            &t.prefix,
+            &t.plural,
+            &t.namespace,
+            obj.clone(),
+        );
+        return (StatusCode::CREATED, axum::Json(obj)).into_response();
+    }
     let Some(current) = inner.objects.get(&k).cloned() else {
         return status(404, "NotFound", format!("{} {name:?} not found", t.plural));
     };
@@ -456,14 +478,19 @@ fn write(fake: &FakeKube, t: &Target, verb: &str, content_type: &str, body: &[u8
         }
         _ => return status(405, "MethodNotAllowed", verb.to_string()),
     };
-    // The status subresource changes the status only; the object itself never the status.
+    // For a kind with a status subresource (the CRDs given), /status changes the status
+    // only and the object itself never the status; other kinds are written whole.
+    let has_status = fake
+        .schemas
+        .contains_key(&(t.prefix.clone(), t.plural.clone()));
     match t.sub.as_deref() {
         Some("status") => {
             let mut only = current.clone();
             only["status"] = next["status"].clone();
             next = only;
         }
-        _ => next["status"] = current["status"].clone(),
+        _ if has_status => next["status"] = current["status"].clone(),
+        _ => {}
     }
     if next.get("status").is_some_and(Value::is_null) {
         next.as_object_mut().map(|o| o.remove("status"));

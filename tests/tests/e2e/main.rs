@@ -5,3 +5,4 @@ mod kube;
 mod observability;
 mod rollout;
 mod spoke;
+mod spoke_kube;

@@ -1,0 +1,360 @@
+//! The host in Kubernetes mode: the node's own steps stay with the inner host, while what
+//! lives in the cluster's API goes there: the ConfigMaps an IBU refers to, and the OADP
+//! `Backup`/`Restore` objects (`velero.io/v1`, namespace `openshift-adp`) that Velero runs,
+//! cleaned up with `DeleteBackupRequest`s.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgradeSpec, SeedImageRef};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams,
+};
+use serde_json::{Value, json};
+
+use crate::engine::validate::ClusterFacts;
+use crate::engine::{Root, SpokeState};
+use crate::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+
+pub const OADP_NAMESPACE: &str = "openshift-adp";
+/// Put on every Backup and Restore the agent creates, so cleanup finds exactly those.
+pub const CREATED_BY_LABEL: &str = "lca.openshift.io/created-by";
+pub const CREATED_BY: &str = "spoke-agent";
+/// How often a running Backup or Restore is looked at.
+const POLL: Duration = Duration::from_millis(500);
+
+pub fn velero(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("velero.io", "v1", kind), plural)
+}
+
+fn transient(e: kube::Error) -> HostError {
+    HostError::Transient(format!("Kubernetes API: {e}"))
+}
+
+/// What a Backup's or Restore's `status.phase` means for the stage.
+#[derive(Debug, PartialEq)]
+pub enum Phase {
+    Done,
+    Failed,
+    Running,
+}
+
+pub fn phase(obj: &Value) -> Phase {
+    match obj["status"]["phase"].as_str().unwrap_or_default() {
+        "Completed" => Phase::Done,
+        "Failed" | "PartiallyFailed" | "FailedValidation" => Phase::Failed,
+        _ => Phase::Running,
+    }
+}
+
+pub struct KubeHost<H> {
+    inner: H,
+    client: kube::Client,
+}
+
+impl<H: Host> KubeHost<H> {
+    pub fn new(inner: H, client: kube::Client) -> Self {
+        KubeHost { inner, client }
+    }
+
+    fn configmaps(&self, namespace: &str) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Creates the group's objects (an existing one is the same object from a run that was
+    /// interrupted) and waits until Velero ends all of them.
+    async fn run_groups(
+        &self,
+        kind: &str,
+        plural: &str,
+        groups: &[Vec<Value>],
+    ) -> Result<(), HostError> {
+        let resource = velero(kind, plural);
+        for group in groups {
+            let mut names = Vec::new();
+            for doc in group {
+                let name = doc["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let ns = doc["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or(OADP_NAMESPACE)
+                    .to_string();
+                let mut obj: DynamicObject = serde_json::from_value(doc.clone())
+                    .map_err(|e| HostError::Terminal(format!("{kind} {name}: {e}")))?;
+                obj.metadata.namespace = Some(ns.clone());
+                obj.metadata
+                    .labels
+                    .get_or_insert_with(Default::default)
+                    .insert(CREATED_BY_LABEL.into(), CREATED_BY.into());
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &ns, &resource);
+                match api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => tracing::info!(kind, %name, "created"),
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(transient(e)),
+                }
+                names.push((api, name));
+            }
+            loop {
+                let mut failed = Vec::new();
+                let mut running = false;
+                for (api, name) in &names {
+                    let obj = api.get(name).await.map_err(transient)?;
+                    match phase(&serde_json::to_value(&obj).unwrap_or_default()) {
+                        Phase::Done => {}
+                        Phase::Failed => failed.push(name.clone()),
+                        Phase::Running => running = true,
+                    }
+                }
+                if !failed.is_empty() {
+                    return Err(HostError::Terminal(format!(
+                        "Failed {} CRs: {}",
+                        kind.to_lowercase(),
+                        failed.join(", ")
+                    )));
+                }
+                if !running {
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every Backup this agent created gets a DeleteBackupRequest (Velero removes the backup
+    /// and its data); its Restores are deleted.
+    async fn delete_oadp_objects(&self) -> Result<(), String> {
+        let selector = ListParams::default().labels(&format!("{CREATED_BY_LABEL}={CREATED_BY}"));
+        let backups: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            OADP_NAMESPACE,
+            &velero("Backup", "backups"),
+        );
+        let requests: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            OADP_NAMESPACE,
+            &velero("DeleteBackupRequest", "deletebackuprequests"),
+        );
+        let list = backups
+            .list(&selector)
+            .await
+            .map_err(|e| format!("failed to list backups: {e}"))?;
+        for b in list.items {
+            let name = b.metadata.name.clone().unwrap_or_default();
+            let mut request = DynamicObject::new(
+                &name,
+                &velero("DeleteBackupRequest", "deletebackuprequests"),
+            );
+            request.metadata = ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(OADP_NAMESPACE.into()),
+                ..Default::default()
+            };
+            request.data = json!({"spec": {"backupName": name}});
+            match requests.create(&PostParams::default(), &request).await {
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(e) => return Err(format!("failed to delete backup {name}: {e}")),
+            }
+        }
+        let restores: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            OADP_NAMESPACE,
+            &velero("Restore", "restores"),
+        );
+        let list = restores
+            .list(&selector)
+            .await
+            .map_err(|e| format!("failed to list restores: {e}"))?;
+        for r in list.items {
+            let name = r.metadata.name.clone().unwrap_or_default();
+            if let Err(e) = restores.delete(&name, &Default::default()).await {
+                return Err(format!("failed to delete restore {name}: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<H: Host> Host for KubeHost<H> {
+    async fn load_state(&self) -> Result<Option<SpokeState>, HostError> {
+        self.inner.load_state().await
+    }
+
+    async fn save_state(&self, root: &Root, state: &SpokeState) -> Result<(), HostError> {
+        self.inner.save_state(root, state).await
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        self.inner.health().await
+    }
+
+    async fn cluster_facts(&self, spec: &ImageBasedUpgradeSpec) -> Result<ClusterFacts, HostError> {
+        let mut facts = self.inner.cluster_facts(spec).await?;
+        facts.configmaps.clear();
+        for r in spec.oadp_content.iter().chain(&spec.extra_manifests) {
+            if let Some(data) = self.configmap_get(r).await {
+                facts.configmaps.insert(r.clone(), data);
+            }
+        }
+        Ok(facts)
+    }
+
+    async fn inspect_seed(
+        &self,
+        seed: &SeedImageRef,
+    ) -> Result<BTreeMap<String, String>, HostError> {
+        self.inner.inspect_seed(seed).await
+    }
+
+    async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
+        self.inner.setup_stateroot(stateroot, seed).await
+    }
+
+    async fn precache(
+        &self,
+        seed: &SeedImageRef,
+        registry: &str,
+    ) -> Result<PrecacheSummary, HostError> {
+        self.inner.precache(seed, registry).await
+    }
+
+    async fn backup(&self, groups: &[Vec<Value>]) -> Result<(), HostError> {
+        self.inner.backup(groups).await?;
+        self.run_groups("Backup", "backups", groups).await
+    }
+
+    async fn set_default(&self, root: &Root) -> Result<(), HostError> {
+        self.inner.set_default(root).await
+    }
+
+    async fn reboot(&self) -> Result<(), HostError> {
+        self.inner.reboot().await
+    }
+
+    async fn check_dpa(&self) -> Result<(), HostError> {
+        self.inner.check_dpa().await
+    }
+
+    async fn apply_extra_manifests(&self, groups: &[Vec<Value>]) -> Result<(), HostError> {
+        self.inner.apply_extra_manifests(groups).await
+    }
+
+    async fn restore(&self, groups: &[Vec<Value>]) -> Result<(), HostError> {
+        self.inner.restore(groups).await?;
+        self.run_groups("Restore", "restores", groups).await
+    }
+
+    async fn deferred_health(&self) -> Result<(), String> {
+        self.inner.deferred_health().await
+    }
+
+    async fn cleanup(&self, manual: bool) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.delete_oadp_objects().await {
+            errors.push(e);
+        }
+        if let Err(mut e) = self.inner.cleanup(manual).await {
+            errors.append(&mut e);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.inner.rollback_availability_expiration(now)
+    }
+
+    async fn restores(&self) -> Vec<RestoreInfo> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            OADP_NAMESPACE,
+            &velero("Restore", "restores"),
+        );
+        let selector = ListParams::default().labels(&format!("{CREATED_BY_LABEL}={CREATED_BY}"));
+        match api.list(&selector).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .map(|r| {
+                    let v = serde_json::to_value(&r).unwrap_or_default();
+                    RestoreInfo {
+                        name: r.metadata.name.unwrap_or_default(),
+                        phase: v["status"]["phase"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        failure_reason: v["status"]["failureReason"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    }
+                })
+                .collect(),
+            Err(err) => {
+                tracing::warn!(%err, "listing OADP restores failed");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn configmap_get(&self, r: &ConfigMapRef) -> Option<BTreeMap<String, String>> {
+        match self.configmaps(&r.namespace).get_opt(&r.name).await {
+            Ok(cm) => cm.map(|c| c.data.unwrap_or_default()),
+            Err(err) => {
+                tracing::warn!(%err, configmap = %format!("{}/{}", r.namespace, r.name), "reading a ConfigMap failed");
+                None
+            }
+        }
+    }
+
+    async fn configmap_put(
+        &self,
+        r: &ConfigMapRef,
+        data: BTreeMap<String, String>,
+    ) -> Result<(), HostError> {
+        let api = self.configmaps(&r.namespace);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(r.name.clone()),
+                namespace: Some(r.namespace.clone()),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        };
+        let pp = kube::api::PatchParams::apply("spoke-agent").force();
+        api.patch(&r.name, &pp, &kube::api::Patch::Apply(&cm))
+            .await
+            .map(|_| ())
+            .map_err(transient)
+    }
+
+    async fn configmap_delete(&self, r: &ConfigMapRef) -> Result<bool, HostError> {
+        match self
+            .configmaps(&r.namespace)
+            .delete(&r.name, &Default::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(e) => Err(transient(e)),
+        }
+    }
+
+    async fn describe(&self) -> String {
+        let restores = self.restores().await;
+        format!(
+            "{}\nOADP restores (openshift-adp): {}\n",
+            self.inner.describe().await,
+            serde_json::to_string(&restores).unwrap_or_default()
+        )
+    }
+}
