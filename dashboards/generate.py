@@ -256,8 +256,12 @@ def hub_internals():
              "99th percentile time of the hub's Kubernetes requests, by verb.",
              [("histogram_quantile(0.99, sum by (le, verb) (rate(fleet_hub_kube_request_duration_seconds_bucket[$__rate_interval])))",
                "{{verb}}")]),
+        prom(l, "timeseries", "IBGU reconcile errors per minute", "none",
+             "Reconciles of ImageBasedGroupUpgrade CRs that failed and were retried (--kube), by error.",
+             [("sum by (error) (rate(fleet_hub_kube_reconcile_errors_total[$__rate_interval])) * 60",
+               "{{error}}")]),
         prom(l, "stat", "Hub version", "none", "Versions of the running hub replicas.",
-             [("count by (version) (fleet_hub_build_info)", "{{version}}")], w=24, h=4),
+             [("count by (version) (fleet_hub_build_info)", "{{version}}")], w=12, h=8),
     ]
     return dashboard("fleet-hub-internals", "Hub internals",
                      "The hub itself: HTTP, engine passes, decision latency, pushes and reports, database pool, Kubernetes client.",

@@ -238,6 +238,9 @@ impl Metrics {
             "IBGU reconciles that failed and were retried, by error (kubernetes, database, hub, encoding, vanished)",
             &["error"],
         )?;
+        for error in ["kubernetes", "database", "hub", "encoding", "vanished"] {
+            reconcile_errors.with_label_values(&[error]);
+        }
         // Known series start at zero, so rates and dashboards work before the first event.
         for result in ["stored", "stale", "rejected"] {
             reports.with_label_values(&[result]);
