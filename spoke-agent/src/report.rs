@@ -43,6 +43,8 @@ impl HubLink {
 enum Failure {
     /// The hub refused our credential: register again.
     Unauthorized,
+    /// The node went away (a reboot began) while the report was being made: nothing sent.
+    Away,
     Other(String),
 }
 
@@ -74,6 +76,7 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMet
                     return;
                 }
             }
+            Err(Failure::Away) => {}
             Err(Failure::Unauthorized) => {
                 tracing::warn!(cluster = %agent.name, "the hub refused our credential; registering again");
                 agent.clear_credential();
@@ -131,10 +134,13 @@ async fn send<H: Host>(
     link: &HubLink,
     credential: &str,
 ) -> Result<bool, Failure> {
+    let Ok(state) = agent.visible().await else {
+        return Err(Failure::Away);
+    };
     let report = StatusReport {
         sequence: agent.next_sequence(),
         agent_id: link.agent_id.clone(),
-        ibu: agent.snapshot().await.ibu,
+        ibu: state.ibu,
     };
     let url = format!(
         "{}/v1/clusters/{}/status",

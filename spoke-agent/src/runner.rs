@@ -84,12 +84,20 @@ impl<H: Host> Agent<H> {
     }
 
     pub async fn ibu(&self) -> Result<ImageBasedUpgrade, AgentError> {
-        self.check_reachable()?;
-        Ok(self.state.lock().await.ibu.clone())
+        Ok(self.visible().await?.ibu)
     }
 
     pub async fn snapshot(&self) -> SpokeState {
         self.state.lock().await.clone()
+    }
+
+    /// The state as the outside may see it: none while the node reboots. Checked after the
+    /// read: the state saved just before a reboot is the old stateroot's copy (an
+    /// uncontrolled rollback), and the flag is raised before it is committed.
+    pub async fn visible(&self) -> Result<SpokeState, AgentError> {
+        let state = self.snapshot().await;
+        self.check_reachable()?;
+        Ok(state)
     }
 
     /// A JSON merge patch from the API: checked, saved, then acted on.
@@ -220,7 +228,17 @@ impl<H: Host> Agent<H> {
                 match engine::next(&next, now) {
                     Next::Work(_) => {
                         let begun = engine::begin(&mut next, now);
-                        self.commit(&mut guard, next).await;
+                        if matches!(begun, Some((Work::Reboot, _))) {
+                            // `next` is what the old stateroot must say if the node ever
+                            // comes back there (an uncontrolled rollback): saved there, never
+                            // shown. The node is going away; nothing leaves it from now on.
+                            self.rebooting.store(true, Ordering::SeqCst);
+                            if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
+                                tracing::error!(cluster = %self.name, %err, "saving the old stateroot's IBU failed");
+                            }
+                        } else {
+                            self.commit(&mut guard, next).await;
+                        }
                         begun.map(|(work, epoch)| Ok((work, epoch)))
                     }
                     Next::WaitUntil(t) => {

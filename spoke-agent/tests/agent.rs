@@ -182,9 +182,9 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
     })
     .await;
     wait_until("a failed report", || async {
-        metrics
-            .render()
-            .contains(r#"spoke_reports_total{result="failed"}"#)
+        let text = metrics.render();
+        text.contains(r#"spoke_reports_total{result="failed"}"#)
+            && !text.contains(r#"spoke_reports_total{result="failed"} 0"#)
     })
     .await;
     assert_eq!(
@@ -205,4 +205,108 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
     .await;
     let last = hub.reports.lock().unwrap().last().unwrap().2.sequence;
     assert!(last > *seqs.last().unwrap());
+}
+
+fn uncontrolled(ibu: &fleet_types::ibu::ImageBasedUpgrade) -> bool {
+    ibu.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.message == "Uncontrolled rollback")
+    })
+}
+
+/// Just before the reboot the agent saves what the old stateroot must say if the node ever
+/// comes back there ("Uncontrolled rollback"). That copy must never be seen outside: not by
+/// the API, not in a report (the hub would fail the cluster's Upgrade).
+#[tokio::test]
+async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
+    let hub = Arc::new(TestHub::default());
+    let app = Router::new()
+        .route("/v1/clusters/register", post(register))
+        .route("/v1/clusters/{name}/status", post(status))
+        .with_state(hub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let config = SimConfig {
+        current_version: "4.15.0".into(),
+        step: Duration::from_millis(5),
+        // Long enough for every observer to look while the node is away.
+        reboot: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let host = Arc::new(SimHost::open(dir.path(), config).unwrap());
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = Agent::open("sno1".into(), host, Arc::new(SystemClock), metrics.clone())
+        .await
+        .unwrap();
+    tokio::spawn(agent.clone().run());
+    let link = HubLink {
+        hub_url,
+        join_token: "join-me".into(),
+        endpoint: "http://127.0.0.1:1/".into(),
+        labels: BTreeMap::new(),
+        agent_id: "run-1".into(),
+        client: HubLink::client(),
+    };
+    tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
+    // An observer that looks at the agent's state at every change.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (agent, seen) = (agent.clone(), seen.clone());
+        let mut changes = agent.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let raw = agent.snapshot().await.ibu;
+                seen.lock().unwrap().push(uncontrolled(&raw));
+            }
+        });
+    }
+    agent
+        .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await
+        .unwrap();
+    let reason = |agent: Arc<Agent<SimHost>>, want: &'static str| async move {
+        agent
+            .ibu()
+            .await
+            .ok()
+            .and_then(|i| i.status.and_then(|s| s.current().cloned()))
+            .is_some_and(|c| c.type_ == want && c.reason == "Completed")
+    };
+    wait_until("Prep completed", || reason(agent.clone(), "PrepCompleted")).await;
+    agent
+        .patch(&json!({"spec": {"stage": "Upgrade"}}))
+        .await
+        .unwrap();
+    wait_until("Upgrade completed", || {
+        reason(agent.clone(), "UpgradeCompleted")
+    })
+    .await;
+    wait_until("the completed upgrade reported", || async {
+        hub.reports.lock().unwrap().last().is_some_and(|r| {
+            r.2.ibu
+                .status
+                .as_ref()
+                .and_then(|s| s.current())
+                .is_some_and(|c| c.type_ == "UpgradeCompleted")
+        })
+    })
+    .await;
+    let reports = hub.reports.lock().unwrap();
+    assert!(
+        !reports.iter().any(|r| uncontrolled(&r.2.ibu)),
+        "a report carried the old stateroot's copy"
+    );
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() > 5,
+        "the observer saw the upgrade: {}",
+        seen.len()
+    );
+    assert!(
+        !seen.iter().any(|u| *u),
+        "the agent held the old stateroot's copy"
+    );
 }

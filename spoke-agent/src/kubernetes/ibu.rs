@@ -152,7 +152,10 @@ pub async fn pass<H: Host>(
     api: &Api<ImageBasedUpgrade>,
     last: &mut Option<Desired>,
 ) -> Result<(), kube::Error> {
-    let local = agent.snapshot().await.ibu;
+    let Ok(local) = agent.visible().await.map(|s| s.ibu) else {
+        // Rebooting: the CR keeps what it showed.
+        return Ok(());
+    };
     let mine = Desired::of(&local);
     let cr = api.get_opt(NAME).await?;
     let step = sync_step(cr.as_ref().map(Desired::of).as_ref(), &mine, last.as_ref());

@@ -399,7 +399,7 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
         .filter(|c| c["failedActions"].as_array().is_some_and(|f| !f.is_empty()))
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(failed, vec!["obs3"]);
+    assert_eq!(failed, vec!["obs3"], "{status}");
 
     let hub_metrics = get_text(&format!("{}/metrics", run.hub)).await;
     let spoke_metrics = get_text(&format!("{}/metrics", run.fleet)).await;
