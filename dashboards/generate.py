@@ -308,11 +308,15 @@ def spoke_agent():
 
 
 def main():
+    # The hub's chart ships the same files (a chart cannot read outside its folder).
+    chart = os.path.join(HERE, "..", "charts", "fleet-hub", "dashboards")
+    os.makedirs(chart, exist_ok=True)
     for name, d in [("fleet-overview", fleet_overview()), ("rollout-detail", rollout_detail()),
                     ("hub-internals", hub_internals()), ("spoke-agent", spoke_agent())]:
-        with open(os.path.join(HERE, name + ".json"), "w") as f:
-            json.dump(d, f, indent=2)
-            f.write("\n")
+        for folder in (HERE, chart):
+            with open(os.path.join(folder, name + ".json"), "w") as f:
+                json.dump(d, f, indent=2)
+                f.write("\n")
 
 
 if __name__ == "__main__":
