@@ -23,7 +23,36 @@ fn db(e: sqlx::Error) -> Error {
 // ---------------------------------------------------------------------------------------
 // Credentials
 
+/// The key of each database this process talks to, read once: it never changes after it
+/// is created, and every registration and push round needs it.
+static HUB_KEYS: std::sync::Mutex<BTreeMap<String, Vec<u8>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn database_identity(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "{}:{}:{:?}/{}",
+        o.get_host(),
+        o.get_port(),
+        o.get_socket(),
+        o.get_database().unwrap_or_default()
+    )
+}
+
 async fn hub_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let id = database_identity(pool);
+    if let Some(k) = HUB_KEYS.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(k.clone());
+    }
+    let key = hub_key_load(pool).await?;
+    HUB_KEYS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, key.clone());
+    Ok(key)
+}
+
+async fn hub_key_load(pool: &PgPool) -> Result<Vec<u8>, Error> {
     let fresh: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
         .iter()
         .flat_map(|u| u.as_bytes().to_vec())
