@@ -93,20 +93,16 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         admin_token,
         join_token,
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
+    let listener = bind(listen).map_err(|source| Error::Listen {
+        addr: listen.to_string(),
+        source,
+    })?;
     let local = listener.local_addr().map_err(|source| Error::Listen {
         addr: listen.to_string(),
         source,
     })?;
     tracing::info!(address = %local, "fleet-hub listening");
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let served = http::listen::serve(listener, http::router(state), shutdown_signal()).await;
     tracing::info!("draining done, shutting down");
     driver.abort();
     if let Some(task) = kube_task {
@@ -118,6 +114,21 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         source,
     })?;
     closed
+}
+
+/// Connections the kernel holds for the hub while all its slots are taken (a fleet
+/// connecting at once); the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -587,3 +587,43 @@ async fn a_push_outcome_lands_only_on_the_action_it_was_for() {
         "the outcome for the current action lands"
     );
 }
+
+/// At most `max_connections` connections are served; an idle keep-alive connection is
+/// closed after `idle`, and its slot goes to the next one waiting.
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
+    use hub::http::listen::{Limits, serve_with};
+    let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ping", listener.local_addr().unwrap());
+    let idle = std::time::Duration::from_millis(300);
+    tokio::spawn(serve_with(
+        listener,
+        app,
+        Limits {
+            max_connections: 1,
+            idle,
+        },
+        std::future::pending::<()>(),
+    ));
+    // The first client keeps its connection open (keep-alive) and so holds the only slot.
+    let first = reqwest::Client::new();
+    assert_eq!(
+        first.get(&url).send().await.unwrap().text().await.unwrap(),
+        "pong"
+    );
+    let started = std::time::Instant::now();
+    let second = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap();
+    assert_eq!(
+        second.get(&url).send().await.unwrap().text().await.unwrap(),
+        "pong"
+    );
+    assert!(
+        started.elapsed() >= idle,
+        "the second connection was served while the first held the only slot ({:?})",
+        started.elapsed()
+    );
+}

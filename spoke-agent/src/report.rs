@@ -18,6 +18,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A hub that takes longer than this to answer counts as away.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections to the hub are dropped after this long.
+const POOL_IDLE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct HubLink {
@@ -34,6 +36,9 @@ pub struct HubLink {
 impl HubLink {
     pub fn client() -> reqwest::Client {
         reqwest::Client::builder()
+            // Below the hub's idle timeout (10 s): a connection is not reused just as the
+            // hub closes it, and a quiet spoke holds no connection at the hub.
+            .pool_idle_timeout(POOL_IDLE)
             .timeout(REQUEST_TIMEOUT)
             .build()
             .unwrap_or_default()

@@ -3,6 +3,7 @@
 
 pub mod api;
 mod error;
+pub mod listen;
 pub mod openapi;
 
 use std::sync::Arc;

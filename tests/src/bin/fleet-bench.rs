@@ -229,7 +229,11 @@ async fn run(a: Args) -> Result<(), String> {
         })
     };
     let started = Instant::now();
-    let res = reqwest::Client::new()
+    // A fresh connection may wait behind the fleet's (the hub serves a bounded number).
+    let res = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?
         .post(format!("{hub_url}/v1/rollouts"))
         .bearer_auth(ADMIN)
         .json(&ibgu)
