@@ -90,28 +90,44 @@ fn last_reason(r: &StatusReport) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
-    let hub = Arc::new(TestHub::default());
+/// A test hub on loopback; answers its URL.
+async fn start_test_hub(hub: Arc<TestHub>) -> String {
     let app = Router::new()
         .route("/v1/clusters/register", post(register))
         .route("/v1/clusters/{name}/status", post(status))
-        .with_state(hub.clone());
+        .with_state(hub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hub_url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    hub_url
+}
+
+/// An agent on a simulated node, running.
+async fn start_agent(
+    dir: &std::path::Path,
+    config: SimConfig,
+    metrics: &AgentMetrics,
+) -> Arc<Agent<SimHost>> {
+    let host = Arc::new(SimHost::open(dir, config).unwrap());
+    let agent = Agent::open("sno1".into(), host, Arc::new(SystemClock), metrics.clone())
+        .await
+        .unwrap();
+    tokio::spawn(agent.clone().run());
+    agent
+}
+
+#[tokio::test]
+async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
+    let hub = Arc::new(TestHub::default());
+    let hub_url = start_test_hub(hub.clone()).await;
 
     let dir = tempfile::tempdir().unwrap();
     let config = SimConfig {
         current_version: "4.15.0".into(),
         ..Default::default()
     };
-    let host = Arc::new(SimHost::open(dir.path(), config).unwrap());
     let metrics = AgentMetrics::new().unwrap();
-    let agent = Agent::open("sno1".into(), host, Arc::new(SystemClock), metrics.clone())
-        .await
-        .unwrap();
-    tokio::spawn(agent.clone().run());
+    let agent = start_agent(dir.path(), config, &metrics).await;
     let link = HubLink {
         hub_url,
         join_token: "join-me".into(),
@@ -221,13 +237,7 @@ fn uncontrolled(ibu: &fleet_types::ibu::ImageBasedUpgrade) -> bool {
 #[tokio::test]
 async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
     let hub = Arc::new(TestHub::default());
-    let app = Router::new()
-        .route("/v1/clusters/register", post(register))
-        .route("/v1/clusters/{name}/status", post(status))
-        .with_state(hub.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hub_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let hub_url = start_test_hub(hub.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = SimConfig {
         current_version: "4.15.0".into(),
@@ -236,12 +246,8 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         reboot: Duration::from_millis(300),
         ..Default::default()
     };
-    let host = Arc::new(SimHost::open(dir.path(), config).unwrap());
     let metrics = AgentMetrics::new().unwrap();
-    let agent = Agent::open("sno1".into(), host, Arc::new(SystemClock), metrics.clone())
-        .await
-        .unwrap();
-    tokio::spawn(agent.clone().run());
+    let agent = start_agent(dir.path(), config, &metrics).await;
     let link = HubLink {
         hub_url,
         join_token: "join-me".into(),
