@@ -7,8 +7,6 @@ use crate::embedded_pg::EmbeddedError;
 pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("not implemented yet: {0}")]
-    NotImplemented(&'static str),
     #[error("database: {0}")]
     Database(#[source] sqlx::Error),
     #[error("database migrations: {0}")]

@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
         Err(err) => {
             eprintln!("fleet-hub: {err}");
             match err {
-                hub::Error::Config(_) | hub::Error::NotImplemented(_) => ExitCode::from(2),
+                hub::Error::Config(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }

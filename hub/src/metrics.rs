@@ -419,10 +419,8 @@ impl ProgressGroup {
         into: &mut std::collections::BTreeMap<(String, &'static str), i64>,
     ) {
         for (i, action) in self.actions.iter().enumerate() {
-            let state = if self.completed.contains(action) {
-                "completed"
-            } else if i < self.action_index {
-                // Completed before a failure was recorded against a later action.
+            // Before the current index: completed (also when a later action failed).
+            let state = if i < self.action_index || self.completed.contains(action) {
                 "completed"
             } else if i == self.action_index {
                 self.cluster_state()

@@ -80,7 +80,6 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
                     namespaces: kube_namespaces,
                     lease_namespace: namespace,
                     lease_name,
-                    identity,
                 },
             )))
         }

@@ -953,7 +953,7 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
          JOIN rollout_clusters rc ON rc.rollout_id = s.rollout_id AND rc.step = s.step
          WHERE r.phase <> 'Completed'
          GROUP BY r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
-                  s.clusters, s.max_concurrency,
+                  cardinality(s.clusters), s.max_concurrency,
                   rc.completed_actions, rc.action_index, rc.state, rc.timed_out
          ORDER BY r.namespace, r.name, s.step",
     )

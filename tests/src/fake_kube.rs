@@ -151,6 +151,13 @@ impl FakeKube {
         )
     }
 
+    /// Writes `kubeconfig()` into `dir`; answers the file's path (for `KUBECONFIG`).
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, self.kubeconfig()).expect("write the kubeconfig");
+        path
+    }
+
     /// Puts an object as a user would (`oc apply` of a new object).
     pub fn seed(&self, prefix: &str, plural: &str, object: Value) {
         let ns = object["metadata"]["namespace"]
@@ -332,6 +339,25 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
     }
 }
 
+/// A new object (create, or server-side apply of a missing one): checked against its CRD,
+/// stamped, stored, announced.
+fn insert_new(fake: &FakeKube, inner: &mut Inner, t: &Target, k: Key, obj: Value) -> Response {
+    if let Err(why) = fake.validate(t, &obj, None) {
+        return status(422, "Invalid", why);
+    }
+    let obj = fake.stamp(inner, obj, true);
+    inner.objects.insert(k, obj.clone());
+    fake.publish(
+        inner,
+        "ADDED",
+        &t.prefix,
+        &t.plural,
+        &t.namespace,
+        obj.clone(),
+    );
+    (StatusCode::CREATED, axum::Json(obj)).into_response()
+}
+
 fn key(t: &Target, name: &str) -> Key {
     (
         t.prefix.clone(),
@@ -368,20 +394,7 @@ fn write(fake: &FakeKube, t: &Target, verb: &str, content_type: &str, body: &[u8
                 format!("{} {name:?} already exists", t.plural),
             );
         }
-        if let Err(why) = fake.validate(t, &obj, None) {
-            return status(422, "Invalid", why);
-        }
-        let obj = fake.stamp(&mut inner, obj, true);
-        inner.objects.insert(k, obj.clone());
-        fake.publish(
-            &mut inner,
-            "ADDED",
-            &t.prefix,
-            &t.plural,
-            &t.namespace,
-            obj.clone(),
-        );
-        return (StatusCode::CREATED, axum::Json(obj)).into_response();
+        return insert_new(fake, &mut inner, t, k, obj);
     }
     let Some(name) = t.name.clone() else {
         return status(405, "MethodNotAllowed", "a collection cannot be changed");
@@ -397,17 +410,7 @@ fn write(fake: &FakeKube, t: &Target, verb: &str, content_type: &str, body: &[u8
         if !t.namespace.is_empty() {
             obj["metadata"]["namespace"] = json!(t.namespace);
         }
-        let obj = fake.stamp(&mut inner, obj, true);
-        inner.objects.insert(k, obj.clone());
-        fake.publish(
-            &mut inner,
-            "ADDED",
-            &t.prefix,
-            &t.plural,
-            &t.namespace,
-            obj.clone(),
-        );
-        return (StatusCode::CREATED, axum::Json(obj)).into_response();
+        return insert_new(fake, &mut inner, t, k, obj);
     }
     let Some(current) = inner.objects.get(&k).cloned() else {
         return status(404, "NotFound", format!("{} {name:?} not found", t.plural));
@@ -618,4 +621,15 @@ pub fn cluster_role_rules(yaml: &str) -> Vec<Rule> {
         }
     }
     rules
+}
+
+/// A ConfigMap for `oadpContent`: one Velero Backup `apps` (namespace `app`) and the Restore
+/// of it, as the Prep validation wants them paired.
+pub fn oadp_configmap(namespace: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+    "metadata": {"name": name, "namespace": namespace},
+    "data": {
+        "backup.yaml": "apiVersion: velero.io/v1\nkind: Backup\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  includedNamespaces: [app]\n",
+        "restore.yaml": "apiVersion: velero.io/v1\nkind: Restore\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  backupName: apps\n"
+    }})
 }

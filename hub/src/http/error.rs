@@ -34,9 +34,6 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
             Error::Config(msg) => ApiError::new(Reason::BadRequest, msg),
-            Error::NotImplemented(what) => {
-                ApiError::new(Reason::BadRequest, format!("not implemented yet: {what}"))
-            }
             Error::Database(ref e) if is_pool_exhausted(e) => {
                 tracing::warn!(error = %err, "database busy");
                 ApiError::new(Reason::ServiceUnavailable, "database busy, try again")

@@ -47,12 +47,17 @@ pub async fn reconcile(
         // The patch is a change: the next reconcile goes on from here.
         return Ok(Action::await_change());
     }
-    copy_configmaps(&ctx, &obj).await?;
     let mut desired = (*obj).clone();
     desired.metadata.namespace = Some(ns.clone());
     desired.status = None;
     let stored = store::rollout_fetch(&ctx.pool, &ns, &name).await?;
-    let refused = match decide::spec_sync(&desired, stored.as_ref().map(|r| &r.object)) {
+    let sync = decide::spec_sync(&desired, stored.as_ref().map(|r| &r.object));
+    // The ConfigMaps are read when the spec is new or changed (validation needs them), not
+    // at every resync of a running rollout.
+    if sync != SpecSync::Same {
+        copy_configmaps(&ctx, &obj).await?;
+    }
+    let refused = match sync {
         SpecSync::Same => None,
         SpecSync::Create => {
             let problems = rollouts::problems(&ctx.pool, &desired, None).await?;

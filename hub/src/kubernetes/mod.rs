@@ -68,7 +68,6 @@ pub struct Options {
     pub namespaces: Vec<String>,
     pub lease_namespace: String,
     pub lease_name: String,
-    pub identity: String,
 }
 
 /// A client for `config` whose every request is counted and rate-limited.
@@ -95,7 +94,7 @@ pub async fn run(ctx: Arc<Context>, options: Options) {
     tokio::spawn(lease::run(
         lease_api,
         options.lease_name.clone(),
-        options.identity.clone(),
+        ctx.identity.clone(),
         ctx.clock.clone(),
         tx,
     ));
@@ -103,10 +102,10 @@ pub async fn run(ctx: Arc<Context>, options: Options) {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
         }
-        tracing::info!(identity = %options.identity, "leading: reconciling IBGUs and ManagedClusters");
+        tracing::info!(identity = %ctx.identity, "leading: reconciling IBGUs and ManagedClusters");
         let work = tokio::spawn(lead(ctx.clone(), options.namespaces.clone()));
         let _ = leading.wait_for(|l| !*l).await;
-        tracing::warn!(identity = %options.identity, "no longer leading: Kubernetes writes stop");
+        tracing::warn!(identity = %ctx.identity, "no longer leading: Kubernetes writes stop");
         work.abort();
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules};
+use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules, oadp_configmap};
 use fleet_e2e::{ChildGuard, TestDb, binary, free_port, wait_for};
 use serde_json::{Value, json};
 
@@ -54,8 +54,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
     let (hub_port, fleet_port) = (free_port(), free_port());
     let hub = format!("http://127.0.0.1:{hub_port}");
     // The fleet as ACM knows it: three ManagedClusters, the agents' endpoints annotated.
@@ -69,16 +68,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
                                                 format!("http://127.0.0.1:{fleet_port}/clusters/k{i}")}}}),
         );
     }
-    kube.seed(
-        "api/v1",
-        "configmaps",
-        json!({"apiVersion": "v1", "kind": "ConfigMap",
-               "metadata": {"name": "oadp-cm", "namespace": "ztp"},
-               "data": {
-                   "backup.yaml": "apiVersion: velero.io/v1\nkind: Backup\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  includedNamespaces: [app]\n",
-                   "restore.yaml": "apiVersion: velero.io/v1\nkind: Restore\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  backupName: apps\n"
-               }}),
-    );
+    kube.seed("api/v1", "configmaps", oadp_configmap("ztp", "oadp-cm"));
     let db = TestDb::empty().await;
     let _hub = ChildGuard(
         Command::new(binary("fleet-hub"))

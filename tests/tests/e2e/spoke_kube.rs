@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules};
+use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules, oadp_configmap};
 use fleet_e2e::{ChildGuard, binary, free_port, wait_for};
 use serde_json::{Value, json};
 
@@ -55,16 +55,10 @@ async fn oc_patch_drives_the_agent_and_oadp_runs_through_velero_objects() {
     kube.seed(
         "api/v1",
         "configmaps",
-        json!({"apiVersion": "v1", "kind": "ConfigMap",
-               "metadata": {"name": "oadp-cm", "namespace": "openshift-adp"},
-               "data": {
-                   "backup.yaml": "apiVersion: velero.io/v1\nkind: Backup\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  includedNamespaces: [app]\n",
-                   "restore.yaml": "apiVersion: velero.io/v1\nkind: Restore\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  backupName: apps\n"
-               }}),
+        oadp_configmap("openshift-adp", "oadp-cm"),
     );
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
     let port = free_port();
     let _agent = ChildGuard(
         Command::new(binary("spoke-agent"))
