@@ -3,15 +3,15 @@
 //! A pass takes no input but the stored state, so running it again (after a crash, on
 //! another hub, on a timer) is always safe.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fleet_types::ibgu::ImageBasedGroupUpgrade;
 use fleet_types::labels::is_copied_to_spoke;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -19,13 +19,13 @@ use fleet_types::http::REQUEST_ID;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::planner::rollout::{self, Push};
+use crate::planner::rollout::{self, Push, PushOutcome, PushResult, StepState};
 use crate::reports::ReportWriter;
-use crate::store::{self, PushOutcome, SpokeAccess};
+use crate::store::{self, SpokeAccess};
 
 pub use fleet_types::clock::{Clock, SystemClock};
 
-/// Pushes to spokes in flight at once; the rest wait their turn.
+/// Pushes to spokes in flight at once, across all rounds; the rest wait their turn.
 const PUSH_CONCURRENCY: usize = 64;
 /// A spoke that takes longer than this to answer a push counts as unreachable.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,28 @@ pub struct Engine {
     /// Where spoke reports are stored (in groups).
     pub reports: ReportWriter,
     client: reqwest::Client,
+    /// Clusters (by rollout) with a push on its way: a pass that runs meanwhile does not
+    /// push to them again. Pushes run beside the passes, not inside them, so a report that
+    /// arrives while a round of pushes is still going out is acted on at once.
+    in_flight: Mutex<HashSet<(i64, String)>>,
+    push_slots: Arc<Semaphore>,
+    /// Outcomes of finished pushes, by rollout, until a pass records them (in its own
+    /// transaction, with everything else it writes). Lost in a crash, they cost nothing but
+    /// a push made again.
+    results: Mutex<HashMap<i64, Vec<PushResult>>>,
+    /// The steps of each rollout as this hub's last pass left them, with the state version
+    /// they belong to: a pass reloads them from Postgres only when the version moved on.
+    steps: Mutex<HashMap<i64, CachedSteps>>,
+}
+
+struct CachedSteps {
+    uid: String,
+    version: i64,
+    steps: Vec<StepState>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine {
@@ -54,6 +76,10 @@ impl Engine {
                 .timeout(PUSH_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            in_flight: Mutex::new(HashSet::new()),
+            push_slots: Arc::new(Semaphore::new(PUSH_CONCURRENCY)),
+            results: Mutex::new(HashMap::new()),
+            steps: Mutex::new(HashMap::new()),
         })
     }
 
@@ -76,21 +102,40 @@ impl Engine {
     }
 
     /// One pass over every active rollout.
-    pub async fn pass_all(&self) -> Result<(), Error> {
-        for id in store::rollout_active_ids(&self.pool).await? {
+    pub async fn pass_all(self: &Arc<Self>) -> Result<(), Error> {
+        let active = store::rollout_active_ids(&self.pool).await?;
+        // What is kept for rollouts that ended or went away is no longer needed.
+        locked(&self.results).retain(|id, _| active.contains(id));
+        locked(&self.steps).retain(|id, _| active.contains(id));
+        locked(&self.in_flight).retain(|(id, _)| active.contains(id));
+        for id in active {
             self.pass(id).await?;
         }
         Ok(())
     }
 
     /// One pass over one rollout. Answers `false` when another hub holds it.
-    pub async fn pass(&self, id: i64) -> Result<bool, Error> {
+    pub async fn pass(self: &Arc<Self>, id: i64) -> Result<bool, Error> {
         let span = tracing::info_span!("rollout", id, rollout = tracing::field::Empty);
         self.pass_in_span(id).instrument(span).await
     }
 
-    async fn pass_in_span(&self, id: i64) -> Result<bool, Error> {
-        let now = self.clock.now();
+    async fn pass_in_span(self: &Arc<Self>, id: i64) -> Result<bool, Error> {
+        let results = locked(&self.results).remove(&id).unwrap_or_default();
+        let passed = self.pass_with(id, &results).await;
+        if !matches!(passed, Ok(true)) && !results.is_empty() {
+            // Not recorded: the next pass that holds the rollout does it.
+            let mut pending = locked(&self.results);
+            let list = pending.entry(id).or_default();
+            let newer = std::mem::replace(list, results);
+            list.extend(newer);
+        }
+        passed
+    }
+
+    async fn pass_with(self: &Arc<Self>, id: i64, results: &[PushResult]) -> Result<bool, Error> {
+        // Postgres keeps microseconds: so do the steps kept in memory.
+        let now = chrono::SubsecRound::trunc_subsecs(self.clock.now(), 6);
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(Error::Database)?;
         if !store::rollout_try_lock_in_txn(&mut tx, id).await? {
@@ -107,7 +152,24 @@ impl Engine {
                 row.object.metadata.name.as_deref().unwrap_or_default()
             ),
         );
-        let steps = store::rollout_steps_in_txn(&mut tx, id).await?;
+        let uid = row.object.metadata.uid.clone().unwrap_or_default();
+        let version = store::rollout_state_version_in_txn(&mut tx, id).await?;
+        let cached = locked(&self.steps)
+            .remove(&id)
+            .filter(|c| c.uid == uid && c.version == version);
+        let from_memory = cached.is_some();
+        let steps = match cached {
+            Some(c) => c.steps,
+            None => store::rollout_steps_in_txn(&mut tx, id).await?,
+        };
+        let current = if results.is_empty() {
+            None
+        } else {
+            let mut s = steps.clone();
+            rollout::apply_push_results(&mut s, results);
+            Some(s)
+        };
+        let t_steps = started.elapsed();
         // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
         // fleet's on every pass would cost the most at the largest scale.
         let watched: Vec<String> = steps
@@ -115,15 +177,31 @@ impl Engine {
             .filter(|s| s.completed_at.is_none())
             .map(|s| s.batch_members(s.current_batch))
             .unwrap_or_default();
-        let (fleet, last_seen) = store::fleet_in_txn(&mut tx, &watched).await?;
+        // A pass of a running batch needs only its clusters; one that starts a plan step (or
+        // sets labels beyond the batch, as a step timeout does) needs the whole fleet, and
+        // the planner says so.
+        let input = current.as_deref().unwrap_or(&steps);
         let spec = &row.object.spec;
-        let decision = rollout::advance(spec, &steps, &fleet, row.started_at, now);
-        store::rollout_save_steps_in_txn(&mut tx, id, &steps, &decision.steps).await?;
-        store::cluster_labels_set_in_txn(&mut tx, &decision.labels).await?;
+        let mut all = watched.is_empty();
+        let (mut fleet, mut last_seen) = store::fleet_in_txn(&mut tx, &watched, all).await?;
+        let mut decision = rollout::advance_with(spec, input, &fleet, all, row.started_at, now);
+        if decision.needs_fleet {
+            all = true;
+            (fleet, last_seen) = store::fleet_in_txn(&mut tx, &watched, all).await?;
+            decision = rollout::advance_with(spec, input, &fleet, all, row.started_at, now);
+        }
+        drop(fleet);
+        let t_fleet = started.elapsed();
+        let version =
+            store::rollout_save_steps_in_txn(&mut tx, id, &steps, &decision.steps, version).await?;
+        let t_progress = started.elapsed();
+        store::cluster_labels_change_in_txn(&mut tx, &decision.label_changes).await?;
+        let t_labels = started.elapsed();
         store::history_insert_in_txn(&mut tx, &row, now, &decision.events).await?;
+        let t_write = started.elapsed();
         let generation = row.object.metadata.generation.unwrap_or(1);
         let old_status = row.object.status.clone().unwrap_or_default();
-        let mut status = rollout::status(
+        let mut status = rollout::status_without_clusters(
             generation,
             &decision.steps,
             spec.plan.len(),
@@ -152,7 +230,17 @@ impl Engine {
             )
             .await?;
         }
+        let t_status = started.elapsed();
         tx.commit().await.map_err(Error::Database)?;
+        locked(&self.steps).insert(
+            id,
+            CachedSteps {
+                uid,
+                version,
+                steps: decision.steps,
+            },
+        );
+        tracing::debug!(from_memory, all, ?t_steps, ?t_fleet, ?t_progress, ?t_labels, ?t_write, ?t_status, commit = ?started.elapsed(), "pass timings");
         self.metrics
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
@@ -171,38 +259,69 @@ impl Engine {
             }
             tracing::info!(step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
         }
-        if !decision.pushes.is_empty() {
-            let pushed = std::time::Instant::now();
-            let count = decision.pushes.len();
-            self.push_all(&row.object, id, decision.pushes, now, &last_seen)
-                .await?;
-            tracing::debug!(count, elapsed = ?pushed.elapsed(), pass = ?started.elapsed(), "pushes sent");
-            // What the pushes changed is for the next pass.
-            self.trigger();
+        let pushes: Vec<Push> = {
+            let mut in_flight = locked(&self.in_flight);
+            for r in results {
+                in_flight.remove(&(id, r.cluster.clone()));
+            }
+            decision
+                .pushes
+                .into_iter()
+                .filter(|p| in_flight.insert((id, p.cluster.clone())))
+                .collect()
+        };
+        if !pushes.is_empty() {
+            let engine = self.clone();
+            let ibgu = row.object;
+            tokio::spawn(
+                async move {
+                    let sent = std::time::Instant::now();
+                    let count = pushes.len();
+                    let done = engine.push_all(&ibgu, pushes, now, &last_seen).await;
+                    locked(&engine.results).entry(id).or_default().extend(done);
+                    tracing::debug!(count, elapsed = ?sent.elapsed(), "pushes sent");
+                    // The next pass records the outcomes.
+                    engine.trigger();
+                }
+                .in_current_span(),
+            );
         }
         Ok(true)
     }
 
+    /// Sends a round of pushes; answers their outcomes.
     async fn push_all(
         &self,
         ibgu: &ImageBasedGroupUpgrade,
-        id: i64,
         pushes: Vec<Push>,
         now: DateTime<Utc>,
         last_seen: &HashMap<String, DateTime<Utc>>,
-    ) -> Result<(), Error> {
+    ) -> Vec<PushResult> {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
-        let access = store::cluster_access(&self.pool, &names).await?;
-        let configmaps = self.configmaps(ibgu).await?;
+        let prepared = match store::cluster_access(&self.pool, &names).await {
+            Ok(access) => self.configmaps(ibgu).await.map(|c| (access, c)),
+            Err(e) => Err(e),
+        };
+        let (access, configmaps) = match prepared {
+            Ok(p) => p,
+            Err(err) => {
+                let why = format!("reading what to push: {err}");
+                return pushes
+                    .into_iter()
+                    .map(|p| PushResult {
+                        step: p.step,
+                        action_index: p.action_index,
+                        cluster: p.cluster,
+                        outcome: PushOutcome::Unreachable(why.clone()),
+                        at: now,
+                    })
+                    .collect();
+            }
+        };
         let body = Arc::new(patch_body(ibgu));
         let mut set = JoinSet::new();
         let mut results = Vec::new();
         for push in pushes {
-            if set.len() >= PUSH_CONCURRENCY
-                && let Some(r) = set.join_next().await
-            {
-                results.extend(r.ok());
-            }
             let Some(SpokeAccess {
                 endpoint,
                 credential,
@@ -231,8 +350,10 @@ impl Engine {
                 stage = %push.stage,
                 request_id = %request_id,
             );
+            let slots = self.push_slots.clone();
             set.spawn(
                 async move {
+                    let _slot = slots.acquire_owned().await;
                     let outcome = push_one(
                         &client,
                         &endpoint,
@@ -280,10 +401,15 @@ impl Engine {
                     }
                 }
             }
-            rows.push((push.step, push.action_index, push.cluster, outcome));
+            rows.push(PushResult {
+                step: push.step,
+                action_index: push.action_index,
+                cluster: push.cluster,
+                outcome,
+                at: now,
+            });
         }
-        store::push_results(&self.pool, id, &rows, now).await?;
-        Ok(())
+        rows
     }
 
     async fn configmaps(

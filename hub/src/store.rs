@@ -14,7 +14,9 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use crate::error::Error;
 use crate::metrics::{FleetSnapshot, ProgressGroup, StepSnapshot};
-use crate::planner::rollout::{ClusterInfo, ClusterPhase, ClusterProgress, Event, StepState};
+use crate::planner::rollout::{
+    ClusterInfo, ClusterPhase, ClusterProgress, Event, LabelChange, StepState,
+};
 
 fn db(e: sqlx::Error) -> Error {
     Error::Database(e)
@@ -95,31 +97,39 @@ pub struct ClusterRecord {
 }
 
 /// Registers (or re-registers) a spoke: announced labels are merged over the stored ones
-/// (the hub's own `lcm.openshift.io/ibgu-*` labels stay), a new credential is issued and the
-/// report sequence restarts. Answers the credential.
+/// (the hub's own `lcm.openshift.io/ibgu-*` labels stay). A new run of the agent (a new
+/// agent id) gets a new credential and restarts the report sequence; the same run
+/// registering again gets the same credential and keeps its sequence, so a registration
+/// that reaches the hub late (its answer lost to a client timeout, the retry already served)
+/// cannot replace the credential the agent holds. Answers the credential.
 pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<String, Error> {
     let key = hub_key(pool).await?;
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    let credential = derive(&key, &req.name, &nonce);
+    let fresh = uuid::Uuid::new_v4().simple().to_string();
     let labels = serde_json::to_value(&req.labels).map_err(|e| Error::Config(e.to_string()))?;
-    sqlx::query(
+    let nonce: String = sqlx::query_scalar(
         "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen)
          VALUES ($1, $2, $3, $4, $5, $6, 0, now())
          ON CONFLICT (name) DO UPDATE SET
            labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
-           credential_hash = EXCLUDED.credential_hash, credential_nonce = EXCLUDED.credential_nonce,
-           agent_id = EXCLUDED.agent_id, last_report_seq = 0, last_seen = now()",
+           credential_hash = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
+           credential_nonce = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
+           last_report_seq = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.last_report_seq ELSE 0 END,
+           agent_id = EXCLUDED.agent_id, last_seen = now()
+         RETURNING credential_nonce",
     )
     .bind(&req.name)
     .bind(labels)
     .bind(&req.endpoint)
-    .bind(hash(&credential))
-    .bind(&nonce)
+    .bind(hash(&derive(&key, &req.name, &fresh)))
+    .bind(&fresh)
     .bind(&req.agent_id)
-    .execute(pool)
+    .fetch_one(pool)
     .await
     .map_err(db)?;
-    Ok(credential)
+    Ok(derive(&key, &req.name, &nonce))
 }
 
 /// Whether `credential` is the one issued to `cluster`.
@@ -376,7 +386,10 @@ pub async fn rollout_fetch(
     .fetch_optional(pool)
     .await
     .map_err(db)?;
-    row.as_ref().map(rollout_from_row).transpose()
+    match row.as_ref().map(rollout_from_row).transpose()? {
+        Some(r) => Ok(Some(with_cluster_states(pool, r).await?)),
+        None => Ok(None),
+    }
 }
 
 pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {
@@ -386,7 +399,21 @@ pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    rows.iter().map(rollout_from_row).collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        out.push(with_cluster_states(pool, rollout_from_row(r)?).await?);
+    }
+    Ok(out)
+}
+
+/// Fills `status.clusters` from the progress rows: the engine stores the status without it.
+async fn with_cluster_states(pool: &PgPool, mut row: RolloutRow) -> Result<RolloutRow, Error> {
+    if let Some(status) = row.object.status.as_mut() {
+        let mut conn = pool.acquire().await.map_err(db)?;
+        let steps = rollout_steps_in_txn(&mut conn, row.id).await?;
+        status.clusters = crate::planner::rollout::cluster_states(&steps);
+    }
+    Ok(row)
 }
 
 /// Stores a changed object (spec, labels, annotations) with the next generation, and marks
@@ -566,11 +593,12 @@ pub async fn rollout_steps_in_txn(
     Ok(steps)
 }
 
-/// What the planner needs of the fleet: every cluster's labels, and the last IBU of those
-/// in `with_ibu`.
+/// What the planner needs of the fleet: the labels of every cluster (`all`) or only of those
+/// in `with_ibu`, and the last IBU of those in `with_ibu`.
 pub async fn fleet_in_txn(
     conn: &mut PgConnection,
     with_ibu: &[String],
+    all: bool,
 ) -> Result<
     (
         BTreeMap<String, ClusterInfo>,
@@ -581,9 +609,10 @@ pub async fn fleet_in_txn(
     let rows = sqlx::query(
         "SELECT name, labels, CASE WHEN name = ANY($1) THEN last_report END AS last_report,
                 CASE WHEN name = ANY($1) THEN last_seen END AS last_seen
-         FROM clusters",
+         FROM clusters WHERE $2 OR name = ANY($1)",
     )
     .bind(with_ibu)
+    .bind(all)
     .fetch_all(conn)
     .await
     .map_err(db)?;
@@ -610,13 +639,25 @@ pub async fn fleet_in_txn(
     Ok((fleet, seen))
 }
 
-/// Writes the steps and cluster progress that differ from `before`.
+/// The rollout's state version (see the migration that added it).
+pub async fn rollout_state_version_in_txn(conn: &mut PgConnection, id: i64) -> Result<i64, Error> {
+    sqlx::query_scalar("SELECT state_version FROM rollouts WHERE id = $1")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .map_err(db)
+}
+
+/// Writes the steps and cluster progress that differ from `before`; when anything did,
+/// moves the rollout's state version on. Answers the version after the write.
 pub async fn rollout_save_steps_in_txn(
     conn: &mut PgConnection,
     id: i64,
     before: &[StepState],
     after: &[StepState],
-) -> Result<(), Error> {
+    version: i64,
+) -> Result<i64, Error> {
+    let mut wrote = false;
     for s in after {
         let old = before.get(s.step);
         let head_changed = old.is_none_or(|o| {
@@ -626,6 +667,7 @@ pub async fn rollout_save_steps_in_txn(
                 || o.timed_out != s.timed_out
         });
         if head_changed {
+            wrote = true;
             let actions: Vec<&str> = s.actions.iter().map(|a| a.as_str()).collect();
             sqlx::query(
                 "INSERT INTO rollout_steps (rollout_id, step, actions, clusters, max_concurrency, timeout_minutes,
@@ -658,9 +700,19 @@ pub async fn rollout_save_steps_in_txn(
         if changed.is_empty() {
             continue;
         }
-        progress_upsert(conn, id, s, &changed).await?;
+        wrote = true;
+        progress_upsert(&mut *conn, id, s, &changed).await?;
     }
-    Ok(())
+    if !wrote {
+        return Ok(version);
+    }
+    sqlx::query_scalar(
+        "UPDATE rollouts SET state_version = state_version + 1 WHERE id = $1 RETURNING state_version",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+    .map_err(db)
 }
 
 /// One statement for all changed rows of a step (the engine writes in batches).
@@ -751,24 +803,35 @@ async fn progress_upsert(
     Ok(())
 }
 
-pub async fn cluster_labels_set_in_txn(
+/// Applies the planner's label changes: removals first, then additions that never
+/// overwrite a label already there. Changes, not whole label sets: a label someone else
+/// sets meanwhile stays.
+pub async fn cluster_labels_change_in_txn(
     conn: &mut PgConnection,
-    labels: &BTreeMap<String, BTreeMap<String, String>>,
+    changes: &BTreeMap<String, LabelChange>,
 ) -> Result<(), Error> {
-    if labels.is_empty() {
+    if changes.is_empty() {
         return Ok(());
     }
-    let names: Vec<&String> = labels.keys().collect();
-    let values: Vec<Value> = labels
+    let names: Vec<&String> = changes.keys().collect();
+    let adds: Vec<Value> = changes
         .values()
-        .map(|l| serde_json::to_value(l).unwrap_or_default())
+        .map(|c| Value::Object(c.add.iter().map(|k| (k.clone(), Value::from(""))).collect()))
         .collect();
-    sqlx::query("UPDATE clusters c SET labels = u.labels FROM UNNEST($1::text[], $2::jsonb[]) AS u(name, labels) WHERE c.name = u.name")
-        .bind(&names)
-        .bind(&values)
-        .execute(conn)
-        .await
-        .map_err(db)?;
+    let removes: Vec<Value> = changes
+        .values()
+        .map(|c| Value::from_iter(c.remove.iter().cloned()))
+        .collect();
+    sqlx::query(
+        "UPDATE clusters c SET labels = u.add || (c.labels - ARRAY(SELECT jsonb_array_elements_text(u.remove)))
+         FROM UNNEST($1::text[], $2::jsonb[], $3::jsonb[]) AS u(name, add, remove) WHERE c.name = u.name",
+    )
+    .bind(&names)
+    .bind(&adds)
+    .bind(&removes)
+    .execute(conn)
+    .await
+    .map_err(db)?;
     Ok(())
 }
 
@@ -828,67 +891,6 @@ pub async fn rollout_save_status_in_txn(
         .await
         .map_err(db)?;
     Ok(())
-}
-
-/// Records the outcomes of a round of pushes, in one statement.
-pub async fn push_results(
-    pool: &PgPool,
-    id: i64,
-    results: &[(usize, usize, String, PushOutcome)],
-    now: DateTime<Utc>,
-) -> Result<(), Error> {
-    if results.is_empty() {
-        return Ok(());
-    }
-    let mut steps = Vec::new();
-    let mut indexes = Vec::new();
-    let mut clusters = Vec::new();
-    let mut kinds = Vec::new();
-    let mut stages = Vec::new();
-    let mut messages = Vec::new();
-    for (step, index, cluster, outcome) in results {
-        steps.push(*step as i32);
-        indexes.push(*index as i32);
-        clusters.push(cluster.clone());
-        let (kind, stage, message) = match outcome {
-            PushOutcome::Accepted(stage) => ("accepted", Some(stage.as_str().to_string()), None),
-            PushOutcome::Refused(m) => ("refused", None, Some(m.clone())),
-            PushOutcome::Unreachable(m) => ("unreachable", None, Some(m.clone())),
-        };
-        kinds.push(kind);
-        stages.push(stage);
-        messages.push(message);
-    }
-    sqlx::query(
-        "UPDATE rollout_clusters rc SET
-           pushed_stage = CASE u.kind WHEN 'accepted' THEN u.stage WHEN 'unreachable' THEN NULL ELSE rc.pushed_stage END,
-           pushed_at = $2,
-           push_attempts = CASE u.kind WHEN 'accepted' THEN 0 WHEN 'unreachable' THEN rc.push_attempts + 1 ELSE rc.push_attempts END,
-           refused = CASE u.kind WHEN 'accepted' THEN NULL WHEN 'refused' THEN u.message ELSE rc.refused END
-         FROM UNNEST($3::int4[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int4[])
-           AS u(step, cluster, kind, stage, message, action_index)
-         WHERE rc.rollout_id = $1 AND rc.step = u.step AND rc.cluster = u.cluster
-           AND rc.action_index = u.action_index AND rc.state = 'running'",
-    )
-    .bind(id)
-    .bind(now)
-    .bind(&steps)
-    .bind(&clusters)
-    .bind(&kinds)
-    .bind(&stages)
-    .bind(&messages)
-    .bind(&indexes)
-    .execute(pool)
-    .await
-    .map_err(db)?;
-    Ok(())
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum PushOutcome {
-    Accepted(Stage),
-    Refused(String),
-    Unreachable(String),
 }
 
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]

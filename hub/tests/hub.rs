@@ -468,7 +468,8 @@ async fn registration_reports_and_labels() {
     )
     .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    // re-registration keeps the hub's labels and restarts the sequence
+    // re-registration keeps the hub's labels; the same run of the agent registering again
+    // (a retry whose first attempt reaches the hub late) keeps its credential and sequence
     sqlx::query("UPDATE clusters SET labels = labels || '{\"lcm.openshift.io/ibgu-prep-completed\": \"\"}' WHERE name = 'sno1'")
         .execute(&db.pool)
         .await
@@ -481,7 +482,27 @@ async fn registration_reports_and_labels() {
         reg("sno1"),
     )
     .await;
+    assert_eq!(
+        body["credential"],
+        cred1.as_str(),
+        "same run, same credential"
+    );
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        report(2, "Idle"),
+    )
+    .await;
+    assert_eq!(body["accepted"], false, "same run, same sequence");
+    // a new run of the agent gets a new credential and a new sequence
+    let mut run2 = reg("sno1");
+    run2["agentId"] = "run-2".into();
+    let (_, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), run2).await;
     let cred1b = body["credential"].as_str().unwrap().to_string();
+    assert_ne!(cred1b, cred1);
+    let report = |seq: u64, stage: &str| serde_json::json!({"sequence": seq, "agentId": "run-2", "ibu": ibu(stage)});
     let (_, c) = call(
         &app,
         "GET",
@@ -509,83 +530,6 @@ async fn registration_reports_and_labels() {
     )
     .await;
     assert_eq!(code, StatusCode::FORBIDDEN, "the old credential is gone");
-}
-
-#[tokio::test]
-async fn a_push_outcome_lands_only_on_the_action_it_was_for() {
-    use hub::planner::rollout::{ClusterPhase, ClusterProgress, StepState};
-    use hub::store::{self, PushOutcome};
-
-    let db = migrated().await;
-    let ibgu: fleet_types::ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
-        "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
-        "metadata": {"name": "r", "namespace": "default"},
-        "spec": {"clusterLabelSelectors": [{}], "plan": [{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 1}}]}
-    }))
-    .unwrap();
-    let row = store::rollout_insert(&db.pool, &ibgu)
-        .await
-        .unwrap()
-        .unwrap();
-    let now = chrono::Utc::now();
-    let progress = ClusterProgress {
-        phase: ClusterPhase::Running,
-        action_index: 1,
-        completed: vec![fleet_types::Action::Prep],
-        started_at: Some(now),
-        action_started_at: Some(now),
-        ..ClusterProgress::pending(0)
-    };
-    let step = StepState {
-        step: 0,
-        actions: vec![fleet_types::Action::Prep, fleet_types::Action::Upgrade],
-        clusters: vec!["a".into()],
-        max_concurrency: 1,
-        timeout_minutes: 240,
-        started_at: now,
-        current_batch: 0,
-        batch_started_at: now,
-        completed_at: None,
-        timed_out: false,
-        progress: [("a".to_string(), progress)].into(),
-    };
-    let mut tx = db.pool.begin().await.unwrap();
-    store::rollout_save_steps_in_txn(&mut tx, row.id, &[], std::slice::from_ref(&step))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    // another hub's late refusal of the Prep push must not fail the Upgrade the cluster is on
-    let load = || async {
-        let mut conn = db.pool.acquire().await.unwrap();
-        store::rollout_steps_in_txn(&mut conn, row.id)
-            .await
-            .unwrap()[0]
-            .progress["a"]
-            .clone()
-    };
-    store::push_results(
-        &db.pool,
-        row.id,
-        &[(0, 0, "a".into(), PushOutcome::Refused("late".into()))],
-        now,
-    )
-    .await
-    .unwrap();
-    assert_eq!(load().await.refused, None);
-    store::push_results(
-        &db.pool,
-        row.id,
-        &[(0, 1, "a".into(), PushOutcome::Refused("now".into()))],
-        now,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        load().await.refused.as_deref(),
-        Some("now"),
-        "the outcome for the current action lands"
-    );
 }
 
 /// At most `max_connections` connections are served; an idle keep-alive connection is
@@ -625,5 +569,73 @@ async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
         started.elapsed() >= idle,
         "the second connection was served while the first held the only slot ({:?})",
         started.elapsed()
+    );
+}
+
+/// The engine writes label changes, not whole label sets: a label someone else set stays,
+/// and an existing value is never overwritten.
+#[tokio::test]
+async fn label_changes_keep_other_labels_and_existing_values() {
+    use hub::planner::rollout::LabelChange;
+    let db = migrated().await;
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash, labels) VALUES
+           ('a', 'http://x', 'h', '{\"site\": \"1\", \"lcm.openshift.io/ibgu-prep-completed\": \"kept\", \"lcm.openshift.io/ibgu-upgrade-failed\": \"\"}'),
+           ('b', 'http://x', 'h', '{\"site\": \"2\"}')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let change = |add: &[&str], remove: &[&str]| LabelChange {
+        add: add.iter().map(|s| s.to_string()).collect(),
+        remove: remove.iter().map(|s| s.to_string()).collect(),
+    };
+    let changes = [
+        (
+            "a".to_string(),
+            change(
+                &[
+                    "lcm.openshift.io/ibgu-prep-completed",
+                    "lcm.openshift.io/ibgu-upgrade-completed",
+                ],
+                &["lcm.openshift.io/ibgu-upgrade-failed"],
+            ),
+        ),
+        (
+            "b".to_string(),
+            change(&["lcm.openshift.io/ibgu-prep-failed"], &[]),
+        ),
+    ]
+    .into();
+    let mut tx = db.pool.begin().await.unwrap();
+    // someone else labels "a" in the meantime (its own transaction, before ours writes)
+    sqlx::query("UPDATE clusters SET labels = labels || '{\"tier\": \"gold\"}' WHERE name = 'a'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    hub::store::cluster_labels_change_in_txn(&mut tx, &changes)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let labels = |name: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, serde_json::Value>(
+                "SELECT labels FROM clusters WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        labels("a").await,
+        serde_json::json!({"site": "1", "tier": "gold", "lcm.openshift.io/ibgu-prep-completed": "kept",
+                           "lcm.openshift.io/ibgu-upgrade-completed": ""})
+    );
+    assert_eq!(
+        labels("b").await,
+        serde_json::json!({"site": "2", "lcm.openshift.io/ibgu-prep-failed": ""})
     );
 }

@@ -164,6 +164,57 @@ pub struct Push {
     pub action_index: usize,
 }
 
+/// How the spoke answered a push.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushOutcome {
+    Accepted(Stage),
+    /// The spoke refused the stage (422): the action fails with this message.
+    Refused(String),
+    /// No answer, or not one that says anything about the stage: retried with backoff.
+    Unreachable(String),
+}
+
+/// The outcome of one push, for the pass that next holds the rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushResult {
+    pub step: usize,
+    pub action_index: usize,
+    pub cluster: String,
+    pub outcome: PushOutcome,
+    /// When the push was decided.
+    pub at: DateTime<Utc>,
+}
+
+/// Records push outcomes in the clusters' progress, each only while the cluster is still
+/// running the action it was for (a pass may have moved it on meanwhile, on the spoke's own
+/// report or on another hub).
+pub fn apply_push_results(steps: &mut [StepState], results: &[PushResult]) {
+    for r in results {
+        let Some(p) = steps
+            .get_mut(r.step)
+            .and_then(|s| s.progress.get_mut(&r.cluster))
+        else {
+            continue;
+        };
+        if p.phase != ClusterPhase::Running || p.action_index != r.action_index {
+            continue;
+        }
+        p.pushed_at = Some(r.at);
+        match &r.outcome {
+            PushOutcome::Accepted(stage) => {
+                p.pushed_stage = Some(*stage);
+                p.push_failures = 0;
+                p.refused = None;
+            }
+            PushOutcome::Refused(why) => p.refused = Some(why.clone()),
+            PushOutcome::Unreachable(_) => {
+                p.pushed_stage = None;
+                p.push_failures += 1;
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LabelChange {
     pub add: BTreeSet<String>,
@@ -201,6 +252,8 @@ pub struct Decision {
     pub completed_at: Option<DateTime<Utc>>,
     /// When the planner wants to look again even if nothing is reported (timeouts, retries).
     pub wake_at: Option<DateTime<Utc>>,
+    /// Given part of the fleet, the pass needed the rest: nothing here may be used.
+    pub needs_fleet: bool,
 }
 
 /// A push is sent again after this when the spoke still does not show the stage.
@@ -349,6 +402,10 @@ struct Pass<'a> {
     events: Vec<Event>,
     pushes: Vec<Push>,
     wake: Option<DateTime<Utc>>,
+    /// `clusters` holds the whole fleet (else only the clusters the pass is expected to
+    /// touch, and `needs_fleet` says when it needed more).
+    complete: bool,
+    needs_fleet: bool,
 }
 
 impl Pass<'_> {
@@ -392,6 +449,7 @@ impl Pass<'_> {
 
     fn label(&mut self, cluster: &str, action: Action, ok: bool) {
         let Some(info) = self.clusters.get_mut(cluster) else {
+            self.needs_fleet |= !self.complete;
             return;
         };
         let change = self.changes.entry(cluster.to_string()).or_default();
@@ -780,6 +838,21 @@ pub fn advance(
     started_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Decision {
+    advance_with(spec, steps, clusters, true, started_at, now)
+}
+
+/// [`advance`] given only part of the fleet (`complete` false): the clusters of the running
+/// batch, say. When the pass needs more (a plan step to select for, a label to set on a
+/// cluster it was not given), the decision says `needs_fleet` and must not be used: pass
+/// again with the whole fleet.
+pub fn advance_with(
+    spec: &ImageBasedGroupUpgradeSpec,
+    steps: &[StepState],
+    clusters: &BTreeMap<String, ClusterInfo>,
+    complete: bool,
+    started_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Decision {
     let mut pass = Pass {
         spec,
         now,
@@ -788,6 +861,8 @@ pub fn advance(
         events: vec![],
         pushes: vec![],
         wake: None,
+        complete,
+        needs_fleet: false,
     };
     let mut steps = steps.to_vec();
     loop {
@@ -802,6 +877,11 @@ pub fn advance(
         }
         let n = steps.len();
         if n >= spec.plan.len() {
+            break;
+        }
+        if !pass.complete {
+            // Selecting for a step takes every cluster's labels.
+            pass.needs_fleet = true;
             break;
         }
         let step = pass.start_step(n);
@@ -841,6 +921,7 @@ pub fn advance(
         started_at,
         completed_at,
         wake_at: pass.wake,
+        needs_fleet: pass.needs_fleet,
     }
 }
 
@@ -853,6 +934,22 @@ pub fn status(
     completed_at: Option<DateTime<Utc>>,
     transition_time: DateTime<Utc>,
 ) -> ImageBasedGroupUpgradeStatus {
+    ImageBasedGroupUpgradeStatus {
+        clusters: cluster_states(steps),
+        ..status_without_clusters(
+            generation,
+            steps,
+            plan_len,
+            started_at,
+            completed_at,
+            transition_time,
+        )
+    }
+}
+
+/// `status.clusters`: every cluster a step started, with its completed and failed actions
+/// and the action it is on.
+pub fn cluster_states(steps: &[StepState]) -> Vec<ClusterState> {
     let mut clusters: BTreeMap<String, ClusterState> = BTreeMap::new();
     for step in steps {
         for (name, p) in &step.progress {
@@ -883,6 +980,19 @@ pub fn status(
             });
         }
     }
+    clusters.into_values().collect()
+}
+
+/// The status without `clusters`: what the engine stores on every pass (the per-cluster
+/// part, the largest at fleet scale, is derived from the progress rows when read).
+pub fn status_without_clusters(
+    generation: i64,
+    steps: &[StepState],
+    plan_len: usize,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    transition_time: DateTime<Utc>,
+) -> ImageBasedGroupUpgradeStatus {
     let done = completed_at.is_some();
     let running = steps
         .iter()
@@ -905,10 +1015,19 @@ pub fn status(
         observed_generation: Some(generation),
     }];
     if done {
-        let failed = clusters
-            .values()
-            .filter(|c| !c.failed_actions.is_empty())
-            .count();
+        let mut started = BTreeSet::new();
+        let mut failing = BTreeSet::new();
+        for step in steps {
+            for (name, p) in &step.progress {
+                if p.phase != ClusterPhase::Pending {
+                    started.insert(name.as_str());
+                }
+                if p.failed.is_some() {
+                    failing.insert(name.as_str());
+                }
+            }
+        }
+        let (failed, total) = (failing.len(), started.len());
         conditions.push(Condition {
             type_: "Succeeded".into(),
             status: if failed == 0 {
@@ -918,9 +1037,9 @@ pub fn status(
             },
             reason: if failed == 0 { "Completed" } else { "Failed" }.into(),
             message: if failed == 0 {
-                format!("All {} cluster(s) completed the plan", clusters.len())
+                format!("All {total} cluster(s) completed the plan")
             } else {
-                format!("{failed} of {} cluster(s) failed an action", clusters.len())
+                format!("{failed} of {total} cluster(s) failed an action")
             },
             last_transition_time: Some(transition_time),
             observed_generation: Some(generation),
@@ -949,7 +1068,7 @@ pub fn status(
         started_at,
         completed_at,
         conditions,
-        clusters: clusters.into_values().collect(),
+        clusters: vec![],
         summary,
     }
 }

@@ -148,7 +148,9 @@ impl World {
         }
     }
 
-    /// One pass; pushes are taken as accepted by the spokes.
+    /// One pass; pushes are taken as accepted by the spokes. Every pass is also made as the
+    /// engine makes it, given only the running batch's clusters: unless it says it needs the
+    /// whole fleet, it must decide exactly the same.
     fn pass(&mut self) -> Decision {
         let d = advance(
             &self.spec,
@@ -157,6 +159,13 @@ impl World {
             self.started,
             self.now,
         );
+        let partial = self.partial_pass();
+        if !partial.needs_fleet {
+            assert_eq!(
+                partial, d,
+                "a pass given only the running batch decides alike"
+            );
+        }
         self.steps = d.steps.clone();
         self.started = d.started_at;
         for (c, labels) in &d.labels {
@@ -169,6 +178,29 @@ impl World {
         }
         self.last = Some(d.clone());
         d
+    }
+
+    fn partial_pass(&self) -> Decision {
+        let batch: Vec<String> = self
+            .steps
+            .last()
+            .filter(|s| s.completed_at.is_none())
+            .map(|s| s.batch_members(s.current_batch))
+            .unwrap_or_default();
+        let given = self
+            .clusters
+            .iter()
+            .filter(|(n, _)| batch.contains(n))
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        advance_with(
+            &self.spec,
+            &self.steps,
+            &given,
+            false,
+            self.started,
+            self.now,
+        )
     }
 
     fn report(&mut self, cluster: &str, ibu: ImageBasedUpgrade) {
@@ -727,4 +759,113 @@ fn ended_actions_carry_how_long_they_ran() {
         .find(|e| e.event == "ActionCompleted")
         .unwrap();
     assert_eq!((upgrade.action, upgrade.took), (Some(Upgrade), Some(180.0)));
+}
+
+#[test]
+fn a_push_outcome_lands_only_on_the_action_it_was_for() {
+    let running = |action_index: usize| ClusterProgress {
+        phase: ClusterPhase::Running,
+        action_index,
+        completed: vec![Action::Prep; action_index],
+        started_at: Some(t(0)),
+        action_started_at: Some(t(0)),
+        ..ClusterProgress::pending(0)
+    };
+    let mut steps = vec![StepState {
+        step: 0,
+        actions: vec![Action::Prep, Action::Upgrade],
+        clusters: vec!["a".into(), "b".into(), "c".into()],
+        max_concurrency: 3,
+        timeout_minutes: 240,
+        started_at: t(0),
+        current_batch: 0,
+        batch_started_at: t(0),
+        completed_at: None,
+        timed_out: false,
+        progress: [
+            ("a".to_string(), running(1)),
+            ("b".to_string(), running(1)),
+            (
+                "c".to_string(),
+                ClusterProgress {
+                    push_failures: 2,
+                    ..running(1)
+                },
+            ),
+        ]
+        .into(),
+    }];
+    let result = |cluster: &str, action_index: usize, outcome: PushOutcome| PushResult {
+        step: 0,
+        action_index,
+        cluster: cluster.into(),
+        outcome,
+        at: t(1),
+    };
+    apply_push_results(
+        &mut steps,
+        &[
+            // a late refusal of the Prep push must not fail the Upgrade "a" is on
+            result("a", 0, PushOutcome::Refused("late".into())),
+            result("b", 1, PushOutcome::Refused("now".into())),
+            result("c", 1, PushOutcome::Accepted(Stage::Upgrade)),
+            result("nobody", 1, PushOutcome::Accepted(Stage::Upgrade)),
+        ],
+    );
+    let p = &steps[0].progress;
+    assert_eq!(
+        p["a"],
+        running(1),
+        "an outcome for another action changes nothing"
+    );
+    assert_eq!(p["b"].refused.as_deref(), Some("now"));
+    assert_eq!(p["b"].pushed_at, Some(t(1)));
+    assert_eq!(
+        (p["c"].pushed_stage, p["c"].push_failures, p["c"].pushed_at),
+        (Some(Stage::Upgrade), 0, Some(t(1)))
+    );
+    apply_push_results(
+        &mut steps,
+        &[result("c", 1, PushOutcome::Unreachable("timeout".into()))],
+    );
+    let c = &steps[0].progress["c"];
+    assert_eq!((c.pushed_stage, c.push_failures), (None, 1));
+    // the next pass backs off from an unreachable spoke, then tries again
+    let spec = ImageBasedGroupUpgradeSpec {
+        cluster_label_selectors: vec![selector_names(&["a", "b", "c"])],
+        plan: vec![item(&[Action::Prep, Action::Upgrade], 3, None)],
+        ..Default::default()
+    };
+    let fleet: BTreeMap<String, ClusterInfo> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (n.to_string(), ClusterInfo::default()))
+        .collect();
+    let d = advance(&spec, &steps, &fleet, Some(t(0)), t(1));
+    assert!(!d.pushes.iter().any(|p| p.cluster == "c"), "{:?}", d.pushes);
+    let later = t(1) + push_backoff(1);
+    let d = advance(&spec, &steps, &fleet, Some(t(0)), later);
+    assert!(d.pushes.iter().any(|p| p.cluster == "c"), "{:?}", d.pushes);
+}
+
+#[test]
+fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
+    let mut w = World::new(
+        &["a", "b", "c"],
+        &["a", "b", "c"],
+        vec![item(&[Action::Prep], 2, None)],
+    );
+    assert!(
+        w.partial_pass().needs_fleet,
+        "selecting for a step needs every cluster"
+    );
+    w.pass();
+    w.report("a", prep_done());
+    let d = w.partial_pass();
+    assert!(!d.needs_fleet, "the running batch is enough: {d:?}");
+    assert_eq!(d.label_changes.keys().collect::<Vec<_>>(), vec!["a"]);
+    // a step timeout fails (and labels) clusters of batches that never started
+    w.now = t(60 * 24);
+    assert!(w.partial_pass().needs_fleet);
+    let d = w.pass();
+    assert!(d.label_changes.contains_key("c"), "{:?}", d.label_changes);
 }

@@ -144,7 +144,10 @@ async fn run(a: Args) -> Result<(), String> {
                 "--join-token",
                 JOIN,
             ])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEET_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting fleet-hub: {e}"))?,
@@ -152,7 +155,7 @@ async fn run(a: Args) -> Result<(), String> {
     wait_http(&format!("{hub_url}/readyz"), Duration::from_secs(60)).await?;
     say(&format!("starting {} simulated clusters", a.clusters));
     let fleet_dir = work.path().join("fleet");
-    let _fleet = ChildGuard(
+    let fleet = ChildGuard(
         Command::new(binary("spoke-agent"))
             .args([
                 "sim-fleet",
@@ -207,6 +210,11 @@ async fn run(a: Args) -> Result<(), String> {
     let http_before = hub_counter(&hub_url, "fleet_hub_http_requests_total").await;
     let pushes_before = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await;
     let cpu_before = cpu_seconds(hub.pid());
+    let fleet_cpu_before = cpu_seconds(fleet.pid());
+    let pg_cpu_before = postgres_cpu_seconds();
+    let passes_before = hub_counter(&hub_url, "fleet_hub_engine_pass_duration_seconds_count").await;
+    let pass_seconds_before =
+        hub_counter(&hub_url, "fleet_hub_engine_pass_duration_seconds_sum").await;
 
     let ibgu = serde_json::json!({
         "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
@@ -265,6 +273,12 @@ async fn run(a: Args) -> Result<(), String> {
     let _ = sampler.await;
     let peak_rss_mib = peak_rss.load(Ordering::SeqCst).max(hwm_kib(hub.pid())) as f64 / 1024.0;
     let cpu = cpu_seconds(hub.pid()) - cpu_before;
+    let fleet_cpu = cpu_seconds(fleet.pid()) - fleet_cpu_before;
+    let pg_cpu = postgres_cpu_seconds() - pg_cpu_before;
+    let passes =
+        hub_counter(&hub_url, "fleet_hub_engine_pass_duration_seconds_count").await - passes_before;
+    let pass_seconds = hub_counter(&hub_url, "fleet_hub_engine_pass_duration_seconds_sum").await
+        - pass_seconds_before;
     let transitions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM history WHERE rollout_name = 'bench'")
             .fetch_one(&pool)
@@ -298,7 +312,8 @@ async fn run(a: Args) -> Result<(), String> {
         "transitions": transitions, "transitionsPerSecond": round(transitions as f64 / elapsed),
         "baselineCommitsPerSecond": round(baseline), "transitionsToBaseline": round(transitions as f64 / elapsed / baseline),
         "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
-        "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu),
+        "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu), "simFleetCpuSeconds": round(fleet_cpu), "postgresCpuSeconds": round(pg_cpu),
+        "enginePasses": passes, "enginePassSeconds": round(pass_seconds),
         "rowsWritten": rows, "hubHttpRequestsServed": http, "hubPushesSent": pushes,
         "summary": summary,
     });
@@ -323,7 +338,10 @@ async fn run(a: Args) -> Result<(), String> {
         fmt(max)
     );
     println!("hub peak RSS                 {peak_rss_mib:.0} MiB   (target <= 200 MiB)");
-    println!("hub CPU                      {cpu:.1} s");
+    println!(
+        "hub CPU                      {cpu:.1} s   (simulated fleet: {fleet_cpu:.1} s, Postgres on this machine: {pg_cpu:.1} s)"
+    );
+    println!("engine passes                {passes}   {pass_seconds:.1} s in their transactions");
     println!("rows written                 {rows}");
     println!("hub HTTP requests served     {http}   pushes sent {pushes}");
     drop(hub);
@@ -490,6 +508,21 @@ fn rss_kib(pid: i32) -> u64 {
 
 fn hwm_kib(pid: i32) -> u64 {
     proc_status(pid, "VmHWM:")
+}
+
+/// CPU time of every `postgres` process on this machine (0 when the server is elsewhere).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
 }
 
 fn cpu_seconds(pid: i32) -> f64 {
