@@ -1,7 +1,9 @@
 //! The engine: for each active rollout, one pass = lock it, load its state, run the planner,
-//! store the decisions in the same transaction, then push stage transitions to the spokes.
-//! A pass takes no input but the stored state, so running it again (after a crash, on
-//! another hub, on a timer) is always safe.
+//! store the decisions in the same transaction, then send the stage pushes beside the next
+//! passes; the pass after them records their outcomes. What a pass reads beyond the stored
+//! state (its own steps of the last pass, checked against the stored version; push outcomes
+//! not yet recorded) only saves reading or repeating work, so running a pass again (after a
+//! crash, on another hub, on a timer) is always safe.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -298,11 +300,13 @@ impl Engine {
         last_seen: &HashMap<String, DateTime<Utc>>,
     ) -> Vec<PushResult> {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
-        let prepared = match store::cluster_access(&self.pool, &names).await {
-            Ok(access) => self.configmaps(ibgu).await.map(|c| (access, c)),
-            Err(e) => Err(e),
+        let prepared = async {
+            Ok::<_, Error>((
+                store::cluster_access(&self.pool, &names).await?,
+                self.configmaps(ibgu).await?,
+            ))
         };
-        let (access, configmaps) = match prepared {
+        let (access, configmaps) = match prepared.await {
             Ok(p) => p,
             Err(err) => {
                 let why = format!("reading what to push: {err}");
@@ -320,6 +324,7 @@ impl Engine {
         };
         let body = Arc::new(patch_body(ibgu));
         let mut set = JoinSet::new();
+        let mut sent = HashMap::new();
         let mut results = Vec::new();
         for push in pushes {
             let Some(SpokeAccess {
@@ -351,7 +356,8 @@ impl Engine {
                 request_id = %request_id,
             );
             let slots = self.push_slots.clone();
-            set.spawn(
+            let task = push.clone();
+            let handle = set.spawn(
                 async move {
                     let _slot = slots.acquire_owned().await;
                     let outcome = push_one(
@@ -377,10 +383,9 @@ impl Engine {
                 }
                 .instrument(span),
             );
+            sent.insert(handle.id(), task);
         }
-        while let Some(r) = set.join_next().await {
-            results.extend(r.ok());
-        }
+        results.extend(join_pushes(set, sent).await);
         let mut rows = Vec::with_capacity(results.len());
         for (push, outcome) in results {
             let result = match &outcome {
@@ -425,6 +430,29 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// Waits for every push task. One that panicked counts as a push that got no answer: every
+/// push has an outcome, or its cluster would stay "in flight" and never be pushed again.
+async fn join_pushes(
+    mut set: JoinSet<(Push, PushOutcome)>,
+    mut sent: HashMap<tokio::task::Id, Push>,
+) -> Vec<(Push, PushOutcome)> {
+    let mut out = Vec::with_capacity(sent.len());
+    while let Some(r) = set.join_next_with_id().await {
+        match r {
+            Ok((id, done)) => {
+                sent.remove(&id);
+                out.push(done);
+            }
+            Err(e) => {
+                if let Some(push) = sent.remove(&e.id()) {
+                    out.push((push, PushOutcome::Unreachable(format!("push failed: {e}"))));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The merge patch of the spoke's IBU: the IBGU's ibuSpec fields, its `lca.openshift.io`
@@ -503,5 +531,44 @@ async fn push_one(
         }
         Ok(r) => PushOutcome::Unreachable(format!("spoke answered {}", r.status())),
         Err(e) => PushOutcome::Unreachable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_types::Action;
+    use fleet_types::ibu::Stage;
+
+    #[tokio::test]
+    async fn a_push_task_that_panics_still_has_an_outcome() {
+        let push = |cluster: &str| Push {
+            cluster: cluster.into(),
+            step: 0,
+            action: Action::Prep,
+            stage: Stage::Prep,
+            follows_report: false,
+            action_index: 0,
+        };
+        let mut set = JoinSet::new();
+        let mut sent = HashMap::new();
+        let ok = push("ok");
+        let h = set.spawn(async move { (ok, PushOutcome::Accepted(Stage::Prep)) });
+        sent.insert(h.id(), push("ok"));
+        let h = set.spawn(async move {
+            if true {
+                panic!("boom");
+            }
+            (push("bad"), PushOutcome::Accepted(Stage::Prep))
+        });
+        sent.insert(h.id(), push("bad"));
+        let mut out = join_pushes(set, sent).await;
+        out.sort_by(|a, b| a.0.cluster.cmp(&b.0.cluster));
+        assert_eq!(out.len(), 2);
+        assert!(
+            matches!(&out[0], (p, PushOutcome::Unreachable(why)) if p.cluster == "bad" && why.contains("panicked")),
+            "{out:?}"
+        );
+        assert_eq!(out[1].1, PushOutcome::Accepted(Stage::Prep));
     }
 }
