@@ -373,7 +373,21 @@ pub async fn rollout_insert(
     row.as_ref().map(rollout_from_row).transpose()
 }
 
+/// The rollout as users see it: its status with `clusters`.
 pub async fn rollout_fetch(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<RolloutRow>, Error> {
+    match rollout_fetch_stored(pool, namespace, name).await? {
+        Some(r) => Ok(Some(with_cluster_states(pool, r).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The rollout as stored: its status without `clusters` (for who needs the spec or the
+/// phase, without reading every cluster's progress).
+pub async fn rollout_fetch_stored(
     pool: &PgPool,
     namespace: &str,
     name: &str,
@@ -386,10 +400,7 @@ pub async fn rollout_fetch(
     .fetch_optional(pool)
     .await
     .map_err(db)?;
-    match row.as_ref().map(rollout_from_row).transpose()? {
-        Some(r) => Ok(Some(with_cluster_states(pool, r).await?)),
-        None => Ok(None),
-    }
+    row.as_ref().map(rollout_from_row).transpose()
 }
 
 pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {

@@ -378,44 +378,29 @@ async fn registration_reports_and_labels() {
 
     let ibu = |stage: &str| serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}});
     let report = |seq: u64, stage: &str| serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": ibu(stage)});
-    let (code, body) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1),
-        report(2, "Prep"),
-    )
-    .await;
+    let sno1_reports = |credential: &str, report: serde_json::Value| {
+        let (app, credential) = (app.clone(), credential.to_string());
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/clusters/sno1/status",
+                Some(&credential),
+                report,
+            )
+            .await
+        }
+    };
+    let (code, body) = sno1_reports(&cred1, report(2, "Prep")).await;
     assert_eq!(
         (code, body["accepted"].clone()),
         (StatusCode::OK, serde_json::json!(true))
     );
-    let (_, body) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1),
-        report(1, "Idle"),
-    )
-    .await;
+    let (_, body) = sno1_reports(&cred1, report(1, "Idle")).await;
     assert_eq!(body["accepted"], false, "an older report is ignored");
-    let (_, body) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1),
-        report(2, "Idle"),
-    )
-    .await;
+    let (_, body) = sno1_reports(&cred1, report(2, "Idle")).await;
     assert_eq!(body["accepted"], false, "a duplicate is ignored");
-    let (code, _) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred2),
-        report(3, "Idle"),
-    )
-    .await;
+    let (code, _) = sno1_reports(&cred2, report(3, "Idle")).await;
     assert_eq!(
         code,
         StatusCode::FORBIDDEN,
@@ -487,14 +472,7 @@ async fn registration_reports_and_labels() {
         cred1.as_str(),
         "same run, same credential"
     );
-    let (_, body) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1),
-        report(2, "Idle"),
-    )
-    .await;
+    let (_, body) = sno1_reports(&cred1, report(2, "Idle")).await;
     assert_eq!(body["accepted"], false, "same run, same sequence");
     // a new run of the agent gets a new credential and a new sequence
     let mut run2 = reg("sno1");
@@ -512,23 +490,9 @@ async fn registration_reports_and_labels() {
     )
     .await;
     assert!(c["labels"]["lcm.openshift.io/ibgu-prep-completed"].is_string());
-    let (_, body) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1b),
-        report(1, "Idle"),
-    )
-    .await;
+    let (_, body) = sno1_reports(&cred1b, report(1, "Idle")).await;
     assert_eq!(body["accepted"], true);
-    let (code, _) = call(
-        &app,
-        "POST",
-        "/v1/clusters/sno1/status",
-        Some(&cred1),
-        report(5, "Idle"),
-    )
-    .await;
+    let (code, _) = sno1_reports(&cred1, report(5, "Idle")).await;
     assert_eq!(code, StatusCode::FORBIDDEN, "the old credential is gone");
 }
 

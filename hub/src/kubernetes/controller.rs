@@ -50,7 +50,7 @@ pub async fn reconcile(
     let mut desired = (*obj).clone();
     desired.metadata.namespace = Some(ns.clone());
     desired.status = None;
-    let stored = store::rollout_fetch(&ctx.pool, &ns, &name).await?;
+    let stored = store::rollout_fetch_stored(&ctx.pool, &ns, &name).await?;
     let sync = decide::spec_sync(&desired, stored.as_ref().map(|r| &r.object));
     // The ConfigMaps are read when the spec is new or changed (validation needs them), not
     // at every resync of a running rollout.

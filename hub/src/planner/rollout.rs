@@ -242,8 +242,6 @@ impl Phase {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
     pub steps: Vec<StepState>,
-    /// Cluster labels after the pass (only clusters whose labels changed).
-    pub labels: BTreeMap<String, BTreeMap<String, String>>,
     pub label_changes: BTreeMap<String, LabelChange>,
     pub pushes: Vec<Push>,
     pub events: Vec<Event>,
@@ -901,15 +899,8 @@ pub fn advance_with(
     } else {
         Phase::Progressing
     };
-    let labels = pass
-        .changes
-        .iter()
-        .filter(|(_, c)| !c.add.is_empty() || !c.remove.is_empty())
-        .map(|(n, _)| (n.clone(), pass.clusters[n].labels.clone()))
-        .collect();
     Decision {
         steps,
-        labels,
         label_changes: pass
             .changes
             .into_iter()

@@ -168,8 +168,13 @@ impl World {
         }
         self.steps = d.steps.clone();
         self.started = d.started_at;
-        for (c, labels) in &d.labels {
-            self.clusters.get_mut(c).unwrap().labels = labels.clone();
+        // As the store applies them: removals, then additions that keep an existing value.
+        for (c, change) in &d.label_changes {
+            let labels = &mut self.clusters.get_mut(c).unwrap().labels;
+            labels.retain(|k, _| !change.remove.contains(k));
+            for k in &change.add {
+                labels.entry(k.clone()).or_default();
+            }
         }
         for p in &d.pushes {
             let pr = self.steps[p.step].progress.get_mut(&p.cluster).unwrap();
