@@ -511,6 +511,7 @@ async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
         Limits {
             max_connections: 1,
             idle,
+            busy_idle: idle,
         },
         std::future::pending::<()>(),
     ));
@@ -534,6 +535,53 @@ async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
         "the second connection was served while the first held the only slot ({:?})",
         started.elapsed()
     );
+}
+
+/// Near the limit, a new connection may stay idle only `busy_idle`: a connection waiting
+/// for a slot is served long before the relaxed idle limit frees one.
+#[tokio::test]
+async fn near_the_limit_idle_connections_give_their_slot_up_sooner() {
+    use hub::http::listen::{Limits, serve_with};
+    let app = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ping", listener.local_addr().unwrap());
+    tokio::spawn(serve_with(
+        listener,
+        app,
+        Limits {
+            max_connections: 4,
+            idle: std::time::Duration::from_secs(600),
+            busy_idle: std::time::Duration::from_millis(200),
+        },
+        std::future::pending::<()>(),
+    ));
+    // Four clients, four keep-alive connections: every slot is taken, the last one while
+    // the hub was near its limit.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let c = reqwest::Client::new();
+        assert_eq!(
+            c.get(&url).send().await.unwrap().text().await.unwrap(),
+            "pong"
+        );
+        holders.push(c);
+    }
+    // A fifth is served once the last connection has been idle for `busy_idle`, not after
+    // the relaxed ten minutes.
+    let fifth = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let answer = fifth.get(&url).send().await;
+    assert_eq!(
+        answer
+            .expect("the fifth connection got no slot within 30 s")
+            .text()
+            .await
+            .unwrap(),
+        "pong"
+    );
+    drop(holders);
 }
 
 /// The engine writes label changes, not whole label sets: a label someone else set stays,

@@ -3,7 +3,11 @@
 //! connection at once: ten thousand spokes connecting together held 750 MiB. Here at most
 //! `MAX_CONNECTIONS` are open; the rest wait in the kernel's listen queue, and a keep-alive
 //! connection idle longer than `IDLE` is closed, so steady state follows the spokes that are
-//! actually talking (a rollout's running batches), not the size of the fleet.
+//! actually talking (a rollout's running batches), not the size of the fleet. A connection
+//! accepted when fewer than a quarter of the slots are free may stay idle only `BUSY_IDLE`:
+//! after a registration storm the slots are otherwise held by idle connections for `IDLE`
+//! while a spoke whose connection the kernel already accepted waits just as long for its
+//! answer (the 10,000-cluster benchmark stalled for 8 s on it).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +26,8 @@ pub const MAX_CONNECTIONS: usize = 2048;
 /// A keep-alive connection with no new request for this long is closed (and a request whose
 /// headers take this long is dropped). Spokes drop their idle connections sooner (5 s).
 pub const IDLE: Duration = Duration::from_secs(10);
+/// The idle limit of a connection accepted while the hub is near `MAX_CONNECTIONS`.
+pub const BUSY_IDLE: Duration = Duration::from_secs(1);
 /// How long a drain waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -30,6 +36,8 @@ const DRAIN: Duration = Duration::from_secs(30);
 pub struct Limits {
     pub max_connections: usize,
     pub idle: Duration,
+    /// The idle limit of a connection accepted when fewer than a quarter of the slots are free.
+    pub busy_idle: Duration,
 }
 
 impl Default for Limits {
@@ -37,6 +45,7 @@ impl Default for Limits {
         Limits {
             max_connections: MAX_CONNECTIONS,
             idle: IDLE,
+            busy_idle: BUSY_IDLE,
         }
     }
 }
@@ -56,13 +65,15 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max));
     let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle);
+    let builder = |idle: Duration| {
+        let mut b = Builder::new(TokioExecutor::new());
+        b.http1().timer(TokioTimer::new()).header_read_timeout(idle);
+        b
+    };
+    let (relaxed, busy) = (builder(limits.idle), builder(limits.busy_idle));
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -86,6 +97,11 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        let builder = if slots.available_permits() * 4 < max {
+            &busy
+        } else {
+            &relaxed
+        };
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
