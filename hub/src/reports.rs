@@ -1,7 +1,8 @@
 //! Spoke reports are stored in groups: every report waiting when the writer is free goes into
 //! one statement and one commit, and each sender gets its answer only once that commit is
 //! durable. At fleet scale this is the difference between one fsync per report and one per
-//! group, with nothing acknowledged that could be lost.
+//! group, with nothing acknowledged that could be lost. The same statement checks each
+//! report's credential against the cluster's, so a report costs no query of its own.
 
 use fleet_types::ibu::ImageBasedUpgrade;
 use sqlx::PgPool;
@@ -14,12 +15,31 @@ const MAX_GROUP: usize = 1000;
 /// Reports waiting for the writer before senders are slowed down.
 const QUEUE: usize = 10_000;
 
+/// A report as the writer stores it.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub cluster: String,
+    /// The hash of the credential the report came with.
+    pub credential_hash: String,
+    pub agent_id: String,
+    pub sequence: i64,
+    pub ibu: serde_json::Value,
+}
+
 struct Pending {
-    cluster: String,
-    agent_id: String,
-    sequence: i64,
-    ibu: serde_json::Value,
-    reply: oneshot::Sender<Result<bool, String>>,
+    report: Incoming,
+    reply: oneshot::Sender<Result<Stored, String>>,
+}
+
+/// What became of a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Yes,
+    /// Older than, or the same as, the last report of this agent run (or from an agent run
+    /// the hub no longer knows): ignored.
+    Stale,
+    /// The credential is not this cluster's (or there is no such cluster): nothing stored.
+    Forbidden,
 }
 
 #[derive(Clone)]
@@ -34,22 +54,26 @@ impl ReportWriter {
         ReportWriter { tx }
     }
 
-    /// Stores the report unless it is older than, or the same as, the last one of this agent;
-    /// answers whether it was stored, once it is durable.
+    /// Stores the report when `credential` is the cluster's, unless it is older than, or the
+    /// same as, the last one of this agent; answers what became of it once that is durable.
     pub async fn store(
         &self,
         cluster: &str,
+        credential: &str,
         agent_id: &str,
         sequence: u64,
         ibu: &ImageBasedUpgrade,
-    ) -> Result<bool, Error> {
+    ) -> Result<Stored, Error> {
         let (reply, answer) = oneshot::channel();
         let ibu = serde_json::to_value(ibu).map_err(|e| Error::Config(e.to_string()))?;
         let pending = Pending {
-            cluster: cluster.to_string(),
-            agent_id: agent_id.to_string(),
-            sequence: i64::try_from(sequence).unwrap_or(i64::MAX),
-            ibu,
+            report: Incoming {
+                cluster: cluster.to_string(),
+                credential_hash: crate::store::hash(credential),
+                agent_id: agent_id.to_string(),
+                sequence: i64::try_from(sequence).unwrap_or(i64::MAX),
+                ibu,
+            },
             reply,
         };
         self.tx
@@ -66,34 +90,50 @@ impl ReportWriter {
 async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let result = write_group(&pool, &group).await;
-        for p in group.drain(..) {
+        let (reports, replies): (Vec<Incoming>, Vec<_>) =
+            group.drain(..).map(|p| (p.report, p.reply)).unzip();
+        let result = write_group(&pool, &reports).await;
+        for (i, reply) in replies.into_iter().enumerate() {
             let answer = match &result {
-                Ok(stored) => Ok(stored
-                    .iter()
-                    .any(|(c, s)| *c == p.cluster && *s == p.sequence)),
+                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Stored::Stale)),
                 Err(e) => Err(e.clone()),
             };
-            let _ = p.reply.send(answer);
+            let _ = reply.send(answer);
         }
     }
 }
 
-/// One statement for the group; for a cluster reported twice, the newest report wins.
-async fn write_group(pool: &PgPool, group: &[Pending]) -> Result<Vec<(String, i64)>, String> {
+/// One statement for the group: a report whose credential is not its cluster's is refused,
+/// one from another agent run than the registered one is stale, and of a cluster's others
+/// the newest wins. Answers each report's outcome, in the group's order.
+pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored>, String> {
     let clusters: Vec<&str> = group.iter().map(|p| p.cluster.as_str()).collect();
+    let hashes: Vec<&str> = group.iter().map(|p| p.credential_hash.as_str()).collect();
     let agents: Vec<&str> = group.iter().map(|p| p.agent_id.as_str()).collect();
     let seqs: Vec<i64> = group.iter().map(|p| p.sequence).collect();
     let ibus: Vec<&serde_json::Value> = group.iter().map(|p| &p.ibu).collect();
-    sqlx::query_as::<_, (String, i64)>(
-        "UPDATE clusters c SET last_report = u.ibu, last_report_seq = u.seq, last_seen = now()
-         FROM (SELECT DISTINCT ON (name) name, agent, seq, ibu
-               FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::jsonb[]) AS r(name, agent, seq, ibu)
-               ORDER BY name, seq DESC) u
-         WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
-         RETURNING c.name, c.last_report_seq",
+    let rows = sqlx::query_as::<_, (i64, bool, bool)>(
+        "WITH r AS (
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::jsonb[])
+             WITH ORDINALITY AS r(name, hash, agent, seq, ibu, i)
+         ), ok AS (
+           SELECT r.*, c.agent_id = r.agent AS same_run
+           FROM r JOIN clusters c ON c.name = r.name AND c.credential_hash = r.hash
+         ), newest AS (
+           SELECT DISTINCT ON (name) name, agent, seq, ibu FROM ok WHERE same_run
+           ORDER BY name, seq DESC
+         ), stored AS (
+           UPDATE clusters c SET last_report = u.ibu, last_report_seq = u.seq, last_seen = now()
+           FROM newest u
+           WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
+           RETURNING c.name, c.last_report_seq
+         )
+         SELECT r.i, ok.i IS NOT NULL, s.name IS NOT NULL
+         FROM r LEFT JOIN ok ON ok.i = r.i
+           LEFT JOIN stored s ON s.name = r.name AND s.last_report_seq = r.seq",
     )
     .bind(&clusters)
+    .bind(&hashes)
     .bind(&agents)
     .bind(&seqs)
     .bind(&ibus)
@@ -102,5 +142,19 @@ async fn write_group(pool: &PgPool, group: &[Pending]) -> Result<Vec<(String, i6
     .map_err(|e| {
         tracing::error!(error = %e, "storing spoke reports failed");
         "storing the report failed".to_string()
-    })
+    })?;
+    let mut outcomes = vec![Stored::Forbidden; group.len()];
+    for (i, authorized, stored) in rows {
+        if let Some(o) = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| outcomes.get_mut(i))
+        {
+            *o = match (authorized, stored) {
+                (false, _) => Stored::Forbidden,
+                (true, true) => Stored::Yes,
+                (true, false) => Stored::Stale,
+            };
+        }
+    }
+    Ok(outcomes)
 }

@@ -132,21 +132,6 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     Ok(derive(&key, &req.name, &nonce))
 }
 
-/// Whether `credential` is the one issued to `cluster`.
-pub async fn cluster_credential_ok(
-    pool: &PgPool,
-    cluster: &str,
-    credential: &str,
-) -> Result<bool, Error> {
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
-            .bind(cluster)
-            .fetch_optional(pool)
-            .await
-            .map_err(db)?;
-    Ok(stored.is_some_and(|h| h == hash(credential)))
-}
-
 fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
     let labels: Value = r.try_get("labels").map_err(db)?;
     let ibu: Option<Value> = r.try_get("last_report").map_err(db)?;

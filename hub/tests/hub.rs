@@ -537,6 +537,68 @@ async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
     );
 }
 
+/// One group of reports, one statement: each report's credential is checked on its own,
+/// only the newest report of the registered agent run is stored, and every report gets
+/// its own answer.
+#[tokio::test]
+async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
+    use hub::reports::{Incoming, Stored, write_group};
+    let db = migrated().await;
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash, agent_id) VALUES
+           ('a', 'http://x', $1, 'run1'), ('b', 'http://x', $2, 'run1')",
+    )
+    .bind(hub::store::hash("cred-a"))
+    .bind(hub::store::hash("cred-b"))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = |cluster: &str, credential: &str, agent: &str, sequence: i64| Incoming {
+        cluster: cluster.into(),
+        credential_hash: hub::store::hash(credential),
+        agent_id: agent.into(),
+        sequence,
+        ibu: serde_json::json!({"seq": sequence}),
+    };
+    let group = [
+        report("a", "cred-a", "run1", 1),
+        // b's credential for a, with a higher sequence: refused, and it does not hide a's
+        report("a", "cred-b", "run1", 9),
+        report("b", "cred-b", "run1", 2),
+        report("b", "cred-b", "run1", 1),
+        report("nosuch", "cred-a", "run1", 1),
+        // right credential, but an agent run the hub no longer knows
+        report("a", "cred-a", "run0", 5),
+    ];
+    let outcomes = write_group(&db.pool, &group).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Stored::Yes,
+            Stored::Forbidden,
+            Stored::Yes,
+            Stored::Stale,
+            Stored::Forbidden,
+            Stored::Stale
+        ]
+    );
+    let stored: Vec<(String, i64, serde_json::Value)> =
+        sqlx::query_as("SELECT name, last_report_seq, last_report FROM clusters ORDER BY name")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("a".to_string(), 1, serde_json::json!({"seq": 1})),
+            ("b".to_string(), 2, serde_json::json!({"seq": 2})),
+        ]
+    );
+    // The same group again: nothing newer, so nothing stored.
+    let again = write_group(&db.pool, &group[..1]).await.unwrap();
+    assert_eq!(again, [Stored::Stale]);
+}
+
 /// Near the limit, a new connection may stay idle only `busy_idle`: a connection waiting
 /// for a slot is served long before the relaxed idle limit frees one.
 #[tokio::test]

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState};
 use crate::planner::{rollout, selector};
+use crate::reports::Stored;
 use crate::store;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -111,27 +112,40 @@ pub async fn report(
         counted("rejected");
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };
-    if !store::cluster_credential_ok(&state.pool, &name, credential).await? {
-        counted("rejected");
-        // A spoke can report only for itself.
-        return Err(ApiError::new(
-            Reason::Forbidden,
-            format!("this credential may not report for cluster {name}"),
-        ));
-    }
     let report: StatusReport =
         json_body(&body, "status report").inspect_err(|_| counted("rejected"))?;
-    let stored = state
+    // The credential is checked by the statement that stores the report (one query for a
+    // whole group of reports rather than one per report).
+    let stored = match state
         .engine
         .reports
-        .store(&name, &report.agent_id, report.sequence, &report.ibu)
-        .await?;
-    if stored {
-        counted("stored");
-        state.engine.trigger();
-    } else {
-        counted("stale");
-    }
+        .store(
+            &name,
+            credential,
+            &report.agent_id,
+            report.sequence,
+            &report.ibu,
+        )
+        .await?
+    {
+        Stored::Forbidden => {
+            counted("rejected");
+            // A spoke can report only for itself.
+            return Err(ApiError::new(
+                Reason::Forbidden,
+                format!("this credential may not report for cluster {name}"),
+            ));
+        }
+        Stored::Yes => {
+            counted("stored");
+            state.engine.trigger();
+            true
+        }
+        Stored::Stale => {
+            counted("stale");
+            false
+        }
+    };
     Ok((
         StatusCode::OK,
         Json(serde_json::json!({"accepted": stored})),
