@@ -54,6 +54,9 @@ pub struct Engine {
     /// The steps of each rollout as this hub's last pass left them, with the state version
     /// they belong to: a pass reloads them from Postgres only when the version moved on.
     steps: Mutex<HashMap<i64, CachedSteps>>,
+    /// The running batch's reports as this hub's last pass of each rollout parsed them: a
+    /// pass reads again only the ones whose row changed.
+    parsed: Mutex<HashMap<i64, store::ReportCache>>,
 }
 
 struct CachedSteps {
@@ -82,6 +85,7 @@ impl Engine {
             push_slots: Arc::new(Semaphore::new(PUSH_CONCURRENCY)),
             results: Mutex::new(HashMap::new()),
             steps: Mutex::new(HashMap::new()),
+            parsed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -109,6 +113,7 @@ impl Engine {
         // What is kept for rollouts that ended or went away is no longer needed.
         locked(&self.results).retain(|id, _| active.contains(id));
         locked(&self.steps).retain(|id, _| active.contains(id));
+        locked(&self.parsed).retain(|id, _| active.contains(id));
         locked(&self.in_flight).retain(|(id, _)| active.contains(id));
         for id in active {
             self.pass(id).await?;
@@ -184,15 +189,19 @@ impl Engine {
         // the planner says so.
         let input = current.as_deref().unwrap_or(&steps);
         let spec = &row.object.spec;
+        let known = locked(&self.parsed).remove(&id).unwrap_or_default();
         let mut all = watched.is_empty();
-        let (mut fleet, mut last_seen) = store::fleet_in_txn(&mut tx, &watched, all).await?;
-        let mut decision = rollout::advance_with(spec, input, &fleet, all, row.started_at, now);
+        let mut fleet = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
+        let mut last_seen = std::mem::take(&mut fleet.last_seen);
+        let mut reports = std::mem::take(&mut fleet.reports);
+        let mut decision =
+            rollout::advance_with(spec, input, fleet.clusters, all, row.started_at, now);
         if decision.needs_fleet {
             all = true;
-            (fleet, last_seen) = store::fleet_in_txn(&mut tx, &watched, all).await?;
-            decision = rollout::advance_with(spec, input, &fleet, all, row.started_at, now);
+            let fleet = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
+            (last_seen, reports) = (fleet.last_seen, fleet.reports);
+            decision = rollout::advance_with(spec, input, fleet.clusters, all, row.started_at, now);
         }
-        drop(fleet);
         let t_fleet = started.elapsed();
         let version =
             store::rollout_save_steps_in_txn(&mut tx, id, &steps, &decision.steps, version).await?;
@@ -234,6 +243,7 @@ impl Engine {
         }
         let t_status = started.elapsed();
         tx.commit().await.map_err(Error::Database)?;
+        locked(&self.parsed).insert(id, reports);
         locked(&self.steps).insert(
             id,
             CachedSteps {

@@ -599,6 +599,68 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
     assert_eq!(again, [Stored::Stale]);
 }
 
+/// A pass reads again only the reports whose row changed since the last pass; the others
+/// come from what it parsed then.
+#[tokio::test]
+async fn the_fleet_read_reuses_reports_whose_row_did_not_change() {
+    use fleet_types::ibu::Stage;
+    use hub::store::{ReportCache, fleet_in_txn};
+    let db = migrated().await;
+    let ibu = |stage: &str| serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}});
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash, last_report) VALUES
+           ('a', 'http://x', 'h', $1), ('b', 'http://x', 'h', $1), ('c', 'http://x', 'h', NULL)",
+    )
+    .bind(ibu("Prep"))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let watched = ["a".to_string(), "b".to_string(), "c".to_string()];
+    let read = |known: ReportCache, all: bool| {
+        let pool = db.pool.clone();
+        let watched = watched.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            fleet_in_txn(&mut conn, &watched[..2], all, &known)
+                .await
+                .unwrap()
+        }
+    };
+    let stage = |f: &hub::store::Fleet, c: &str| f.clusters[c].ibu.as_ref().map(|i| i.spec.stage);
+    let first = read(ReportCache::new(), false).await;
+    assert_eq!(stage(&first, "a"), Some(Stage::Prep));
+    assert_eq!(first.reports.len(), 2);
+    // What the cache says is taken as long as the row is the same: mark both entries so
+    // that a report read again would show.
+    let mut known = first.reports.clone();
+    for (_, report) in known.values_mut() {
+        let mut marked = (**report).clone();
+        marked.spec.stage = Stage::Rollback;
+        *report = Arc::new(marked);
+    }
+    sqlx::query("UPDATE clusters SET last_report = $1 WHERE name = 'b'")
+        .bind(ibu("Upgrade"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for all in [false, true] {
+        let next = read(known.clone(), all).await;
+        assert_eq!(stage(&next, "a"), Some(Stage::Rollback), "a did not change");
+        assert_eq!(
+            stage(&next, "b"),
+            Some(Stage::Upgrade),
+            "b was reported since"
+        );
+        assert_eq!(next.reports.len(), 2);
+        assert_eq!(next.clusters.len(), if all { 3 } else { 2 });
+        // c is not watched: its labels only, with the whole fleet
+        assert_eq!(
+            next.clusters.get("c").map(|c| c.ibu.is_none()),
+            all.then_some(true)
+        );
+    }
+}
+
 /// Near the limit, a new connection may stay idle only `busy_idle`: a connection waiting
 /// for a slot is served long before the relaxed idle limit frees one.
 #[tokio::test]

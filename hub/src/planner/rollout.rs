@@ -4,6 +4,7 @@
 //! pushes to send, history events, and the derived status.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use fleet_types::ibgu::{
@@ -133,7 +134,8 @@ pub fn batch_timeout(
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterInfo {
     pub labels: BTreeMap<String, String>,
-    pub ibu: Option<ImageBasedUpgrade>,
+    /// Shared: the engine keeps the reports it parsed between passes.
+    pub ibu: Option<Arc<ImageBasedUpgrade>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -545,7 +547,7 @@ impl Pass<'_> {
                 self.fail(step, cluster, msg, false, "ActionFailed");
                 return;
             }
-            let ibu = self.clusters.get(cluster).and_then(|c| c.ibu.as_ref());
+            let ibu = self.clusters.get(cluster).and_then(|c| c.ibu.as_deref());
             let verdict = if p.pushed_stage == Some(action.spoke_stage())
                 || ibu.is_some_and(|i| i.spec.stage == action.spoke_stage())
                 || action.spoke_stage() == Stage::Idle
@@ -836,7 +838,7 @@ pub fn advance(
     started_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Decision {
-    advance_with(spec, steps, clusters, true, started_at, now)
+    advance_with(spec, steps, clusters.clone(), true, started_at, now)
 }
 
 /// [`advance`] given only part of the fleet (`complete` false): the clusters of the running
@@ -846,7 +848,7 @@ pub fn advance(
 pub fn advance_with(
     spec: &ImageBasedGroupUpgradeSpec,
     steps: &[StepState],
-    clusters: &BTreeMap<String, ClusterInfo>,
+    clusters: BTreeMap<String, ClusterInfo>,
     complete: bool,
     started_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
@@ -854,7 +856,7 @@ pub fn advance_with(
     let mut pass = Pass {
         spec,
         now,
-        clusters: clusters.clone(),
+        clusters,
         changes: BTreeMap::new(),
         events: vec![],
         pushes: vec![],

@@ -129,7 +129,7 @@ impl World {
                     n.to_string(),
                     ClusterInfo {
                         labels: [("name".to_string(), n.to_string())].into(),
-                        ibu: Some(idle()),
+                        ibu: Some(Arc::new(idle())),
                     },
                 )
             })
@@ -201,7 +201,7 @@ impl World {
         advance_with(
             &self.spec,
             &self.steps,
-            &given,
+            given,
             false,
             self.started,
             self.now,
@@ -209,7 +209,7 @@ impl World {
     }
 
     fn report(&mut self, cluster: &str, ibu: ImageBasedUpgrade) {
-        self.clusters.get_mut(cluster).unwrap().ibu = Some(ibu);
+        self.clusters.get_mut(cluster).unwrap().ibu = Some(Arc::new(ibu));
     }
 
     fn status(&self) -> ImageBasedGroupUpgradeStatus {
