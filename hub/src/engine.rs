@@ -169,12 +169,12 @@ impl Engine {
             Some(c) => c.steps,
             None => store::rollout_steps_in_txn(&mut tx, id).await?,
         };
-        let current = if results.is_empty() {
-            None
-        } else {
+        // The planner's input: the steps with the push outcomes since the last pass (`steps`
+        // stays as stored, for writing only what changed).
+        let input = || {
             let mut s = steps.clone();
             rollout::apply_push_results(&mut s, results);
-            Some(s)
+            s
         };
         let t_steps = started.elapsed();
         // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
@@ -187,7 +187,6 @@ impl Engine {
         // A pass of a running batch needs only its clusters; one that starts a plan step (or
         // sets labels beyond the batch, as a step timeout does) needs the whole fleet, and
         // the planner says so.
-        let input = current.as_deref().unwrap_or(&steps);
         let spec = &row.object.spec;
         let known = locked(&self.parsed).remove(&id).unwrap_or_default();
         let mut all = watched.is_empty();
@@ -195,12 +194,13 @@ impl Engine {
         let mut last_seen = std::mem::take(&mut fleet.last_seen);
         let mut reports = std::mem::take(&mut fleet.reports);
         let mut decision =
-            rollout::advance_with(spec, input, fleet.clusters, all, row.started_at, now);
+            rollout::advance_with(spec, input(), fleet.clusters, all, row.started_at, now);
         if decision.needs_fleet {
             all = true;
             let fleet = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
             (last_seen, reports) = (fleet.last_seen, fleet.reports);
-            decision = rollout::advance_with(spec, input, fleet.clusters, all, row.started_at, now);
+            decision =
+                rollout::advance_with(spec, input(), fleet.clusters, all, row.started_at, now);
         }
         let t_fleet = started.elapsed();
         let version =

@@ -838,7 +838,14 @@ pub fn advance(
     started_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Decision {
-    advance_with(spec, steps, clusters.clone(), true, started_at, now)
+    advance_with(
+        spec,
+        steps.to_vec(),
+        clusters.clone(),
+        true,
+        started_at,
+        now,
+    )
 }
 
 /// [`advance`] given only part of the fleet (`complete` false): the clusters of the running
@@ -847,7 +854,7 @@ pub fn advance(
 /// again with the whole fleet.
 pub fn advance_with(
     spec: &ImageBasedGroupUpgradeSpec,
-    steps: &[StepState],
+    mut steps: Vec<StepState>,
     clusters: BTreeMap<String, ClusterInfo>,
     complete: bool,
     started_at: Option<DateTime<Utc>>,
@@ -864,7 +871,6 @@ pub fn advance_with(
         complete,
         needs_fleet: false,
     };
-    let mut steps = steps.to_vec();
     loop {
         if let Some(last) = steps.last_mut()
             && last.completed_at.is_none()

@@ -200,7 +200,7 @@ impl World {
             .collect();
         advance_with(
             &self.spec,
-            &self.steps,
+            self.steps.clone(),
             given,
             false,
             self.started,
