@@ -193,6 +193,7 @@ impl Engine {
         let mut fleet = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
         let mut last_seen = std::mem::take(&mut fleet.last_seen);
         let mut reports = std::mem::take(&mut fleet.reports);
+        let t_read = started.elapsed();
         let mut decision =
             rollout::advance_with(spec, input(), fleet.clusters, all, row.started_at, now);
         if decision.needs_fleet {
@@ -252,7 +253,7 @@ impl Engine {
                 steps: decision.steps,
             },
         );
-        tracing::debug!(from_memory, all, ?t_steps, ?t_fleet, ?t_progress, ?t_labels, ?t_write, ?t_status, commit = ?started.elapsed(), "pass timings");
+        tracing::debug!(from_memory, all, ?t_steps, ?t_read, ?t_fleet, ?t_progress, ?t_labels, ?t_write, ?t_status, commit = ?started.elapsed(), "pass timings");
         self.metrics
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
