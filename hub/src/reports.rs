@@ -23,7 +23,8 @@ pub struct Incoming {
     pub credential_hash: String,
     pub agent_id: String,
     pub sequence: i64,
-    pub ibu: serde_json::Value,
+    /// The IBU as JSON text.
+    pub ibu: String,
 }
 
 struct Pending {
@@ -65,7 +66,8 @@ impl ReportWriter {
         ibu: &ImageBasedUpgrade,
     ) -> Result<Stored, Error> {
         let (reply, answer) = oneshot::channel();
-        let ibu = serde_json::to_value(ibu).map_err(|e| Error::Config(e.to_string()))?;
+        // Straight to text: no JSON tree is built only to be written out again.
+        let ibu = serde_json::to_string(ibu).map_err(|e| Error::Config(e.to_string()))?;
         let pending = Pending {
             report: Incoming {
                 cluster: cluster.to_string(),
@@ -111,10 +113,10 @@ pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored
     let hashes: Vec<&str> = group.iter().map(|p| p.credential_hash.as_str()).collect();
     let agents: Vec<&str> = group.iter().map(|p| p.agent_id.as_str()).collect();
     let seqs: Vec<i64> = group.iter().map(|p| p.sequence).collect();
-    let ibus: Vec<&serde_json::Value> = group.iter().map(|p| &p.ibu).collect();
+    let ibus: Vec<&str> = group.iter().map(|p| p.ibu.as_str()).collect();
     let rows = sqlx::query_as::<_, (i64, bool, bool)>(
         "WITH r AS (
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::jsonb[])
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
              WITH ORDINALITY AS r(name, hash, agent, seq, ibu, i)
          ), ok AS (
            SELECT r.*, c.agent_id = r.agent AS same_run
@@ -123,7 +125,7 @@ pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored
            SELECT DISTINCT ON (name) name, agent, seq, ibu FROM ok WHERE same_run
            ORDER BY name, seq DESC
          ), stored AS (
-           UPDATE clusters c SET last_report = u.ibu, last_report_seq = u.seq, last_seen = now()
+           UPDATE clusters c SET last_report = u.ibu::jsonb, last_report_seq = u.seq, last_seen = now()
            FROM newest u
            WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
            RETURNING c.name, c.last_report_seq

@@ -558,7 +558,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
         credential_hash: hub::store::hash(credential),
         agent_id: agent.into(),
         sequence,
-        ibu: serde_json::json!({"seq": sequence}),
+        ibu: serde_json::json!({"seq": sequence}).to_string(),
     };
     let group = [
         report("a", "cred-a", "run1", 1),
