@@ -190,18 +190,19 @@ impl Engine {
         let spec = &row.object.spec;
         let known = locked(&self.parsed).remove(&id).unwrap_or_default();
         let mut all = watched.is_empty();
-        let mut fleet = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
-        let mut last_seen = std::mem::take(&mut fleet.last_seen);
-        let mut reports = std::mem::take(&mut fleet.reports);
+        let store::Fleet {
+            clusters,
+            mut last_seen,
+            mut reports,
+        } = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
         let t_read = started.elapsed();
-        let mut decision =
-            rollout::advance_with(spec, input(), fleet.clusters, all, row.started_at, now);
+        let mut decision = rollout::advance_with(spec, input(), clusters, all, row.started_at, now);
         if decision.needs_fleet {
             all = true;
-            let fleet = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
-            (last_seen, reports) = (fleet.last_seen, fleet.reports);
+            let whole = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
+            (last_seen, reports) = (whole.last_seen, whole.reports);
             decision =
-                rollout::advance_with(spec, input(), fleet.clusters, all, row.started_at, now);
+                rollout::advance_with(spec, input(), whole.clusters, all, row.started_at, now);
         }
         let t_fleet = started.elapsed();
         let version =
