@@ -188,7 +188,9 @@ impl Engine {
         // sets labels beyond the batch, as a step timeout does) needs the whole fleet, and
         // the planner says so.
         let spec = &row.object.spec;
-        let known = locked(&self.parsed).remove(&id).unwrap_or_default();
+        let mut known = locked(&self.parsed).remove(&id).unwrap_or_default();
+        // Reports stored since, as their handlers parsed them: newer than any kept here.
+        known.extend(self.reports.take_fresh(&watched));
         let mut all = watched.is_empty();
         let store::Fleet {
             clusters,

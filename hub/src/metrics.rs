@@ -22,8 +22,18 @@ pub const KUBE_VERBS: [&str; 7] = [
 /// Outcomes of a Kubernetes request.
 pub const KUBE_RESULTS: [&str; 5] = ["success", "conflict", "throttled", "client_error", "error"];
 
+/// The hub's metrics: a handle, cheap to clone (every request's state holds one).
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<HubMetrics>);
+
+impl std::ops::Deref for Metrics {
+    type Target = HubMetrics;
+    fn deref(&self) -> &HubMetrics {
+        &self.0
+    }
+}
+
+pub struct HubMetrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -48,7 +58,7 @@ pub struct Metrics {
     pub kube_request_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
     /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
-    pub refresh_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    pub refresh_lock: tokio::sync::Mutex<()>,
 }
 
 fn counter(
@@ -271,7 +281,7 @@ impl Metrics {
         ] {
             events.with_label_values(&[event]);
         }
-        Ok(Metrics {
+        Ok(Metrics(std::sync::Arc::new(HubMetrics {
             registry: r,
             http_requests,
             http_request_duration,
@@ -296,7 +306,7 @@ impl Metrics {
             kube_request_duration,
             reconcile_errors,
             refresh_lock: Default::default(),
-        })
+        })))
     }
 
     /// Sets the fleet gauges from a snapshot read from the database.

@@ -4,6 +4,9 @@
 //! group, with nothing acknowledged that could be lost. The same statement checks each
 //! report's credential against the cluster's, so a report costs no query of its own.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use fleet_types::ibu::ImageBasedUpgrade;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -14,6 +17,15 @@ use crate::error::Error;
 const MAX_GROUP: usize = 1000;
 /// Reports waiting for the writer before senders are slowed down.
 const QUEUE: usize = 10_000;
+/// Most stored reports kept for the engine between its passes (beyond, the oldest are
+/// dropped: the engine reads those from Postgres).
+const FRESH_KEPT: usize = 20_000;
+
+/// Reports just stored, as parsed by the handler, by cluster, with the version (`xmin`) of
+/// the row they were stored in: the engine's next pass takes them instead of reading and
+/// parsing the same JSON back from Postgres. Only a saving: a row whose version moved on
+/// since (a later report, a label change) is read from Postgres as before.
+pub type Fresh = HashMap<String, (i64, Arc<ImageBasedUpgrade>)>;
 
 /// A report as the writer stores it.
 #[derive(Clone, Debug)]
@@ -29,6 +41,7 @@ pub struct Incoming {
 
 struct Pending {
     report: Incoming,
+    parsed: Arc<ImageBasedUpgrade>,
     reply: oneshot::Sender<Result<Stored, String>>,
 }
 
@@ -46,13 +59,24 @@ pub enum Stored {
 #[derive(Clone)]
 pub struct ReportWriter {
     tx: mpsc::Sender<Pending>,
+    fresh: Arc<Mutex<Fresh>>,
 }
 
 impl ReportWriter {
     pub fn start(pool: PgPool) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(pool, rx));
-        ReportWriter { tx }
+        let fresh = Arc::new(Mutex::new(Fresh::new()));
+        tokio::spawn(write_loop(pool, rx, fresh.clone()));
+        ReportWriter { tx, fresh }
+    }
+
+    /// Takes the stored reports of these clusters kept for the engine (see [`Fresh`]).
+    pub fn take_fresh(&self, clusters: &[String]) -> Fresh {
+        let mut kept = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        clusters
+            .iter()
+            .filter_map(|c| kept.remove_entry(c))
+            .collect()
     }
 
     /// Stores the report when `credential` is the cluster's, unless it is older than, or the
@@ -63,19 +87,20 @@ impl ReportWriter {
         credential: &str,
         agent_id: &str,
         sequence: u64,
-        ibu: &ImageBasedUpgrade,
+        ibu: ImageBasedUpgrade,
     ) -> Result<Stored, Error> {
         let (reply, answer) = oneshot::channel();
         // Straight to text: no JSON tree is built only to be written out again.
-        let ibu = serde_json::to_string(ibu).map_err(|e| Error::Config(e.to_string()))?;
+        let text = serde_json::to_string(&ibu).map_err(|e| Error::Config(e.to_string()))?;
         let pending = Pending {
             report: Incoming {
                 cluster: cluster.to_string(),
                 credential_hash: crate::store::hash(credential),
                 agent_id: agent_id.to_string(),
                 sequence: i64::try_from(sequence).unwrap_or(i64::MAX),
-                ibu,
+                ibu: text,
             },
+            parsed: Arc::new(ibu),
             reply,
         };
         self.tx
@@ -89,15 +114,32 @@ impl ReportWriter {
     }
 }
 
-async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
+async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mutex<Fresh>>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let (reports, replies): (Vec<Incoming>, Vec<_>) =
-            group.drain(..).map(|p| (p.report, p.reply)).unzip();
+        let mut reports = Vec::with_capacity(group.len());
+        let mut rest = Vec::with_capacity(group.len());
+        for p in group.drain(..) {
+            reports.push(p.report);
+            rest.push((p.parsed, p.reply));
+        }
         let result = write_group(&pool, &reports).await;
-        for (i, reply) in replies.into_iter().enumerate() {
+        if let Ok(outcomes) = &result {
+            let mut kept = fresh.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() + outcomes.len() > FRESH_KEPT {
+                kept.clear();
+            }
+            for ((outcome, version), (report, (parsed, _))) in
+                outcomes.iter().zip(reports.iter().zip(&rest))
+            {
+                if let (Stored::Yes, Some(v)) = (outcome, version) {
+                    kept.insert(report.cluster.clone(), (*v, parsed.clone()));
+                }
+            }
+        }
+        for (i, (_, reply)) in rest.into_iter().enumerate() {
             let answer = match &result {
-                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Stored::Stale)),
+                Ok(outcomes) => Ok(outcomes.get(i).map_or(Stored::Stale, |o| o.0)),
                 Err(e) => Err(e.clone()),
             };
             let _ = reply.send(answer);
@@ -107,14 +149,18 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
 
 /// One statement for the group: a report whose credential is not its cluster's is refused,
 /// one from another agent run than the registered one is stale, and of a cluster's others
-/// the newest wins. Answers each report's outcome, in the group's order.
-pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored>, String> {
+/// the newest wins. Answers each report's outcome, in the group's order, with the version
+/// (`xmin`) of the row a stored report is now in.
+pub async fn write_group(
+    pool: &PgPool,
+    group: &[Incoming],
+) -> Result<Vec<(Stored, Option<i64>)>, String> {
     let clusters: Vec<&str> = group.iter().map(|p| p.cluster.as_str()).collect();
     let hashes: Vec<&str> = group.iter().map(|p| p.credential_hash.as_str()).collect();
     let agents: Vec<&str> = group.iter().map(|p| p.agent_id.as_str()).collect();
     let seqs: Vec<i64> = group.iter().map(|p| p.sequence).collect();
     let ibus: Vec<&str> = group.iter().map(|p| p.ibu.as_str()).collect();
-    let rows = sqlx::query_as::<_, (i64, bool, bool)>(
+    let rows = sqlx::query_as::<_, (i64, bool, Option<i64>)>(
         "WITH r AS (
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
              WITH ORDINALITY AS r(name, hash, agent, seq, ibu, i)
@@ -128,9 +174,9 @@ pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored
            UPDATE clusters c SET last_report = u.ibu::jsonb, last_report_seq = u.seq, last_seen = now()
            FROM newest u
            WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
-           RETURNING c.name, c.last_report_seq
+           RETURNING c.name, c.last_report_seq, c.xmin::text::int8 AS version
          )
-         SELECT r.i, ok.i IS NOT NULL, s.name IS NOT NULL
+         SELECT r.i, ok.i IS NOT NULL, s.version
          FROM r LEFT JOIN ok ON ok.i = r.i
            LEFT JOIN stored s ON s.name = r.name AND s.last_report_seq = r.seq",
     )
@@ -145,16 +191,16 @@ pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored
         tracing::error!(error = %e, "storing spoke reports failed");
         "storing the report failed".to_string()
     })?;
-    let mut outcomes = vec![Stored::Forbidden; group.len()];
-    for (i, authorized, stored) in rows {
+    let mut outcomes = vec![(Stored::Forbidden, None); group.len()];
+    for (i, authorized, version) in rows {
         if let Some(o) = usize::try_from(i - 1)
             .ok()
             .and_then(|i| outcomes.get_mut(i))
         {
-            *o = match (authorized, stored) {
-                (false, _) => Stored::Forbidden,
-                (true, true) => Stored::Yes,
-                (true, false) => Stored::Stale,
+            *o = match (authorized, version) {
+                (false, _) => (Stored::Forbidden, None),
+                (true, Some(v)) => (Stored::Yes, Some(v)),
+                (true, None) => (Stored::Stale, None),
             };
         }
     }

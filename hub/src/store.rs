@@ -733,11 +733,7 @@ pub async fn rollout_save_steps_in_txn(
             .await
             .map_err(db)?;
         }
-        let changed: Vec<(&String, &ClusterProgress)> = s
-            .progress
-            .iter()
-            .filter(|(c, p)| old.and_then(|o| o.progress.get(*c)) != Some(*p))
-            .collect();
+        let changed = changed_progress(old.map(|o| &o.progress), &s.progress);
         if changed.is_empty() {
             continue;
         }
@@ -754,6 +750,36 @@ pub async fn rollout_save_steps_in_txn(
     .fetch_one(conn)
     .await
     .map_err(db)
+}
+
+/// The entries of `after` that differ from (or are missing in) `before`. A step's clusters
+/// are frozen when it starts, so both maps normally hold the same names in the same order:
+/// they are then compared side by side, without a lookup (and its string comparisons) per
+/// cluster; otherwise each entry is looked up.
+fn changed_progress<'a>(
+    before: Option<&BTreeMap<String, ClusterProgress>>,
+    after: &'a BTreeMap<String, ClusterProgress>,
+) -> Vec<(&'a String, &'a ClusterProgress)> {
+    if let Some(before) = before.filter(|b| b.len() == after.len()) {
+        let mut changed = Vec::new();
+        let mut aligned = true;
+        for ((name, p), (old_name, old)) in after.iter().zip(before) {
+            if name != old_name {
+                aligned = false;
+                break;
+            }
+            if p != old {
+                changed.push((name, p));
+            }
+        }
+        if aligned {
+            return changed;
+        }
+    }
+    after
+        .iter()
+        .filter(|(c, p)| before.and_then(|b| b.get(*c)) != Some(*p))
+        .collect()
 }
 
 /// One statement for all changed rows of a step (the engine writes in batches).
@@ -1170,4 +1196,36 @@ pub async fn history_last_id(pool: &PgPool) -> Result<i64, Error> {
         .fetch_one(pool)
         .await
         .map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, usize)]) -> BTreeMap<String, ClusterProgress> {
+        entries
+            .iter()
+            .map(|(n, b)| (n.to_string(), ClusterProgress::pending(*b)))
+            .collect()
+    }
+
+    fn names(changed: Vec<(&String, &ClusterProgress)>) -> Vec<String> {
+        changed.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    #[test]
+    fn changed_progress_is_what_differs_whether_or_not_the_names_line_up() {
+        let before = map(&[("a", 0), ("b", 0), ("c", 1)]);
+        let mut after = before.clone();
+        after.get_mut("b").expect("b").phase = ClusterPhase::Running;
+        assert_eq!(names(changed_progress(Some(&before), &after)), ["b"]);
+        assert!(changed_progress(Some(&before), &before).is_empty());
+        // Same size, other names: compared by name, the new one counts as changed.
+        let other = map(&[("a", 0), ("b", 0), ("d", 1)]);
+        assert_eq!(names(changed_progress(Some(&before), &other)), ["d"]);
+        // Another size, or nothing before.
+        let more = map(&[("a", 0), ("b", 1), ("c", 1), ("e", 2)]);
+        assert_eq!(names(changed_progress(Some(&before), &more)), ["b", "e"]);
+        assert_eq!(names(changed_progress(None, &before)), ["a", "b", "c"]);
+    }
 }

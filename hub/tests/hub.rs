@@ -572,7 +572,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
     ];
     let outcomes = write_group(&db.pool, &group).await.unwrap();
     assert_eq!(
-        outcomes,
+        outcomes.iter().map(|o| o.0).collect::<Vec<_>>(),
         [
             Stored::Yes,
             Stored::Forbidden,
@@ -594,9 +594,79 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
             ("b".to_string(), 2, serde_json::json!({"seq": 2})),
         ]
     );
+    // A stored report comes with the version of the row it is now in; the others without.
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT xmin::text::int8 FROM clusters ORDER BY name")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes.iter().map(|o| o.1).collect::<Vec<_>>(),
+        [Some(versions[0]), None, Some(versions[1]), None, None, None]
+    );
     // The same group again: nothing newer, so nothing stored.
     let again = write_group(&db.pool, &group[..1]).await.unwrap();
-    assert_eq!(again, [Stored::Stale]);
+    assert_eq!(again, [(Stored::Stale, None)]);
+}
+
+/// A report the writer stored is handed to the engine as its handler parsed it, with the
+/// version of its row: the fleet read takes it from there instead of reading it back.
+#[tokio::test]
+async fn a_stored_report_reaches_the_engine_without_being_read_back() {
+    use hub::reports::{ReportWriter, Stored};
+    use hub::store::fleet_in_txn;
+    let db = migrated().await;
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash, agent_id) VALUES ('a', 'http://x', $1, 'run1')",
+    )
+    .bind(hub::store::hash("cred-a"))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let writer = ReportWriter::start(db.pool.clone());
+    let ibu: fleet_types::ibu::ImageBasedUpgrade = serde_json::from_value(serde_json::json!({
+        "apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade",
+        "metadata": {"name": "upgrade"}, "spec": {"stage": "Prep"}
+    }))
+    .unwrap();
+    let stored = writer
+        .store("a", "cred-a", "run1", 1, ibu.clone())
+        .await
+        .unwrap();
+    assert_eq!(stored, Stored::Yes);
+    // Refused and stale reports are not handed on.
+    assert_eq!(
+        writer
+            .store("a", "cred-b", "run1", 2, ibu.clone())
+            .await
+            .unwrap(),
+        Stored::Forbidden
+    );
+    assert_eq!(
+        writer
+            .store("a", "cred-a", "run1", 1, ibu.clone())
+            .await
+            .unwrap(),
+        Stored::Stale
+    );
+    assert!(writer.take_fresh(&["b".to_string()]).is_empty());
+    let fresh = writer.take_fresh(&["a".to_string()]);
+    let version: i64 = sqlx::query_scalar("SELECT xmin::text::int8 FROM clusters WHERE name = 'a'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(fresh["a"].0, version);
+    assert_eq!(*fresh["a"].1, ibu);
+    assert!(
+        writer.take_fresh(&["a".to_string()]).is_empty(),
+        "taken once"
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    let read = fleet_in_txn(&mut conn, &["a".to_string()], false, &fresh)
+        .await
+        .unwrap();
+    let got = read.clusters["a"].ibu.clone().unwrap();
+    assert!(Arc::ptr_eq(&got, &fresh["a"].1), "taken, not read back");
 }
 
 /// A pass reads again only the reports whose row changed since the last pass; the others

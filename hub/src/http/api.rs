@@ -124,7 +124,7 @@ pub async fn report(
             credential,
             &report.agent_id,
             report.sequence,
-            &report.ibu,
+            report.ibu,
         )
         .await?
     {
