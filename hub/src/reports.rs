@@ -17,9 +17,10 @@ use crate::error::Error;
 const MAX_GROUP: usize = 1000;
 /// Reports waiting for the writer before senders are slowed down.
 const QUEUE: usize = 10_000;
-/// Most stored reports kept for the engine between its passes (beyond, the oldest are
-/// dropped: the engine reads those from Postgres).
-const FRESH_KEPT: usize = 20_000;
+/// Most stored reports kept for the engine between its passes, a few KiB each: the running
+/// batches' reports fit; reports of clusters no pass is watching (after a registration
+/// storm, say) do not pile up. Beyond it they are all dropped, and read from Postgres.
+const FRESH_KEPT: usize = 4096;
 
 /// Reports just stored, as parsed by the handler, by cluster, with the version (`xmin`) of
 /// the row they were stored in: the engine's next pass takes them instead of reading and

@@ -629,26 +629,15 @@ async fn a_stored_report_reaches_the_engine_without_being_read_back() {
         "metadata": {"name": "upgrade"}, "spec": {"stage": "Prep"}
     }))
     .unwrap();
-    let stored = writer
-        .store("a", "cred-a", "run1", 1, ibu.clone())
-        .await
-        .unwrap();
-    assert_eq!(stored, Stored::Yes);
-    // Refused and stale reports are not handed on.
-    assert_eq!(
-        writer
-            .store("a", "cred-b", "run1", 2, ibu.clone())
-            .await
-            .unwrap(),
-        Stored::Forbidden
-    );
-    assert_eq!(
-        writer
-            .store("a", "cred-a", "run1", 1, ibu.clone())
-            .await
-            .unwrap(),
-        Stored::Stale
-    );
+    // Stored, then refused and stale: only the stored one is handed on.
+    for (credential, sequence, expected) in [
+        ("cred-a", 1, Stored::Yes),
+        ("cred-b", 2, Stored::Forbidden),
+        ("cred-a", 1, Stored::Stale),
+    ] {
+        let stored = writer.store("a", credential, "run1", sequence, ibu.clone());
+        assert_eq!(stored.await.unwrap(), expected, "{credential} {sequence}");
+    }
     assert!(writer.take_fresh(&["b".to_string()]).is_empty());
     let fresh = writer.take_fresh(&["a".to_string()]);
     let version: i64 = sqlx::query_scalar("SELECT xmin::text::int8 FROM clusters WHERE name = 'a'")
