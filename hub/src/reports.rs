@@ -4,7 +4,6 @@
 //! group, with nothing acknowledged that could be lost. The same statement checks each
 //! report's credential against the cluster's, so a report costs no query of its own.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use fleet_types::ibu::ImageBasedUpgrade;
@@ -12,6 +11,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::store::{ReportCache, ReportId};
 
 /// Most reports stored by one statement.
 const MAX_GROUP: usize = 1000;
@@ -22,11 +22,10 @@ const QUEUE: usize = 10_000;
 /// storm, say) do not pile up. Beyond it they are all dropped, and read from Postgres.
 const FRESH_KEPT: usize = 4096;
 
-/// Reports just stored, as parsed by the handler, by cluster, with the version (`xmin`) of
-/// the row they were stored in: the engine's next pass takes them instead of reading and
-/// parsing the same JSON back from Postgres. Only a saving: a row whose version moved on
-/// since (a later report, a label change) is read from Postgres as before.
-pub type Fresh = HashMap<String, (i64, Arc<ImageBasedUpgrade>)>;
+/// Reports just stored, as parsed by the handler, by cluster, with their identity: the
+/// engine's next pass takes them instead of reading and parsing the same JSON back from
+/// Postgres. Only a saving: a row that holds another report by then is read as before.
+pub type Fresh = ReportCache;
 
 /// A report as the writer stores it.
 #[derive(Clone, Debug)]
@@ -130,17 +129,19 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mu
             if kept.len() + outcomes.len() > FRESH_KEPT {
                 kept.clear();
             }
-            for ((outcome, version), (report, (parsed, _))) in
-                outcomes.iter().zip(reports.iter().zip(&rest))
-            {
-                if let (Stored::Yes, Some(v)) = (outcome, version) {
-                    kept.insert(report.cluster.clone(), (*v, parsed.clone()));
+            for (outcome, (report, (parsed, _))) in outcomes.iter().zip(reports.iter().zip(&rest)) {
+                if *outcome == Stored::Yes {
+                    let id = ReportId {
+                        agent: report.agent_id.clone(),
+                        seq: report.sequence,
+                    };
+                    kept.insert(report.cluster.clone(), (id, parsed.clone()));
                 }
             }
         }
         for (i, (_, reply)) in rest.into_iter().enumerate() {
             let answer = match &result {
-                Ok(outcomes) => Ok(outcomes.get(i).map_or(Stored::Stale, |o| o.0)),
+                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Stored::Stale)),
                 Err(e) => Err(e.clone()),
             };
             let _ = reply.send(answer);
@@ -150,18 +151,15 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mu
 
 /// One statement for the group: a report whose credential is not its cluster's is refused,
 /// one from another agent run than the registered one is stale, and of a cluster's others
-/// the newest wins. Answers each report's outcome, in the group's order, with the version
-/// (`xmin`) of the row a stored report is now in.
-pub async fn write_group(
-    pool: &PgPool,
-    group: &[Incoming],
-) -> Result<Vec<(Stored, Option<i64>)>, String> {
+/// the newest wins (one of them, should a run send two under one number). Answers each
+/// report's outcome, in the group's order.
+pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored>, String> {
     let clusters: Vec<&str> = group.iter().map(|p| p.cluster.as_str()).collect();
     let hashes: Vec<&str> = group.iter().map(|p| p.credential_hash.as_str()).collect();
     let agents: Vec<&str> = group.iter().map(|p| p.agent_id.as_str()).collect();
     let seqs: Vec<i64> = group.iter().map(|p| p.sequence).collect();
     let ibus: Vec<&str> = group.iter().map(|p| p.ibu.as_str()).collect();
-    let rows = sqlx::query_as::<_, (i64, bool, Option<i64>)>(
+    let rows = sqlx::query_as::<_, (i64, bool, bool)>(
         "WITH r AS (
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
              WITH ORDINALITY AS r(name, hash, agent, seq, ibu, i)
@@ -169,17 +167,16 @@ pub async fn write_group(
            SELECT r.*, c.agent_id = r.agent AS same_run
            FROM r JOIN clusters c ON c.name = r.name AND c.credential_hash = r.hash
          ), newest AS (
-           SELECT DISTINCT ON (name) name, agent, seq, ibu FROM ok WHERE same_run
+           SELECT DISTINCT ON (name) name, agent, seq, ibu, i FROM ok WHERE same_run
            ORDER BY name, seq DESC
          ), stored AS (
            UPDATE clusters c SET last_report = u.ibu::jsonb, last_report_seq = u.seq, last_seen = now()
            FROM newest u
            WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
-           RETURNING c.name, c.last_report_seq, c.xmin::text::int8 AS version
+           RETURNING u.i
          )
-         SELECT r.i, ok.i IS NOT NULL, s.version
-         FROM r LEFT JOIN ok ON ok.i = r.i
-           LEFT JOIN stored s ON s.name = r.name AND s.last_report_seq = r.seq",
+         SELECT r.i, ok.i IS NOT NULL, s.i IS NOT NULL
+         FROM r LEFT JOIN ok ON ok.i = r.i LEFT JOIN stored s ON s.i = r.i",
     )
     .bind(&clusters)
     .bind(&hashes)
@@ -192,16 +189,16 @@ pub async fn write_group(
         tracing::error!(error = %e, "storing spoke reports failed");
         "storing the report failed".to_string()
     })?;
-    let mut outcomes = vec![(Stored::Forbidden, None); group.len()];
-    for (i, authorized, version) in rows {
+    let mut outcomes = vec![Stored::Forbidden; group.len()];
+    for (i, authorized, stored) in rows {
         if let Some(o) = usize::try_from(i - 1)
             .ok()
             .and_then(|i| outcomes.get_mut(i))
         {
-            *o = match (authorized, version) {
-                (false, _) => (Stored::Forbidden, None),
-                (true, Some(v)) => (Stored::Yes, Some(v)),
-                (true, None) => (Stored::Stale, None),
+            *o = match (authorized, stored) {
+                (false, _) => Stored::Forbidden,
+                (true, true) => Stored::Yes,
+                (true, false) => Stored::Stale,
             };
         }
     }

@@ -572,7 +572,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
     ];
     let outcomes = write_group(&db.pool, &group).await.unwrap();
     assert_eq!(
-        outcomes.iter().map(|o| o.0).collect::<Vec<_>>(),
+        outcomes,
         [
             Stored::Yes,
             Stored::Forbidden,
@@ -594,26 +594,38 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
             ("b".to_string(), 2, serde_json::json!({"seq": 2})),
         ]
     );
-    // A stored report comes with the version of the row it is now in; the others without.
-    let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT xmin::text::int8 FROM clusters ORDER BY name")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        outcomes.iter().map(|o| o.1).collect::<Vec<_>>(),
-        [Some(versions[0]), None, Some(versions[1]), None, None, None]
-    );
     // The same group again: nothing newer, so nothing stored.
     let again = write_group(&db.pool, &group[..1]).await.unwrap();
-    assert_eq!(again, [(Stored::Stale, None)]);
+    assert_eq!(again, [Stored::Stale]);
+    // Two reports of one run under one number (a broken agent): one is stored, and only the
+    // one stored is answered so.
+    let twins = [
+        Incoming {
+            ibu: serde_json::json!({"twin": 1}).to_string(),
+            ..report("a", "cred-a", "run1", 7)
+        },
+        Incoming {
+            ibu: serde_json::json!({"twin": 2}).to_string(),
+            ..report("a", "cred-a", "run1", 7)
+        },
+    ];
+    let outcomes = write_group(&db.pool, &twins).await.unwrap();
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT last_report FROM clusters WHERE name = 'a'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let yes: Vec<usize> = (0..2).filter(|i| outcomes[*i] == Stored::Yes).collect();
+    assert_eq!(yes.len(), 1, "{outcomes:?}");
+    assert_eq!(stored, serde_json::json!({"twin": yes[0] + 1}));
 }
 
-/// A report the writer stored is handed to the engine as its handler parsed it, with the
-/// version of its row: the fleet read takes it from there instead of reading it back.
+/// A report the writer stored is handed to the engine as its handler parsed it, with its
+/// identity (agent run, sequence): the fleet read takes it from there instead of reading it back.
 #[tokio::test]
 async fn a_stored_report_reaches_the_engine_without_being_read_back() {
     use hub::reports::{ReportWriter, Stored};
+    use hub::store::ReportId;
     use hub::store::fleet_in_txn;
     let db = migrated().await;
     sqlx::query(
@@ -640,11 +652,13 @@ async fn a_stored_report_reaches_the_engine_without_being_read_back() {
     }
     assert!(writer.take_fresh(&["b".to_string()]).is_empty());
     let fresh = writer.take_fresh(&["a".to_string()]);
-    let version: i64 = sqlx::query_scalar("SELECT xmin::text::int8 FROM clusters WHERE name = 'a'")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(fresh["a"].0, version);
+    assert_eq!(
+        fresh["a"].0,
+        ReportId {
+            agent: "run1".into(),
+            seq: 1
+        }
+    );
     assert_eq!(*fresh["a"].1, ibu);
     assert!(
         writer.take_fresh(&["a".to_string()]).is_empty(),
@@ -658,29 +672,32 @@ async fn a_stored_report_reaches_the_engine_without_being_read_back() {
     assert!(Arc::ptr_eq(&got, &fresh["a"].1), "taken, not read back");
 }
 
-/// A pass reads again only the reports whose row changed since the last pass; the others
-/// come from what it parsed then.
+/// A pass reads again only the reports that changed since the last pass (another agent run
+/// or sequence number); the others come from what it parsed then, whatever else changed in
+/// the row. Rows without an agent run, or without a report of the current run, are read.
 #[tokio::test]
-async fn the_fleet_read_reuses_reports_whose_row_did_not_change() {
+async fn the_fleet_read_reuses_reports_that_did_not_change() {
     use fleet_types::ibu::Stage;
     use hub::store::{ReportCache, fleet_in_txn};
     let db = migrated().await;
     let ibu = |stage: &str| serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}});
     sqlx::query(
-        "INSERT INTO clusters (name, endpoint, credential_hash, last_report) VALUES
-           ('a', 'http://x', 'h', $1), ('b', 'http://x', 'h', $1), ('c', 'http://x', 'h', NULL)",
+        "INSERT INTO clusters (name, endpoint, credential_hash, agent_id, last_report_seq, last_report) VALUES
+           ('a', 'http://x', 'h', 'run1', 1, $1), ('b', 'http://x', 'h', 'run1', 1, $1),
+           ('c', 'http://x', 'h', 'run1', 0, NULL), ('d', 'http://x', 'h', '', 1, $1),
+           ('e', 'http://x', 'h', 'run1', 0, $1)",
     )
     .bind(ibu("Prep"))
     .execute(&db.pool)
     .await
     .unwrap();
-    let watched = ["a".to_string(), "b".to_string(), "c".to_string()];
+    let watched = ["a", "b", "d", "e"].map(String::from);
     let read = |known: ReportCache, all: bool| {
         let pool = db.pool.clone();
         let watched = watched.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            fleet_in_txn(&mut conn, &watched[..2], all, &known)
+            fleet_in_txn(&mut conn, &watched, all, &known)
                 .await
                 .unwrap()
         }
@@ -688,30 +705,49 @@ async fn the_fleet_read_reuses_reports_whose_row_did_not_change() {
     let stage = |f: &hub::store::Fleet, c: &str| f.clusters[c].ibu.as_ref().map(|i| i.spec.stage);
     let first = read(ReportCache::new(), false).await;
     assert_eq!(stage(&first, "a"), Some(Stage::Prep));
-    assert_eq!(first.reports.len(), 2);
-    // What the cache says is taken as long as the row is the same: mark both entries so
-    // that a report read again would show.
+    assert_eq!(first.reports.len(), 4);
+    // What the cache says is taken as long as the row holds the same report: mark every
+    // entry so that a report read again would show.
     let mut known = first.reports.clone();
     for (_, report) in known.values_mut() {
         let mut marked = (**report).clone();
         marked.spec.stage = Stage::Rollback;
         *report = Arc::new(marked);
     }
-    sqlx::query("UPDATE clusters SET last_report = $1 WHERE name = 'b'")
+    // b: a newer report; a: only its labels change (the hub's own write).
+    sqlx::query("UPDATE clusters SET last_report = $1, last_report_seq = 2 WHERE name = 'b'")
         .bind(ibu("Upgrade"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE clusters SET labels = '{\"x\": \"\"}' WHERE name = 'a'")
         .execute(&db.pool)
         .await
         .unwrap();
     for all in [false, true] {
         let next = read(known.clone(), all).await;
-        assert_eq!(stage(&next, "a"), Some(Stage::Rollback), "a did not change");
         assert_eq!(
-            stage(&next, "b"),
-            Some(Stage::Upgrade),
-            "b was reported since"
+            stage(&next, "a"),
+            Some(Stage::Rollback),
+            "a's report is the same"
         );
-        assert_eq!(next.reports.len(), 2);
-        assert_eq!(next.clusters.len(), if all { 3 } else { 2 });
+        assert_eq!(
+            next.clusters["a"].labels.get("x").map(String::as_str),
+            Some("")
+        );
+        assert_eq!(stage(&next, "b"), Some(Stage::Upgrade), "b reported since");
+        assert_eq!(
+            stage(&next, "d"),
+            Some(Stage::Prep),
+            "d has no agent run: read"
+        );
+        assert_eq!(
+            stage(&next, "e"),
+            Some(Stage::Prep),
+            "e has no report of its run: read"
+        );
+        assert_eq!(next.reports.len(), 4);
+        assert_eq!(next.clusters.len(), if all { 5 } else { 4 });
         // c is not watched: its labels only, with the whole fleet
         assert_eq!(
             next.clusters.get("c").map(|c| c.ibu.is_none()),
