@@ -165,17 +165,16 @@ impl Engine {
             .remove(&id)
             .filter(|c| c.uid == uid && c.version == version);
         let from_memory = cached.is_some();
-        let steps = match cached {
+        let mut steps = match cached {
             Some(c) => c.steps,
             None => store::rollout_steps_in_txn(&mut tx, id).await?,
         };
-        // The planner's input: the steps with the push outcomes since the last pass (`steps`
-        // stays as stored, for writing only what changed).
-        let input = || {
-            let mut s = steps.clone();
-            rollout::apply_push_results(&mut s, results);
-            s
-        };
+        // What is written is found from the step heads as stored and the progress entries the
+        // steps' journals (cleared here) say changed: the steps are not copied.
+        let heads: Vec<_> = steps.iter().map(|s| s.head()).collect();
+        #[cfg(debug_assertions)]
+        let stored = steps.clone();
+        steps.iter_mut().for_each(|s| s.clear_journal());
         let t_steps = started.elapsed();
         // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
         // fleet's on every pass would cost the most at the largest scale.
@@ -198,17 +197,36 @@ impl Engine {
             mut reports,
         } = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
         let t_read = started.elapsed();
-        let mut decision = rollout::advance_with(spec, input(), clusters, all, row.started_at, now);
+        // The planner's input: the steps with the push outcomes since the last pass.
+        rollout::apply_push_results(&mut steps, results);
+        let mut decision = rollout::advance_with(spec, steps, clusters, all, row.started_at, now);
         if decision.needs_fleet {
+            // Rare (a plan step to select for, a step timeout): the steps as stored again,
+            // the same as those the first attempt changed.
             all = true;
             let whole = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
             (last_seen, reports) = (whole.last_seen, whole.reports);
-            decision =
-                rollout::advance_with(spec, input(), whole.clusters, all, row.started_at, now);
+            let mut steps = store::rollout_steps_in_txn(&mut tx, id).await?;
+            rollout::apply_push_results(&mut steps, results);
+            decision = rollout::advance_with(spec, steps, whole.clusters, all, row.started_at, now);
+        }
+        #[cfg(debug_assertions)]
+        for s in &decision.steps {
+            if let Some(old) = stored.get(s.step) {
+                let names = |c: Vec<(&String, _)>| {
+                    c.into_iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+                };
+                debug_assert_eq!(
+                    names(s.journal_changes()),
+                    names(store::changed_progress(Some(&old.progress), &s.progress)),
+                    "the journal of step {} disagrees with a full comparison",
+                    s.step
+                );
+            }
         }
         let t_fleet = started.elapsed();
         let version =
-            store::rollout_save_steps_in_txn(&mut tx, id, &steps, &decision.steps, version).await?;
+            store::rollout_save_steps_in_txn(&mut tx, id, &heads, &decision.steps, version).await?;
         let t_progress = started.elapsed();
         store::cluster_labels_change_in_txn(&mut tx, &decision.label_changes).await?;
         let t_labels = started.elapsed();

@@ -16,7 +16,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use crate::error::Error;
 use crate::metrics::{FleetSnapshot, ProgressGroup, StepSnapshot};
 use crate::planner::rollout::{
-    ClusterInfo, ClusterPhase, ClusterProgress, Event, LabelChange, StepState,
+    ClusterInfo, ClusterPhase, ClusterProgress, Event, LabelChange, StepHead, StepState,
 };
 
 fn db(e: sqlx::Error) -> Error {
@@ -539,6 +539,7 @@ pub async fn rollout_steps_in_txn(
             completed_at: r.try_get("completed_at").map_err(db)?,
             timed_out: r.try_get("timed_out").map_err(db)?,
             progress: BTreeMap::new(),
+            journal: Default::default(),
         });
     }
     let rows = sqlx::query(
@@ -722,25 +723,21 @@ pub async fn rollout_state_version_in_txn(conn: &mut PgConnection, id: i64) -> R
         .map_err(db)
 }
 
-/// Writes the steps and cluster progress that differ from `before`; when anything did,
-/// moves the rollout's state version on. Answers the version after the write.
+/// Writes what changed of the steps: heads that differ from `before` (the heads of the
+/// steps as stored), steps that are new, and the progress entries each step's journal says
+/// changed (all of a new step's). When anything was written, moves the rollout's state
+/// version on. Answers the version after the write.
 pub async fn rollout_save_steps_in_txn(
     conn: &mut PgConnection,
     id: i64,
-    before: &[StepState],
+    before: &[StepHead],
     after: &[StepState],
     version: i64,
 ) -> Result<i64, Error> {
     let mut wrote = false;
     for s in after {
         let old = before.get(s.step);
-        let head_changed = old.is_none_or(|o| {
-            o.current_batch != s.current_batch
-                || o.batch_started_at != s.batch_started_at
-                || o.completed_at != s.completed_at
-                || o.timed_out != s.timed_out
-        });
-        if head_changed {
+        if old != Some(&s.head()) {
             wrote = true;
             let actions: Vec<&str> = s.actions.iter().map(|a| a.as_str()).collect();
             sqlx::query(
@@ -766,7 +763,10 @@ pub async fn rollout_save_steps_in_txn(
             .await
             .map_err(db)?;
         }
-        let changed = changed_progress(old.map(|o| &o.progress), &s.progress);
+        let changed = match old {
+            Some(_) => s.journal_changes(),
+            None => s.progress.iter().collect(),
+        };
         if changed.is_empty() {
             continue;
         }
@@ -785,11 +785,12 @@ pub async fn rollout_save_steps_in_txn(
     .map_err(db)
 }
 
-/// The entries of `after` that differ from (or are missing in) `before`. A step's clusters
-/// are frozen when it starts, so both maps normally hold the same names in the same order:
-/// they are then compared side by side, without a lookup (and its string comparisons) per
-/// cluster; otherwise each entry is looked up.
-fn changed_progress<'a>(
+/// The entries of `after` that differ from (or are missing in) `before`, by comparing every
+/// entry: what a step's journal must agree with (the engine checks it in debug builds). A
+/// step's clusters are frozen when it starts, so both maps normally hold the same names in
+/// the same order: they are then compared side by side, without a lookup per cluster;
+/// otherwise each entry is looked up.
+pub fn changed_progress<'a>(
     before: Option<&BTreeMap<String, ClusterProgress>>,
     after: &'a BTreeMap<String, ClusterProgress>,
 ) -> Vec<(&'a String, &'a ClusterProgress)> {

@@ -84,9 +84,70 @@ pub struct StepState {
     pub completed_at: Option<DateTime<Utc>>,
     pub timed_out: bool,
     pub progress: BTreeMap<String, ClusterProgress>,
+    /// Progress entries as they were before the planner first changed them since the
+    /// journal was last cleared: what to write is found among these, not among all of a
+    /// step's clusters (10,000 at fleet scale). Change progress only through
+    /// [`StepState::progress_mut`].
+    #[serde(skip)]
+    pub journal: Journal,
+}
+
+/// See [`StepState::head`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepHead {
+    pub current_batch: usize,
+    pub batch_started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub timed_out: bool,
+}
+
+/// See [`StepState::journal`]. Bookkeeping of one pass, not state: it never makes two steps
+/// differ.
+#[derive(Clone, Debug, Default)]
+pub struct Journal(BTreeMap<String, ClusterProgress>);
+
+impl PartialEq for Journal {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl StepState {
+    /// The cluster's progress, to change; the first time since the journal was cleared, the
+    /// entry as it was goes into the journal.
+    pub fn progress_mut(&mut self, cluster: &str) -> Option<&mut ClusterProgress> {
+        if !self.journal.0.contains_key(cluster)
+            && let Some(p) = self.progress.get(cluster)
+        {
+            self.journal.0.insert(cluster.to_string(), p.clone());
+        }
+        self.progress.get_mut(cluster)
+    }
+
+    /// The entries changed since the journal was cleared (one changed and changed back is
+    /// not among them).
+    pub fn journal_changes(&self) -> Vec<(&String, &ClusterProgress)> {
+        self.journal
+            .0
+            .iter()
+            .filter_map(|(c, old)| self.progress.get_key_value(c).filter(|(_, p)| *p != old))
+            .collect()
+    }
+
+    pub fn clear_journal(&mut self) {
+        self.journal.0.clear();
+    }
+
+    /// What of the step is stored apart from its progress, and moves during a rollout.
+    pub fn head(&self) -> StepHead {
+        StepHead {
+            current_batch: self.current_batch,
+            batch_started_at: self.batch_started_at,
+            completed_at: self.completed_at,
+            timed_out: self.timed_out,
+        }
+    }
+
     pub fn batch_count(&self) -> usize {
         self.clusters.len().div_ceil(self.max_concurrency.max(1))
     }
@@ -194,7 +255,7 @@ pub fn apply_push_results(steps: &mut [StepState], results: &[PushResult]) {
     for r in results {
         let Some(p) = steps
             .get_mut(r.step)
-            .and_then(|s| s.progress.get_mut(&r.cluster))
+            .and_then(|s| s.progress_mut(&r.cluster))
         else {
             continue;
         };
@@ -499,10 +560,11 @@ impl Pass<'_> {
         timed_out: bool,
         event: &'static str,
     ) {
-        let Some(p) = step.progress.get_mut(cluster) else {
+        let Some(index) = step.progress.get(cluster).map(|p| p.action_index) else {
             return;
         };
-        let action = step.actions[p.action_index.min(step.actions.len() - 1)];
+        let action = step.actions[index.min(step.actions.len() - 1)];
+        let p = step.progress_mut(cluster).expect("present");
         p.failed = Some((action, message.clone()));
         p.phase = ClusterPhase::Failed;
         p.timed_out = timed_out;
@@ -515,7 +577,7 @@ impl Pass<'_> {
 
     fn start_cluster(&mut self, step: &mut StepState, cluster: &str) {
         let now = self.now;
-        if let Some(p) = step.progress.get_mut(cluster)
+        if let Some(p) = step.progress_mut(cluster)
             && p.phase == ClusterPhase::Pending
         {
             p.phase = ClusterPhase::Running;
@@ -565,7 +627,8 @@ impl Pass<'_> {
                 Check::Done => {
                     let now = self.now;
                     let n = step.step;
-                    let p = step.progress.get_mut(cluster).expect("present");
+                    let actions = step.actions.len();
+                    let p = step.progress_mut(cluster).expect("present");
                     p.completed.push(action);
                     p.action_index += 1;
                     p.refused = None;
@@ -574,7 +637,7 @@ impl Pass<'_> {
                     p.pushed_stage = None;
                     p.pushed_at = None;
                     let started = p.action_started_at.replace(now);
-                    let last = p.action_index == step.actions.len();
+                    let last = p.action_index == actions;
                     if last {
                         p.phase = ClusterPhase::Completed;
                         p.finished_at = Some(now);
@@ -696,6 +759,7 @@ impl Pass<'_> {
             completed_at: None,
             timed_out: false,
             progress,
+            journal: Journal::default(),
         };
         let names: Vec<&str> = step.actions.iter().map(|a| a.as_str()).collect();
         self.event(
@@ -757,7 +821,7 @@ impl Pass<'_> {
                 }
                 for b in step.current_batch + 1..step.batch_count() {
                     for c in step.batch_members(b) {
-                        let p = step.progress.get_mut(&c).expect("present");
+                        let p = step.progress_mut(&c).expect("present");
                         p.phase = ClusterPhase::Running;
                         self.fail(
                             step,

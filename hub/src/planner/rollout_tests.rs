@@ -152,6 +152,7 @@ impl World {
     /// engine makes it, given only the running batch's clusters: unless it says it needs the
     /// whole fleet, it must decide exactly the same.
     fn pass(&mut self) -> Decision {
+        self.steps.iter_mut().for_each(|s| s.clear_journal());
         let d = advance(
             &self.spec,
             &self.steps,
@@ -159,6 +160,24 @@ impl World {
             self.started,
             self.now,
         );
+        // The journal names exactly the entries a full comparison finds changed: every
+        // scenario checks that the planner changes progress only through `progress_mut`.
+        for s in &d.steps {
+            if let Some(old) = self.steps.get(s.step) {
+                let names = |c: Vec<(&String, &ClusterProgress)>| {
+                    c.into_iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    names(s.journal_changes()),
+                    names(crate::store::changed_progress(
+                        Some(&old.progress),
+                        &s.progress
+                    )),
+                    "journal of step {}",
+                    s.step
+                );
+            }
+        }
         let partial = self.partial_pass();
         if !partial.needs_fleet {
             assert_eq!(
@@ -799,6 +818,7 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
             ),
         ]
         .into(),
+        journal: Default::default(),
     }];
     let result = |cluster: &str, action_index: usize, outcome: PushOutcome| PushResult {
         step: 0,
@@ -823,6 +843,12 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
         running(1),
         "an outcome for another action changes nothing"
     );
+    let journal: Vec<&String> = steps[0]
+        .journal_changes()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(journal, ["b", "c"], "what changed, for the engine to write");
     assert_eq!(p["b"].refused.as_deref(), Some("now"));
     assert_eq!(p["b"].pushed_at, Some(t(1)));
     assert_eq!(
