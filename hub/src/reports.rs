@@ -22,11 +22,6 @@ const QUEUE: usize = 10_000;
 /// storm, say) do not pile up. Beyond it they are all dropped, and read from Postgres.
 const FRESH_KEPT: usize = 4096;
 
-/// Reports just stored, as parsed by the handler, by cluster, with their identity: the
-/// engine's next pass takes them instead of reading and parsing the same JSON back from
-/// Postgres. Only a saving: a row that holds another report by then is read as before.
-pub type Fresh = ReportCache;
-
 /// A report as the writer stores it.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -59,19 +54,22 @@ pub enum Stored {
 #[derive(Clone)]
 pub struct ReportWriter {
     tx: mpsc::Sender<Pending>,
-    fresh: Arc<Mutex<Fresh>>,
+    /// Reports just stored, as their handlers parsed them: the engine's next pass takes them
+    /// instead of reading and parsing the same JSON back from Postgres. Only a saving: a row
+    /// that holds another report by then is read as before.
+    fresh: Arc<Mutex<ReportCache>>,
 }
 
 impl ReportWriter {
     pub fn start(pool: PgPool) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let fresh = Arc::new(Mutex::new(Fresh::new()));
+        let fresh = Arc::new(Mutex::new(ReportCache::new()));
         tokio::spawn(write_loop(pool, rx, fresh.clone()));
         ReportWriter { tx, fresh }
     }
 
-    /// Takes the stored reports of these clusters kept for the engine (see [`Fresh`]).
-    pub fn take_fresh(&self, clusters: &[String]) -> Fresh {
+    /// Takes the just stored reports of these clusters, kept for the engine.
+    pub fn take_fresh(&self, clusters: &[String]) -> ReportCache {
         let mut kept = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
         clusters
             .iter()
@@ -114,7 +112,7 @@ impl ReportWriter {
     }
 }
 
-async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mutex<Fresh>>) {
+async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mutex<ReportCache>>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
         let mut reports = Vec::with_capacity(group.len());

@@ -622,15 +622,15 @@ pub async fn fleet_in_txn(
     all: bool,
     known: &ReportCache,
 ) -> Result<Fleet, Error> {
-    let reusable = |n: &String| known.get(n).map(|k| &k.0).filter(|id| id.reusable());
-    let agents: Vec<Option<&str>> = with_ibu
+    let reusable = |n: &String| known.get(n).filter(|(id, _)| id.reusable());
+    let (agents, seqs): (Vec<Option<&str>>, Vec<Option<i64>>) = with_ibu
         .iter()
-        .map(|n| reusable(n).map(|id| id.agent.as_str()))
-        .collect();
-    let seqs: Vec<Option<i64>> = with_ibu
-        .iter()
-        .map(|n| reusable(n).map(|id| id.seq))
-        .collect();
+        .map(|n| {
+            reusable(n)
+                .map(|(id, _)| (id.agent.as_str(), id.seq))
+                .unzip()
+        })
+        .unzip();
     // Two statements, not one with `$4 OR name = ANY($1)`: under a generic plan that form
     // scans every cluster and tests each against the whole list (0.1 s at 10,000 clusters);
     // the whole fleet is joined to the list for the same reason.
@@ -672,9 +672,8 @@ pub async fn fleet_in_txn(
             ibu = match report {
                 Some(text) => serde_json::from_str(&text).ok().map(Arc::new),
                 None => reusable(&name)
-                    .filter(|k| **k == id)
-                    .and_then(|_| known.get(&name))
-                    .map(|k| k.1.clone()),
+                    .filter(|(known_id, _)| *known_id == id)
+                    .map(|(_, ibu)| ibu.clone()),
             };
             if let Some(i) = &ibu {
                 fleet.reports.insert(name.clone(), (id, i.clone()));
@@ -783,37 +782,6 @@ pub async fn rollout_save_steps_in_txn(
     .fetch_one(conn)
     .await
     .map_err(db)
-}
-
-/// The entries of `after` that differ from (or are missing in) `before`, by comparing every
-/// entry: what a step's journal must agree with (the engine checks it in debug builds). A
-/// step's clusters are frozen when it starts, so both maps normally hold the same names in
-/// the same order: they are then compared side by side, without a lookup per cluster;
-/// otherwise each entry is looked up.
-pub fn changed_progress<'a>(
-    before: Option<&BTreeMap<String, ClusterProgress>>,
-    after: &'a BTreeMap<String, ClusterProgress>,
-) -> Vec<(&'a String, &'a ClusterProgress)> {
-    if let Some(before) = before.filter(|b| b.len() == after.len()) {
-        let mut changed = Vec::new();
-        let mut aligned = true;
-        for ((name, p), (old_name, old)) in after.iter().zip(before) {
-            if name != old_name {
-                aligned = false;
-                break;
-            }
-            if p != old {
-                changed.push((name, p));
-            }
-        }
-        if aligned {
-            return changed;
-        }
-    }
-    after
-        .iter()
-        .filter(|(c, p)| before.and_then(|b| b.get(*c)) != Some(*p))
-        .collect()
 }
 
 /// One statement for all changed rows of a step (the engine writes in batches).
@@ -1230,36 +1198,4 @@ pub async fn history_last_id(pool: &PgPool) -> Result<i64, Error> {
         .fetch_one(pool)
         .await
         .map_err(db)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(entries: &[(&str, usize)]) -> BTreeMap<String, ClusterProgress> {
-        entries
-            .iter()
-            .map(|(n, b)| (n.to_string(), ClusterProgress::pending(*b)))
-            .collect()
-    }
-
-    fn names(changed: Vec<(&String, &ClusterProgress)>) -> Vec<String> {
-        changed.into_iter().map(|(n, _)| n.clone()).collect()
-    }
-
-    #[test]
-    fn changed_progress_is_what_differs_whether_or_not_the_names_line_up() {
-        let before = map(&[("a", 0), ("b", 0), ("c", 1)]);
-        let mut after = before.clone();
-        after.get_mut("b").expect("b").phase = ClusterPhase::Running;
-        assert_eq!(names(changed_progress(Some(&before), &after)), ["b"]);
-        assert!(changed_progress(Some(&before), &before).is_empty());
-        // Same size, other names: compared by name, the new one counts as changed.
-        let other = map(&[("a", 0), ("b", 0), ("d", 1)]);
-        assert_eq!(names(changed_progress(Some(&before), &other)), ["d"]);
-        // Another size, or nothing before.
-        let more = map(&[("a", 0), ("b", 1), ("c", 1), ("e", 2)]);
-        assert_eq!(names(changed_progress(Some(&before), &more)), ["b", "e"]);
-        assert_eq!(names(changed_progress(None, &before)), ["a", "b", "c"]);
-    }
 }

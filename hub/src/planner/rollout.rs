@@ -138,6 +138,19 @@ impl StepState {
         self.journal.0.clear();
     }
 
+    /// Whether the journal names exactly the entries that differ from `before` (this step
+    /// when its journal was cleared), found by comparing every entry: the check, in tests
+    /// and debug builds, that all changes to progress go through [`StepState::progress_mut`].
+    pub fn journal_matches(&self, before: &StepState) -> bool {
+        let journal = self.journal_changes().into_iter().map(|(c, _)| c);
+        let compared = self
+            .progress
+            .iter()
+            .filter(|(c, p)| before.progress.get(*c) != Some(*p))
+            .map(|(c, _)| c);
+        journal.eq(compared)
+    }
+
     /// What of the step is stored apart from its progress, and moves during a rollout.
     pub fn head(&self) -> StepHead {
         StepHead {
