@@ -42,3 +42,14 @@ pub struct StatusReport {
     pub agent_id: String,
     pub ibu: ImageBasedUpgrade,
 }
+
+/// A `StatusReport` as the agent sends it: borrowed from the agent's state rather than copied
+/// out of it. Same wire form (a test holds the two together).
+#[derive(Serialize, Clone, Copy, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReportRef<'a> {
+    pub sequence: u64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub agent_id: &'a str,
+    pub ibu: &'a ImageBasedUpgrade,
+}

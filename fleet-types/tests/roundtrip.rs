@@ -67,3 +67,34 @@ fn unknown_stage_and_action_are_rejected() {
     let err = serde_json::from_str::<Action>("\"Finalise\"").unwrap_err();
     assert!(err.to_string().contains("unknown variant"), "{err}");
 }
+
+/// The agent sends reports borrowed from its state; the hub reads them as `StatusReport`.
+/// Both forms write the same bytes, with and without an agent id.
+#[test]
+fn a_borrowed_status_report_is_written_as_a_status_report() {
+    use fleet_types::messages::{StatusReport, StatusReportRef};
+    let ibu: ImageBasedUpgrade =
+        serde_yaml::from_str(include_str!("../fixtures/ibu-full.yaml")).unwrap();
+    for agent_id in ["run-1", ""] {
+        let borrowed = StatusReportRef {
+            sequence: 7,
+            agent_id,
+            ibu: &ibu,
+        };
+        let owned = StatusReport {
+            sequence: 7,
+            agent_id: agent_id.to_string(),
+            ibu: ibu.clone(),
+        };
+        let bytes = serde_json::to_vec(&borrowed).unwrap();
+        assert_eq!(
+            bytes,
+            serde_json::to_vec(&owned).unwrap(),
+            "agent id {agent_id:?}"
+        );
+        assert_eq!(
+            serde_json::from_slice::<StatusReport>(&bytes).unwrap(),
+            owned
+        );
+    }
+}

@@ -803,6 +803,41 @@ async fn near_the_limit_idle_connections_give_their_slot_up_sooner() {
     drop(holders);
 }
 
+/// No index covers a column the engine rewrites on every cluster: its label changes update
+/// the row in place (a HOT update: no new index entries, no index to clean up later).
+#[tokio::test]
+async fn label_changes_update_cluster_rows_in_place() {
+    use hub::planner::rollout::LabelChange;
+    let db = migrated().await;
+    sqlx::query(
+        "INSERT INTO clusters (name, endpoint, credential_hash) VALUES ('a', 'http://x', 'h')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let changes = [(
+        "a".to_string(),
+        LabelChange {
+            add: ["lcm.openshift.io/ibgu-prep-completed".to_string()].into(),
+            remove: Default::default(),
+        },
+    )]
+    .into();
+    let mut tx = db.pool.begin().await.unwrap();
+    hub::store::cluster_labels_change_in_txn(&mut tx, &changes)
+        .await
+        .unwrap();
+    let (updated, hot): (i64, i64) = sqlx::query_as(
+        "SELECT pg_stat_get_xact_tuples_updated('clusters'::regclass),
+                pg_stat_get_xact_tuples_hot_updated('clusters'::regclass)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((updated, hot), (1, 1), "(rows updated, of them in place)");
+}
+
 /// The engine writes label changes, not whole label sets: a label someone else set stays,
 /// and an existing value is never overwritten.
 #[tokio::test]

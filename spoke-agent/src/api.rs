@@ -166,7 +166,7 @@ fn authorize(
 }
 
 async fn get_ibu<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    Ok(Json(a.agent.ibu().await?).into_response())
+    Ok(Json(&a.agent.visible().await?.ibu).into_response())
 }
 
 async fn patch_ibu<H: Host>(
@@ -190,9 +190,9 @@ async fn patch_ibu<H: Host>(
     let patch: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Reason::BadRequest, format!("the body is not JSON: {e}")))?;
     match a.agent.patch(&patch).await {
-        Ok(ibu) => {
-            tracing::info!(cluster = %a.agent.name, stage = %ibu.spec.stage, "IBU change accepted");
-            Ok(Json(ibu).into_response())
+        Ok(state) => {
+            tracing::info!(cluster = %a.agent.name, stage = %state.ibu.spec.stage, "IBU change accepted");
+            Ok(Json(&state.ibu).into_response())
         }
         Err(err) => {
             tracing::warn!(cluster = %a.agent.name, %err, "IBU change refused");

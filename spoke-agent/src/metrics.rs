@@ -132,16 +132,15 @@ impl AgentMetrics {
 
     /// Moves this agent from its old (stage, state) to its new one.
     fn observe_state(&self, old: Option<&SpokeState>, new: &SpokeState) {
-        let key = |s: &SpokeState| {
+        fn key(s: &SpokeState) -> (&str, &str) {
             let state = s
                 .ibu
                 .status
                 .as_ref()
                 .and_then(|st| st.current())
-                .map(|c| c.reason.clone())
-                .unwrap_or_default();
+                .map_or("", |c| c.reason.as_str());
             (s.ibu.spec.stage.as_str(), state)
-        };
+        }
         let new_key = key(new);
         if let Some(old) = old {
             let old_key = key(old);
@@ -149,11 +148,11 @@ impl AgentMetrics {
                 return;
             }
             self.clusters
-                .with_label_values(&[old_key.0, old_key.1.as_str()])
+                .with_label_values(&[old_key.0, old_key.1])
                 .dec();
         }
         self.clusters
-            .with_label_values(&[new_key.0, new_key.1.as_str()])
+            .with_label_values(&[new_key.0, new_key.1])
             .inc();
     }
 
@@ -174,18 +173,15 @@ pub enum Ended {
 /// history entry got its completion time (completed), a stage whose current condition turned
 /// to `Failed` (failed, timed to the failure), and phases that got their completion time.
 pub fn ended(old: &ImageBasedUpgrade, new: &ImageBasedUpgrade) -> Vec<(Ended, f64)> {
-    let history = |ibu: &ImageBasedUpgrade| -> Vec<StageHistory> {
-        ibu.status
-            .as_ref()
-            .map(|s| s.history.clone())
-            .unwrap_or_default()
-    };
+    fn history(ibu: &ImageBasedUpgrade) -> &[StageHistory] {
+        ibu.status.as_ref().map_or(&[], |s| &s.history)
+    }
     let (before, after) = (history(old), history(new));
     let seconds = |from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>| {
         (to - from).num_milliseconds().max(0) as f64 / 1000.0
     };
     let mut out = Vec::new();
-    for h in &after {
+    for h in after {
         let prior = before
             .iter()
             .find(|b| b.stage == h.stage && b.start_time == h.start_time);
@@ -215,13 +211,12 @@ pub fn ended(old: &ImageBasedUpgrade, new: &ImageBasedUpgrade) -> Vec<(Ended, f6
             }
         }
     }
-    let failed = |ibu: &ImageBasedUpgrade| {
+    fn failed(ibu: &ImageBasedUpgrade) -> Option<&fleet_types::Condition> {
         ibu.status
             .as_ref()
             .and_then(|s| s.current())
             .filter(|c| c.reason == fleet_types::ibu::reason::FAILED)
-            .cloned()
-    };
+    }
     if let Some(c) = failed(new)
         && failed(old).is_none()
         && let Some(h) = after.iter().rev().find(|h| h.completion_time.is_none())

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
+use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReportRef};
 use reqwest::StatusCode;
 
 use crate::host::Host;
@@ -54,6 +54,13 @@ enum Failure {
 }
 
 pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMetrics) {
+    // Where reports go, parsed once: a bad hub URL fails every report the same way.
+    let status_url = reqwest::Url::parse(&format!(
+        "{}/v1/clusters/{}/status",
+        link.hub_url.trim_end_matches('/'),
+        agent.name
+    ))
+    .map_err(|e| format!("the hub URL {:?}: {e}", link.hub_url));
     let mut changes = agent.subscribe();
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -67,7 +74,7 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMet
         changes.borrow_and_update();
         let result = match agent.credential() {
             None => register(&agent, &link).await,
-            Some(credential) => send(&agent, &link, &credential).await,
+            Some(credential) => send(&agent, &link, &status_url, &credential).await,
         };
         match result {
             Ok(registered) => {
@@ -137,24 +144,21 @@ async fn register<H: Host>(agent: &Agent<H>, link: &HubLink) -> Result<bool, Fai
 async fn send<H: Host>(
     agent: &Agent<H>,
     link: &HubLink,
+    url: &Result<reqwest::Url, String>,
     credential: &str,
 ) -> Result<bool, Failure> {
+    let url = url.clone().map_err(Failure::Other)?;
     let Ok(state) = agent.visible().await else {
         return Err(Failure::Away);
     };
-    let report = StatusReport {
+    let report = StatusReportRef {
         sequence: agent.next_sequence(),
-        agent_id: link.agent_id.clone(),
-        ibu: state.ibu,
+        agent_id: &link.agent_id,
+        ibu: &state.ibu,
     };
-    let url = format!(
-        "{}/v1/clusters/{}/status",
-        link.hub_url.trim_end_matches('/'),
-        agent.name
-    );
     let res = link
         .client
-        .post(&url)
+        .post(url)
         .bearer_auth(credential)
         .header(
             fleet_types::http::REQUEST_ID,

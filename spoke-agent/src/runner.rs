@@ -31,7 +31,10 @@ pub struct Agent<H: Host> {
     pub name: String,
     pub host: Arc<H>,
     clock: Arc<dyn Clock>,
-    state: Mutex<SpokeState>,
+    /// The state as last saved. Shared, never changed in place: a change builds the next
+    /// state, saves it, then replaces this one, so readers (the reporter, the API) and the
+    /// host's saved copy hold it without copying.
+    state: Mutex<Arc<SpokeState>>,
     wake: Notify,
     /// Bumped at every saved change; the reporter follows it.
     changes: watch::Sender<u64>,
@@ -64,6 +67,7 @@ impl<H: Host> Agent<H> {
         };
         engine::resume(&mut state, now);
         engine::reconcile(&mut state, now);
+        let state = Arc::new(state);
         host.save_state(&Root::Booted, &state).await?;
         metrics.observe_change(None, &state);
         let (changes, _) = watch::channel(0);
@@ -84,24 +88,24 @@ impl<H: Host> Agent<H> {
     }
 
     pub async fn ibu(&self) -> Result<ImageBasedUpgrade, AgentError> {
-        Ok(self.visible().await?.ibu)
+        Ok(self.visible().await?.ibu.clone())
     }
 
-    pub async fn snapshot(&self) -> SpokeState {
+    pub async fn snapshot(&self) -> Arc<SpokeState> {
         self.state.lock().await.clone()
     }
 
     /// The state as the outside may see it: none while the node reboots. Checked after the
     /// read: the state saved just before a reboot is the old stateroot's copy (an
     /// uncontrolled rollback), and the flag is raised before it is committed.
-    pub async fn visible(&self) -> Result<SpokeState, AgentError> {
+    pub async fn visible(&self) -> Result<Arc<SpokeState>, AgentError> {
         let state = self.snapshot().await;
         self.check_reachable()?;
         Ok(state)
     }
 
-    /// A JSON merge patch from the API: checked, saved, then acted on.
-    pub async fn patch(&self, patch: &Value) -> Result<ImageBasedUpgrade, AgentError> {
+    /// A JSON merge patch from the API: checked, saved, then acted on. Answers the new state.
+    pub async fn patch(&self, patch: &Value) -> Result<Arc<SpokeState>, AgentError> {
         self.check_reachable()?;
         let mut guard = self.state.lock().await;
         let next = match engine::request(&guard, patch, self.clock.now()) {
@@ -111,6 +115,7 @@ impl<H: Host> Agent<H> {
                 return Err(refusal.into());
             }
         };
+        let next = Arc::new(next);
         self.host
             .save_state(&Root::Booted, &next)
             .await
@@ -118,12 +123,11 @@ impl<H: Host> Agent<H> {
         self.metrics.transition("accepted");
         self.metrics.observe_change(Some(&guard), &next);
         self.record(&guard, &next);
-        *guard = next;
-        let ibu = guard.ibu.clone();
+        *guard = next.clone();
         drop(guard);
         self.changed();
         self.wake.notify_one();
-        Ok(ibu)
+        Ok(next)
     }
 
     /// Stop answering and reporting (the `unreachable` fault).
@@ -176,9 +180,11 @@ impl<H: Host> Agent<H> {
     }
 
     fn record(&self, old: &SpokeState, new: &SpokeState) {
-        let current = |s: &SpokeState| s.ibu.status.as_ref().and_then(|st| st.current().cloned());
+        fn current(s: &SpokeState) -> Option<&fleet_types::Condition> {
+            s.ibu.status.as_ref().and_then(|st| st.current())
+        }
         let Some(c) = current(new) else { return };
-        if current(old).as_ref() == Some(&c) {
+        if current(old) == Some(c) {
             return;
         }
         let line = format!(
@@ -203,10 +209,11 @@ impl<H: Host> Agent<H> {
     }
 
     /// Saves and publishes a state the engine changed.
-    async fn commit(&self, guard: &mut SpokeState, next: SpokeState) {
-        if *guard == next {
+    async fn commit(&self, guard: &mut Arc<SpokeState>, next: SpokeState) {
+        if **guard == next {
             return;
         }
+        let next = Arc::new(next);
         // A failed save is retried with the next change; the state in memory stays right.
         if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
             tracing::error!(cluster = %self.name, %err, "saving the IBU failed");
@@ -223,16 +230,23 @@ impl<H: Host> Agent<H> {
             let now = self.clock.now();
             let started = {
                 let mut guard = self.state.lock().await;
-                let mut next = guard.clone();
-                engine::tick(&mut next, now);
-                match engine::next(&next, now) {
+                // Copied only when something changes: a fired timer or a step begun.
+                let ticked = engine::timer_due(&guard, now).then(|| {
+                    let mut next = SpokeState::clone(&guard);
+                    engine::tick(&mut next, now);
+                    next
+                });
+                let plan = engine::next(ticked.as_ref().unwrap_or(&guard), now);
+                match plan {
                     Next::Work(_) => {
+                        let mut next = ticked.unwrap_or_else(|| SpokeState::clone(&guard));
                         let begun = engine::begin(&mut next, now);
                         if matches!(begun, Some((Work::Reboot, _))) {
                             // `next` is what the old stateroot must say if the node ever
                             // comes back there (an uncontrolled rollback): saved there, never
                             // shown. The node is going away; nothing leaves it from now on.
                             self.rebooting.store(true, Ordering::SeqCst);
+                            let next = Arc::new(next);
                             if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
                                 tracing::error!(cluster = %self.name, %err, "saving the old stateroot's IBU failed");
                             }
@@ -241,13 +255,16 @@ impl<H: Host> Agent<H> {
                         }
                         begun.map(|(work, epoch)| Ok((work, epoch)))
                     }
-                    Next::WaitUntil(t) => {
-                        self.commit(&mut guard, next).await;
-                        Some(Err(Some(t)))
-                    }
-                    Next::Nothing => {
-                        self.commit(&mut guard, next).await;
-                        Some(Err(None))
+                    Next::WaitUntil(_) | Next::Nothing => {
+                        if let Some(next) = ticked {
+                            self.commit(&mut guard, next).await;
+                        }
+                        let until = if let Next::WaitUntil(t) = plan {
+                            Some(t)
+                        } else {
+                            None
+                        };
+                        Some(Err(until))
                     }
                 }
             };
@@ -278,7 +295,7 @@ impl<H: Host> Agent<H> {
         }
         let outcome = dispatch(&*self.host, work).await;
         let mut guard = self.state.lock().await;
-        let mut next = guard.clone();
+        let mut next = SpokeState::clone(&guard);
         engine::complete(&mut next, epoch, outcome, self.clock.now());
         if next
             .run
@@ -311,6 +328,7 @@ impl<H: Host> Agent<H> {
                 engine::resume(&mut s, now);
                 engine::booted(&mut s, self.host.rollback_availability_expiration(now), now);
                 engine::reconcile(&mut s, now);
+                let s = Arc::new(s);
                 if let Err(err) = self.host.save_state(&Root::Booted, &s).await {
                     tracing::error!(cluster = %self.name, %err, "saving the IBU after the reboot failed");
                 }
@@ -367,8 +385,8 @@ async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
         },
         Work::Backup(groups) => done(host.backup(&groups).await),
         Work::Pivot { saves, default } => {
-            for (root, state) in &saves {
-                if let Err(e) = host.save_state(root, state).await {
+            for (root, state) in saves {
+                if let Err(e) = host.save_state(&root, &Arc::new(state)).await {
                     return done(Err(e));
                 }
             }

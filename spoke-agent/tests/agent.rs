@@ -264,8 +264,8 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         let mut changes = agent.subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                let raw = agent.snapshot().await.ibu;
-                seen.lock().unwrap().push(uncontrolled(&raw));
+                let raw = agent.snapshot().await;
+                seen.lock().unwrap().push(uncontrolled(&raw.ibu));
             }
         });
     }

@@ -1124,19 +1124,27 @@ pub fn status_without_clusters(
     let summary = steps
         .iter()
         .map(|s| {
-            let count = |f: &dyn Fn(&ClusterProgress) -> bool| {
-                s.progress.values().filter(|p| f(p)).count() as u32
-            };
-            StepSummary {
+            // One walk over the step's clusters (every pass, thousands of them).
+            let mut sum = StepSummary {
                 step: s.step as u32,
                 actions: s.actions.clone(),
                 selected: s.clusters.len() as u32,
-                completed: count(&|p| p.phase == ClusterPhase::Completed),
-                failed: count(&|p| p.phase == ClusterPhase::Failed && !p.timed_out),
-                timed_out: count(&|p| p.phase == ClusterPhase::Failed && p.timed_out),
-                in_progress: count(&|p| p.phase == ClusterPhase::Running),
-                pending: count(&|p| p.phase == ClusterPhase::Pending),
+                completed: 0,
+                failed: 0,
+                timed_out: 0,
+                in_progress: 0,
+                pending: 0,
+            };
+            for p in s.progress.values() {
+                *match p.phase {
+                    ClusterPhase::Completed => &mut sum.completed,
+                    ClusterPhase::Failed if p.timed_out => &mut sum.timed_out,
+                    ClusterPhase::Failed => &mut sum.failed,
+                    ClusterPhase::Running => &mut sum.in_progress,
+                    ClusterPhase::Pending => &mut sum.pending,
+                } += 1;
             }
+            sum
         })
         .collect();
     ImageBasedGroupUpgradeStatus {

@@ -486,8 +486,11 @@ fn invalid(s: &mut SpokeState, stage: Stage, message: &str, now: DateTime<Utc>) 
 fn start(s: &mut SpokeState, op: Op, now: DateTime<Utc>) {
     use ConditionStatus::{False, True};
     // A valid request clears stale InvalidTransition conditions.
-    let idle_was_invalid = status_ref(s)
-        .condition(ct::IDLE)
+    let idle_was_invalid = s
+        .ibu
+        .status
+        .as_ref()
+        .and_then(|st| st.condition(ct::IDLE))
         .is_some_and(|c| c.reason == reason::INVALID_TRANSITION);
     status(s)
         .conditions
@@ -587,10 +590,7 @@ fn start(s: &mut SpokeState, op: Op, now: DateTime<Utc>) {
 /// Fires the timers that change state: the init-monitor watchdog. Answers whether the
 /// state changed.
 pub fn tick(s: &mut SpokeState, now: DateTime<Utc>) -> bool {
-    let fired = s.run.op == Some(Op::UpgradePost)
-        && s.run.watchdog_deadline.is_some_and(|d| d <= now)
-        && !disabled(s, AUTO_ROLLBACK_INIT_MONITOR);
-    if !fired {
+    if !timer_due(s, now) {
         return false;
     }
     let secs = init_monitor_seconds(s);
@@ -603,6 +603,13 @@ pub fn tick(s: &mut SpokeState, now: DateTime<Utc>) -> bool {
         now,
     );
     true
+}
+
+/// Whether [`tick`] would change anything now (read-only).
+pub fn timer_due(s: &SpokeState, now: DateTime<Utc>) -> bool {
+    s.run.op == Some(Op::UpgradePost)
+        && s.run.watchdog_deadline.is_some_and(|d| d <= now)
+        && !disabled(s, AUTO_ROLLBACK_INIT_MONITOR)
 }
 
 fn init_monitor_seconds(s: &SpokeState) -> i64 {

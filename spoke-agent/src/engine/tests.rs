@@ -2,6 +2,7 @@
 //! explicitly (no clock, no waiting).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use fleet_types::ibu::{ConditionStatus, Stage, condition_type as ct};
@@ -33,7 +34,8 @@ impl Node {
             faults: faults.iter().copied().collect(),
             ..Default::default()
         });
-        sim.save_state(&Root::Booted, &initial(t0())).unwrap();
+        sim.save_state(&Root::Booted, Arc::new(initial(t0())))
+            .unwrap();
         Node {
             sim,
             now: t0(),
@@ -50,7 +52,9 @@ impl Node {
         if let Some(old) = self.sim.load_state() {
             self.ended.extend(ended(&old.ibu, &s.ibu));
         }
-        self.sim.save_state(&Root::Booted, s).unwrap();
+        self.sim
+            .save_state(&Root::Booted, Arc::new(s.clone()))
+            .unwrap();
     }
 
     fn status(&self) -> ImageBasedUpgradeStatus {
@@ -125,8 +129,8 @@ impl Node {
             },
             Work::Backup(g) => host(self.sim.backup(&g)),
             Work::Pivot { saves, default } => {
-                for (root, state) in &saves {
-                    if let Err(e) = self.sim.save_state(root, state) {
+                for (root, state) in saves {
+                    if let Err(e) = self.sim.save_state(&root, Arc::new(state)) {
                         return host(Err(e));
                     }
                 }
@@ -391,10 +395,11 @@ fn upgrade_reboots_into_the_new_stateroot_and_completes() {
     // the old stateroot holds the "uncontrolled rollback" copy
     let old = n.sim.stateroots["rhcos"]
         .state
-        .clone()
+        .as_ref()
         .unwrap()
         .ibu
         .status
+        .clone()
         .unwrap();
     assert_eq!(
         old.condition(ct::UPGRADE_IN_PROGRESS).unwrap().message,

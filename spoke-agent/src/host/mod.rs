@@ -5,6 +5,7 @@ pub mod sim;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgradeSpec, SeedImageRef};
@@ -48,11 +49,12 @@ pub struct RestoreInfo {
 pub trait Host: Send + Sync + 'static {
     /// The IBU state saved on the booted stateroot, if any.
     fn load_state(&self) -> impl Future<Output = Result<Option<SpokeState>, HostError>> + Send;
-    /// Saves the state on a stateroot, atomically.
+    /// Saves the state on a stateroot, atomically. Shared: a host that keeps it in memory
+    /// holds it without copying.
     fn save_state(
         &self,
         root: &Root,
-        state: &SpokeState,
+        state: &Arc<SpokeState>,
     ) -> impl Future<Output = Result<(), HostError>> + Send;
 
     /// `Err(why)` while the cluster is not healthy: the stage waits.

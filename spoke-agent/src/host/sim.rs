@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -119,7 +119,7 @@ pub struct SimRoot {
     pub version: String,
     pub deployed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<SpokeState>,
+    pub state: Option<Arc<SpokeState>>,
 }
 
 /// The simulated node.
@@ -195,10 +195,10 @@ impl SimCluster {
     pub fn load_state(&self) -> Option<SpokeState> {
         self.stateroots
             .get(&self.booted)
-            .and_then(|r| r.state.clone())
+            .and_then(|r| r.state.as_deref().cloned())
     }
 
-    pub fn save_state(&mut self, root: &Root, state: &SpokeState) -> Result<(), HostError> {
+    pub fn save_state(&mut self, root: &Root, state: Arc<SpokeState>) -> Result<(), HostError> {
         let name = self
             .resolve(root)
             .ok_or_else(|| HostError::Terminal("no previous stateroot to save into".into()))?;
@@ -206,7 +206,7 @@ impl SimCluster {
             .stateroots
             .get_mut(&name)
             .ok_or_else(|| HostError::Terminal(format!("stateroot {name} does not exist")))?;
-        r.state = Some(state.clone());
+        r.state = Some(state);
         Ok(())
     }
 
@@ -510,8 +510,8 @@ impl Host for SimHost {
         Ok(self.lock().load_state())
     }
 
-    async fn save_state(&self, root: &Root, state: &SpokeState) -> Result<(), HostError> {
-        self.with(|c| c.save_state(root, state))?
+    async fn save_state(&self, root: &Root, state: &Arc<SpokeState>) -> Result<(), HostError> {
+        self.with(|c| c.save_state(root, state.clone()))?
     }
 
     async fn health(&self) -> Result<(), String> {

@@ -4,6 +4,7 @@
 //! cleaned up with `DeleteBackupRequest`s.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -185,7 +186,7 @@ impl<H: Host> Host for KubeHost<H> {
         self.inner.load_state().await
     }
 
-    async fn save_state(&self, root: &Root, state: &SpokeState) -> Result<(), HostError> {
+    async fn save_state(&self, root: &Root, state: &Arc<SpokeState>) -> Result<(), HostError> {
         self.inner.save_state(root, state).await
     }
 

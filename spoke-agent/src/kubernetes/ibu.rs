@@ -152,11 +152,11 @@ pub async fn pass<H: Host>(
     api: &Api<ImageBasedUpgrade>,
     last: &mut Option<Desired>,
 ) -> Result<(), kube::Error> {
-    let Ok(local) = agent.visible().await.map(|s| s.ibu) else {
+    let Ok(local) = agent.visible().await else {
         // Rebooting: the CR keeps what it showed.
         return Ok(());
     };
-    let mine = Desired::of(&local);
+    let mine = Desired::of(&local.ibu);
     let cr = api.get_opt(NAME).await?;
     let step = sync_step(cr.as_ref().map(Desired::of).as_ref(), &mine, last.as_ref());
     let mut cr = match (step, cr) {
@@ -209,7 +209,7 @@ pub async fn pass<H: Host>(
             }
         }
     };
-    let status = status_for_cr(&local, cr.metadata.generation);
+    let status = status_for_cr(&local.ibu, cr.metadata.generation);
     if serde_json::to_value(&cr.status).unwrap_or(Value::Null) != status {
         cr.status = serde_json::from_value(status).ok();
         api.replace_status(NAME, &PostParams::default(), &cr)

@@ -6,6 +6,7 @@
 //! one `[Prep, Upgrade, FinalizeUpgrade]` rollout over every cluster, and reports. It is a
 //! benchmark: it prints numbers and never fails for being slow.
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -207,6 +208,7 @@ async fn run(a: Args) -> Result<(), String> {
     ));
 
     let rows_before = rows_written(&pool, &name).await?;
+    let tables_before = rows_by_table(&pool).await?;
     let http_before = hub_counter(&hub_url, "fleet_hub_http_requests_total").await;
     let pushes_before = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await;
     let cpu_before = cpu_seconds(hub.pid());
@@ -289,6 +291,21 @@ async fn run(a: Args) -> Result<(), String> {
             .fetch_one(&pool)
             .await
             .map_err(|e| e.to_string())?;
+    // Backends publish their counts when idle, up to 10 s late: wait until they show every
+    // history row (counted above), 15 s at most.
+    let waited = Instant::now();
+    let mut by_table = loop {
+        let mut now = rows_by_table(&pool).await?;
+        for (table, n) in &tables_before {
+            *now.entry(table.clone()).or_default() -= n;
+        }
+        let seen = now.get("history").copied().unwrap_or(0);
+        if seen >= transitions || waited.elapsed() > Duration::from_secs(15) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    by_table.retain(|_, n| *n != 0);
     let rows = rows_written(&pool, &name).await? - rows_before;
     let http = hub_counter(&hub_url, "fleet_hub_http_requests_total").await - http_before;
     let pushes = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await - pushes_before;
@@ -314,7 +331,7 @@ async fn run(a: Args) -> Result<(), String> {
         "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
         "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu), "simFleetCpuSeconds": round(fleet_cpu), "postgresCpuSeconds": round(pg_cpu),
         "enginePasses": passes, "enginePassSeconds": round(pass_seconds),
-        "rowsWritten": rows, "hubHttpRequestsServed": http, "hubPushesSent": pushes,
+        "rowsWritten": rows, "rowsWrittenByTable": by_table, "hubHttpRequestsServed": http, "hubPushesSent": pushes,
         "summary": summary,
     });
     println!("{}", serde_json::to_string(&result).unwrap_or_default());
@@ -342,7 +359,11 @@ async fn run(a: Args) -> Result<(), String> {
         "hub CPU                      {cpu:.1} s   (simulated fleet: {fleet_cpu:.1} s, Postgres on this machine: {pg_cpu:.1} s)"
     );
     println!("engine passes                {passes}   {pass_seconds:.1} s in their transactions");
-    println!("rows written                 {rows}");
+    let tables: Vec<String> = by_table.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    println!(
+        "rows written                 {rows}   ({})",
+        tables.join(", ")
+    );
     println!("hub HTTP requests served     {http}   pushes sent {pushes}");
     drop(hub);
     drop(pool);
@@ -417,6 +438,17 @@ async fn rows_written(pool: &PgPool, db: &str) -> Result<i64, String> {
         .fetch_one(pool)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Rows inserted, updated or deleted so far, by table of the hub's schema.
+async fn rows_by_table(pool: &PgPool) -> Result<BTreeMap<String, i64>, String> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT relname::text, (n_tup_ins + n_tup_upd + n_tup_del)::bigint FROM pg_stat_user_tables",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(rows.into_iter().collect())
 }
 
 async fn wait_http(url: &str, limit: Duration) -> Result<(), String> {
