@@ -303,11 +303,8 @@ impl Engine {
                 async move {
                     let sent = std::time::Instant::now();
                     let count = pushes.len();
-                    let done = engine.push_all(&ibgu, pushes, now, &last_seen).await;
-                    locked(&engine.results).entry(id).or_default().extend(done);
+                    engine.push_all(id, &ibgu, pushes, now, &last_seen).await;
                     tracing::debug!(count, elapsed = ?sent.elapsed(), "pushes sent");
-                    // The next pass records the outcomes.
-                    engine.trigger();
                 }
                 .in_current_span(),
             );
@@ -315,14 +312,17 @@ impl Engine {
         Ok(true)
     }
 
-    /// Sends a round of pushes; answers their outcomes.
+    /// Sends a round of pushes. Each outcome goes to the next pass as soon as it is known:
+    /// a cluster whose push was answered early moves on without waiting for the round's
+    /// slowest spoke.
     async fn push_all(
         &self,
+        id: i64,
         ibgu: &ImageBasedGroupUpgrade,
         pushes: Vec<Push>,
         now: DateTime<Utc>,
         last_seen: &HashMap<String, DateTime<Utc>>,
-    ) -> Vec<PushResult> {
+    ) {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
         let prepared = async {
             Ok::<_, Error>((
@@ -334,22 +334,15 @@ impl Engine {
             Ok(p) => p,
             Err(err) => {
                 let why = format!("reading what to push: {err}");
-                return pushes
-                    .into_iter()
-                    .map(|p| PushResult {
-                        step: p.step,
-                        action_index: p.action_index,
-                        cluster: p.cluster,
-                        outcome: PushOutcome::Unreachable(why.clone()),
-                        at: now,
-                    })
-                    .collect();
+                for p in pushes {
+                    self.record_push(id, p, PushOutcome::Unreachable(why.clone()), now, last_seen);
+                }
+                return;
             }
         };
         let body = Arc::new(patch_body(ibgu));
         let mut set = JoinSet::new();
         let mut sent = HashMap::new();
-        let mut results = Vec::new();
         for push in pushes {
             let Some(SpokeAccess {
                 endpoint,
@@ -359,10 +352,8 @@ impl Engine {
                 credential: a.credential.clone(),
             })
             else {
-                results.push((
-                    push.clone(),
-                    PushOutcome::Unreachable("cluster not registered".into()),
-                ));
+                let outcome = PushOutcome::Unreachable("cluster not registered".into());
+                self.record_push(id, push, outcome, now, last_seen);
                 continue;
             };
             let client = self.client.clone();
@@ -409,36 +400,50 @@ impl Engine {
             );
             sent.insert(handle.id(), task);
         }
-        results.extend(join_pushes(set, sent).await);
-        let mut rows = Vec::with_capacity(results.len());
-        for (push, outcome) in results {
-            let result = match &outcome {
-                PushOutcome::Accepted(_) => "accepted",
-                PushOutcome::Refused(_) => "refused",
-                PushOutcome::Unreachable(_) => "unreachable",
-            };
-            self.metrics.pushes.with_label_values(&[result]).inc();
-            if push.follows_report
-                && let Some(seen) = last_seen.get(&push.cluster)
-            {
-                // Wall time, not the engine's clock: this measures the hub itself.
-                let latency = (Utc::now() - *seen).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                if latency >= 0.0 {
-                    self.metrics.decision_latency.observe(latency);
-                    if latency > self.metrics.decision_latency_max.get() {
-                        self.metrics.decision_latency_max.set(latency);
-                    }
+        join_pushes(set, sent, |push, outcome| {
+            self.record_push(id, push, outcome, now, last_seen)
+        })
+        .await;
+    }
+
+    /// Counts a push's outcome and hands it to the next pass.
+    fn record_push(
+        &self,
+        id: i64,
+        push: Push,
+        outcome: PushOutcome,
+        now: DateTime<Utc>,
+        last_seen: &HashMap<String, DateTime<Utc>>,
+    ) {
+        let result = match &outcome {
+            PushOutcome::Accepted(_) => "accepted",
+            PushOutcome::Refused(_) => "refused",
+            PushOutcome::Unreachable(_) => "unreachable",
+        };
+        self.metrics.pushes.with_label_values(&[result]).inc();
+        if push.follows_report
+            && let Some(seen) = last_seen.get(&push.cluster)
+        {
+            // Wall time, not the engine's clock: this measures the hub itself.
+            let latency = (Utc::now() - *seen).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            if latency >= 0.0 {
+                self.metrics.decision_latency.observe(latency);
+                if latency > self.metrics.decision_latency_max.get() {
+                    self.metrics.decision_latency_max.set(latency);
                 }
             }
-            rows.push(PushResult {
+        }
+        locked(&self.results)
+            .entry(id)
+            .or_default()
+            .push(PushResult {
                 step: push.step,
                 action_index: push.action_index,
                 cluster: push.cluster,
                 outcome,
                 at: now,
             });
-        }
-        rows
+        self.trigger();
     }
 
     async fn configmaps(
@@ -456,27 +461,27 @@ impl Engine {
     }
 }
 
-/// Waits for every push task. One that panicked counts as a push that got no answer: every
-/// push has an outcome, or its cluster would stay "in flight" and never be pushed again.
+/// Waits for every push task, handing each outcome to `done` as it comes. One that panicked
+/// counts as a push that got no answer: every push has an outcome, or its cluster would stay
+/// "in flight" and never be pushed again.
 async fn join_pushes(
     mut set: JoinSet<(Push, PushOutcome)>,
     mut sent: HashMap<tokio::task::Id, Push>,
-) -> Vec<(Push, PushOutcome)> {
-    let mut out = Vec::with_capacity(sent.len());
+    mut done: impl FnMut(Push, PushOutcome),
+) {
     while let Some(r) = set.join_next_with_id().await {
         match r {
-            Ok((id, done)) => {
+            Ok((id, (push, outcome))) => {
                 sent.remove(&id);
-                out.push(done);
+                done(push, outcome);
             }
             Err(e) => {
                 if let Some(push) = sent.remove(&e.id()) {
-                    out.push((push, PushOutcome::Unreachable(format!("push failed: {e}"))));
+                    done(push, PushOutcome::Unreachable(format!("push failed: {e}")));
                 }
             }
         }
     }
-    out
 }
 
 /// The merge patch of the spoke's IBU: the IBGU's ibuSpec fields, its `lca.openshift.io`
@@ -586,7 +591,8 @@ mod tests {
             (push("bad"), PushOutcome::Accepted(Stage::Prep))
         });
         sent.insert(h.id(), push("bad"));
-        let mut out = join_pushes(set, sent).await;
+        let mut out = Vec::new();
+        join_pushes(set, sent, |p, o| out.push((p, o))).await;
         out.sort_by(|a, b| a.0.cluster.cmp(&b.0.cluster));
         assert_eq!(out.len(), 2);
         assert!(

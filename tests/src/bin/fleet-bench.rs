@@ -440,10 +440,14 @@ async fn rows_written(pool: &PgPool, db: &str) -> Result<i64, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Rows inserted, updated or deleted so far, by table of the hub's schema.
+/// Rows inserted, updated or deleted so far, by table of the hub's schema (and the
+/// out-of-line storage of its large values, `<table> (toast)`).
 async fn rows_by_table(pool: &PgPool) -> Result<BTreeMap<String, i64>, String> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT relname::text, (n_tup_ins + n_tup_upd + n_tup_del)::bigint FROM pg_stat_user_tables",
+        "SELECT coalesce(owner.relname || ' (toast)', s.relname)::text,
+                (s.n_tup_ins + s.n_tup_upd + s.n_tup_del)::bigint
+         FROM pg_stat_all_tables s LEFT JOIN pg_class owner ON owner.reltoastrelid = s.relid
+         WHERE s.schemaname IN ('public', 'pg_toast')",
     )
     .fetch_all(pool)
     .await

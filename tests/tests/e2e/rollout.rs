@@ -187,6 +187,17 @@ impl Drop for Fleet {
 }
 
 pub async fn start_fleet(hub: &Hub, names: &[&str], faults: &[(&str, Fault)]) -> Fleet {
+    start_fleet_holding(hub, names, faults, None).await
+}
+
+/// A fleet whose API holds every stage push (`PATCH .../v1/ibu`) to cluster `held.0` until
+/// `held.1` gives it a permit: a spoke that is slow to answer.
+async fn start_fleet_holding(
+    hub: &Hub,
+    names: &[&str],
+    faults: &[(&str, Fault)],
+    held: Option<(&str, Arc<tokio::sync::Semaphore>)>,
+) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -229,10 +240,24 @@ pub async fn start_fleet(hub: &Hub, names: &[&str], faults: &[(&str, Fault)]) ->
         api_token: None,
         metrics,
     });
+    let mut app = spoke_agent::api::router(state);
+    if let Some((cluster, gate)) = held {
+        let path = format!("/clusters/{cluster}/v1/ibu");
+        app = app.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let hold = req.method() == axum::http::Method::PATCH && req.uri().path() == path;
+                let gate = gate.clone();
+                async move {
+                    if hold {
+                        let _ = gate.acquire().await;
+                    }
+                    next.run(req).await
+                }
+            },
+        ));
+    }
     let task = tokio::spawn(async move {
-        axum::serve(listener, spoke_agent::api::router(state))
-            .await
-            .unwrap();
+        axum::serve(listener, app).await.unwrap();
     });
     let n = names.len();
     wait_for("every spoke to register and report", DEADLINE, || async {
@@ -493,6 +518,45 @@ async fn step_timeout_on_the_injected_clock_and_an_unreachable_spoke() {
     assert_eq!(
         hub.labels("d").await,
         vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+}
+
+/// A spoke slow to answer its push holds back only itself: the other clusters of the batch
+/// move on to their next action while its push is still out (well before the 10 s push
+/// timeout would end the round).
+#[tokio::test]
+async fn a_slow_spoke_does_not_hold_back_the_rest_of_its_batch() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let _fleet = start_fleet_holding(&hub, &["a", "b"], &[], Some(("b", gate.clone()))).await;
+    hub.create(ibgu(
+        "slow",
+        &["a", "b"],
+        json!([{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 60}}]),
+    ))
+    .await;
+    wait_for(
+        "a upgraded while b's Prep push is held",
+        Duration::from_secs(8),
+        || async {
+            hub.engine.pass_all().await.unwrap();
+            let g = hub.get("/v1/rollouts/default/slow").await;
+            (acts(&cluster(&g, "a")["completedActions"]) == ["Prep", "Upgrade"]).then_some(g)
+        },
+    )
+    .await;
+    let g = hub.get("/v1/rollouts/default/slow").await;
+    assert!(
+        acts(&cluster(&g, "b")["completedActions"]).is_empty(),
+        "{}",
+        cluster(&g, "b")
+    );
+    gate.add_permits(2);
+    let g = hub.settle("slow", "done", done).await;
+    assert_eq!(
+        acts(&cluster(&g, "b")["completedActions"]),
+        vec!["Prep", "Upgrade"]
     );
 }
 
