@@ -44,12 +44,35 @@ pub struct Agent<H: Host> {
     metrics: AgentMetrics,
     /// The credential the hub issued at registration; accepted on the local API.
     credential: std::sync::RwLock<Option<String>>,
-    /// Recent changes of the current state, for must-gather.
-    events: std::sync::Mutex<VecDeque<String>>,
+    /// Recent changes of the current state, for must-gather (written out when asked for).
+    events: std::sync::Mutex<VecDeque<Event>>,
 }
 
 /// Events kept for must-gather.
 const EVENTS_KEPT: usize = 200;
+
+/// A change of the current condition: when, in which stage, to what.
+struct Event {
+    at: DateTime<Utc>,
+    stage: fleet_types::ibu::Stage,
+    condition: fleet_types::Condition,
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.condition;
+        write!(
+            f,
+            "{} stage={} {}={:?} reason={} message={:?}",
+            self.at.to_rfc3339(),
+            self.stage,
+            c.type_,
+            c.status,
+            c.reason,
+            c.message
+        )
+    }
+}
 
 impl<H: Host> Agent<H> {
     /// Loads the IBU saved on the booted stateroot (or creates it), resumes an interrupted
@@ -175,7 +198,7 @@ impl<H: Host> Agent<H> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .cloned()
+            .map(Event::to_string)
             .collect()
     }
 
@@ -187,21 +210,16 @@ impl<H: Host> Agent<H> {
         if current(old) == Some(c) {
             return;
         }
-        let line = format!(
-            "{} stage={} {}={:?} reason={} message={:?}",
-            self.clock.now().to_rfc3339(),
-            new.ibu.spec.stage,
-            c.type_,
-            c.status,
-            c.reason,
-            c.message
-        );
         tracing::info!(cluster = %self.name, condition = %c.type_, reason = %c.reason, message = %c.message, "IBU state");
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if events.len() == EVENTS_KEPT {
             events.pop_front();
         }
-        events.push_back(line);
+        events.push_back(Event {
+            at: self.clock.now(),
+            stage: new.ibu.spec.stage,
+            condition: c.clone(),
+        });
     }
 
     fn changed(&self) {

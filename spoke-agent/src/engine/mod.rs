@@ -230,8 +230,11 @@ fn status(s: &mut SpokeState) -> &mut ImageBasedUpgradeStatus {
     s.ibu.status.get_or_insert_with(Default::default)
 }
 
-fn status_ref(s: &SpokeState) -> ImageBasedUpgradeStatus {
-    s.ibu.status.clone().unwrap_or_default()
+/// The status to read, the empty one when there is none yet.
+fn status_view(s: &SpokeState) -> &ImageBasedUpgradeStatus {
+    static NONE: std::sync::LazyLock<ImageBasedUpgradeStatus> =
+        std::sync::LazyLock::new(ImageBasedUpgradeStatus::default);
+    s.ibu.status.as_ref().unwrap_or(&NONE)
 }
 
 fn cond(
@@ -353,12 +356,12 @@ pub fn request(
     let spec: ImageBasedUpgradeSpec =
         serde_json::from_value(doc["spec"].take()).map_err(|e| Refusal(format!("spec: {e}")))?;
 
-    let st = status_ref(current);
+    let st = status_view(current);
     let old = &current.ibu.spec;
     if spec.stage != old.stage && !st.valid_next_stages.contains(&spec.stage) {
         return Err(Refusal(TRANSITION_NOT_PERMITTED.into()));
     }
-    if !idle(&st) && spec.stage != Stage::Idle {
+    if !idle(st) && spec.stage != Stage::Idle {
         let changed = [
             ("seedImageRef", spec.seed_image_ref != old.seed_image_ref),
             ("oadpContent", spec.oadp_content != old.oadp_content),
@@ -393,81 +396,85 @@ pub fn request(
 pub fn reconcile(s: &mut SpokeState, now: DateTime<Utc>) {
     if annotation(s, MANUAL_CLEANUP_DONE_ANNOTATION).is_some() {
         set_annotation(s, MANUAL_CLEANUP_DONE_ANNOTATION, None);
-        let st = status_ref(s);
-        if failed(&st, Stage::Idle) {
+        if failed(status_view(s), Stage::Idle) {
             s.run.manual_cleanup = true;
             s.run.retry_at = None;
             s.run.attempts = 0;
         }
     }
-    let st = status_ref(s);
-    let post = s.run.post_reboot;
+    match transition(status_view(s), s.ibu.spec.stage, s.run.post_reboot) {
+        Act::Keep => {}
+        Act::Start(op) => start(s, op, now),
+        Act::Invalid(stage, message) => invalid(s, stage, message, now),
+    }
+    refresh(s);
+}
+
+/// What a requested stage does, given the status: nothing, start an operation, or refuse.
+enum Act {
+    Keep,
+    Start(Op),
+    Invalid(Stage, &'static str),
+}
+
+fn transition(st: &ImageBasedUpgradeStatus, stage: Stage, post: bool) -> Act {
     use Stage::*;
-    match s.ibu.spec.stage {
+    match stage {
         Idle => {
-            if idle(&st) || in_progress(&st, Idle) {
-            } else if in_progress(&st, Rollback) {
-                invalid(
-                    s,
+            if idle(st) || in_progress(st, Idle) {
+                Act::Keep
+            } else if in_progress(st, Rollback) {
+                Act::Invalid(
                     Idle,
                     "Transition to Idle not allowed - Rollback is in progress",
-                    now,
-                );
-            } else if failed(&st, Rollback) {
-                invalid(
-                    s,
-                    Idle,
-                    "Transition to Idle not allowed - Rollback failed",
-                    now,
-                );
-            } else if completed(&st, Rollback) || completed(&st, Upgrade) {
-                start(s, Op::Finalize, now);
-            } else if (in_progress(&st, Upgrade) || failed(&st, Upgrade)) && post {
-                invalid(
-                    s,
-                    Idle,
-                    "Transition to Idle not allowed - Rollback first",
-                    now,
-                );
-            } else if in_progress(&st, Prep)
-                || completed(&st, Prep)
-                || failed(&st, Prep)
-                || in_progress(&st, Upgrade)
-                || failed(&st, Upgrade)
+                )
+            } else if failed(st, Rollback) {
+                Act::Invalid(Idle, "Transition to Idle not allowed - Rollback failed")
+            } else if completed(st, Rollback) || completed(st, Upgrade) {
+                Act::Start(Op::Finalize)
+            } else if (in_progress(st, Upgrade) || failed(st, Upgrade)) && post {
+                Act::Invalid(Idle, "Transition to Idle not allowed - Rollback first")
+            } else if in_progress(st, Prep)
+                || completed(st, Prep)
+                || failed(st, Prep)
+                || in_progress(st, Upgrade)
+                || failed(st, Upgrade)
             {
-                start(s, Op::Abort, now);
+                Act::Start(Op::Abort)
             } else {
-                invalid(s, Idle, "Abort or finalize not allowed", now);
+                Act::Invalid(Idle, "Abort or finalize not allowed")
             }
         }
         Prep => {
-            if in_progress(&st, Prep) || completed(&st, Prep) || failed(&st, Prep) {
-            } else if idle(&st) {
-                start(s, Op::Prep, now);
+            if in_progress(st, Prep) || completed(st, Prep) || failed(st, Prep) {
+                Act::Keep
+            } else if idle(st) {
+                Act::Start(Op::Prep)
             } else {
-                invalid(s, Prep, "Previous stage not succeeded", now);
+                Act::Invalid(Prep, "Previous stage not succeeded")
             }
         }
         Upgrade => {
-            if in_progress(&st, Upgrade) || completed(&st, Upgrade) || failed(&st, Upgrade) {
-            } else if completed(&st, Prep) {
-                start(s, Op::UpgradePre, now);
+            if in_progress(st, Upgrade) || completed(st, Upgrade) || failed(st, Upgrade) {
+                Act::Keep
+            } else if completed(st, Prep) {
+                Act::Start(Op::UpgradePre)
             } else {
-                invalid(s, Upgrade, "Previous stage not succeeded", now);
+                Act::Invalid(Upgrade, "Previous stage not succeeded")
             }
         }
         Rollback => {
-            if in_progress(&st, Rollback) || completed(&st, Rollback) || failed(&st, Rollback) {
+            if in_progress(st, Rollback) || completed(st, Rollback) || failed(st, Rollback) {
+                Act::Keep
             } else if post
-                && (in_progress(&st, Upgrade) || failed(&st, Upgrade) || completed(&st, Upgrade))
+                && (in_progress(st, Upgrade) || failed(st, Upgrade) || completed(st, Upgrade))
             {
-                start(s, Op::Rollback, now);
+                Act::Start(Op::Rollback)
             } else {
-                invalid(s, Rollback, "Upgrade not started or already finalized", now);
+                Act::Invalid(Rollback, "Upgrade not started or already finalized")
             }
         }
     }
-    refresh(s);
 }
 
 fn invalid(s: &mut SpokeState, stage: Stage, message: &str, now: DateTime<Utc>) {
@@ -486,11 +493,8 @@ fn invalid(s: &mut SpokeState, stage: Stage, message: &str, now: DateTime<Utc>) 
 fn start(s: &mut SpokeState, op: Op, now: DateTime<Utc>) {
     use ConditionStatus::{False, True};
     // A valid request clears stale InvalidTransition conditions.
-    let idle_was_invalid = s
-        .ibu
-        .status
-        .as_ref()
-        .and_then(|st| st.condition(ct::IDLE))
+    let idle_was_invalid = status_view(s)
+        .condition(ct::IDLE)
         .is_some_and(|c| c.reason == reason::INVALID_TRANSITION);
     status(s)
         .conditions

@@ -212,16 +212,33 @@ async fn stages_over_http_through_a_simulated_reboot() {
     assert_eq!(res.headers()["content-type"], "application/gzip");
     let bytes = res.bytes().await.unwrap();
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-    let names: Vec<String> = archive
-        .entries()
-        .unwrap()
-        .map(|e| e.unwrap().path().unwrap().display().to_string())
-        .collect();
+    let mut names = Vec::new();
+    let mut events = String::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().display().to_string();
+        if name.ends_with("/events.log") {
+            std::io::Read::read_to_string(&mut entry, &mut events).unwrap();
+        }
+        names.push(name);
+    }
     assert!(
         names.contains(&"must-gather-sno1/ibu.yaml".to_string()),
         "{names:?}"
     );
     assert!(names.contains(&"must-gather-sno1/ostree-admin-status.txt".to_string()));
+    // one line per change of the current condition, the last one back to Idle
+    let last = events.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(" stage=Idle Idle=True reason=Idle message=\"Idle\""),
+        "{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("stage=Rollback") && l.contains("reason=Completed")),
+        "{events}"
+    );
 }
 
 #[tokio::test]
