@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
-use fleet_types::ibu::ImageBasedUpgrade;
 use serde_json::Value;
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -108,10 +107,6 @@ impl<H: Host> Agent<H> {
             credential: std::sync::RwLock::new(None),
             events: std::sync::Mutex::new(VecDeque::new()),
         }))
-    }
-
-    pub async fn ibu(&self) -> Result<ImageBasedUpgrade, AgentError> {
-        Ok(self.visible().await?.ibu.clone())
     }
 
     pub async fn snapshot(&self) -> Arc<SpokeState> {

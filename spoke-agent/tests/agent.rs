@@ -191,9 +191,12 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
         .await
         .unwrap();
     wait_until("the abort to finish locally", || async {
-        let ibu = agent.ibu().await.unwrap();
-        ibu.status
-            .and_then(|s| s.current().cloned())
+        let state = agent.visible().await.unwrap();
+        state
+            .ibu
+            .status
+            .as_ref()
+            .and_then(|s| s.current())
             .is_some_and(|c| c.reason == "Idle")
     })
     .await;
@@ -274,12 +277,14 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         .await
         .unwrap();
     let reason = |agent: Arc<Agent<SimHost>>, want: &'static str| async move {
-        agent
-            .ibu()
-            .await
-            .ok()
-            .and_then(|i| i.status.and_then(|s| s.current().cloned()))
-            .is_some_and(|c| c.type_ == want && c.reason == "Completed")
+        // Not visible while the node reboots.
+        agent.visible().await.ok().is_some_and(|s| {
+            s.ibu
+                .status
+                .as_ref()
+                .and_then(|st| st.current())
+                .is_some_and(|c| c.type_ == want && c.reason == "Completed")
+        })
     };
     wait_until("Prep completed", || reason(agent.clone(), "PrepCompleted")).await;
     agent
