@@ -207,8 +207,24 @@ async fn run(a: Args) -> Result<(), String> {
         t.elapsed().as_secs_f64()
     ));
 
-    let rows_before = rows_written(&pool, &name).await?;
-    let tables_before = rows_by_table(&pool).await?;
+    // The row counts before the rollout: a busy connection publishes its counts up to 10 s
+    // late, so wait until they have not moved for 11 s (the fleet is idle now).
+    say("waiting for Postgres's row counts to settle");
+    let (mut rows_before, mut tables_before) = (rows_written(&pool, &name).await?, None);
+    let mut still = Instant::now();
+    let settle = Instant::now();
+    while still.elapsed() < Duration::from_secs(11) && settle.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (rows, tables) = (
+            rows_written(&pool, &name).await?,
+            rows_by_table(&pool).await?,
+        );
+        if rows != rows_before || tables_before.as_ref() != Some(&tables) {
+            still = Instant::now();
+        }
+        (rows_before, tables_before) = (rows, Some(tables));
+    }
+    let tables_before = tables_before.unwrap_or_default();
     let http_before = hub_counter(&hub_url, "fleet_hub_http_requests_total").await;
     let pushes_before = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await;
     let cpu_before = cpu_seconds(hub.pid());
@@ -291,22 +307,6 @@ async fn run(a: Args) -> Result<(), String> {
             .fetch_one(&pool)
             .await
             .map_err(|e| e.to_string())?;
-    // Backends publish their counts when idle, up to 10 s late: wait until they show every
-    // history row (counted above), 15 s at most.
-    let waited = Instant::now();
-    let mut by_table = loop {
-        let mut now = rows_by_table(&pool).await?;
-        for (table, n) in &tables_before {
-            *now.entry(table.clone()).or_default() -= n;
-        }
-        let seen = now.get("history").copied().unwrap_or(0);
-        if seen >= transitions || waited.elapsed() > Duration::from_secs(15) {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    by_table.retain(|_, n| *n != 0);
-    let rows = rows_written(&pool, &name).await? - rows_before;
     let http = hub_counter(&hub_url, "fleet_hub_http_requests_total").await - http_before;
     let pushes = hub_counter(&hub_url, "fleet_hub_spoke_pushes_total").await - pushes_before;
     let metrics = reqwest::get(format!("{hub_url}/metrics"))
@@ -315,6 +315,28 @@ async fn run(a: Args) -> Result<(), String> {
         .text()
         .await
         .unwrap_or_default();
+    // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
+    // exits: stop the hub and wait until its connections are gone (15 s at most).
+    drop(hub);
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(15) {
+        let backends: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&name)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        if backends <= i64::from(pool.size()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut by_table = rows_by_table(&pool).await?;
+    for (table, n) in &tables_before {
+        *by_table.entry(table.clone()).or_default() -= n;
+    }
+    by_table.retain(|_, n| *n != 0);
+    let rows = rows_written(&pool, &name).await? - rows_before;
     let max = gauge(&metrics, "fleet_hub_decision_latency_max_seconds");
     // Interpolating inside a wide bucket can overshoot: no quantile exceeds the maximum seen.
     let capped = |q: f64| {
@@ -365,7 +387,6 @@ async fn run(a: Args) -> Result<(), String> {
         tables.join(", ")
     );
     println!("hub HTTP requests served     {http}   pushes sent {pushes}");
-    drop(hub);
     drop(pool);
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

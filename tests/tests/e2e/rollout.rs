@@ -249,6 +249,7 @@ async fn start_fleet_holding(
                 let gate = gate.clone();
                 async move {
                     if hold {
+                        // The permit goes back at once: once given, the gate stays open.
                         let _ = gate.acquire().await;
                     }
                     next.run(req).await
