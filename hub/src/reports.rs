@@ -30,7 +30,7 @@ pub struct Incoming {
     pub credential_hash: String,
     pub agent_id: String,
     pub sequence: i64,
-    /// The IBU as JSON text.
+    /// The IBU as JSON text, as the spoke sent it.
     pub ibu: String,
 }
 
@@ -79,6 +79,8 @@ impl ReportWriter {
 
     /// Stores the report when `credential` is the cluster's, unless it is older than, or the
     /// same as, the last one of this agent; answers what became of it once that is durable.
+    /// `ibu` is the report's IBU as parsed, `text` the same as the spoke wrote it: the text
+    /// is stored, not the parsed IBU written out again.
     pub async fn store(
         &self,
         cluster: &str,
@@ -86,10 +88,9 @@ impl ReportWriter {
         agent_id: &str,
         sequence: u64,
         ibu: ImageBasedUpgrade,
+        text: String,
     ) -> Result<Stored, Error> {
         let (reply, answer) = oneshot::channel();
-        // Straight to text: no JSON tree is built only to be written out again.
-        let text = serde_json::to_string(&ibu).map_err(|e| Error::Config(e.to_string()))?;
         let pending = Pending {
             report: Incoming {
                 cluster: cluster.to_string(),
@@ -168,7 +169,7 @@ pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored
            SELECT DISTINCT ON (name) name, agent, seq, ibu, i FROM ok WHERE same_run
            ORDER BY name, seq DESC
          ), stored AS (
-           UPDATE clusters c SET last_report = u.ibu::jsonb, last_report_seq = u.seq, last_seen = now()
+           UPDATE clusters c SET last_report = u.ibu::json, last_report_seq = u.seq, last_seen = now()
            FROM newest u
            WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
            RETURNING u.i

@@ -234,6 +234,7 @@ async fn run(a: Args) -> Result<(), String> {
     let pass_seconds_before =
         hub_counter(&hub_url, "fleet_hub_engine_pass_duration_seconds_sum").await;
 
+    say("starting the rollout");
     let ibgu = serde_json::json!({
         "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
         "metadata": {"name": "bench", "namespace": "default"},
