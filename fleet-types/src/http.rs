@@ -5,6 +5,28 @@
 /// lines of both programs about one push can be found together.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// `Prefer` (RFC 7240), and the preference the hub sends with its pushes: answer a change
+/// without the changed object, which the hub does not read.
+pub const PREFER: &str = "prefer";
+pub const PREFERENCE_APPLIED: &str = "preference-applied";
+pub const RETURN_MINIMAL: &str = "return=minimal";
+
+/// Whether `Prefer` header values ask for `return=minimal` (names and values compared
+/// without case; parameters after `;` and a quoted value allowed).
+pub fn prefers_minimal<'a>(values: impl IntoIterator<Item = &'a str>) -> bool {
+    values
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.split(';').next()?.split_once('='))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("return")
+                && value
+                    .trim()
+                    .trim_matches('"')
+                    .eq_ignore_ascii_case("minimal")
+        })
+}
+
 /// The span an HTTP request is served in: method, path and request id (set by the caller
 /// or made here). Never headers: they carry bearer tokens.
 pub fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
@@ -62,5 +84,17 @@ mod tests {
             "application/merge-patch+json"
         );
         assert_eq!(media_type(None), "");
+    }
+
+    #[test]
+    fn prefer_return_minimal() {
+        assert!(prefers_minimal(["return=minimal"]));
+        assert!(prefers_minimal([
+            "respond-async, Return = \"Minimal\"; x=1"
+        ]));
+        assert!(prefers_minimal(["wait=10", "return=minimal"]));
+        assert!(!prefers_minimal(["return=representation"]));
+        assert!(!prefers_minimal(["minimal", "returns=minimal"]));
+        assert!(!prefers_minimal([]));
     }
 }

@@ -545,6 +545,8 @@ async fn push_one(
         .bearer_auth(credential)
         .header(REQUEST_ID, request_id)
         .header("Content-Type", "application/merge-patch+json")
+        // The new IBU comes with the spoke's next report; the answer need not carry it.
+        .header(fleet_types::http::PREFER, fleet_types::http::RETURN_MINIMAL)
         .body(body.to_string())
         .send()
         .await;

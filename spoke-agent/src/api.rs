@@ -192,6 +192,18 @@ async fn patch_ibu<H: Host>(
     match a.agent.patch(&patch).await {
         Ok(state) => {
             tracing::info!(cluster = %a.agent.name, stage = %state.ibu.spec.stage, "IBU change accepted");
+            let prefer = headers.get_all(fleet_types::http::PREFER).iter();
+            if fleet_types::http::prefers_minimal(prefer.filter_map(|v| v.to_str().ok())) {
+                // The hub's pushes: the new object is not read, so it is not written.
+                return Ok((
+                    StatusCode::NO_CONTENT,
+                    [(
+                        fleet_types::http::PREFERENCE_APPLIED,
+                        fleet_types::http::RETURN_MINIMAL,
+                    )],
+                )
+                    .into_response());
+            }
             Ok(Json(&state.ibu).into_response())
         }
         Err(err) => {

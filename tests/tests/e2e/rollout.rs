@@ -176,6 +176,8 @@ impl Hub {
 
 pub struct Fleet {
     pub agents: HashMap<String, Arc<Agent<SimHost>>>,
+    /// The status codes the fleet answered stage pushes (`PATCH .../v1/ibu`) with.
+    pub push_answers: Arc<Mutex<Vec<u16>>>,
     _dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
@@ -240,7 +242,21 @@ async fn start_fleet_holding(
         api_token: None,
         metrics,
     });
-    let mut app = spoke_agent::api::router(state);
+    let push_answers = Arc::new(Mutex::new(Vec::new()));
+    let answers = push_answers.clone();
+    let mut app = spoke_agent::api::router(state).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let push = req.method() == axum::http::Method::PATCH;
+            let answers = answers.clone();
+            async move {
+                let res = next.run(req).await;
+                if push {
+                    answers.lock().unwrap().push(res.status().as_u16());
+                }
+                res
+            }
+        },
+    ));
     if let Some((cluster, gate)) = held {
         let path = format!("/clusters/{cluster}/v1/ibu");
         app = app.layer(axum::middleware::from_fn(
@@ -269,6 +285,7 @@ async fn start_fleet_holding(
     .await;
     Fleet {
         agents,
+        push_answers,
         _dir: dir,
         task,
     }
@@ -530,7 +547,7 @@ async fn a_slow_spoke_does_not_hold_back_the_rest_of_its_batch() {
     let db = TestDb::empty().await;
     let hub = start_hub(&db).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let _fleet = start_fleet_holding(&hub, &["a", "b"], &[], Some(("b", gate.clone()))).await;
+    let fleet = start_fleet_holding(&hub, &["a", "b"], &[], Some(("b", gate.clone()))).await;
     hub.create(ibgu(
         "slow",
         &["a", "b"],
@@ -558,6 +575,12 @@ async fn a_slow_spoke_does_not_hold_back_the_rest_of_its_batch() {
     assert_eq!(
         acts(&cluster(&g, "b")["completedActions"]),
         vec!["Prep", "Upgrade"]
+    );
+    // The hub asks for no object in the answer to a push (it reads the next report).
+    let answers = fleet.push_answers.lock().unwrap().clone();
+    assert!(
+        answers.len() >= 4 && answers.iter().all(|c| *c == 204),
+        "{answers:?}"
     );
 }
 

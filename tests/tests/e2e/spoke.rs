@@ -164,7 +164,20 @@ async fn stages_over_http_through_a_simulated_reboot() {
         .await;
     assert_eq!(next_stages(&ibu), vec!["Idle", "Upgrade"]);
 
-    agent.stage("Upgrade").await;
+    // as the hub pushes a stage: the change is answered without the object
+    let res = agent
+        .client
+        .patch(format!("{}/v1/ibu", agent.base))
+        .bearer_auth(TOKEN)
+        .header("Content-Type", "application/merge-patch+json")
+        .header("Prefer", "return=minimal")
+        .body(json!({"spec": {"stage": "Upgrade"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(res.headers()["preference-applied"], "return=minimal");
+    assert_eq!(res.bytes().await.unwrap().len(), 0);
     let ibu = agent
         .wait_ibu(
             "Upgrade completed",
