@@ -47,6 +47,10 @@ pub struct Agent<H: Host> {
     events: std::sync::Mutex<VecDeque<Event>>,
 }
 
+/// What the runner does next: run a step (its work and epoch), or wait, until a time or for
+/// a request (`None` when nothing could be begun).
+type Started = Option<Result<(Work, u64), Option<DateTime<Utc>>>>;
+
 /// Events kept for must-gather.
 const EVENTS_KEPT: usize = 200;
 
@@ -239,52 +243,75 @@ impl<H: Host> Agent<H> {
 
     /// Runs the engine until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        // The step begun, under the same lock, when the last one was completed.
+        let mut begun = None;
         loop {
-            let now = self.clock.now();
-            let started = {
-                let mut guard = self.state.lock().await;
-                // Copied only when something changes: a fired timer or a step begun.
-                let ticked = engine::timer_due(&guard, now).then(|| {
-                    let mut next = SpokeState::clone(&guard);
-                    engine::tick(&mut next, now);
-                    next
-                });
-                let plan = engine::next(ticked.as_ref().unwrap_or(&guard), now);
-                match plan {
-                    Next::Work(_) => {
-                        let mut next = ticked.unwrap_or_else(|| SpokeState::clone(&guard));
-                        let begun = engine::begin(&mut next, now);
-                        if matches!(begun, Some((Work::Reboot, _))) {
-                            // `next` is what the old stateroot must say if the node ever
-                            // comes back there (an uncontrolled rollback): saved there, never
-                            // shown. The node is going away; nothing leaves it from now on.
-                            self.rebooting.store(true, Ordering::SeqCst);
-                            let next = Arc::new(next);
-                            if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
-                                tracing::error!(cluster = %self.name, %err, "saving the old stateroot's IBU failed");
-                            }
-                        } else {
-                            self.commit(&mut guard, next).await;
-                        }
-                        begun.map(|(work, epoch)| Ok((work, epoch)))
-                    }
-                    Next::WaitUntil(_) | Next::Nothing => {
-                        if let Some(next) = ticked {
-                            self.commit(&mut guard, next).await;
-                        }
-                        let until = if let Next::WaitUntil(t) = plan {
-                            Some(t)
-                        } else {
-                            None
-                        };
-                        Some(Err(until))
-                    }
+            let started = match begun.take() {
+                Some(started) => started,
+                None => {
+                    let mut guard = self.state.lock().await;
+                    self.go_on(&mut guard, None, self.clock.now()).await
                 }
             };
             match started {
-                Some(Ok((work, epoch))) => self.execute(work, epoch).await,
+                Some(Ok((work, epoch))) => begun = self.execute(work, epoch).await,
                 Some(Err(until)) => self.wait(until).await,
                 None => self.wait(None).await,
+            }
+        }
+    }
+
+    /// Goes on from the saved state, or from `completed` (the saved state with a step's
+    /// outcome, not saved yet): fires a due timer, begins the next step if there is one, and
+    /// saves and publishes the result once. Answers the step begun, or until when to wait.
+    async fn go_on(
+        &self,
+        guard: &mut Arc<SpokeState>,
+        completed: Option<SpokeState>,
+        now: DateTime<Utc>,
+    ) -> Started {
+        // Copied only when something changes: a fired timer or a step begun.
+        let mut next = completed;
+        if engine::timer_due(next.as_ref().unwrap_or(guard), now) {
+            let mut ticked = next.take().unwrap_or_else(|| SpokeState::clone(guard));
+            engine::tick(&mut ticked, now);
+            next = Some(ticked);
+        }
+        let plan = engine::next(next.as_ref().unwrap_or(guard), now);
+        match plan {
+            Next::Work(Work::Reboot) => {
+                // What the node says before it goes away is published as it is.
+                if let Some(next) = next.take() {
+                    self.commit(guard, next).await;
+                }
+                let mut next = SpokeState::clone(guard);
+                let begun = engine::begin(&mut next, now);
+                // `next` is what the old stateroot must say if the node ever comes back
+                // there (an uncontrolled rollback): saved there, never shown. The node is
+                // going away; nothing leaves it from now on.
+                self.rebooting.store(true, Ordering::SeqCst);
+                let next = Arc::new(next);
+                if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
+                    tracing::error!(cluster = %self.name, %err, "saving the old stateroot's IBU failed");
+                }
+                begun.map(Ok)
+            }
+            Next::Work(_) => {
+                let mut next = next.unwrap_or_else(|| SpokeState::clone(guard));
+                let begun = engine::begin(&mut next, now);
+                self.commit(guard, next).await;
+                begun.map(Ok)
+            }
+            Next::WaitUntil(_) | Next::Nothing => {
+                if let Some(next) = next {
+                    self.commit(guard, next).await;
+                }
+                let until = if let Next::WaitUntil(t) = plan {
+                    Some(t)
+                } else {
+                    None
+                };
+                Some(Err(until))
             }
         }
     }
@@ -301,15 +328,18 @@ impl<H: Host> Agent<H> {
         }
     }
 
-    async fn execute(&self, work: Work, epoch: u64) {
+    /// Runs a step; its outcome and the next step's beginning are saved together (one copy
+    /// of the state and one save per step, not two): answers the step begun.
+    async fn execute(&self, work: Work, epoch: u64) -> Option<Started> {
         if work == Work::Reboot {
             self.reboot().await;
-            return;
+            return None;
         }
         let outcome = dispatch(&*self.host, work).await;
         let mut guard = self.state.lock().await;
         let mut next = SpokeState::clone(&guard);
-        engine::complete(&mut next, epoch, outcome, self.clock.now());
+        let now = self.clock.now();
+        engine::complete(&mut next, epoch, outcome, now);
         if next
             .run
             .op
@@ -323,7 +353,7 @@ impl<H: Host> Agent<H> {
         {
             self.metrics.auto_rollback();
         }
-        self.commit(&mut guard, next).await;
+        Some(self.go_on(&mut guard, Some(next), now).await)
     }
 
     /// The node reboots: the agent is away, then starts again from what the booted

@@ -321,3 +321,37 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         "the agent held the old stateroot's copy"
     );
 }
+
+/// A step's outcome and the beginning of the next step are saved together: Prep (five steps)
+/// is at most one save per step, plus the request and the completion, where saving each
+/// outcome and each beginning on its own took eleven.
+#[tokio::test]
+async fn a_step_ends_and_the_next_begins_in_one_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SimConfig {
+        current_version: "4.15.0".into(),
+        step: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = start_agent(dir.path(), config, &metrics).await;
+    let changes = agent.subscribe();
+    let before = *changes.borrow();
+    agent
+        .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await
+        .unwrap();
+    wait_until("Prep completed", || async {
+        agent
+            .snapshot()
+            .await
+            .ibu
+            .status
+            .as_ref()
+            .and_then(|s| s.current())
+            .is_some_and(|c| c.type_ == "PrepCompleted" && c.reason == "Completed")
+    })
+    .await;
+    let saves = *changes.borrow() - before;
+    assert!((2..=7).contains(&saves), "{saves} saves for Prep");
+}
