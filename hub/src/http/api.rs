@@ -15,7 +15,7 @@ use fleet_types::{Reason, Status};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Shared};
 use crate::planner::{rollout, selector};
 use crate::reports::Stored;
 use crate::store;
@@ -75,7 +75,7 @@ fn report_text(body: &Bytes, report: &StatusReport) -> Result<String, ApiError> 
 }
 
 pub async fn register(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<RegisterResponse>, ApiError> {
@@ -124,7 +124,7 @@ pub async fn register(
 }
 
 pub async fn report(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -189,7 +189,7 @@ pub struct Items<T> {
 }
 
 pub async fn cluster_list(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Query(q): Query<ClusterQuery>,
 ) -> Result<Response, ApiError> {
@@ -210,7 +210,7 @@ pub async fn cluster_list(
 }
 
 pub async fn cluster_get(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -225,7 +225,7 @@ pub async fn cluster_get(
 }
 
 pub async fn cluster_patch(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
@@ -271,7 +271,7 @@ async fn validation(
 }
 
 pub async fn rollout_create(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Query(q): Query<CreateQuery>,
     body: Bytes,
@@ -353,7 +353,7 @@ async fn dry_run(state: &AppState, obj: &ImageBasedGroupUpgrade) -> Result<Respo
 }
 
 pub async fn rollout_list(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
@@ -372,7 +372,7 @@ async fn fetch(state: &AppState, ns: &str, name: &str) -> Result<store::RolloutR
 }
 
 pub async fn rollout_get(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -381,7 +381,7 @@ pub async fn rollout_get(
 }
 
 pub async fn rollout_patch(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
     body: Bytes,
@@ -428,7 +428,7 @@ pub async fn rollout_patch(
 }
 
 pub async fn rollout_delete(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -452,7 +452,7 @@ pub struct HistoryQuery {
 }
 
 pub async fn history(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<HistoryQuery>,
@@ -471,7 +471,7 @@ pub struct ConfigMap {
 }
 
 pub async fn configmap_get(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -493,7 +493,7 @@ pub async fn configmap_get(
 }
 
 pub async fn configmap_put(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
     body: Bytes,
@@ -511,7 +511,7 @@ pub async fn configmap_put(
 }
 
 pub async fn configmap_delete(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {

@@ -45,7 +45,11 @@ pub struct AppState {
     pub join_token: Option<String>,
 }
 
+/// The state as handlers get it: one shared copy, not a clone per request and extractor.
+pub type Shared = Arc<AppState>;
+
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -100,14 +104,14 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn readyz(State(state): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
     db::check_ready(&state.pool)
         .await
         .map_err(|why| ApiError::new(Reason::ServiceUnavailable, why))?;
     Ok(Json(serde_json::json!({"status": "ready"})))
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Shared>) -> Response {
     {
         let _one_at_a_time = state.metrics.refresh_lock.lock().await;
         state.metrics.set_pool(&state.pool);
@@ -133,7 +137,7 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 /// Counts every request by route template (never the raw path: bounded labels).
-async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn record_metrics(State(state): State<Shared>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
