@@ -145,11 +145,10 @@ impl Engine {
         let now = chrono::SubsecRound::trunc_subsecs(self.clock.now(), 6);
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(Error::Database)?;
-        if !store::rollout_try_lock_in_txn(&mut tx, id).await? {
-            return Ok(false);
-        }
-        let Some(row) = store::rollout_fetch_for_update_in_txn(&mut tx, id).await? else {
-            return Ok(true);
+        let (row, version) = match store::rollout_hold_in_txn(&mut tx, id).await? {
+            store::Held::Busy => return Ok(false),
+            store::Held::Gone => return Ok(true),
+            store::Held::Row(row, version) => (*row, version),
         };
         tracing::Span::current().record(
             "rollout",
@@ -160,7 +159,6 @@ impl Engine {
             ),
         );
         let uid = row.object.metadata.uid.clone().unwrap_or_default();
-        let version = store::rollout_state_version_in_txn(&mut tx, id).await?;
         let cached = locked(&self.steps)
             .remove(&id)
             .filter(|c| c.uid == uid && c.version == version);
@@ -217,8 +215,8 @@ impl Engine {
             }
         }
         let t_fleet = started.elapsed();
-        let version =
-            store::rollout_save_steps_in_txn(&mut tx, id, &heads, &decision.steps, version).await?;
+        let steps_changed =
+            store::rollout_save_steps_in_txn(&mut tx, id, &heads, &decision.steps).await?;
         let t_progress = started.elapsed();
         store::cluster_labels_change_in_txn(&mut tx, &decision.label_changes).await?;
         let t_labels = started.elapsed();
@@ -244,17 +242,20 @@ impl Engine {
                 c.last_transition_time = old.last_transition_time;
             }
         }
-        if status != old_status || row.phase != decision.phase.as_str() {
-            store::rollout_save_status_in_txn(
-                &mut tx,
-                id,
-                &status,
-                decision.phase.as_str(),
-                decision.started_at,
-                decision.completed_at,
-            )
-            .await?;
-        }
+        let status_changed = status != old_status || row.phase != decision.phase.as_str();
+        let version = store::rollout_save_pass_in_txn(
+            &mut tx,
+            id,
+            version,
+            steps_changed,
+            status_changed.then_some(store::PassStatus {
+                status: &status,
+                phase: decision.phase.as_str(),
+                started_at: decision.started_at,
+                completed_at: decision.completed_at,
+            }),
+        )
+        .await?;
         let t_status = started.elapsed();
         tx.commit().await.map_err(Error::Database)?;
         locked(&self.parsed).insert(id, reports);

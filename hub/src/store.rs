@@ -459,27 +459,38 @@ pub async fn rollout_active_ids(pool: &PgPool) -> Result<Vec<i64>, Error> {
         .map_err(db)
 }
 
-/// Takes the rollout's pass lock for this transaction; `false` when another hub holds it.
-pub async fn rollout_try_lock_in_txn(conn: &mut PgConnection, id: i64) -> Result<bool, Error> {
-    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(1717658484, $1::int4)")
-        .bind(id as i32)
-        .fetch_one(conn)
-        .await
-        .map_err(db)
+/// What a pass finds when it asks for a rollout.
+pub enum Held {
+    /// Another hub holds the rollout's pass lock.
+    Busy,
+    /// The rollout is gone.
+    Gone,
+    /// The row, locked for this transaction, with its state version (see the migration that
+    /// added it).
+    Row(Box<RolloutRow>, i64),
 }
 
-pub async fn rollout_fetch_for_update_in_txn(
-    conn: &mut PgConnection,
-    id: i64,
-) -> Result<Option<RolloutRow>, Error> {
+/// Takes the rollout's pass lock for this transaction and, when it is free, locks and reads
+/// the row with its state version: one round trip for what a pass needs first. A lock held
+/// by another hub leaves the row alone (it is not even read, let alone waited for).
+pub async fn rollout_hold_in_txn(conn: &mut PgConnection, id: i64) -> Result<Held, Error> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1 FOR UPDATE"
+        "WITH pass_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(1717658484, $1::int4) AS held)
+         SELECT pass_lock.held, r.* FROM pass_lock LEFT JOIN LATERAL
+           (SELECT {ROLLOUT_COLUMNS}, state_version FROM rollouts WHERE id = $2 AND pass_lock.held FOR UPDATE) r ON true"
     )))
+    .bind(id as i32)
     .bind(id)
-    .fetch_optional(conn)
+    .fetch_one(conn)
     .await
     .map_err(db)?;
-    row.as_ref().map(rollout_from_row).transpose()
+    if !row.try_get::<bool, _>("held").map_err(db)? {
+        return Ok(Held::Busy);
+    }
+    match row.try_get::<Option<i64>, _>("state_version").map_err(db)? {
+        None => Ok(Held::Gone),
+        Some(version) => Ok(Held::Row(Box::new(rollout_from_row(&row)?), version)),
+    }
 }
 
 fn parse_action(s: &str) -> Result<Action, Error> {
@@ -713,26 +724,16 @@ pub struct Fleet {
     pub reports: ReportCache,
 }
 
-/// The rollout's state version (see the migration that added it).
-pub async fn rollout_state_version_in_txn(conn: &mut PgConnection, id: i64) -> Result<i64, Error> {
-    sqlx::query_scalar("SELECT state_version FROM rollouts WHERE id = $1")
-        .bind(id)
-        .fetch_one(conn)
-        .await
-        .map_err(db)
-}
-
 /// Writes what changed of the steps: heads that differ from `before` (the heads of the
 /// steps as stored), steps that are new, and the progress entries each step's journal says
-/// changed (all of a new step's). When anything was written, moves the rollout's state
-/// version on. Answers the version after the write.
+/// changed (all of a new step's). Answers whether anything was written (the rollout's state
+/// version is then to move on: [`rollout_save_pass_in_txn`]).
 pub async fn rollout_save_steps_in_txn(
     conn: &mut PgConnection,
     id: i64,
     before: &[StepHead],
     after: &[StepState],
-    version: i64,
-) -> Result<i64, Error> {
+) -> Result<bool, Error> {
     let mut wrote = false;
     for s in after {
         let old = before.get(s.step);
@@ -772,16 +773,7 @@ pub async fn rollout_save_steps_in_txn(
         wrote = true;
         progress_upsert(&mut *conn, id, s, &changed).await?;
     }
-    if !wrote {
-        return Ok(version);
-    }
-    sqlx::query_scalar(
-        "UPDATE rollouts SET state_version = state_version + 1 WHERE id = $1 RETURNING state_version",
-    )
-    .bind(id)
-    .fetch_one(conn)
-    .await
-    .map_err(db)
+    Ok(wrote)
 }
 
 /// One statement for all changed rows of a step (the engine writes in batches).
@@ -942,24 +934,54 @@ pub async fn history_insert_in_txn(
     Ok(())
 }
 
-pub async fn rollout_save_status_in_txn(
+/// A rollout's status as a pass leaves it.
+pub struct PassStatus<'a> {
+    pub status: &'a ImageBasedGroupUpgradeStatus,
+    pub phase: &'a str,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// The end of a pass on the rollout's row, in one statement: the state version moves on when
+/// the steps changed, the status is written when it changed. Answers the state version after
+/// the pass (`version`, the one read under the row lock, when nothing is written).
+pub async fn rollout_save_pass_in_txn(
     conn: &mut PgConnection,
     id: i64,
-    status: &ImageBasedGroupUpgradeStatus,
-    phase: &str,
-    started_at: Option<DateTime<Utc>>,
-    completed_at: Option<DateTime<Utc>>,
-) -> Result<(), Error> {
-    sqlx::query("UPDATE rollouts SET status = $2, phase = $3, started_at = $4, completed_at = $5, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(serde_json::to_value(status).map_err(|e| Error::Config(e.to_string()))?)
-        .bind(phase)
-        .bind(started_at)
-        .bind(completed_at)
-        .execute(conn)
-        .await
-        .map_err(db)?;
-    Ok(())
+    version: i64,
+    steps_changed: bool,
+    status: Option<PassStatus<'_>>,
+) -> Result<i64, Error> {
+    if !steps_changed && status.is_none() {
+        return Ok(version);
+    }
+    let (value, phase, started_at, completed_at) = match &status {
+        Some(s) => (
+            Some(serde_json::to_value(s.status).map_err(|e| Error::Config(e.to_string()))?),
+            Some(s.phase),
+            s.started_at,
+            s.completed_at,
+        ),
+        None => (None, None, None, None),
+    };
+    // Without a status ($3 and $4 null) the status columns keep what they hold.
+    sqlx::query_scalar(
+        "UPDATE rollouts SET state_version = state_version + $2,
+           status = COALESCE($3, status), phase = COALESCE($4, phase),
+           started_at = CASE WHEN $4 IS NULL THEN started_at ELSE $5 END,
+           completed_at = CASE WHEN $4 IS NULL THEN completed_at ELSE $6 END,
+           updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
+         WHERE id = $1 RETURNING state_version",
+    )
+    .bind(id)
+    .bind(i64::from(steps_changed))
+    .bind(value)
+    .bind(phase)
+    .bind(started_at)
+    .bind(completed_at)
+    .fetch_one(conn)
+    .await
+    .map_err(db)
 }
 
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
