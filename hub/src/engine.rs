@@ -174,13 +174,11 @@ impl Engine {
         let stored = steps.clone();
         steps.iter_mut().for_each(|s| s.clear_journal());
         let t_steps = started.elapsed();
-        // Only the running batch needs its clusters' IBUs (a few KiB each): loading the whole
-        // fleet's on every pass would cost the most at the largest scale.
-        let watched: Vec<String> = steps
-            .last()
-            .filter(|s| s.completed_at.is_none())
-            .map(|s| s.batch_members(s.current_batch))
-            .unwrap_or_default();
+        // Only the running batch's clusters still at work need their IBUs (a few KiB each)
+        // and labels: loading the whole fleet's on every pass would cost the most at the
+        // largest scale, and those that finished the step are not driven again.
+        let running = steps.last().filter(|s| s.completed_at.is_none());
+        let watched: Vec<String> = running.map(|s| s.batch_at_work()).unwrap_or_default();
         // A pass of a running batch needs only its clusters; one that starts a plan step (or
         // sets labels beyond the batch, as a step timeout does) needs the whole fleet, and
         // the planner says so.
@@ -188,7 +186,7 @@ impl Engine {
         let mut known = locked(&self.parsed).remove(&id).unwrap_or_default();
         // Reports stored since, as their handlers parsed them: newer than any kept here.
         known.extend(self.reports.take_fresh(&watched));
-        let mut all = watched.is_empty();
+        let mut all = running.is_none();
         let store::Fleet {
             clusters,
             mut last_seen,

@@ -174,6 +174,20 @@ impl StepState {
             .collect()
     }
 
+    /// The current batch's clusters still at work (pending or running): all a pass of a
+    /// running batch needs of the fleet. A cluster that has finished the step is not driven
+    /// again, and the planner asks for the whole fleet should it need one that is not given.
+    pub fn batch_at_work(&self) -> Vec<String> {
+        self.batch_members(self.current_batch)
+            .into_iter()
+            .filter(|c| {
+                self.progress.get(c).is_none_or(|p| {
+                    matches!(p.phase, ClusterPhase::Pending | ClusterPhase::Running)
+                })
+            })
+            .collect()
+    }
+
     /// When the step as a whole times out.
     pub fn deadline(&self) -> DateTime<Utc> {
         self.started_at + Duration::minutes(self.timeout_minutes)

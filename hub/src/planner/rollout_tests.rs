@@ -197,7 +197,7 @@ impl World {
             .steps
             .last()
             .filter(|s| s.completed_at.is_none())
-            .map(|s| s.batch_members(s.current_batch))
+            .map(|s| s.batch_at_work())
             .unwrap_or_default();
         let given = self
             .clusters
@@ -891,6 +891,12 @@ fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
     let d = w.partial_pass();
     assert!(!d.needs_fleet, "the running batch is enough: {d:?}");
     assert_eq!(d.label_changes.keys().collect::<Vec<_>>(), vec!["a"]);
+    // once a cluster has finished the step, a pass needs only those still at work
+    assert_eq!(w.steps[0].batch_at_work(), ["a", "b"]);
+    w.pass();
+    assert_eq!(w.steps[0].batch_at_work(), ["b"]);
+    let d = w.partial_pass();
+    assert!(!d.needs_fleet, "b alone is enough: {d:?}");
     // a step timeout fails (and labels) clusters of batches that never started
     w.now = t(60 * 24);
     assert!(w.partial_pass().needs_fleet);
