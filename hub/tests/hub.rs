@@ -1003,37 +1003,37 @@ async fn label_changes_keep_other_labels_and_existing_values() {
 
 /// A pass holds its rollout with one statement: the pass lock, the row locked for update and
 /// its state version. A second hub's pass is told the rollout is busy at once (it does not
-/// wait for the row); a deleted rollout is gone. The pass's one write at the end moves the
-/// version on only when the steps changed and leaves the status alone when it did not change.
+/// wait for the row); a deleted rollout is gone. The pass's one write at the end is skipped
+/// when nothing changed, moves the version on only when the steps changed, and leaves the
+/// status alone when it did not change.
 #[tokio::test]
 async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
     use hub::store::{self, Held, PassStatus};
     let db = migrated().await;
-    let ibgu: fleet_types::ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
-        "apiVersion": "lcm.openshift.io/v1alpha1",
-        "kind": "ImageBasedGroupUpgrade",
-        "metadata": {"name": "held", "namespace": "default"},
-        "spec": {
-            "clusterLabelSelectors": [{"matchLabels": {"a": "b"}}],
-            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/x:4.16.0"}},
-            "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 5}}]
-        }
-    }))
-    .unwrap();
-    let id = store::rollout_insert(&db.pool, &ibgu)
+    let id = store::rollout_insert(&db.pool, &kube_mode::ibgu(&[]))
         .await
         .unwrap()
         .unwrap()
         .id;
-    let hold = |held: Held| match held {
-        Held::Row(row, version) => Some((row.object.metadata.name.clone(), version)),
-        Held::Busy => None,
-        Held::Gone => Some((None, -1)),
+    let seen = |held: Held| match held {
+        Held::Row(row, version) => format!(
+            "{} at version {version}",
+            row.object.metadata.name.unwrap_or_default()
+        ),
+        Held::Busy => "busy".to_string(),
+        Held::Gone => "gone".to_string(),
     };
+    // Rows of `rollouts` this transaction updated so far.
+    async fn updated(tx: &mut sqlx::PgConnection) -> i64 {
+        sqlx::query_scalar("SELECT pg_stat_get_xact_tuples_updated('rollouts'::regclass)")
+            .fetch_one(tx)
+            .await
+            .unwrap()
+    }
 
     let mut first = db.pool.begin().await.unwrap();
     let held = store::rollout_hold_in_txn(&mut first, id).await.unwrap();
-    assert_eq!(hold(held), Some((Some("held".to_string()), 0)));
+    assert_eq!(seen(held), "upgrade-4-16 at version 0");
     let mut second = db.pool.begin().await.unwrap();
     let busy = tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -1042,36 +1042,34 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
     .await
     .expect("a held rollout is answered busy, not waited for")
     .unwrap();
-    assert_eq!(hold(busy), None, "held by the first pass");
+    assert_eq!(seen(busy), "busy", "held by the first pass");
     second.rollback().await.unwrap();
 
     // Neither steps nor status changed: nothing is written.
-    assert_eq!(
-        store::rollout_save_pass_in_txn(&mut first, id, 0, false, None)
-            .await
-            .unwrap(),
-        0
-    );
-    // The status changed, the steps did not: the version stays.
+    let version = store::rollout_save_pass_in_txn(&mut first, id, 0, false, None)
+        .await
+        .unwrap();
+    assert_eq!((version, updated(&mut first).await), (0, 0));
+    // The status changed, the steps did not: one update, the version stays.
     let status = fleet_types::ImageBasedGroupUpgradeStatus {
         observed_generation: Some(1),
         ..Default::default()
     };
-    let pass_status = || PassStatus {
+    let changed = PassStatus {
         status: &status,
         phase: "Running",
         started_at: Some(chrono::Utc::now()),
         completed_at: None,
     };
-    let version = store::rollout_save_pass_in_txn(&mut first, id, 0, false, Some(pass_status()))
+    let version = store::rollout_save_pass_in_txn(&mut first, id, 0, false, Some(changed))
         .await
         .unwrap();
-    assert_eq!(version, 0);
+    assert_eq!((version, updated(&mut first).await), (0, 1));
     // The steps changed: the version moves on and the status written before stays.
     let version = store::rollout_save_pass_in_txn(&mut first, id, 0, true, None)
         .await
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!((version, updated(&mut first).await), (1, 2));
     first.commit().await.unwrap();
     let (phase, generation, started): (String, Option<i64>, bool) = sqlx::query_as(
         "SELECT phase, (status->>'observedGeneration')::int8, started_at IS NOT NULL FROM rollouts WHERE id = $1",
@@ -1088,14 +1086,14 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
     // Free again, with the version the last pass left; then gone once deleted.
     let mut third = db.pool.begin().await.unwrap();
     let held = store::rollout_hold_in_txn(&mut third, id).await.unwrap();
-    assert_eq!(hold(held), Some((Some("held".to_string()), 1)));
+    assert_eq!(seen(held), "upgrade-4-16 at version 1");
     third.rollback().await.unwrap();
     assert!(
-        store::rollout_delete(&db.pool, "default", "held")
+        store::rollout_delete(&db.pool, "ztp", "upgrade-4-16")
             .await
             .unwrap()
     );
     let mut fourth = db.pool.begin().await.unwrap();
     let gone = store::rollout_hold_in_txn(&mut fourth, id).await.unwrap();
-    assert_eq!(hold(gone), Some((None, -1)));
+    assert_eq!(seen(gone), "gone");
 }

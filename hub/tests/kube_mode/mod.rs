@@ -87,7 +87,7 @@ async fn setup() -> (Arc<Context>, Verifier, TestDb) {
 const PATH: &str =
     "/apis/lcm.openshift.io/v1alpha1/namespaces/ztp/imagebasedgroupupgrades/upgrade-4-16";
 
-fn ibgu(finalizers: &[&str]) -> ImageBasedGroupUpgrade {
+pub(crate) fn ibgu(finalizers: &[&str]) -> ImageBasedGroupUpgrade {
     serde_json::from_value(json!({
         "apiVersion": "lcm.openshift.io/v1alpha1",
         "kind": "ImageBasedGroupUpgrade",
