@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use chrono::{DateTime, Utc};
 use fleet_types::ibgu::ImageBasedGroupUpgrade;
+use fleet_types::ibu::Stage;
 use fleet_types::labels::is_copied_to_spoke;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
@@ -57,6 +59,9 @@ pub struct Engine {
     /// The running batch's reports as this hub's last pass of each rollout parsed them: a
     /// pass reads again only the ones whose row changed.
     parsed: Mutex<HashMap<i64, store::ReportCache>>,
+    /// Each cluster's endpoint and the IBU URL parsed from it: parsing it for every push was
+    /// about 2 % of the hub's CPU at fleet scale. One entry per cluster pushed to.
+    ibu_urls: Mutex<HashMap<String, (String, reqwest::Url)>>,
 }
 
 struct CachedSteps {
@@ -86,6 +91,7 @@ impl Engine {
             results: Mutex::new(HashMap::new()),
             steps: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
+            ibu_urls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -339,7 +345,10 @@ impl Engine {
                 return;
             }
         };
-        let body = Arc::new(patch_body(ibgu));
+        let patch = patch_body(ibgu);
+        // The body of each stage of the round, written once and shared by its pushes.
+        let mut bodies: HashMap<Stage, Bytes> = HashMap::new();
+        let configmaps = Arc::new(configmaps);
         let mut set = JoinSet::new();
         let mut sent = HashMap::new();
         for push in pushes {
@@ -355,8 +364,18 @@ impl Engine {
                 self.record_push(id, push, outcome, now, last_seen);
                 continue;
             };
+            let ibu_url = match self.ibu_url(&push.cluster, &endpoint) {
+                Ok(url) => url,
+                Err(why) => {
+                    self.record_push(id, push, PushOutcome::Unreachable(why), now, last_seen);
+                    continue;
+                }
+            };
+            let body = bodies
+                .entry(push.stage)
+                .or_insert_with(|| stage_body(&patch, push.stage))
+                .clone();
             let client = self.client.clone();
-            let body = body.clone();
             let configmaps = configmaps.clone();
             // One id per push, sent as X-Request-Id: the spoke's log lines of the request
             // carry it too.
@@ -374,16 +393,13 @@ impl Engine {
             let handle = set.spawn(
                 async move {
                     let _slot = slots.acquire_owned().await;
-                    let outcome = push_one(
-                        &client,
-                        &endpoint,
-                        &credential,
-                        &request_id,
-                        &push,
-                        &body,
-                        &configmaps,
-                    )
-                    .await;
+                    let target = Target {
+                        endpoint: &endpoint,
+                        ibu_url,
+                        credential: &credential,
+                        request_id: &request_id,
+                    };
+                    let outcome = push_one(&client, target, &push, body, &configmaps).await;
                     match &outcome {
                         PushOutcome::Accepted(_) => tracing::info!("stage pushed"),
                         PushOutcome::Refused(why) => {
@@ -403,6 +419,21 @@ impl Engine {
             self.record_push(id, push, outcome, now, last_seen)
         })
         .await;
+    }
+
+    /// `<endpoint>/v1/ibu` of the cluster, parsed again only when its endpoint changed.
+    fn ibu_url(&self, cluster: &str, endpoint: &str) -> Result<reqwest::Url, String> {
+        let mut urls = locked(&self.ibu_urls);
+        if let Some((known, url)) = urls.get(cluster)
+            && known == endpoint
+        {
+            return Ok(url.clone());
+        }
+        let text = format!("{}/v1/ibu", endpoint.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&text)
+            .map_err(|e| format!("the cluster's endpoint {endpoint:?} is not a URL: {e}"))?;
+        urls.insert(cluster.to_string(), (endpoint.to_string(), url.clone()));
+        Ok(url)
     }
 
     /// Counts a push's outcome and hands it to the next pass.
@@ -505,15 +536,36 @@ fn patch_body(ibgu: &ImageBasedGroupUpgrade) -> serde_json::Value {
     body
 }
 
+/// The IBU of a stage: the round's merge patch with `spec.stage` set.
+fn stage_body(patch: &serde_json::Value, stage: Stage) -> Bytes {
+    let mut body = patch.clone();
+    body["spec"]["stage"] = serde_json::Value::String(stage.as_str().to_string());
+    Bytes::from(body.to_string())
+}
+
+/// Where a push goes and as whom.
+struct Target<'a> {
+    /// The agent's API, as it registered it.
+    endpoint: &'a str,
+    /// `<endpoint>/v1/ibu`.
+    ibu_url: reqwest::Url,
+    credential: &'a str,
+    request_id: &'a str,
+}
+
 async fn push_one(
     client: &reqwest::Client,
-    endpoint: &str,
-    credential: &str,
-    request_id: &str,
+    target: Target<'_>,
     push: &Push,
-    body: &serde_json::Value,
+    body: Bytes,
     configmaps: &[(String, String, BTreeMap<String, String>)],
 ) -> PushOutcome {
+    let Target {
+        endpoint,
+        ibu_url,
+        credential,
+        request_id,
+    } = target;
     let base = endpoint.trim_end_matches('/');
     if push.action == fleet_types::Action::Prep {
         for (ns, name, data) in configmaps {
@@ -537,16 +589,14 @@ async fn push_one(
             }
         }
     }
-    let mut body = body.clone();
-    body["spec"]["stage"] = serde_json::Value::String(push.stage.as_str().to_string());
     let res = client
-        .patch(format!("{base}/v1/ibu"))
+        .patch(ibu_url)
         .bearer_auth(credential)
         .header(REQUEST_ID, request_id)
         .header("Content-Type", "application/merge-patch+json")
         // The new IBU comes with the spoke's next report; the answer need not carry it.
         .header(fleet_types::http::PREFER, fleet_types::http::RETURN_MINIMAL)
-        .body(body.to_string())
+        .body(body)
         .send()
         .await;
     match res {
@@ -568,7 +618,6 @@ async fn push_one(
 mod tests {
     use super::*;
     use fleet_types::Action;
-    use fleet_types::ibu::Stage;
 
     #[tokio::test]
     async fn a_push_task_that_panics_still_has_an_outcome() {
@@ -601,5 +650,34 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(out[1].1, PushOutcome::Accepted(Stage::Prep));
+    }
+
+    #[tokio::test]
+    async fn push_urls_are_parsed_once_per_endpoint() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let engine = Engine::new(pool, Arc::new(SystemClock), Metrics::new().unwrap());
+        let url = |c: &str, e: &str| engine.ibu_url(c, e).map(|u| u.to_string());
+        assert_eq!(
+            url("spoke1", "http://10.0.0.1:8080/").as_deref(),
+            Ok("http://10.0.0.1:8080/v1/ibu")
+        );
+        assert_eq!(
+            url("spoke2", "http://fleet:9000/clusters/spoke2").as_deref(),
+            Ok("http://fleet:9000/clusters/spoke2/v1/ibu")
+        );
+        // A new endpoint (the agent registered again elsewhere) is followed at once.
+        assert_eq!(
+            url("spoke1", "https://10.0.0.9:8443").as_deref(),
+            Ok("https://10.0.0.9:8443/v1/ibu")
+        );
+        let bad = url("spoke3", "http://[::1").unwrap_err();
+        assert!(bad.contains("\"http://[::1\" is not a URL"), "{bad}");
+        assert_eq!(
+            locked(&engine.ibu_urls).len(),
+            2,
+            "only parsed URLs are kept"
+        );
     }
 }
