@@ -679,5 +679,12 @@ mod tests {
             2,
             "only parsed URLs are kept"
         );
+        // The same endpoint again is answered from what was kept, not parsed anew.
+        let kept = reqwest::Url::parse("http://kept.example/v1/ibu").unwrap();
+        locked(&engine.ibu_urls).insert("spoke1".into(), ("http://e1".into(), kept));
+        assert_eq!(
+            url("spoke1", "http://e1").as_deref(),
+            Ok("http://kept.example/v1/ibu")
+        );
     }
 }
