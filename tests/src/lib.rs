@@ -2,6 +2,7 @@
 //! processes, the way an operator would; give each test a fresh real Postgres database.
 
 pub mod fake_kube;
+pub mod machine;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

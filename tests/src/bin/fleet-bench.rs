@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fleet_e2e::machine::{CpuSplit, CpuTicks};
 use fleet_e2e::{ChildGuard, binary, free_port};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -126,8 +127,20 @@ async fn run(a: Args) -> Result<(), String> {
     say(&format!(
         "baseline: single-row insert commits, {BASELINE_CONNECTIONS} connections, {BASELINE_SECONDS} s"
     ));
+    let machine_before = CpuTicks::now();
     let baseline = baseline(&pool).await?;
-    say(&format!("baseline: {baseline:.0} commits/s"));
+    let baseline_machine = split(machine_before);
+    say(&format!(
+        "baseline: {:.0} commits/s (each second {:.0} to {:.0}); {}",
+        baseline.rate,
+        baseline.slowest_second,
+        baseline.fastest_second,
+        machine_text(baseline_machine)
+    ));
+    let (baseline_range, baseline) = (
+        [baseline.slowest_second, baseline.fastest_second],
+        baseline.rate,
+    );
 
     let hub_port = free_port();
     let fleet_port = free_port();
@@ -255,6 +268,7 @@ async fn run(a: Args) -> Result<(), String> {
             }
         })
     };
+    let machine_before = CpuTicks::now();
     let started = Instant::now();
     // A fresh connection may wait behind the fleet's (the hub serves a bounded number).
     let res = reqwest::Client::builder()
@@ -288,6 +302,7 @@ async fn run(a: Args) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let rollout_machine = split(machine_before);
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.await;
     let peak_rss_mib = peak_rss.load(Ordering::SeqCst).max(hwm_kib(hub.pid())) as f64 / 1024.0;
@@ -350,7 +365,9 @@ async fn run(a: Args) -> Result<(), String> {
         "clusters": a.clusters, "maxConcurrency": a.max_concurrency,
         "orchestrationSeconds": round(elapsed), "clusterActionsPerSecond": round(actions / elapsed),
         "transitions": transitions, "transitionsPerSecond": round(transitions as f64 / elapsed),
-        "baselineCommitsPerSecond": round(baseline), "transitionsToBaseline": round(transitions as f64 / elapsed / baseline),
+        "baselineCommitsPerSecond": round(baseline), "baselineSecondsRange": baseline_range.map(round),
+        "transitionsToBaseline": round(transitions as f64 / elapsed / baseline),
+        "machineDuringBaseline": baseline_machine.map(machine_json), "machineDuringRollout": rollout_machine.map(machine_json),
         "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
         "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu), "simFleetCpuSeconds": round(fleet_cpu), "postgresCpuSeconds": round(pg_cpu),
         "enginePasses": passes, "enginePassSeconds": round(pass_seconds),
@@ -368,8 +385,18 @@ async fn run(a: Args) -> Result<(), String> {
         transitions as f64 / elapsed
     );
     println!(
-        "raw commit baseline          {baseline:.0}/s   ratio {:.2}   (target >= 1.0)",
+        "raw commit baseline          {baseline:.0}/s (each second {:.0} to {:.0})   ratio {:.2}   (target >= 1.0)",
+        baseline_range[0],
+        baseline_range[1],
         transitions as f64 / elapsed / baseline
+    );
+    println!(
+        "machine during baseline      {}",
+        machine_text(baseline_machine)
+    );
+    println!(
+        "machine during rollout       {}",
+        machine_text(rollout_machine)
     );
     println!(
         "decision latency             p50 {}  p99 {}  max {}   (target p99 <= 1 s)",
@@ -420,16 +447,61 @@ fn database_url(server_url: &str, db: &str) -> String {
     }
 }
 
+/// The machine's CPU split since `before` (none where `/proc/stat` cannot be read).
+fn split(before: Option<CpuTicks>) -> Option<CpuSplit> {
+    CpuTicks::now()?.since(&before?)
+}
+
+fn machine_json(s: CpuSplit) -> serde_json::Value {
+    serde_json::json!({"busyPercent": round(s.busy), "idlePercent": round(s.idle), "stolenPercent": round(s.steal)})
+}
+
+fn machine_text(s: Option<CpuSplit>) -> String {
+    match s {
+        Some(s) => format!(
+            "CPU busy {:.0} %, idle {:.0} %, stolen by the hypervisor {:.0} %",
+            s.busy, s.idle, s.steal
+        ),
+        None => "CPU split unknown (no /proc/stat)".into(),
+    }
+}
+
+struct Baseline {
+    /// Commits per second over the whole run.
+    rate: f64,
+    /// The fewest and the most commits made in one of its whole seconds.
+    slowest_second: f64,
+    fastest_second: f64,
+}
+
 /// Single-row insert commits per second, 16 connections, into a table like `history`.
-async fn baseline(pool: &PgPool) -> Result<f64, String> {
+async fn baseline(pool: &PgPool) -> Result<Baseline, String> {
     sqlx::query("CREATE TABLE bench_baseline (LIKE history INCLUDING DEFAULTS INCLUDING INDEXES)")
         .execute(pool)
         .await
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(BASELINE_SECONDS);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(BASELINE_SECONDS);
+    let commits = Arc::new(AtomicU64::new(0));
+    // Commits made in each whole second: how steady the machine's durable write rate was.
+    let seconds = {
+        let commits = commits.clone();
+        tokio::spawn(async move {
+            let mut per_second = Vec::new();
+            let mut last = 0;
+            for s in 1..=BASELINE_SECONDS {
+                tokio::time::sleep_until((start + Duration::from_secs(s)).into()).await;
+                let now = commits.load(Ordering::Relaxed);
+                per_second.push((now - last) as f64);
+                last = now;
+            }
+            per_second
+        })
+    };
     let mut tasks = Vec::new();
     for _ in 0..BASELINE_CONNECTIONS {
         let pool = pool.clone();
+        let commits = commits.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
@@ -438,6 +510,7 @@ async fn baseline(pool: &PgPool) -> Result<f64, String> {
                     .await;
                 if r.is_ok() {
                     n += 1;
+                    commits.fetch_add(1, Ordering::Relaxed);
                 }
             }
             n
@@ -451,7 +524,13 @@ async fn baseline(pool: &PgPool) -> Result<f64, String> {
         .execute(pool)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(total as f64 / BASELINE_SECONDS as f64)
+    let per_second = seconds.await.unwrap_or_default();
+    let rate = total as f64 / BASELINE_SECONDS as f64;
+    Ok(Baseline {
+        rate,
+        slowest_second: per_second.iter().copied().reduce(f64::min).unwrap_or(rate),
+        fastest_second: per_second.iter().copied().reduce(f64::max).unwrap_or(rate),
+    })
 }
 
 async fn rows_written(pool: &PgPool, db: &str) -> Result<i64, String> {
