@@ -4,7 +4,7 @@
 //! stolen moves from one minute to the next, and either figure with it.
 
 /// The machine's CPU time so far, in clock ticks, from the first line of `/proc/stat`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuTicks {
     busy: u64,
     idle: u64,
