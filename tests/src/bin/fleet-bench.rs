@@ -128,19 +128,16 @@ async fn run(a: Args) -> Result<(), String> {
         "baseline: single-row insert commits, {BASELINE_CONNECTIONS} connections, {BASELINE_SECONDS} s"
     ));
     let machine_before = CpuTicks::now();
-    let baseline = baseline(&pool).await?;
+    let measured = baseline(&pool).await?;
     let baseline_machine = split(machine_before);
+    let baseline = measured.rate;
+    let baseline_range = [measured.slowest_second, measured.fastest_second];
     say(&format!(
-        "baseline: {:.0} commits/s (each second {:.0} to {:.0}); {}",
-        baseline.rate,
-        baseline.slowest_second,
-        baseline.fastest_second,
+        "baseline: {baseline:.0} commits/s (each second {:.0} to {:.0}); {}",
+        baseline_range[0],
+        baseline_range[1],
         machine_text(baseline_machine)
     ));
-    let (baseline_range, baseline) = (
-        [baseline.slowest_second, baseline.fastest_second],
-        baseline.rate,
-    );
 
     let hub_port = free_port();
     let fleet_port = free_port();
