@@ -35,6 +35,9 @@ const PUSH_CONCURRENCY: usize = 64;
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Without any trigger, look again this often (timeouts, other hubs' changes).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// An accepted push waits this long at most for the pass that records it with the spoke's
+/// next report, so that the cluster's progress row is written once for both.
+pub const ACCEPTED_HOLD: chrono::Duration = chrono::Duration::seconds(1);
 
 pub struct Engine {
     pub pool: PgPool,
@@ -62,6 +65,20 @@ pub struct Engine {
     /// Each cluster's endpoint and the IBU URL parsed from it: parsing it for every push was
     /// about 2 % of the hub's CPU at fleet scale. One entry per cluster pushed to.
     ibu_urls: Mutex<HashMap<String, (String, reqwest::Url)>>,
+}
+
+/// What became of a pass.
+enum Passed {
+    /// Another hub holds the rollout.
+    Busy,
+    /// Done; `held` are the push outcomes (by index) left for a later pass.
+    Done { held: Vec<usize> },
+}
+
+/// Whether a pass records a push outcome now: an accepted push only once its spoke has
+/// reported since, or after [`ACCEPTED_HOLD`]; a refused or failed one at once.
+fn record_now(r: &PushResult, reported: bool, now: DateTime<Utc>) -> bool {
+    !matches!(r.outcome, PushOutcome::Accepted(_)) || reported || now - r.at >= ACCEPTED_HOLD
 }
 
 struct CachedSteps {
@@ -136,24 +153,28 @@ impl Engine {
     async fn pass_in_span(self: &Arc<Self>, id: i64) -> Result<bool, Error> {
         let results = locked(&self.results).remove(&id).unwrap_or_default();
         let passed = self.pass_with(id, &results).await;
-        if !matches!(passed, Ok(true)) && !results.is_empty() {
+        let unrecorded: Vec<PushResult> = match &passed {
+            Ok(Passed::Done { held }) => held.iter().map(|&i| results[i].clone()).collect(),
+            _ => results,
+        };
+        if !unrecorded.is_empty() {
             // Not recorded: the next pass that holds the rollout does it.
             let mut pending = locked(&self.results);
             let list = pending.entry(id).or_default();
-            let newer = std::mem::replace(list, results);
+            let newer = std::mem::replace(list, unrecorded);
             list.extend(newer);
         }
-        passed
+        passed.map(|p| !matches!(p, Passed::Busy))
     }
 
-    async fn pass_with(self: &Arc<Self>, id: i64, results: &[PushResult]) -> Result<bool, Error> {
+    async fn pass_with(self: &Arc<Self>, id: i64, results: &[PushResult]) -> Result<Passed, Error> {
         // Postgres keeps microseconds: so do the steps kept in memory.
         let now = chrono::SubsecRound::trunc_subsecs(self.clock.now(), 6);
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(Error::Database)?;
         let (row, version) = match store::rollout_hold_in_txn(&mut tx, id).await? {
-            store::Held::Busy => return Ok(false),
-            store::Held::Gone => return Ok(true),
+            store::Held::Busy => return Ok(Passed::Busy),
+            store::Held::Gone => return Ok(Passed::Done { held: Vec::new() }),
             store::Held::Row(row, version) => (*row, version),
         };
         tracing::Span::current().record(
@@ -190,6 +211,11 @@ impl Engine {
         // the planner says so.
         let spec = &row.object.spec;
         let mut known = locked(&self.parsed).remove(&id).unwrap_or_default();
+        // Which report each cluster with a push outcome showed before this pass.
+        let shown_before: Vec<Option<store::ReportId>> = results
+            .iter()
+            .map(|r| known.get(&r.cluster).map(|(rid, _)| rid.clone()))
+            .collect();
         // Reports stored since, as their handlers parsed them: newer than any kept here.
         known.extend(self.reports.take_fresh(&watched));
         let mut all = running.is_none();
@@ -199,8 +225,21 @@ impl Engine {
             mut reports,
         } = store::fleet_in_txn(&mut tx, &watched, all, &known).await?;
         let t_read = started.elapsed();
-        // The planner's input: the steps with the push outcomes since the last pass.
-        rollout::apply_push_results(&mut steps, results);
+        // The planner's input: the steps with the push outcomes since the last pass, but for
+        // accepted pushes whose spoke has not reported since: the pass that has its report
+        // records both (held ones stay in flight, so nothing is pushed to them meanwhile). An
+        // outcome for an action the cluster is no longer on changes nothing: it is let go.
+        let (mut recorded, mut held) = (Vec::new(), Vec::new());
+        for (i, (r, before)) in results.iter().zip(&shown_before).enumerate() {
+            let reported = reports.get(&r.cluster).map(|(rid, _)| rid) != before.as_ref();
+            let waiting = rollout::awaits_push_result(&steps, r);
+            if !waiting || record_now(r, reported, now) {
+                recorded.push(r);
+            } else {
+                held.push(i);
+            }
+        }
+        rollout::apply_push_results(&mut steps, recorded.iter().copied());
         let mut decision = rollout::advance_with(spec, steps, clusters, all, row.started_at, now);
         if decision.needs_fleet {
             // Rare (a plan step to select for, a step timeout): the steps as stored again,
@@ -209,7 +248,7 @@ impl Engine {
             let whole = store::fleet_in_txn(&mut tx, &watched, all, &reports).await?;
             (last_seen, reports) = (whole.last_seen, whole.reports);
             let mut steps = store::rollout_steps_in_txn(&mut tx, id).await?;
-            rollout::apply_push_results(&mut steps, results);
+            rollout::apply_push_results(&mut steps, recorded.iter().copied());
             decision = rollout::advance_with(spec, steps, whole.clusters, all, row.started_at, now);
         }
         #[cfg(debug_assertions)]
@@ -292,7 +331,7 @@ impl Engine {
         }
         let pushes: Vec<Push> = {
             let mut in_flight = locked(&self.in_flight);
-            for r in results {
+            for r in &recorded {
                 in_flight.remove(&(id, r.cluster.clone()));
             }
             decision
@@ -314,7 +353,7 @@ impl Engine {
                 .in_current_span(),
             );
         }
-        Ok(true)
+        Ok(Passed::Done { held })
     }
 
     /// Sends a round of pushes. Each outcome goes to the next pass as soon as it is known:
@@ -451,6 +490,7 @@ impl Engine {
             PushOutcome::Unreachable(_) => "unreachable",
         };
         self.metrics.pushes.with_label_values(&[result]).inc();
+        let accepted = matches!(outcome, PushOutcome::Accepted(_));
         if push.follows_report
             && let Some(seen) = last_seen.get(&push.cluster)
         {
@@ -473,7 +513,11 @@ impl Engine {
                 outcome,
                 at: now,
             });
-        self.trigger();
+        // An accepted push waits for the spoke's report (which triggers a pass of its own) or
+        // for the idle pass; any other outcome is acted on at once.
+        if !accepted {
+            self.trigger();
+        }
     }
 
     async fn configmaps(

@@ -278,17 +278,29 @@ pub struct PushResult {
 /// Records push outcomes in the clusters' progress, each only while the cluster is still
 /// running the action it was for (a pass may have moved it on meanwhile, on the spoke's own
 /// report or on another hub).
-pub fn apply_push_results(steps: &mut [StepState], results: &[PushResult]) {
+/// Whether the outcome is for the action its cluster is still running: only then does
+/// recording it change the cluster's progress.
+pub fn awaits_push_result(steps: &[StepState], r: &PushResult) -> bool {
+    steps
+        .get(r.step)
+        .and_then(|s| s.progress.get(&r.cluster))
+        .is_some_and(|p| p.phase == ClusterPhase::Running && p.action_index == r.action_index)
+}
+
+pub fn apply_push_results<'a>(
+    steps: &mut [StepState],
+    results: impl IntoIterator<Item = &'a PushResult>,
+) {
     for r in results {
+        if !awaits_push_result(steps, r) {
+            continue;
+        }
         let Some(p) = steps
             .get_mut(r.step)
             .and_then(|s| s.progress_mut(&r.cluster))
         else {
             continue;
         };
-        if p.phase != ClusterPhase::Running || p.action_index != r.action_index {
-            continue;
-        }
         p.pushed_at = Some(r.at);
         match &r.outcome {
             PushOutcome::Accepted(stage) => {

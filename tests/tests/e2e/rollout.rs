@@ -584,6 +584,212 @@ async fn a_slow_spoke_does_not_hold_back_the_rest_of_its_batch() {
     );
 }
 
+/// Spokes that take every stage push (204) and report nothing of their own accord: the
+/// test reports for them. The answers to pushes to the `held` spokes wait for `gate`.
+struct QuietSpokes {
+    hub_url: String,
+    credentials: HashMap<String, String>,
+    /// The stages pushed, in order, with their clusters.
+    pushes: Arc<Mutex<Vec<(String, String)>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QuietSpokes {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl QuietSpokes {
+    async fn start(hub: &Hub, names: &[&str], held: &[&str]) -> QuietSpokes {
+        let pushes = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (seen, open) = (pushes.clone(), gate.clone());
+        let held: Vec<String> = held.iter().map(|h| h.to_string()).collect();
+        let app = axum::Router::new().route(
+            "/{name}/v1/ibu",
+            axum::routing::patch(
+                move |axum::extract::Path(name): axum::extract::Path<String>, body: String| {
+                    let stage = serde_json::from_str::<Value>(&body).unwrap()["spec"]["stage"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    seen.lock().unwrap().push((name.clone(), stage));
+                    let (hold, open) = (held.contains(&name), open.clone());
+                    async move {
+                        if hold {
+                            // The permit goes back at once: once given, the gate stays open.
+                            let _ = open.acquire().await;
+                        }
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let mut credentials = HashMap::new();
+        for name in names {
+            let res: Value = hub
+                .client
+                .post(format!("{}/v1/clusters/register", hub.url))
+                .bearer_auth(JOIN)
+                .json(&json!({"name": name, "endpoint": format!("{base}/{name}"),
+                    "labels": {"name": name}, "agentId": uuid_like(name)}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let credential = res["credential"].as_str().unwrap().to_string();
+            credentials.insert(name.to_string(), credential);
+        }
+        QuietSpokes {
+            hub_url: hub.url.clone(),
+            credentials,
+            pushes,
+            gate,
+            task,
+        }
+    }
+
+    fn pushes(&self) -> Vec<(String, String)> {
+        self.pushes.lock().unwrap().clone()
+    }
+
+    /// Reports an IBU at `stage`: nothing done yet, or with the stage's `<Stage>Completed`
+    /// condition.
+    async fn report(&self, name: &str, sequence: u64, stage: &str, completed: bool) {
+        let mut ibu = json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade",
+            "metadata": {"name": "upgrade"},
+            "spec": {"stage": stage, "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}});
+        if completed {
+            ibu["status"] = json!({"conditions": [{"type": format!("{stage}Completed"),
+                "status": "True", "reason": "Completed", "message": "done",
+                "lastTransitionTime": "2026-12-01T00:00:00Z"}]});
+        }
+        let res: Value = reqwest::Client::new()
+            .post(format!("{}/v1/clusters/{name}/status", self.hub_url))
+            .bearer_auth(&self.credentials[name])
+            .json(&json!({"sequence": sequence, "agentId": uuid_like(name), "ibu": ibu}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(res["accepted"], true, "{res}");
+    }
+}
+
+#[tokio::test]
+async fn an_accepted_push_is_recorded_with_the_spokes_next_report_or_after_the_hold() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let names = ["q1", "q2"];
+    let quiet = QuietSpokes::start(&hub, &names, &[]).await;
+    hub.create(ibgu(
+        "quiet",
+        &names,
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 60}}]),
+    ))
+    .await;
+    let pushed = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT cluster, pushed_stage FROM rollout_clusters ORDER BY cluster",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let stages = |q1: Option<&str>, q2: Option<&str>| {
+        vec![
+            ("q1".to_string(), q1.map(String::from)),
+            ("q2".to_string(), q2.map(String::from)),
+        ]
+    };
+    // Both Prep pushes answered, and their outcomes back at the engine.
+    wait_for("both pushes accepted", DEADLINE, || async {
+        hub.engine.pass_all().await.unwrap();
+        let metrics = hub
+            .client
+            .get(format!("{}/metrics", hub.url))
+            .send()
+            .await
+            .unwrap();
+        let text = metrics.text().await.unwrap();
+        text.contains("fleet_hub_spoke_pushes_total{result=\"accepted\"} 2")
+            .then_some(())
+    })
+    .await;
+    // Passes without a report from either spoke hold the outcomes (the clusters stay in
+    // flight: nothing is pushed to them again).
+    hub.engine.pass_all().await.unwrap();
+    hub.engine.pass_all().await.unwrap();
+    assert_eq!(pushed().await, stages(None, None));
+    // q1 reports: the pass that reads the report records the push with it.
+    quiet.report("q1", 1, "Prep", false).await;
+    hub.engine.pass_all().await.unwrap();
+    assert_eq!(pushed().await, stages(Some("Prep"), None));
+    // q2 stays quiet: its push is recorded once the hold is over.
+    hub.clock
+        .advance(hub::engine::ACCEPTED_HOLD - chrono::Duration::milliseconds(1));
+    hub.engine.pass_all().await.unwrap();
+    assert_eq!(pushed().await, stages(Some("Prep"), None));
+    hub.clock.advance(chrono::Duration::milliseconds(1));
+    hub.engine.pass_all().await.unwrap();
+    assert_eq!(pushed().await, stages(Some("Prep"), Some("Prep")));
+    let prep = |c: &str| (c.to_string(), "Prep".to_string());
+    assert_eq!(
+        quiet.pushes(),
+        [prep("q1"), prep("q2")],
+        "one push each, none repeated"
+    );
+}
+
+#[tokio::test]
+async fn a_push_outcome_that_comes_after_the_spokes_report_of_the_action_is_let_go() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let quiet = QuietSpokes::start(&hub, &["late"], &["late"]).await;
+    hub.create(ibgu(
+        "late",
+        &["late"],
+        json!([{"actions": ["Prep", "Upgrade"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 60}}]),
+    ))
+    .await;
+    wait_for("the Prep push", DEADLINE, || async {
+        hub.engine.pass_all().await.unwrap();
+        (!quiet.pushes().is_empty()).then_some(())
+    })
+    .await;
+    // The spoke reports Prep done while the hub still waits for the push's answer: the
+    // action completes, and Upgrade waits for the cluster to be out of flight.
+    quiet.report("late", 1, "Prep", true).await;
+    hub.settle("late", "Prep completed", |g| {
+        acts(&cluster(g, "late")["completedActions"]) == ["Prep"]
+    })
+    .await;
+    assert_eq!(quiet.pushes().len(), 1);
+    // The answer comes: it is for an action the cluster is past, so it is let go at once
+    // (no waiting for a report or the hold, the clock does not move) and Upgrade is pushed.
+    quiet.gate.add_permits(1);
+    wait_for("the Upgrade push", DEADLINE, || async {
+        hub.engine.pass_all().await.unwrap();
+        (quiet.pushes().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        quiet.pushes()[1],
+        ("late".to_string(), "Upgrade".to_string())
+    );
+}
+
 #[tokio::test]
 async fn a_hub_restart_mid_batch_loses_and_repeats_nothing_and_two_hubs_share_the_work() {
     let db = TestDb::empty().await;
