@@ -634,18 +634,10 @@ impl QuietSpokes {
         });
         let mut credentials = HashMap::new();
         for name in names {
-            let res: Value = hub
-                .client
-                .post(format!("{}/v1/clusters/register", hub.url))
-                .bearer_auth(JOIN)
-                .json(&json!({"name": name, "endpoint": format!("{base}/{name}"),
-                    "labels": {"name": name}, "agentId": uuid_like(name)}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let registration = json!({"name": name, "endpoint": format!("{base}/{name}"),
+                "labels": {"name": name}, "agentId": uuid_like(name)});
+            let url = format!("{}/v1/clusters/register", hub.url);
+            let res = post_json(&url, JOIN, &registration).await;
             let credential = res["credential"].as_str().unwrap().to_string();
             credentials.insert(name.to_string(), credential);
         }
@@ -673,18 +665,23 @@ impl QuietSpokes {
                 "status": "True", "reason": "Completed", "message": "done",
                 "lastTransitionTime": "2026-12-01T00:00:00Z"}]});
         }
-        let res: Value = reqwest::Client::new()
-            .post(format!("{}/v1/clusters/{name}/status", self.hub_url))
-            .bearer_auth(&self.credentials[name])
-            .json(&json!({"sequence": sequence, "agentId": uuid_like(name), "ibu": ibu}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let report = json!({"sequence": sequence, "agentId": uuid_like(name), "ibu": ibu});
+        let url = format!("{}/v1/clusters/{name}/status", self.hub_url);
+        let res = post_json(&url, &self.credentials[name], &report).await;
         assert_eq!(res["accepted"], true, "{res}");
     }
+}
+
+/// POSTs `body` as `token` and answers the JSON answer.
+async fn post_json(url: &str, token: &str, body: &Value) -> Value {
+    let res = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    res.json().await.unwrap()
 }
 
 #[tokio::test]
