@@ -4,6 +4,7 @@
 //! group, with nothing acknowledged that could be lost. The same statement checks each
 //! report's credential against the cluster's, so a report costs no query of its own.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use fleet_types::ibu::ImageBasedUpgrade;
@@ -148,57 +149,105 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mu
     }
 }
 
-/// One statement for the group: a report whose credential is not its cluster's is refused,
-/// one from another agent run than the registered one is stale, and of a cluster's others
-/// the newest wins (one of them, should a run send two under one number). Answers each
-/// report's outcome, in the group's order.
+/// One statement for the group, and a second only when some report was not stored: a report
+/// whose credential is not its cluster's is refused, one from another agent run than the
+/// registered one is stale, and of a cluster's others the newest wins (one of them, should a
+/// run send two under one number). Answers each report's outcome, in the group's order.
+///
+/// Only the newest report of each cluster, credential and run is offered to the update (so
+/// that one row meets one report at most); the others are stale when their credential is
+/// the cluster's. Whether it is, is asked only of the reports the update did not take, which
+/// in a healthy fleet are none.
 pub async fn write_group(pool: &PgPool, group: &[Incoming]) -> Result<Vec<Stored>, String> {
-    let clusters: Vec<&str> = group.iter().map(|p| p.cluster.as_str()).collect();
-    let hashes: Vec<&str> = group.iter().map(|p| p.credential_hash.as_str()).collect();
-    let agents: Vec<&str> = group.iter().map(|p| p.agent_id.as_str()).collect();
-    let seqs: Vec<i64> = group.iter().map(|p| p.sequence).collect();
-    let ibus: Vec<&str> = group.iter().map(|p| p.ibu.as_str()).collect();
-    let rows = sqlx::query_as::<_, (i64, bool, bool)>(
-        "WITH r AS (
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
-             WITH ORDINALITY AS r(name, hash, agent, seq, ibu, i)
-         ), ok AS (
-           SELECT r.*, c.agent_id = r.agent AS same_run
-           FROM r JOIN clusters c ON c.name = r.name AND c.credential_hash = r.hash
-         ), newest AS (
-           SELECT DISTINCT ON (name) name, agent, seq, ibu, i FROM ok WHERE same_run
-           ORDER BY name, seq DESC
-         ), stored AS (
-           UPDATE clusters c SET last_report = u.ibu::json, last_report_seq = u.seq, last_seen = now()
-           FROM newest u
-           WHERE c.name = u.name AND c.agent_id = u.agent AND c.last_report_seq < u.seq
-           RETURNING u.i
-         )
-         SELECT r.i, ok.i IS NOT NULL, s.i IS NOT NULL
-         FROM r LEFT JOIN ok ON ok.i = r.i LEFT JOIN stored s ON s.i = r.i",
-    )
-    .bind(&clusters)
-    .bind(&hashes)
-    .bind(&agents)
-    .bind(&seqs)
-    .bind(&ibus)
-    .fetch_all(pool)
-    .await
-    .map_err(|e| {
+    let failed = |e: sqlx::Error| {
         tracing::error!(error = %e, "storing spoke reports failed");
         "storing the report failed".to_string()
-    })?;
+    };
+    // The newest of each (cluster, credential, run), the first of equals.
+    let mut newest: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    for (i, p) in group.iter().enumerate() {
+        let key = (
+            p.cluster.as_str(),
+            p.credential_hash.as_str(),
+            p.agent_id.as_str(),
+        );
+        let best = newest.entry(key).or_insert(i);
+        if p.sequence > group[*best].sequence {
+            *best = i;
+        }
+    }
+    let offered: Vec<usize> = {
+        let mut v: Vec<usize> = newest.into_values().collect();
+        v.sort_unstable();
+        v
+    };
+    let column =
+        |f: fn(&Incoming) -> &str| -> Vec<&str> { offered.iter().map(|&i| f(&group[i])).collect() };
+    let seqs: Vec<i64> = offered.iter().map(|&i| group[i].sequence).collect();
+    let index: Vec<i32> = offered.iter().map(|&i| i as i32).collect();
+    let stored: Vec<i32> = sqlx::query_scalar(
+        "UPDATE clusters c SET last_report = u.ibu::json, last_report_seq = u.seq, last_seen = now()
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[])
+           AS u(name, hash, agent, seq, ibu, i)
+         WHERE c.name = u.name AND c.credential_hash = u.hash AND c.agent_id = u.agent
+           AND c.last_report_seq < u.seq
+         RETURNING u.i",
+    )
+    .bind(column(|p| &p.cluster))
+    .bind(column(|p| &p.credential_hash))
+    .bind(column(|p| &p.agent_id))
+    .bind(&seqs)
+    .bind(column(|p| &p.ibu))
+    .bind(&index)
+    .fetch_all(pool)
+    .await
+    .map_err(failed)?;
     let mut outcomes = vec![Stored::Forbidden; group.len()];
-    for (i, authorized, stored) in rows {
-        if let Some(o) = usize::try_from(i - 1)
-            .ok()
-            .and_then(|i| outcomes.get_mut(i))
+    // (cluster, credential) pairs known to be the cluster's: those of the stored reports.
+    let mut authorized: HashSet<(&str, &str)> = HashSet::new();
+    for i in stored {
+        let Some(i) = usize::try_from(i).ok().filter(|&i| i < group.len()) else {
+            continue;
+        };
+        outcomes[i] = Stored::Yes;
+        authorized.insert((group[i].cluster.as_str(), group[i].credential_hash.as_str()));
+    }
+    let unknown: Vec<usize> = (0..group.len())
+        .filter(|&i| outcomes[i] != Stored::Yes)
+        .filter(|&i| {
+            !authorized.contains(&(group[i].cluster.as_str(), group[i].credential_hash.as_str()))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        let names: Vec<&str> = unknown.iter().map(|&i| group[i].cluster.as_str()).collect();
+        let hashes: Vec<&str> = unknown
+            .iter()
+            .map(|&i| group[i].credential_hash.as_str())
+            .collect();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.name, c.credential_hash FROM clusters c
+             JOIN UNNEST($1::text[], $2::text[]) AS u(name, hash)
+               ON c.name = u.name AND c.credential_hash = u.hash",
+        )
+        .bind(&names)
+        .bind(&hashes)
+        .fetch_all(pool)
+        .await
+        .map_err(failed)?;
+        let known: HashSet<(&str, &str)> =
+            rows.iter().map(|(n, h)| (n.as_str(), h.as_str())).collect();
+        authorized.extend(
+            unknown
+                .iter()
+                .map(|&i| (group[i].cluster.as_str(), group[i].credential_hash.as_str()))
+                .filter(|k| known.contains(k)),
+        );
+    }
+    for (i, p) in group.iter().enumerate() {
+        if outcomes[i] != Stored::Yes
+            && authorized.contains(&(p.cluster.as_str(), p.credential_hash.as_str()))
         {
-            *o = match (authorized, stored) {
-                (false, _) => Stored::Forbidden,
-                (true, true) => Stored::Yes,
-                (true, false) => Stored::Stale,
-            };
+            outcomes[i] = Stored::Stale;
         }
     }
     Ok(outcomes)
