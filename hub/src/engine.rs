@@ -5,7 +5,8 @@
 //! not yet recorded) only saves reading or repeating work, so running a pass again (after a
 //! crash, on another hub, on a timer) is always safe.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,10 +48,13 @@ pub struct Engine {
     /// Where spoke reports are stored (in groups).
     pub reports: ReportWriter,
     client: reqwest::Client,
-    /// Clusters (by rollout) with a push on its way: a pass that runs meanwhile does not
-    /// push to them again. Pushes run beside the passes, not inside them, so a report that
-    /// arrives while a round of pushes is still going out is acted on at once.
-    in_flight: Mutex<HashSet<(i64, String)>>,
+    /// Clusters (by rollout) with a push on its way or its outcome not yet recorded: a pass
+    /// that runs meanwhile does not push to them again. Pushes run beside the passes, not
+    /// inside them, so a report that arrives while a round of pushes is still going out is
+    /// acted on at once. The flag says a pass has a push for the cluster waiting on this
+    /// one (the spoke reported the action done before its answer came): the answer then
+    /// triggers a pass, however it went.
+    in_flight: Mutex<HashMap<(i64, String), bool>>,
     push_slots: Arc<Semaphore>,
     /// Outcomes of finished pushes, by rollout, until a pass records them (in its own
     /// transaction, with everything else it writes). Lost in a crash, they cost nothing but
@@ -103,7 +107,7 @@ impl Engine {
                 .timeout(PUSH_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             push_slots: Arc::new(Semaphore::new(PUSH_CONCURRENCY)),
             results: Mutex::new(HashMap::new()),
             steps: Mutex::new(HashMap::new()),
@@ -137,7 +141,7 @@ impl Engine {
         locked(&self.results).retain(|id, _| active.contains(id));
         locked(&self.steps).retain(|id, _| active.contains(id));
         locked(&self.parsed).retain(|id, _| active.contains(id));
-        locked(&self.in_flight).retain(|(id, _)| active.contains(id));
+        locked(&self.in_flight).retain(|(id, _), _| active.contains(id));
         for id in active {
             self.pass(id).await?;
         }
@@ -337,7 +341,16 @@ impl Engine {
             decision
                 .pushes
                 .into_iter()
-                .filter(|p| in_flight.insert((id, p.cluster.clone())))
+                .filter(|p| match in_flight.entry((id, p.cluster.clone())) {
+                    Entry::Vacant(e) => {
+                        e.insert(false);
+                        true
+                    }
+                    Entry::Occupied(mut e) => {
+                        *e.get_mut() = true;
+                        false
+                    }
+                })
                 .collect()
         };
         if !pushes.is_empty() {
@@ -491,6 +504,10 @@ impl Engine {
         };
         self.metrics.pushes.with_label_values(&[result]).inc();
         let accepted = matches!(outcome, PushOutcome::Accepted(_));
+        let awaited = locked(&self.in_flight)
+            .get(&(id, push.cluster.clone()))
+            .copied()
+            .unwrap_or(false);
         if push.follows_report
             && let Some(seen) = last_seen.get(&push.cluster)
         {
@@ -514,8 +531,9 @@ impl Engine {
                 at: now,
             });
         // An accepted push waits for the spoke's report (which triggers a pass of its own) or
-        // for the idle pass; any other outcome is acted on at once.
-        if !accepted {
+        // for the idle pass, unless a push is waiting on it; any other outcome is acted on
+        // at once.
+        if !accepted || awaited {
             self.trigger();
         }
     }

@@ -773,9 +773,14 @@ async fn a_push_outcome_that_comes_after_the_spokes_report_of_the_action_is_let_
     })
     .await;
     assert_eq!(quiet.pushes().len(), 1);
-    // The answer comes: it is for an action the cluster is past, so it is let go at once
-    // (no waiting for a report or the hold, the clock does not move) and Upgrade is pushed.
+    // The answer comes: it wakes the engine (a push waits on it), and it is for an action
+    // the cluster is past, so it is let go at once (no waiting for a report or the hold, the
+    // clock does not move) and Upgrade is pushed.
+    while futures::FutureExt::now_or_never(hub.engine.wake.notified()).is_some() {}
     quiet.gate.add_permits(1);
+    tokio::time::timeout(DEADLINE, hub.engine.wake.notified())
+        .await
+        .expect("the answer to the Prep push woke the engine");
     wait_for("the Upgrade push", DEADLINE, || async {
         hub.engine.pass_all().await.unwrap();
         (quiet.pushes().len() == 2).then_some(())
