@@ -333,6 +333,7 @@ impl Engine {
             }
             tracing::info!(step = ?e.step, cluster = ?e.cluster, action = ?e.action, event = e.event, "{}", e.message);
         }
+        let mut blocked = Vec::new();
         let pushes: Vec<Push> = {
             let mut in_flight = locked(&self.in_flight);
             for r in &recorded {
@@ -348,11 +349,22 @@ impl Engine {
                     }
                     Entry::Occupied(mut e) => {
                         *e.get_mut() = true;
+                        blocked.push(p.cluster.clone());
                         false
                     }
                 })
                 .collect()
         };
+        // The answer a blocked push waits on may have come while this pass ran, before the
+        // flag was up: then this pass wakes the next one (the answer checks the flag after
+        // handing itself over, so one of the two sees the other).
+        if !blocked.is_empty()
+            && locked(&self.results)
+                .get(&id)
+                .is_some_and(|waiting| waiting.iter().any(|r| blocked.contains(&r.cluster)))
+        {
+            self.trigger();
+        }
         if !pushes.is_empty() {
             let engine = self.clone();
             let ibgu = row.object;
@@ -504,10 +516,6 @@ impl Engine {
         };
         self.metrics.pushes.with_label_values(&[result]).inc();
         let accepted = matches!(outcome, PushOutcome::Accepted(_));
-        let awaited = locked(&self.in_flight)
-            .get(&(id, push.cluster.clone()))
-            .copied()
-            .unwrap_or(false);
         if push.follows_report
             && let Some(seen) = last_seen.get(&push.cluster)
         {
@@ -520,6 +528,7 @@ impl Engine {
                 }
             }
         }
+        let key = (id, push.cluster.clone());
         locked(&self.results)
             .entry(id)
             .or_default()
@@ -530,6 +539,7 @@ impl Engine {
                 outcome,
                 at: now,
             });
+        let awaited = locked(&self.in_flight).get(&key).copied().unwrap_or(false);
         // An accepted push waits for the spoke's report (which triggers a pass of its own) or
         // for the idle pass, unless a push is waiting on it; any other outcome is acted on
         // at once.

@@ -275,9 +275,6 @@ pub struct PushResult {
     pub at: DateTime<Utc>,
 }
 
-/// Records push outcomes in the clusters' progress, each only while the cluster is still
-/// running the action it was for (a pass may have moved it on meanwhile, on the spoke's own
-/// report or on another hub).
 /// Whether the outcome is for the action its cluster is still running: only then does
 /// recording it change the cluster's progress.
 pub fn awaits_push_result(steps: &[StepState], r: &PushResult) -> bool {
@@ -287,6 +284,9 @@ pub fn awaits_push_result(steps: &[StepState], r: &PushResult) -> bool {
         .is_some_and(|p| p.phase == ClusterPhase::Running && p.action_index == r.action_index)
 }
 
+/// Records push outcomes in the clusters' progress, each only while the cluster is still
+/// running the action it was for (a pass may have moved it on meanwhile, on the spoke's own
+/// report or on another hub).
 pub fn apply_push_results<'a>(
     steps: &mut [StepState],
     results: impl IntoIterator<Item = &'a PushResult>,
