@@ -21,12 +21,14 @@ use sqlx::{Connection, PgConnection, PgPool};
 const ADMIN: &str = "bench-admin";
 const JOIN: &str = "bench-join";
 const BASELINE_CONNECTIONS: usize = 16;
+/// How long each baseline runs unless `--baseline-seconds` says otherwise.
 const BASELINE_SECONDS: u64 = 10;
 
 struct Args {
     clusters: u32,
     max_concurrency: u32,
     database_url: Option<String>,
+    baseline_seconds: u64,
 }
 
 fn args() -> Result<Args, String> {
@@ -34,6 +36,7 @@ fn args() -> Result<Args, String> {
         clusters: 10_000,
         max_concurrency: 500,
         database_url: std::env::var("DATABASE_URL").ok(),
+        baseline_seconds: BASELINE_SECONDS,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,17 +51,24 @@ fn args() -> Result<Args, String> {
                     .map_err(|e| format!("--max-concurrency: {e}"))?
             }
             "--database-url" => a.database_url = Some(value()?),
+            "--baseline-seconds" => {
+                a.baseline_seconds = value()?
+                    .parse()
+                    .map_err(|e| format!("--baseline-seconds: {e}"))?
+            }
             "--help" | "-h" => {
                 println!(
-                    "fleet-bench [--clusters N (10000)] [--max-concurrency M (500)] [--database-url URL]"
+                    "fleet-bench [--clusters N (10000)] [--max-concurrency M (500)] [--database-url URL] [--baseline-seconds S (10)]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    if a.clusters == 0 || a.max_concurrency == 0 {
-        return Err("--clusters and --max-concurrency must be at least 1".into());
+    if a.clusters == 0 || a.max_concurrency == 0 || a.baseline_seconds == 0 {
+        return Err(
+            "--clusters, --max-concurrency and --baseline-seconds must be at least 1".into(),
+        );
     }
     Ok(a)
 }
@@ -124,20 +134,7 @@ async fn run(a: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     hub::db::migrate(&pool).await.map_err(|e| e.to_string())?;
 
-    say(&format!(
-        "baseline: single-row insert commits, {BASELINE_CONNECTIONS} connections, {BASELINE_SECONDS} s"
-    ));
-    let machine_before = CpuTicks::now();
-    let measured = baseline(&pool).await?;
-    let baseline_machine = split(machine_before);
-    let baseline = measured.rate;
-    let baseline_range = [measured.slowest_second, measured.fastest_second];
-    say(&format!(
-        "baseline: {baseline:.0} commits/s (each second {:.0} to {:.0}); {}",
-        baseline_range[0],
-        baseline_range[1],
-        machine_text(baseline_machine)
-    ));
+    let (baseline, baseline_machine) = measure_baseline(&pool, a.baseline_seconds, "").await?;
 
     let hub_port = free_port();
     let fleet_port = free_port();
@@ -350,6 +347,10 @@ async fn run(a: Args) -> Result<(), String> {
     }
     by_table.retain(|_, n| *n != 0);
     let rows = rows_written(&pool, &name).await? - rows_before;
+    // The same baseline again, the fleet stopped too: how far the machine moved meanwhile.
+    drop(fleet);
+    let (after, after_machine) =
+        measure_baseline(&pool, a.baseline_seconds, " after the rollout").await?;
     let max = gauge(&metrics, "fleet_hub_decision_latency_max_seconds");
     // Interpolating inside a wide bucket can overshoot: no quantile exceeds the maximum seen.
     let capped = |q: f64| {
@@ -362,9 +363,12 @@ async fn run(a: Args) -> Result<(), String> {
         "clusters": a.clusters, "maxConcurrency": a.max_concurrency,
         "orchestrationSeconds": round(elapsed), "clusterActionsPerSecond": round(actions / elapsed),
         "transitions": transitions, "transitionsPerSecond": round(transitions as f64 / elapsed),
-        "baselineCommitsPerSecond": round(baseline), "baselineSecondsRange": baseline_range.map(round),
-        "transitionsToBaseline": round(transitions as f64 / elapsed / baseline),
+        "baselineCommitsPerSecond": round(baseline.rate), "baselineSecondsRange": baseline.range().map(round),
+        "transitionsToBaseline": round(transitions as f64 / elapsed / baseline.rate),
+        "baselineAfterCommitsPerSecond": round(after.rate), "baselineAfterSecondsRange": after.range().map(round),
+        "transitionsToBaselineAfter": round(transitions as f64 / elapsed / after.rate),
         "machineDuringBaseline": baseline_machine.map(machine_json), "machineDuringRollout": rollout_machine.map(machine_json),
+        "machineDuringBaselineAfter": after_machine.map(machine_json),
         "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
         "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu), "simFleetCpuSeconds": round(fleet_cpu), "postgresCpuSeconds": round(pg_cpu),
         "enginePasses": passes, "enginePassSeconds": round(pass_seconds),
@@ -381,11 +385,17 @@ async fn run(a: Args) -> Result<(), String> {
         "transitions (history rows)   {transitions}   {:.0}/s",
         transitions as f64 / elapsed
     );
+    let [slowest, fastest] = baseline.range();
     println!(
-        "raw commit baseline          {baseline:.0}/s (each second {:.0} to {:.0})   ratio {:.2}   (target >= 1.0)",
-        baseline_range[0],
-        baseline_range[1],
-        transitions as f64 / elapsed / baseline
+        "raw commit baseline          {:.0}/s (each second {slowest:.0} to {fastest:.0})   ratio {:.2}   (target >= 1.0)",
+        baseline.rate,
+        transitions as f64 / elapsed / baseline.rate
+    );
+    let [slowest, fastest] = after.range();
+    println!(
+        "2nd baseline, after rollout  {:.0}/s (each second {slowest:.0} to {fastest:.0})   ratio {:.2}",
+        after.rate,
+        transitions as f64 / elapsed / after.rate
     );
     println!(
         "machine during baseline      {}",
@@ -394,6 +404,10 @@ async fn run(a: Args) -> Result<(), String> {
     println!(
         "machine during rollout       {}",
         machine_text(rollout_machine)
+    );
+    println!(
+        "machine during 2nd baseline  {}",
+        machine_text(after_machine)
     );
     println!(
         "decision latency             p50 {}  p99 {}  max {}   (target p99 <= 1 s)",
@@ -471,22 +485,52 @@ struct Baseline {
     fastest_second: f64,
 }
 
+impl Baseline {
+    /// The fewest and the most commits made in one second.
+    fn range(&self) -> [f64; 2] {
+        [self.slowest_second, self.fastest_second]
+    }
+}
+
+/// A baseline with how the machine's CPU was spent meanwhile, announced on stderr; `when`
+/// tells the first (before the rollout) from the second (after it).
+async fn measure_baseline(
+    pool: &PgPool,
+    seconds: u64,
+    when: &str,
+) -> Result<(Baseline, Option<CpuSplit>), String> {
+    say(&format!(
+        "baseline{when}: single-row insert commits, {BASELINE_CONNECTIONS} connections, {seconds} s"
+    ));
+    let machine_before = CpuTicks::now();
+    let measured = baseline(pool, seconds).await?;
+    let machine = split(machine_before);
+    say(&format!(
+        "baseline{when}: {:.0} commits/s (each second {:.0} to {:.0}); {}",
+        measured.rate,
+        measured.slowest_second,
+        measured.fastest_second,
+        machine_text(machine)
+    ));
+    Ok((measured, machine))
+}
+
 /// Single-row insert commits per second, 16 connections, into a table like `history`.
-async fn baseline(pool: &PgPool) -> Result<Baseline, String> {
+async fn baseline(pool: &PgPool, seconds: u64) -> Result<Baseline, String> {
     sqlx::query("CREATE TABLE bench_baseline (LIKE history INCLUDING DEFAULTS INCLUDING INDEXES)")
         .execute(pool)
         .await
         .map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(BASELINE_SECONDS);
+    let deadline = start + Duration::from_secs(seconds);
     let commits = Arc::new(AtomicU64::new(0));
     // Commits made in each whole second: how steady the machine's durable write rate was.
-    let seconds = {
+    let each_second = {
         let commits = commits.clone();
         tokio::spawn(async move {
             let mut per_second = Vec::new();
             let mut last = 0;
-            for s in 1..=BASELINE_SECONDS {
+            for s in 1..=seconds {
                 tokio::time::sleep_until((start + Duration::from_secs(s)).into()).await;
                 let now = commits.load(Ordering::Relaxed);
                 per_second.push((now - last) as f64);
@@ -518,8 +562,8 @@ async fn baseline(pool: &PgPool) -> Result<Baseline, String> {
         .execute(pool)
         .await
         .map_err(|e| e.to_string())?;
-    let per_second = seconds.await.unwrap_or_default();
-    let rate = total as f64 / BASELINE_SECONDS as f64;
+    let per_second = each_second.await.unwrap_or_default();
+    let rate = total as f64 / seconds as f64;
     Ok(Baseline {
         rate,
         slowest_second: per_second.iter().copied().reduce(f64::min).unwrap_or(rate),

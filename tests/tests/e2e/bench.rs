@@ -1,0 +1,93 @@
+//! `fleet-bench` end to end, at a size a test can afford: it starts its own hub and fleet,
+//! measures both baselines and the rollout, and reports every figure in its JSON line.
+
+use std::process::{Command, Output};
+
+use fleet_e2e::{admin_url, binary};
+use serde_json::Value;
+
+async fn bench(args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary("fleet-bench"));
+    cmd.args(args);
+    tokio::task::spawn_blocking(move || cmd.output().expect("fleet-bench runs"))
+        .await
+        .expect("fleet-bench's waiter")
+}
+
+fn number(report: &Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {report}"))
+}
+
+#[tokio::test]
+async fn the_bench_reports_a_small_rollout_against_a_baseline_before_and_after_it() {
+    let out = bench(&[
+        "--clusters",
+        "12",
+        "--max-concurrency",
+        "5",
+        "--baseline-seconds",
+        "1",
+        "--database-url",
+        &admin_url(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleet-bench failed: {stderr}");
+    let line = stdout.lines().next().expect("a JSON line first");
+    let report: Value = serde_json::from_str(line).expect("the first line is JSON");
+
+    let summary = &report["summary"][0];
+    assert_eq!(summary["completed"], 12, "{report}");
+    assert_eq!(summary["failed"], 0, "{report}");
+    // Each cluster's three actions were started and completed.
+    let transitions = number(&report, "transitions");
+    assert!(transitions >= 72.0, "{report}");
+    let per_second = number(&report, "transitionsPerSecond");
+    assert!(
+        (per_second - transitions / number(&report, "orchestrationSeconds")).abs()
+            <= per_second * 0.01,
+        "{report}"
+    );
+    // Both baselines ran and each ratio is against its own.
+    for (rate, ratio, range, machine) in [
+        (
+            "baselineCommitsPerSecond",
+            "transitionsToBaseline",
+            "baselineSecondsRange",
+            "machineDuringBaseline",
+        ),
+        (
+            "baselineAfterCommitsPerSecond",
+            "transitionsToBaselineAfter",
+            "baselineAfterSecondsRange",
+            "machineDuringBaselineAfter",
+        ),
+    ] {
+        let commits = number(&report, rate);
+        assert!(commits > 0.0, "{rate}: {report}");
+        assert!(
+            (number(&report, ratio) - per_second / commits).abs() <= 0.01,
+            "{ratio}: {report}"
+        );
+        let [slowest, fastest] = [0, 1].map(|i| report[range][i].as_f64().expect(range));
+        assert!(0.0 < slowest && slowest <= fastest, "{range}: {report}");
+        assert!(
+            report[machine]["busyPercent"].is_number(),
+            "{machine}: {report}"
+        );
+    }
+    assert!(stderr.contains("baseline after the rollout"), "{stderr}");
+    assert!(stdout.contains("2nd baseline, after rollout"), "{stdout}");
+    assert_eq!(number(&report, "hubPushesSent"), 36.0, "{report}");
+}
+
+#[tokio::test]
+async fn the_bench_refuses_a_baseline_of_no_time() {
+    let out = bench(&["--baseline-seconds", "0"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--baseline-seconds"), "{stderr}");
+}
