@@ -68,8 +68,10 @@ async fn the_bench_reports_a_small_rollout_against_a_baseline_before_and_after_i
     ] {
         let commits = number(&report, rate);
         assert!(commits > 0.0, "{rate}: {report}");
+        // Within 2 % and the rounding to three decimals: not the other baseline's ratio.
+        let expected = per_second / commits;
         assert!(
-            (number(&report, ratio) - per_second / commits).abs() <= 0.01,
+            (number(&report, ratio) - expected).abs() <= expected * 0.02 + 0.0005,
             "{ratio}: {report}"
         );
         let [slowest, fastest] = [0, 1].map(|i| report[range][i].as_f64().expect(range));
