@@ -3,6 +3,9 @@
 //! and for the rollout, because its ratio compares the two: on a shared host the share
 //! stolen moves from one minute to the next, and either figure with it.
 
+/// Clock ticks per second in `/proc` (`USER_HZ`: 100 on every architecture Linux runs on).
+pub const USER_HZ: f64 = 100.0;
+
 /// The machine's CPU time so far, in clock ticks, from the first line of `/proc/stat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuTicks {
@@ -11,12 +14,14 @@ pub struct CpuTicks {
     steal: u64,
 }
 
-/// Shares of the machine's CPU time between two readings, in percent.
+/// Shares of the machine's CPU time between two readings, in percent, and the busy time
+/// itself in CPU seconds (all CPUs together).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CpuSplit {
     pub busy: f64,
     pub idle: f64,
     pub steal: f64,
+    pub busy_seconds: f64,
 }
 
 impl CpuTicks {
@@ -58,6 +63,7 @@ impl CpuTicks {
             busy: 100.0 * busy / total,
             idle: 100.0 * idle / total,
             steal: 100.0 * steal / total,
+            busy_seconds: busy / USER_HZ,
         })
     }
 }
@@ -83,7 +89,8 @@ mod tests {
             CpuSplit {
                 busy: 400.0 / 6.0,
                 idle: 100.0 / 6.0,
-                steal: 100.0 / 6.0
+                steal: 100.0 / 6.0,
+                busy_seconds: 4.0
             }
         );
     }

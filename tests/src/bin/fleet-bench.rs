@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_e2e::machine::{CpuSplit, CpuTicks};
+use fleet_e2e::machine::{CpuSplit, CpuTicks, USER_HZ};
 use fleet_e2e::{ChildGuard, binary, free_port};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -359,6 +359,13 @@ async fn run(a: Args) -> Result<(), String> {
     };
     let (p50, p99) = (capped(0.5), capped(0.99));
     let actions = a.clusters as f64 * 3.0;
+    // The same comparison per CPU second the machine was busy: what a transition and a
+    // commit cost, whatever the hypervisor took and however fast the cores ran that minute.
+    let baseline_commits = |b: &Baseline| b.rate * a.baseline_seconds as f64;
+    let per_cpu = per_busy_second(transitions as f64, rollout_machine);
+    let baseline_per_cpu = per_busy_second(baseline_commits(&baseline), baseline_machine);
+    let after_per_cpu = per_busy_second(baseline_commits(&after), after_machine);
+    let cpu_ratio = per_cpu.zip(baseline_per_cpu).map(|(t, b)| t / b);
     let result = serde_json::json!({
         "clusters": a.clusters, "maxConcurrency": a.max_concurrency,
         "orchestrationSeconds": round(elapsed), "clusterActionsPerSecond": round(actions / elapsed),
@@ -369,6 +376,8 @@ async fn run(a: Args) -> Result<(), String> {
         "transitionsToBaselineAfter": round(transitions as f64 / elapsed / after.rate),
         "machineDuringBaseline": baseline_machine.map(machine_json), "machineDuringRollout": rollout_machine.map(machine_json),
         "machineDuringBaselineAfter": after_machine.map(machine_json),
+        "transitionsPerBusyCpuSecond": per_cpu.map(round), "baselineCommitsPerBusyCpuSecond": baseline_per_cpu.map(round),
+        "baselineAfterCommitsPerBusyCpuSecond": after_per_cpu.map(round), "transitionsToBaselinePerBusyCpuSecond": cpu_ratio.map(round),
         "decisionLatencyP50Seconds": p50.map(round), "decisionLatencyP99Seconds": p99.map(round), "decisionLatencyMaxSeconds": max.map(round),
         "hubPeakRssMiB": round(peak_rss_mib), "hubCpuSeconds": round(cpu), "simFleetCpuSeconds": round(fleet_cpu), "postgresCpuSeconds": round(pg_cpu),
         "enginePasses": passes, "enginePassSeconds": round(pass_seconds),
@@ -410,6 +419,13 @@ async fn run(a: Args) -> Result<(), String> {
         machine_text(after_machine)
     );
     println!(
+        "per busy CPU second          {} transitions, {} commits in the baseline ({} in the 2nd)   ratio {}",
+        whole(per_cpu),
+        whole(baseline_per_cpu),
+        whole(after_per_cpu),
+        cpu_ratio.map_or("-".into(), |r| format!("{r:.2}"))
+    );
+    println!(
         "decision latency             p50 {}  p99 {}  max {}   (target p99 <= 1 s)",
         fmt(p50),
         fmt(p99),
@@ -437,6 +453,17 @@ async fn run(a: Args) -> Result<(), String> {
 
 fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// `count` per CPU second the machine was busy (none where that is unknown).
+fn per_busy_second(count: f64, machine: Option<CpuSplit>) -> Option<f64> {
+    machine
+        .filter(|m| m.busy_seconds > 0.0)
+        .map(|m| count / m.busy_seconds)
+}
+
+fn whole(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
 }
 
 fn fmt(x: Option<f64>) -> String {
@@ -709,6 +736,5 @@ fn cpu_seconds(pid: i32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let hz = 100.0;
-    (ticks(11) + ticks(12)) / hz
+    (ticks(11) + ticks(12)) / USER_HZ
 }

@@ -81,6 +81,38 @@ async fn the_bench_reports_a_small_rollout_against_a_baseline_before_and_after_i
             "{machine}: {report}"
         );
     }
+    // Per busy CPU second: the machine's CPUs cannot have been busier than all of them for
+    // the whole phase (slack for the counters' 10 ms ticks), and the ratio is of the two.
+    let cpus = std::fs::read_to_string("/proc/stat")
+        .expect("/proc/stat")
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as f64;
+    let per_cpu = number(&report, "transitionsPerBusyCpuSecond");
+    assert!(per_cpu * cpus >= per_second * 0.8, "{cpus} CPUs: {report}");
+    for (per_cpu, rate) in [
+        (
+            "baselineCommitsPerBusyCpuSecond",
+            "baselineCommitsPerSecond",
+        ),
+        (
+            "baselineAfterCommitsPerBusyCpuSecond",
+            "baselineAfterCommitsPerSecond",
+        ),
+    ] {
+        let (per_cpu_value, rate_value) = (number(&report, per_cpu), number(&report, rate));
+        assert!(
+            per_cpu_value * cpus >= rate_value * 0.8,
+            "{per_cpu}: {report}"
+        );
+    }
+    let expected = per_cpu / number(&report, "baselineCommitsPerBusyCpuSecond");
+    assert!(
+        (number(&report, "transitionsToBaselinePerBusyCpuSecond") - expected).abs()
+            <= expected * 0.02 + 0.0005,
+        "{report}"
+    );
+    assert!(stdout.contains("per busy CPU second"), "{stdout}");
     assert!(stderr.contains("baseline after the rollout"), "{stderr}");
     assert!(stdout.contains("2nd baseline, after rollout"), "{stdout}");
     assert_eq!(number(&report, "hubPushesSent"), 36.0, "{report}");
