@@ -360,7 +360,7 @@ async fn run(a: Args) -> Result<(), String> {
     let (p50, p99) = (capped(0.5), capped(0.99));
     let actions = a.clusters as f64 * 3.0;
     // The same comparison per CPU second the machine was busy: what a transition and a
-    // commit cost, whatever the hypervisor took and however fast the cores ran that minute.
+    // commit cost in CPU time, leaving out what the hypervisor took (not busy time).
     let baseline_commits = |b: &Baseline| b.rate * a.baseline_seconds as f64;
     let per_cpu = per_busy_second(transitions as f64, rollout_machine);
     let baseline_per_cpu = per_busy_second(baseline_commits(&baseline), baseline_machine);
