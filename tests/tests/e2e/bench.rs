@@ -115,6 +115,29 @@ async fn the_bench_reports_a_small_rollout_against_a_baseline_before_and_after_i
     assert!(stdout.contains("per busy CPU second"), "{stdout}");
     assert!(stderr.contains("baseline after the rollout"), "{stderr}");
     assert!(stdout.contains("2nd baseline, after rollout"), "{stdout}");
+    // The rest of what the issue asks for: actions per second, latency, the hub's memory and
+    // CPU, rows written and requests served (at least one report per action).
+    let orchestration = number(&report, "orchestrationSeconds");
+    let actions_per_second = number(&report, "clusterActionsPerSecond");
+    assert!(
+        (actions_per_second - 36.0 / orchestration).abs() <= actions_per_second * 0.01,
+        "{report}"
+    );
+    let [p50, p99, max] = [
+        "decisionLatencyP50Seconds",
+        "decisionLatencyP99Seconds",
+        "decisionLatencyMaxSeconds",
+    ]
+    .map(|k| number(&report, k));
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{report}");
+    assert!(number(&report, "hubPeakRssMiB") > 1.0, "{report}");
+    assert!(number(&report, "hubCpuSeconds") > 0.0, "{report}");
+    assert!(number(&report, "rowsWritten") >= transitions, "{report}");
+    assert!(
+        report["rowsWrittenByTable"]["history"].is_number(),
+        "{report}"
+    );
+    assert!(number(&report, "hubHttpRequestsServed") >= 36.0, "{report}");
     assert_eq!(number(&report, "hubPushesSent"), 36.0, "{report}");
 }
 
