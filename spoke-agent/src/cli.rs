@@ -38,7 +38,9 @@ pub enum Command {
 pub enum HostKind {
     /// Simulated host: configurable step durations and injected faults.
     Sim,
-    /// The real host: ostree/rpm-ostree, podman/skopeo, systemctl, the spoke's Kubernetes API.
+    /// The real host (ostree/rpm-ostree, podman/skopeo, systemctl): not in this build yet,
+    /// so not offered; `--host ostree` is refused with a clear message.
+    #[value(hide = true)]
     Ostree,
 }
 

@@ -72,6 +72,50 @@ fn hub_link(
     }))
 }
 
+/// The file in the state directory that keeps the local API's token when no `--api-token`
+/// is given.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+/// The token that guards the local API: `--api-token`, else the one kept in
+/// `<state-dir>/api-token`, made at the first start and readable by its owner only. Said once
+/// in the log, by where to find it, never by its value.
+fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, RunError> {
+    if let Some(token) = given.filter(|t| !t.is_empty()) {
+        tracing::info!("local API: guarded by --api-token and the hub's credential");
+        return Ok(token);
+    }
+    let path = state_dir.join(API_TOKEN_FILE);
+    let failed = |e: std::io::Error| RunError::Failed(format!("{}: {e}", path.display()));
+    let kept = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().to_string()).filter(|t| !t.is_empty()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(failed(e)),
+    };
+    let token = match kept {
+        Some(token) => token,
+        None => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(state_dir).map_err(failed)?;
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(failed)?;
+            writeln!(file, "{token}").map_err(failed)?;
+            token
+        }
+    };
+    tracing::info!(
+        "local API: guarded by the bearer token in {} and the hub's credential (--api-token chooses another)",
+        path.display()
+    );
+    Ok(token)
+}
+
 pub async fn start_agent(
     name: String,
     state_dir: &Path,
@@ -147,6 +191,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         return Err(RunError::Usage("--cluster-name must not be empty".into()));
     }
     let faults = parse_faults(faults.iter().map(String::as_str))?;
+    let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
     let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
     let link = hub_link(
@@ -226,6 +271,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
             "--fault names cluster {unknown:?}, which is not in {prefix}1..{prefix}{count}"
         )));
     }
+    let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
     let base = endpoint.unwrap_or_else(|| format!("http://{listen}"));
     let client = HubLink::client();

@@ -339,6 +339,8 @@ async fn a_completed_stage_survives_a_sigkill_unchanged() {
 #[tokio::test]
 async fn sim_fleet_serves_each_cluster_under_its_prefix() {
     let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("fleet.log");
     let port = free_port();
     let _fleet = ChildGuard(
         Command::new(binary("spoke-agent"))
@@ -357,13 +359,49 @@ async fn sim_fleet_serves_each_cluster_under_its_prefix() {
             .arg("--state-dir")
             .arg(dir.path())
             .env_remove("SPOKE_HUB_URL")
+            .env_remove("SPOKE_API_TOKEN")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    let client = reqwest::Client::new();
+    // Started without --api-token: the local API is guarded by a token the fleet keeps in
+    // its state directory (owner-only), and the log says where, never what.
+    let token_file = dir.path().join("api-token");
+    let token = wait_for("the API token file", DEADLINE, || {
+        let text = std::fs::read_to_string(&token_file).ok();
+        async move { text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) }
+    })
+    .await;
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
     let url = |c: &str| format!("http://127.0.0.1:{port}/clusters/{c}/v1/ibu");
+    let open = reqwest::Client::new();
+    let refused = wait_for("the fleet to answer", DEADLINE, || {
+        let req = open.get(url("sno1")).send();
+        async move { req.await.ok() }
+    })
+    .await;
+    assert_eq!(refused.status(), 401, "no token, no access");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!(
+            "local API: guarded by the bearer token in {}",
+            token_file.display()
+        )) && !logged.contains(&token),
+        "{logged}"
+    );
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     for c in ["sno1", "sno2"] {
         let res = wait_for("the fleet to answer", DEADLINE, || {
             let req = client.get(url(c)).send();
