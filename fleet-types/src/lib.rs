@@ -11,6 +11,7 @@ pub mod ibgu;
 pub mod ibu;
 pub mod labels;
 pub mod messages;
+pub mod names;
 pub mod status;
 
 pub use ibgu::{

@@ -24,7 +24,7 @@ use fleet_types::http::REQUEST_ID;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::planner::rollout::{self, Push, PushOutcome, PushResult, StepState};
+use crate::planner::rollout::{self, Push, PushCause, PushOutcome, PushResult, StepState};
 use crate::reports::ReportWriter;
 use crate::store::{self, SpokeAccess};
 
@@ -315,6 +315,8 @@ impl Engine {
             },
         );
         tracing::debug!(from_memory, all, ?t_steps, ?t_read, ?t_fleet, ?t_progress, ?t_labels, ?t_write, ?t_status, commit = ?started.elapsed(), "pass timings");
+        let report_times =
+            self.decided_on_reports(&decision.reported, &decision.pushes, &last_seen);
         self.metrics
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
@@ -372,7 +374,7 @@ impl Engine {
                 async move {
                     let sent = std::time::Instant::now();
                     let count = pushes.len();
-                    engine.push_all(id, &ibgu, pushes, now, &last_seen).await;
+                    engine.push_all(id, &ibgu, pushes, now, &report_times).await;
                     tracing::debug!(count, elapsed = ?sent.elapsed(), "pushes sent");
                 }
                 .in_current_span(),
@@ -381,16 +383,65 @@ impl Engine {
         Ok(Passed::Done { held })
     }
 
+    /// The decision latency of a pass's decisions made on reports (`Decision::reported`):
+    /// a decision that pushes is measured when its push is sent (the time of the report
+    /// that caused it is answered, by cluster pushed to); one that pushes nothing (the
+    /// cluster finished, or failed, and its batch waits for others) is measured now, with
+    /// the pass committed.
+    fn decided_on_reports(
+        &self,
+        reported: &[String],
+        pushes: &[Push],
+        last_seen: &HashMap<String, DateTime<Utc>>,
+    ) -> HashMap<String, DateTime<Utc>> {
+        let newest = reported.iter().filter_map(|c| last_seen.get(c)).max();
+        let mut times = HashMap::new();
+        for p in pushes {
+            let seen = match p.cause {
+                PushCause::OwnReport => last_seen.get(&p.cluster),
+                PushCause::Reports => newest,
+                PushCause::Other => None,
+            };
+            if let Some(&t) = seen {
+                times.insert(p.cluster.clone(), t);
+            }
+        }
+        let batch_pushed = pushes.iter().any(|p| p.cause == PushCause::Reports);
+        for c in reported {
+            let own_push = pushes
+                .iter()
+                .any(|p| &p.cluster == c && p.cause == PushCause::OwnReport);
+            if !own_push
+                && !batch_pushed
+                && let Some(&seen) = last_seen.get(c)
+            {
+                self.observe_decision_latency(seen);
+            }
+        }
+        times
+    }
+
+    /// Wall time, not the engine's clock: this measures the hub itself.
+    fn observe_decision_latency(&self, report_seen: DateTime<Utc>) {
+        let latency = (Utc::now() - report_seen).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        if latency >= 0.0 {
+            self.metrics.decision_latency.observe(latency);
+            if latency > self.metrics.decision_latency_max.get() {
+                self.metrics.decision_latency_max.set(latency);
+            }
+        }
+    }
+
     /// Sends a round of pushes. Each outcome goes to the next pass as soon as it is known:
     /// a cluster whose push was answered early moves on without waiting for the round's
-    /// slowest spoke.
+    /// slowest spoke. `report_times` holds, by cluster, the report a push was decided on.
     async fn push_all(
         &self,
         id: i64,
         ibgu: &ImageBasedGroupUpgrade,
         pushes: Vec<Push>,
         now: DateTime<Utc>,
-        last_seen: &HashMap<String, DateTime<Utc>>,
+        report_times: &HashMap<String, DateTime<Utc>>,
     ) {
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
         let prepared = async {
@@ -404,7 +455,13 @@ impl Engine {
             Err(err) => {
                 let why = format!("reading what to push: {err}");
                 for p in pushes {
-                    self.record_push(id, p, PushOutcome::Unreachable(why.clone()), now, last_seen);
+                    self.record_push(
+                        id,
+                        p,
+                        PushOutcome::Unreachable(why.clone()),
+                        now,
+                        report_times,
+                    );
                 }
                 return;
             }
@@ -425,13 +482,13 @@ impl Engine {
             })
             else {
                 let outcome = PushOutcome::Unreachable("cluster not registered".into());
-                self.record_push(id, push, outcome, now, last_seen);
+                self.record_push(id, push, outcome, now, report_times);
                 continue;
             };
             let ibu_url = match self.ibu_url(&push.cluster, &endpoint) {
                 Ok(url) => url,
                 Err(why) => {
-                    self.record_push(id, push, PushOutcome::Unreachable(why), now, last_seen);
+                    self.record_push(id, push, PushOutcome::Unreachable(why), now, report_times);
                     continue;
                 }
             };
@@ -480,7 +537,7 @@ impl Engine {
             sent.insert(handle.id(), task);
         }
         join_pushes(set, sent, |push, outcome| {
-            self.record_push(id, push, outcome, now, last_seen)
+            self.record_push(id, push, outcome, now, report_times)
         })
         .await;
     }
@@ -507,7 +564,7 @@ impl Engine {
         push: Push,
         outcome: PushOutcome,
         now: DateTime<Utc>,
-        last_seen: &HashMap<String, DateTime<Utc>>,
+        report_times: &HashMap<String, DateTime<Utc>>,
     ) {
         let result = match &outcome {
             PushOutcome::Accepted(_) => "accepted",
@@ -516,17 +573,8 @@ impl Engine {
         };
         self.metrics.pushes.with_label_values(&[result]).inc();
         let accepted = matches!(outcome, PushOutcome::Accepted(_));
-        if push.follows_report
-            && let Some(seen) = last_seen.get(&push.cluster)
-        {
-            // Wall time, not the engine's clock: this measures the hub itself.
-            let latency = (Utc::now() - *seen).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            if latency >= 0.0 {
-                self.metrics.decision_latency.observe(latency);
-                if latency > self.metrics.decision_latency_max.get() {
-                    self.metrics.decision_latency_max.set(latency);
-                }
-            }
+        if let Some(&seen) = report_times.get(&push.cluster) {
+            self.observe_decision_latency(seen);
         }
         let key = (id, push.cluster.clone());
         locked(&self.results)
@@ -698,7 +746,7 @@ mod tests {
             step: 0,
             action: Action::Prep,
             stage: Stage::Prep,
-            follows_report: false,
+            cause: PushCause::Other,
             action_index: 0,
         };
         let mut set = JoinSet::new();

@@ -141,11 +141,13 @@ impl Metrics {
             "Stage pushes to spokes, by result (accepted, refused, unreachable)",
             &["result"],
         )?;
-        // From a spoke's report to the push it caused: the hub's reaction time.
+        // From a spoke's report to what the hub did about it: the hub's reaction time.
         let decision_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "fleet_hub_decision_latency_seconds",
-                "Time from a spoke's report being stored to the next stage push sent to it",
+                "Time from a spoke's report that ended an action to the hub acting on it: the \
+                 next stage push it caused (the cluster's next action, or the next batch or \
+                 plan step) sent, or, when it caused none, the decision stored",
             )
             .buckets(vec![
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

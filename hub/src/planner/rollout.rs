@@ -246,12 +246,23 @@ pub struct Push {
     pub step: usize,
     pub action: Action,
     pub stage: Stage,
-    /// The cluster's own report of its previous action's end caused this push (what the
-    /// decision-latency metric measures).
-    pub follows_report: bool,
+    /// What led to the push: the decision-latency metric measures from that report.
+    pub cause: PushCause,
     /// Which of the item's actions the push is for: its outcome is recorded only while the
     /// cluster is still on it (another hub's pass may have moved it on meanwhile).
     pub action_index: usize,
+}
+
+/// Why the planner pushes: which spoke reports, if any, made the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushCause {
+    /// The cluster's own report that its previous action ended.
+    OwnReport,
+    /// The reports of this pass that ended the batch or plan step before
+    /// ([`Decision::reported`]): the push starts the next one.
+    Reports,
+    /// No report: a new rollout, a retry, a timeout.
+    Other,
 }
 
 /// How the spoke answered a push.
@@ -354,6 +365,9 @@ pub struct Decision {
     pub wake_at: Option<DateTime<Utc>>,
     /// Given part of the fleet, the pass needed the rest: nothing here may be used.
     pub needs_fleet: bool,
+    /// The clusters whose reports ended an action in this pass (completed or failed): each
+    /// is a decision the hub made on a report.
+    pub reported: Vec<String>,
 }
 
 /// A push is sent again after this when the spoke still does not show the stage.
@@ -506,6 +520,8 @@ struct Pass<'a> {
     /// touch, and `needs_fleet` says when it needed more).
     complete: bool,
     needs_fleet: bool,
+    /// See [`Decision::reported`].
+    reported: Vec<String>,
 }
 
 impl Pass<'_> {
@@ -662,6 +678,11 @@ impl Pass<'_> {
                     _ => Check::Waiting,
                 }
             };
+            if matches!(verdict, Check::Done | Check::Failed(_))
+                && self.reported.last().map(String::as_str) != Some(cluster)
+            {
+                self.reported.push(cluster.to_string());
+            }
             match verdict {
                 Check::Done => {
                     let now = self.now;
@@ -733,12 +754,17 @@ impl Pass<'_> {
             return;
         }
         if due {
+            let cause = match (p.pushed_at, p.action_index) {
+                (None, 1..) => PushCause::OwnReport,
+                (None, 0) if !self.reported.is_empty() => PushCause::Reports,
+                _ => PushCause::Other,
+            };
             self.pushes.push(Push {
                 cluster: cluster.to_string(),
                 step: step.step,
                 action,
                 stage,
-                follows_report: p.action_index > 0 && p.pushed_at.is_none(),
+                cause,
                 action_index: p.action_index,
             });
         } else if let Some(at) = p.pushed_at {
@@ -973,6 +999,7 @@ pub fn advance_with(
         wake: None,
         complete,
         needs_fleet: false,
+        reported: vec![],
     };
     loop {
         if let Some(last) = steps.last_mut()
@@ -1024,6 +1051,7 @@ pub fn advance_with(
         completed_at,
         wake_at: pass.wake,
         needs_fleet: pass.needs_fleet,
+        reported: pass.reported,
     }
 }
 
@@ -1082,7 +1110,9 @@ pub fn cluster_states(steps: &[StepState]) -> Vec<ClusterState> {
             });
         }
     }
-    clusters.into_values().collect()
+    let mut out: Vec<ClusterState> = clusters.into_values().collect();
+    out.sort_by(|a, b| fleet_types::names::natural_cmp(&a.name, &b.name));
+    out
 }
 
 /// The status without `clusters`: what the engine stores on every pass (the per-cluster

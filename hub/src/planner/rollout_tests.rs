@@ -903,3 +903,71 @@ fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
     let d = w.pass();
     assert!(d.label_changes.contains_key("c"), "{:?}", d.label_changes);
 }
+
+#[test]
+fn decisions_on_reports_name_their_cause_and_status_lists_clusters_naturally() {
+    let names = ["c1", "c2", "c10"];
+    let plan = vec![
+        item(&[Action::Prep], 2, None),
+        item(&[Action::Upgrade], 3, None),
+    ];
+    let mut w = World::new(&names, &names, plan);
+    let causes = |d: &Decision| -> Vec<(String, PushCause)> {
+        d.pushes
+            .iter()
+            .map(|p| (p.cluster.clone(), p.cause))
+            .collect()
+    };
+    // Batches keep the plain name order: c1, c10 first, then c2.
+    let d = w.pass();
+    assert_eq!(
+        causes(&d),
+        [
+            ("c1".into(), PushCause::Other),
+            ("c10".into(), PushCause::Other)
+        ],
+        "a new rollout is no report's doing"
+    );
+    assert!(d.reported.is_empty());
+    // A report that ends an action and leads to no push is still a decision.
+    w.report("c1", prep_done());
+    let d = w.pass();
+    assert_eq!(d.reported, ["c1"]);
+    assert!(d.pushes.is_empty(), "c10 is still at work");
+    // The report that ends the batch starts the next one.
+    w.report("c10", prep_done());
+    let d = w.pass();
+    assert_eq!(d.reported, ["c10"]);
+    assert_eq!(causes(&d), [("c2".into(), PushCause::Reports)]);
+    // The report that ends the step starts the next step.
+    w.report("c2", prep_failed("no space left"));
+    let d = w.pass();
+    assert_eq!(d.reported, ["c2"]);
+    assert_eq!(
+        causes(&d),
+        [
+            ("c1".into(), PushCause::Reports),
+            ("c10".into(), PushCause::Reports)
+        ]
+    );
+    let listed: Vec<String> = w.status().clusters.into_iter().map(|c| c.name).collect();
+    assert_eq!(listed, ["c1", "c2", "c10"], "natural order for people");
+}
+
+#[test]
+fn the_next_action_of_an_item_follows_the_clusters_own_report() {
+    let mut w = World::new(
+        &["a"],
+        &["a"],
+        vec![item(&[Action::Prep, Action::Upgrade], 1, None)],
+    );
+    w.pass();
+    w.report("a", prep_done());
+    let d = w.pass();
+    assert_eq!(d.reported, ["a"]);
+    assert_eq!(d.pushes.len(), 1);
+    assert_eq!(
+        (d.pushes[0].action, d.pushes[0].cause),
+        (Action::Upgrade, PushCause::OwnReport)
+    );
+}

@@ -420,6 +420,19 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
             "hub /metrics lacks {line}:\n{hub_metrics}"
         );
     }
+    // Every decision made on a report is timed: the next action of a cluster (obs1 and obs2
+    // Upgrade: 2), the next batch (obs3, at least 1) and plan step (obs1 and obs2 Finalize: 2),
+    // and the reports that caused no push (the Finalize completions: 2). Counting only the
+    // first kind gave 2, and a one-action step nothing.
+    let decisions: u64 = hub_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_hub_decision_latency_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the decision latency histogram");
+    assert!(
+        decisions >= 7,
+        "{decisions} decisions timed:\n{hub_metrics}"
+    );
     for line in [
         "spoke_stage_duration_seconds_count{result=\"completed\",stage=\"Prep\"} 2",
         "spoke_stage_duration_seconds_count{result=\"failed\",stage=\"Prep\"} 1",
