@@ -52,6 +52,10 @@ pub struct DatabaseArgs {
     pub data_dir: PathBuf,
 }
 
+/// The demo's own default data directory: its simulated clusters never land in the
+/// inventory of a hub served from the default one.
+pub const DEMO_DATA_DIR: &str = "./.fleet-hub/demo/pgdata";
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address the HTTP API listens on.
@@ -98,11 +102,16 @@ pub struct DemoArgs {
     /// Number of simulated clusters.
     #[arg(long, default_value_t = 20)]
     pub clusters: u32,
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-    /// Address of the hub's REST API while the demo runs.
-    #[arg(long, env = "FLEET_HUB_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// Postgres URL. Absent: the demo starts a private Postgres under --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Data directory of the demo's private Postgres (its own, apart from `serve`'s).
+    #[arg(long, env = "FLEET_HUB_DEMO_DATA_DIR", default_value = DEMO_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Address of the hub's REST API while the demo runs [default: 127.0.0.1:8080, or any
+    /// free loopback port when that one is taken].
+    #[arg(long, env = "FLEET_HUB_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Duration of each simulated step, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub sim_step_ms: u64,

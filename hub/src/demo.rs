@@ -2,6 +2,10 @@
 //! over loopback HTTP (a few clusters with injected faults), the sample rollout
 //! `[Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade]`, a live view of its progress and a
 //! final table. The REST API answers throughout.
+//!
+//! The demo keeps its own database (`./.fleet-hub/demo/pgdata` by default), apart from the
+//! one `serve` uses, so its simulated clusters never show up in a real hub's inventory. A
+//! signal ends it at any point: what it runs is dropped and its private Postgres stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
@@ -21,6 +25,7 @@ use crate::engine::{Engine, SystemClock};
 use crate::error::Error;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::store;
 
 /// Which simulated clusters misbehave, and how (cluster number, fault).
@@ -34,40 +39,95 @@ const FAULTS: &[(u32, Fault, &str)] = &[
     (12, Fault::Backup, "OADP backup fails before the reboot"),
 ];
 const JOIN_TOKEN_LEN: usize = 32;
+/// The hub's usual address (`serve`'s default), taken when free.
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How often the live view redraws.
 const REFRESH: Duration = Duration::from_millis(400);
 
-pub async fn run(args: DemoArgs) -> Result<(), Error> {
+/// Tasks aborted when the demo ends, however it ends: nothing it started outlives it.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::AbortHandle>);
+
+impl Tasks {
+    fn spawn<F>(&mut self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.0.push(tokio::spawn(f).abort_handle());
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|t| t.abort());
+    }
+}
+
+pub async fn run(args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
+    if args.clusters == 0 {
+        return Err(Error::Config("--clusters must be at least 1".into()));
+    }
+    println!(
+        "fleet-hub demo: {} simulated single-node clusters, one image-based upgrade\n",
+        args.clusters
+    );
+    let mut args = args;
+    if args.database_url.is_none()
+        && args.data_dir == std::path::Path::new(crate::cli::DEMO_DATA_DIR)
+        && let Some(blocked) = crate::embedded_pg::unreachable_by_server(&args.data_dir)
+    {
+        // Run as root from a home directory (mode 0700), say: the server's `postgres` user
+        // cannot enter it. The demo's scratch database then lives where it can.
+        let elsewhere = std::env::temp_dir().join("fleet-hub-demo/pgdata");
+        println!(
+            "  note       the postgres user cannot enter {}: the demo's database goes under {}",
+            blocked.display(),
+            elsewhere.display()
+        );
+        args.data_dir = elsewhere;
+    }
+    let db = Database::open(args.database_url.as_deref(), &args.data_dir).await?;
+    // Opening is not cut short (it may be creating the cluster); a signal that came
+    // meanwhile is acted on now.
+    let outcome = match shutdown.requested() {
+        Some(signal) => Err(Error::Interrupted(signal)),
+        None => tokio::select! {
+            // The demo first: with --stay it ends on the signal itself, and cleanly.
+            biased;
+            r = demo(&db, args, &shutdown) => r,
+            signal = shutdown.wait() => Err(Error::Interrupted(signal)),
+        },
+    };
+    let closed = db.close().await;
+    outcome.and(closed)
+}
+
+async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), Error> {
     let DemoArgs {
         clusters,
-        database,
+        database_url: _,
+        data_dir,
         listen,
         sim_step_ms,
         sim_reboot_ms,
         fleet_listen,
         stay,
     } = args;
-    if clusters == 0 {
-        return Err(Error::Config("--clusters must be at least 1".into()));
-    }
-    println!(
-        "fleet-hub demo: {clusters} simulated single-node clusters, one image-based upgrade\n"
-    );
-    let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
     if db.is_embedded() {
         println!(
             "  database   private Postgres under {} ({})",
-            database.data_dir.display(),
+            data_dir.display(),
             db.url
         );
     } else {
         println!("  database   {}", db.url);
     }
+    let mut tasks = Tasks::default();
 
     // The hub: engine and REST API.
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
-    let driver = tokio::spawn(engine.clone().run());
+    tasks.spawn(engine.clone().run());
     let join_token = uuid::Uuid::new_v4().simple().to_string()[..JOIN_TOKEN_LEN].to_string();
     let state = AppState {
         pool: db.pool.clone(),
@@ -76,28 +136,39 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         admin_token: None,
         join_token: Some(join_token.clone()),
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: format!("{listen} (choose another with --listen)"),
-            source,
-        })?;
+    let listener = match listen {
+        Some(listen) => TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: format!("{listen} (choose another with --listen)"),
+                source,
+            })?,
+        // The usual port when it is free, else any: the demo must start on a busy machine.
+        None => match TcpListener::bind(DEFAULT_LISTEN).await {
+            Ok(l) => l,
+            Err(_) => TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: "127.0.0.1:0".into(),
+                    source,
+                })?,
+        },
+    };
     let hub_addr = listener.local_addr().map_err(|source| Error::Listen {
-        addr: listen.to_string(),
+        addr: "the hub's listener".into(),
         source,
     })?;
-    let api = tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = axum::serve(listener, http::router(state)).await;
     });
     let hub_url = format!("http://{hub_addr}");
     println!("  hub API    {hub_url}   (try: curl -s {hub_url}/v1/rollouts | jq)");
 
     // The fleet: simulated agents on one loopback listener, registering like real ones.
-    let fleet_dir = database
-        .data_dir
+    let fleet_dir = data_dir
         .parent()
         .unwrap_or(std::path::Path::new("."))
-        .join("demo-fleet");
+        .join("fleet");
     let _ = std::fs::remove_dir_all(&fleet_dir);
     let fleet_listener = TcpListener::bind(fleet_listen)
         .await
@@ -158,7 +229,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         api_token: None,
         metrics,
     });
-    let fleet = tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = axum::serve(fleet_listener, spoke_agent::api::router(fleet_state)).await;
     });
     println!("  fleet      {clusters} agents under {fleet_url}/clusters/<name>");
@@ -166,8 +237,14 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         println!("             spoke{n}: {what}");
     }
 
-    // Wait for every agent to register and report, and start clean.
+    // Wait for every agent to register and report, and start clean: no labels of an
+    // earlier demo's rollout, no cluster of an earlier, larger demo.
     let names: Vec<String> = (1..=clusters).map(|i| format!("spoke{i}")).collect();
+    for old in store::cluster_list(&db.pool).await? {
+        if old.labels.get("demo").is_some_and(|v| v == "true") && !names.contains(&old.name) {
+            store::cluster_delete(&db.pool, &old.name).await?;
+        }
+    }
     loop {
         let known = store::cluster_list(&db.pool).await?;
         let ready = names
@@ -258,20 +335,48 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
     {
         println!("Succeeded={:?}: {}", s.status, s.message);
     }
-    println!(
-        "\nhistory: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq   (kept in Postgres after the demo)"
-    );
     if stay {
         println!(
-            "\nstill serving: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics); Ctrl-C to stop"
+            "\nstill serving until Ctrl-C: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics)\n\
+             history: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq"
         );
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown.wait().await;
+    } else {
+        println!("{}", after_exit_hint(db, &data_dir, &name));
     }
-    driver.abort();
-    api.abort();
-    fleet.abort();
-    db.close().await?;
+    drop(tasks);
     Ok(())
+}
+
+/// How to run this very binary from here: `target/release/fleet-hub` after `cargo run`.
+fn self_command() -> String {
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    match (exe, cwd) {
+        (Some(exe), Some(cwd)) => match exe.strip_prefix(&cwd) {
+            Ok(relative) => relative.display().to_string(),
+            Err(_) => exe.display().to_string(),
+        },
+        _ => "fleet-hub".to_string(),
+    }
+}
+
+/// What still works once the demo has exited (its hub and, for the private database, the
+/// database too are stopped by then).
+fn after_exit_hint(db: &Database, data_dir: &std::path::Path, rollout: &str) -> String {
+    let history = format!("curl -s http://127.0.0.1:8080/v1/rollouts/default/{rollout}/history");
+    let serve = if db.is_embedded() {
+        format!("{} serve --data-dir {}", self_command(), data_dir.display())
+    } else {
+        format!("{} serve --database-url '{}'", self_command(), db.url)
+    };
+    format!(
+        "\nThe demo's hub has stopped; the rollout and its history are kept in its database.\n\
+         To browse them, serve that database and ask the API:\n  \
+         {serve}\n  \
+         {history} | jq\n\
+         or run the demo again with --stay to keep it serving after the rollout."
+    )
 }
 
 fn bar(done: u32, failed: u32, running: u32, total: u32) -> String {
@@ -322,32 +427,27 @@ pub fn render_progress(
     out
 }
 
-/// The final table: per cluster, its outcome and its labels.
+/// The final table: per cluster (in natural name order), its outcome and its labels; then
+/// each failure with its whole message, which a table column would cut.
 pub fn render_summary(
     status: &ImageBasedGroupUpgradeStatus,
     clusters: &[store::ClusterRecord],
 ) -> String {
     let mut out = format!(
-        "{:<10} {:<44} {:<40} {}\n",
+        "{:<10} {:<44} {:<16} {}\n",
         "CLUSTER", "COMPLETED", "FAILED", "IBGU LABELS"
     );
-    for c in &status.clusters {
-        let done: Vec<&str> = c
-            .completed_actions
-            .iter()
-            .map(|a| a.action.as_str())
-            .collect();
-        let failed: Vec<String> = c
-            .failed_actions
-            .iter()
-            .map(|a| {
-                let mut m = a.message.clone();
-                if m.chars().count() > 28 {
-                    m = m.chars().take(27).collect::<String>() + "…";
-                }
-                format!("{} ({m})", a.action)
-            })
-            .collect();
+    let mut rows: Vec<_> = status.clusters.iter().collect();
+    rows.sort_by(|a, b| fleet_types::names::natural_cmp(&a.name, &b.name));
+    let mut failures = String::new();
+    for c in rows {
+        let actions = |list: &[fleet_types::ibgu::ActionMessage]| -> Vec<String> {
+            list.iter().map(|a| a.action.to_string()).collect()
+        };
+        let (done, failed) = (actions(&c.completed_actions), actions(&c.failed_actions));
+        for a in &c.failed_actions {
+            failures.push_str(&format!("  {} {}: {}\n", c.name, a.action, a.message));
+        }
         let labels: Vec<String> = clusters
             .iter()
             .find(|x| x.name == c.name)
@@ -362,17 +462,24 @@ pub fn render_summary(
                     .collect()
             })
             .unwrap_or_default();
-        out.push_str(&format!(
-            "{:<10} {:<44} {:<40} {}\n",
-            c.name,
-            done.join(","),
-            failed.join("; "),
-            if labels.is_empty() {
-                "-".to_string()
+        let or_dash = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".into()
             } else {
-                labels.join(",")
+                v.join(",")
             }
+        };
+        out.push_str(&format!(
+            "{:<10} {:<44} {:<16} {}\n",
+            c.name,
+            or_dash(done),
+            or_dash(failed),
+            or_dash(labels),
         ));
+    }
+    if !failures.is_empty() {
+        out.push_str("\nFailures:\n");
+        out.push_str(&failures);
     }
     out
 }

@@ -4,14 +4,20 @@
 //! Postgres refuses to run as root, so when the hub runs as root the server runs as the
 //! `postgres` user. The server listens on a unix socket inside the data directory (private to
 //! its owner) and on no TCP port, unless the socket path would be too long for the kernel, in
-//! which case it takes a free loopback port. A server left running by a hub that was killed is
-//! adopted, not started twice.
+//! which case it takes a free loopback port.
+//!
+//! Whoever runs the server owns it and stops it on the way out: the hub that started it, or
+//! the hub that adopted it because the one that started it is gone (killed with SIGKILL, say).
+//! The owner's process id is kept in `fleet-hub.owner` in the data directory; a second hub
+//! started on the same directory while the owner lives shares the server and leaves it be.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
 
 use nix::unistd::{Gid, Uid, User};
 use sqlx::postgres::PgConnectOptions;
@@ -26,6 +32,10 @@ const SUPERUSER: &str = "postgres";
 /// at each start (the port may change) without editing the file initdb wrote.
 const SETTINGS_FILE: &str = "fleet-hub.conf";
 const LOG_FILE: &str = "fleet-hub-postgres.log";
+/// The process id of the hub that owns the running server.
+const OWNER_FILE: &str = "fleet-hub.owner";
+/// What `/proc/<pid>/comm` of a live owner reads (the kernel keeps 15 bytes of the name).
+const PROCESS_NAME: &str = "fleet-hub";
 /// sockaddr_un holds 108 bytes including the final NUL.
 const MAX_SOCKET_PATH: usize = 107;
 const SOCKET_PORT: u16 = 5432;
@@ -88,14 +98,15 @@ enum Endpoint {
     Tcp { port: u16 },
 }
 
-/// A running private Postgres. Dropping it stops the server if this process started it.
+/// A running private Postgres. Dropping it stops the server if this process owns it.
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
     data_dir: PathBuf,
     bin_dir: PathBuf,
     run_as: Option<(Uid, Gid)>,
     endpoint: Endpoint,
-    started_here: bool,
+    /// This process started the server or adopted it, and stops it.
+    owned: bool,
     stopped: bool,
 }
 
@@ -121,7 +132,7 @@ impl EmbeddedPostgres {
             bin_dir,
             run_as,
             endpoint: Endpoint::Tcp { port: 0 },
-            started_here: false,
+            owned: false,
             stopped: false,
         };
         if !pg.data_dir.join("PG_VERSION").exists() {
@@ -129,23 +140,60 @@ impl EmbeddedPostgres {
         }
         match pg.running_endpoint().await {
             Some(endpoint) => {
-                tracing::info!(data_dir = %pg.data_dir.display(), "adopting the embedded Postgres already running there");
                 pg.endpoint = endpoint;
+                match pg.live_owner() {
+                    Some(owner) => {
+                        tracing::warn!(data_dir = %pg.data_dir.display(), owner, "sharing the embedded Postgres another fleet-hub runs: it stops when that hub exits");
+                    }
+                    None => {
+                        pg.take_ownership()?;
+                        tracing::info!(data_dir = %pg.data_dir.display(), "adopting the embedded Postgres a stopped hub left running: it stops when this hub exits");
+                    }
+                }
             }
             None => {
                 pg.endpoint = choose_endpoint(&pg.data_dir)?;
                 pg.write_settings()?;
+                // Owned before it is started: whatever happens next, the way out stops it.
+                pg.take_ownership()?;
                 pg.pg_ctl(
                     &["start", "-w", "-t", PG_CTL_WAIT_SECONDS, "-l"],
                     Some(LOG_FILE),
                 )
                 .await?;
-                pg.started_here = true;
                 tracing::info!(data_dir = %pg.data_dir.display(), endpoint = %pg.url(), "embedded Postgres started");
             }
         }
         pg.ensure_database().await?;
         Ok(pg)
+    }
+
+    /// The process id of the live fleet-hub that owns the running server: this one (the
+    /// server is owned by another handle here) or another.
+    fn live_owner(&self) -> Option<u32> {
+        let me = std::process::id();
+        if locked_owned_here().contains(&self.data_dir) {
+            return Some(me);
+        }
+        let text = fs::read_to_string(self.data_dir.join(OWNER_FILE)).ok()?;
+        let pid: u32 = text.trim().parse().ok().filter(|&p| p != me)?;
+        // A pid alone may have been reused by any process since: the name must match too.
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim_end() == PROCESS_NAME).then_some(pid)
+    }
+
+    fn take_ownership(&mut self) -> Result<(), EmbeddedError> {
+        let path = self.data_dir.join(OWNER_FILE);
+        fs::write(&path, format!("{}\n", std::process::id())).map_err(io_err(&path))?;
+        locked_owned_here().insert(self.data_dir.clone());
+        self.owned = true;
+        Ok(())
+    }
+
+    /// Forgets the ownership once the server is stopped.
+    fn release(&self) {
+        let _ = fs::remove_file(self.data_dir.join(OWNER_FILE));
+        locked_owned_here().remove(&self.data_dir);
     }
 
     /// How to connect to the hub's database.
@@ -170,16 +218,16 @@ impl EmbeddedPostgres {
         &self.data_dir
     }
 
-    /// Stops the server if this process started it (an adopted server belongs to whoever
-    /// started it).
+    /// Stops the server if this process owns it (a shared one belongs to its owner).
     pub async fn stop(mut self) -> Result<(), EmbeddedError> {
         self.stopped = true;
-        if self.started_here {
+        if self.owned {
             self.pg_ctl(
                 &["stop", "-w", "-m", "fast", "-t", PG_CTL_WAIT_SECONDS],
                 None,
             )
             .await?;
+            self.release();
             tracing::info!(data_dir = %self.data_dir.display(), "embedded Postgres stopped");
         }
         Ok(())
@@ -318,7 +366,7 @@ impl EmbeddedPostgres {
 
     /// The synchronous stop used when the value is dropped without `stop()`.
     fn stop_blocking(&mut self) {
-        if self.stopped || !self.started_here {
+        if self.stopped || !self.owned {
             return;
         }
         self.stopped = true;
@@ -334,8 +382,9 @@ impl EmbeddedPostgres {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid.as_raw());
             std::os::unix::process::CommandExt::gid(&mut cmd, gid.as_raw());
         }
-        if let Err(err) = cmd.status() {
-            tracing::warn!(%err, "could not stop the embedded Postgres");
+        match cmd.status() {
+            Ok(_) => self.release(),
+            Err(err) => tracing::warn!(%err, "could not stop the embedded Postgres"),
         }
     }
 }
@@ -344,6 +393,13 @@ impl Drop for EmbeddedPostgres {
     fn drop(&mut self) {
         self.stop_blocking();
     }
+}
+
+/// The data directories whose server this process owns (a second handle on one of them, as
+/// tests open, shares it).
+fn locked_owned_here() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    static OWNED_HERE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    OWNED_HERE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn run(mut cmd: Command, program: &str) -> Result<(), EmbeddedError> {
@@ -408,8 +464,19 @@ fn prepare_dir(data_dir: &Path, run_as: Option<(Uid, Gid)>) -> Result<(), Embedd
         return Ok(());
     };
     nix::unistd::chown(data_dir, Some(uid), Some(gid)).map_err(|e| io_err(data_dir)(e.into()))?;
-    for dir in data_dir.ancestors().skip(1) {
-        let meta = fs::metadata(dir).map_err(io_err(dir))?;
+    match blocked_ancestor(data_dir, uid, gid) {
+        Some(blocked) => Err(EmbeddedError::Unreachable {
+            data_dir: data_dir.to_path_buf(),
+            blocked,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The first existing directory above `dir` that the user cannot search (enter).
+fn blocked_ancestor(dir: &Path, uid: Uid, gid: Gid) -> Option<PathBuf> {
+    dir.ancestors().skip(1).find_map(|d| {
+        let meta = fs::metadata(d).ok()?;
         let mode = meta.mode();
         let searchable = if meta.uid() == uid.as_raw() {
             mode & 0o100 != 0
@@ -418,14 +485,19 @@ fn prepare_dir(data_dir: &Path, run_as: Option<(Uid, Gid)>) -> Result<(), Embedd
         } else {
             mode & 0o001 != 0
         };
-        if !searchable {
-            return Err(EmbeddedError::Unreachable {
-                data_dir: data_dir.to_path_buf(),
-                blocked: dir.to_path_buf(),
-            });
-        }
+        (!searchable).then(|| d.to_path_buf())
+    })
+}
+
+/// Run as root, the server runs as `postgres`: the directory above `data_dir` that this
+/// user cannot enter, if any (so a caller can choose another place before starting).
+pub fn unreachable_by_server(data_dir: &Path) -> Option<PathBuf> {
+    if !Uid::effective().is_root() {
+        return None;
     }
-    Ok(())
+    let user = User::from_name(SUPERUSER).ok().flatten()?;
+    let data_dir = std::path::absolute(data_dir).ok()?;
+    blocked_ancestor(&data_dir, user.uid, user.gid)
 }
 
 /// The socket inside the data directory when its path fits, else a free loopback port.

@@ -21,4 +21,6 @@ pub enum Error {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("stopped by {}", .0.name())]
+    Interrupted(crate::shutdown::Signal),
 }

@@ -15,6 +15,7 @@ pub mod planner;
 pub mod reports;
 pub mod rollouts;
 pub mod serve;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 

@@ -18,9 +18,18 @@ async fn main() -> ExitCode {
         Command::Serve(_) => "info",
     };
     hub::telemetry::init(cli.log_format, default_level);
+    // Before anything is started: from here on SIGTERM and Ctrl-C let the hub stop what it
+    // started (its private Postgres above all) instead of killing it on the spot.
+    let shutdown = match hub::shutdown::Shutdown::install() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("fleet-hub: cannot handle SIGTERM and SIGINT: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        Command::Serve(args) => hub::serve::run(args).await,
-        Command::Demo(args) => hub::demo::run(args).await,
+        Command::Serve(args) => hub::serve::run(args, shutdown).await,
+        Command::Demo(args) => hub::demo::run(args, shutdown).await,
         Command::Openapi => {
             let doc = hub::http::openapi::document();
             println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -33,6 +42,7 @@ async fn main() -> ExitCode {
             eprintln!("fleet-hub: {err}");
             match err {
                 hub::Error::Config(_) => ExitCode::from(2),
+                hub::Error::Interrupted(signal) => ExitCode::from(signal.exit_code()),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -12,8 +12,9 @@ use crate::error::Error;
 use crate::http::{self, AppState};
 use crate::kubernetes;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
-pub async fn run(args: ServeArgs) -> Result<(), Error> {
+pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let ServeArgs {
         listen,
         database,
@@ -53,6 +54,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
 
     let db = Database::open(database.database_url.as_deref(), &database.data_dir).await?;
     tracing::info!(database = %db.url, embedded = db.is_embedded(), "database ready and migrated");
+    if shutdown.requested().is_some() {
+        // Asked to stop while the database was opening: nothing else was started yet.
+        return db.close().await;
+    }
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
@@ -101,7 +106,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         source,
     })?;
     tracing::info!(address = %local, "fleet-hub listening");
-    let served = http::listen::serve(listener, http::router(state), shutdown_signal()).await;
+    let stop = async move {
+        shutdown.wait().await;
+    };
+    let served = http::listen::serve(listener, http::router(state), stop).await;
     tracing::info!("draining done, shutting down");
     driver.abort();
     if let Some(task) = kube_task {
@@ -128,29 +136,4 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
 }

@@ -145,14 +145,18 @@ fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
     })
 }
 
+/// Every cluster, in natural name order (`spoke2` before `spoke10`).
 pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
-    let rows = sqlx::query(
-        "SELECT name, labels, endpoint, last_seen, last_report FROM clusters ORDER BY name",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(db)?;
-    rows.iter().map(cluster_from_row).collect()
+    let rows = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters")
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    let mut list = rows
+        .iter()
+        .map(cluster_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    list.sort_by(|a, b| fleet_types::names::natural_cmp(&a.name, &b.name));
+    Ok(list)
 }
 
 pub async fn cluster_fetch(pool: &PgPool, name: &str) -> Result<Option<ClusterRecord>, Error> {
@@ -191,6 +195,52 @@ pub async fn cluster_patch_labels(
         .map_err(db)?;
     tx.commit().await.map_err(db)?;
     cluster_fetch(pool, name).await
+}
+
+/// What became of a cluster's deletion.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClusterDeleted {
+    Deleted,
+    NotFound,
+    /// Refused: rollouts not completed still have the cluster to start or at work.
+    InRollouts(Vec<String>),
+}
+
+/// Removes a cluster from the inventory, unless a rollout still has it pending or at work.
+/// Its history and the progress rows of finished rollouts are kept. A live agent registers
+/// again on its next report (the hub no longer knows its credential).
+pub async fn cluster_delete(pool: &PgPool, name: &str) -> Result<ClusterDeleted, Error> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    // The row is locked first, so a registration or report of the cluster waits for the end.
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT name FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if exists.is_none() {
+        return Ok(ClusterDeleted::NotFound);
+    }
+    let busy: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT r.namespace || '/' || r.name
+         FROM rollout_clusters c JOIN rollouts r ON r.id = c.rollout_id
+         WHERE c.cluster = $1 AND c.state IN ('pending', 'running') AND r.phase <> 'Completed'
+         ORDER BY 1",
+    )
+    .bind(name)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    if !busy.is_empty() {
+        return Ok(ClusterDeleted::InRollouts(busy));
+    }
+    sqlx::query("DELETE FROM clusters WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(ClusterDeleted::Deleted)
 }
 
 /// Where and how the hub reaches a spoke.

@@ -1,16 +1,24 @@
 //! Logging set-up shared by the subcommands: text for people, JSON for log pipelines.
 //! `RUST_LOG` refines the level (default given by the subcommand).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+/// Postgres relays NOTICEs (`relation "_sqlx_migrations" already exists, skipping` at every
+/// start) and sqlx logs them at INFO: noise for an operator, kept back unless asked for.
+const QUIET: &str = "sqlx::postgres::notice=warn";
+
 pub fn init(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},{QUIET}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only where a terminal turns them into colours, never in a file or pipe.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

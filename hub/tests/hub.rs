@@ -201,9 +201,9 @@ async fn embedded_postgres_adopts_a_server_left_running() {
     let dir = reachable_tempdir();
     let data_dir = dir.path().join("pgdata");
     let first = EmbeddedPostgres::start(&data_dir).await.unwrap();
-    // A second hub on the same directory (or a hub restarted after being killed) finds the
-    // server running and connects to it instead of starting another.
-    let second = EmbeddedPostgres::start(&data_dir).await.expect("adopts");
+    // A second handle on the same directory while the first lives (here, or in another hub)
+    // finds the server running and shares it instead of starting another.
+    let second = EmbeddedPostgres::start(&data_dir).await.expect("shares");
     assert_eq!(first.url(), second.url());
     let pool = sqlx::PgPool::connect_with(second.connect_options())
         .await
@@ -217,7 +217,7 @@ async fn embedded_postgres_adopts_a_server_left_running() {
     second.stop().await.unwrap();
     assert!(
         data_dir.join("postmaster.pid").exists(),
-        "the adopter does not stop it"
+        "a sharer does not stop it"
     );
     first.stop().await.unwrap();
     assert!(!data_dir.join("postmaster.pid").exists());
@@ -1096,4 +1096,154 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
     let mut fourth = db.pool.begin().await.unwrap();
     let gone = store::rollout_hold_in_txn(&mut fourth, id).await.unwrap();
     assert_eq!(seen(gone), "gone");
+}
+
+#[tokio::test]
+async fn a_cluster_is_deleted_unless_a_running_rollout_has_it() {
+    let db = migrated().await;
+    let metrics = Metrics::new().unwrap();
+    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
+    let app = router(AppState {
+        pool: db.pool.clone(),
+        metrics,
+        engine: engine.clone(),
+        admin_token: Some("admin".into()),
+        join_token: Some("join".into()),
+    });
+    for (name, site) in [("sno1", "a"), ("sno2", "b")] {
+        let reg = serde_json::json!({"name": name, "endpoint": "http://127.0.0.1:1", "labels": {"site": site}, "agentId": "run-1"});
+        let (code, _) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
+        assert_eq!(code, StatusCode::OK);
+    }
+    let ibgu = serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "up", "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchLabels": {"site": "a"}}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+            "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 30}}]
+        }
+    });
+    let (code, body) = call(&app, "POST", "/v1/rollouts", Some("admin"), ibgu).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    engine.pass_all().await.unwrap();
+
+    let delete = |name: &'static str, token: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            call(
+                &app,
+                "DELETE",
+                &format!("/v1/clusters/{name}"),
+                token,
+                serde_json::Value::Null,
+            )
+            .await
+        }
+    };
+    let (code, _) = delete("sno2", None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, body) = delete("sno1", Some("admin")).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["reason"], "Conflict");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("cluster sno1 is in a running rollout (default/up)"),
+        "{body}"
+    );
+    let (code, body) = delete("sno2", Some("admin")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "Success");
+    let (code, _) = call(
+        &app,
+        "GET",
+        "/v1/clusters/sno2",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let (code, body) = delete("sno2", Some("admin")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+    // Once the rollout is gone, nothing holds sno1.
+    let (code, _) = call(
+        &app,
+        "DELETE",
+        "/v1/rollouts/default/up",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, body) = delete("sno1", Some("admin")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, list) = call(
+        &app,
+        "GET",
+        "/v1/clusters",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(list["items"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn manifests_are_accepted_as_yaml() {
+    let db = migrated().await;
+    let metrics = Metrics::new().unwrap();
+    let app = router(AppState {
+        pool: db.pool.clone(),
+        metrics: metrics.clone(),
+        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
+        admin_token: None,
+        join_token: None,
+    });
+    let send = |method: &str, path: &str, yaml: String| {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/yaml")
+            .body(Body::from(yaml))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            let code = res.status();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                code,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    // The README's quick start: the ConfigMaps the rollout names, then the TALM manifest.
+    for (ns, name) in [
+        ("openshift-lifecycle-agent", "example-extra-manifests"),
+        ("openshift-adp", "oadp-cm"),
+    ] {
+        let cm = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {ns}\ndata:\n  a.yaml: |\n    kind: Namespace\n"
+        );
+        let (code, body) = send("PUT", &format!("/v1/configmaps/{ns}/{name}"), cm).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+    }
+    let manifest = include_str!("../../fleet-types/fixtures/ibgu-talm.yaml").to_string();
+    let (code, body) = send("POST", "/v1/rollouts", manifest).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert_eq!(body["metadata"]["name"], "telco5g-upgrade");
+    assert_eq!(body["spec"]["plan"][1]["actions"][1], "FinalizeUpgrade");
+    // Broken YAML is refused, saying where.
+    let (code, body) = send("POST", "/v1/rollouts", "spec: [".into()).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ImageBasedGroupUpgrade: "),
+        "{body}"
+    );
 }

@@ -3,6 +3,7 @@
 
 pub mod fake_kube;
 pub mod machine;
+pub mod readme;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

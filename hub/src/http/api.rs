@@ -52,6 +52,21 @@ fn json_body<'a, T: Deserialize<'a>>(body: &'a Bytes, what: &str) -> Result<T, A
     serde_json::from_slice(body).map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}")))
 }
 
+/// A manifest as users of `oc` and `kubectl` write it: YAML when the body says so
+/// (`application/yaml`), JSON otherwise.
+fn manifest_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+    what: &str,
+) -> Result<T, ApiError> {
+    match content_type(headers) {
+        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}"))),
+        _ => serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}"))),
+    }
+}
+
 /// A status report's IBU, unparsed.
 #[derive(Deserialize)]
 struct ReportText<'a> {
@@ -251,6 +266,32 @@ pub async fn cluster_patch(
     }
 }
 
+pub async fn cluster_delete(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    match store::cluster_delete(&state.pool, &name).await? {
+        store::ClusterDeleted::Deleted => Ok(Json(fleet_types::status::success(format!(
+            "cluster {name} deleted; its history is kept"
+        )))
+        .into_response()),
+        store::ClusterDeleted::NotFound => Err(ApiError::new(
+            Reason::NotFound,
+            format!("cluster {name} not found"),
+        )),
+        store::ClusterDeleted::InRollouts(rollouts) => Err(ApiError::new(
+            Reason::Conflict,
+            format!(
+                "cluster {name} is in a running rollout ({}): delete it when the rollout \
+                 completes, or delete the rollout first",
+                rollouts.join(", ")
+            ),
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 pub struct CreateQuery {
     #[serde(rename = "dryRun")]
@@ -277,7 +318,7 @@ pub async fn rollout_create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
-    let mut obj: ImageBasedGroupUpgrade = json_body(&body, "ImageBasedGroupUpgrade")?;
+    let mut obj: ImageBasedGroupUpgrade = manifest_body(&headers, &body, "ImageBasedGroupUpgrade")?;
     if obj.metadata.namespace.as_deref().is_none_or(str::is_empty) {
         obj.metadata.namespace = Some("default".into());
     }
@@ -499,7 +540,7 @@ pub async fn configmap_put(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
-    let cm: ConfigMap = json_body(&body, "ConfigMap")?;
+    let cm: ConfigMap = manifest_body(&headers, &body, "ConfigMap")?;
     if cm.metadata.name != name || cm.metadata.namespace != ns {
         return Err(ApiError::new(
             Reason::Invalid,

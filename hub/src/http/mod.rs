@@ -60,7 +60,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clusters", get(api::cluster_list))
         .route(
             "/v1/clusters/{name}",
-            get(api::cluster_get).patch(api::cluster_patch),
+            get(api::cluster_get)
+                .patch(api::cluster_patch)
+                .delete(api::cluster_delete),
         )
         .route(
             "/v1/rollouts",

@@ -108,6 +108,14 @@ pub const OPERATIONS: &[Operation] = &[
         (200, Body::Cluster),
     ),
     op(
+        "delete",
+        "/v1/clusters/{name}",
+        "Remove a cluster from the inventory (409 while a running rollout has it); its history stays",
+        Auth::Admin,
+        Body::None,
+        (200, Body::Any),
+    ),
+    op(
         "post",
         "/v1/rollouts",
         "Create an ImageBasedGroupUpgrade (dryRun=All: answer the plan, store nothing)",

@@ -1,27 +1,78 @@
-//! fleet-hub as a process: its own Postgres, SIGTERM, restart, flags.
+//! fleet-hub as a process: its own Postgres, signals, restart, flags, the demo as the
+//! README runs it.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleet_e2e::{binary, free_port, wait_for};
+use fleet_e2e::{binary, free_port, readme, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
 
 /// Generous: the first start runs initdb.
 const START_DEADLINE: Duration = Duration::from_secs(90);
 
+/// A hub serving from `work_dir` with the default data directory; its log goes to
+/// `work_dir/hub.log` (kept out of the test output, shown when an assertion fails).
 fn start_hub(work_dir: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work_dir.join("hub.log"))
+        .expect("hub log");
     Command::new(binary("fleet-hub"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(work_dir)
         .env_remove("DATABASE_URL")
         .env_remove("FLEET_HUB_DATA_DIR")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("fleet-hub starts")
+}
+
+fn hub_log(work_dir: &Path) -> String {
+    std::fs::read_to_string(work_dir.join("hub.log")).unwrap_or_default()
+}
+
+/// The process id of the Postgres server running on `data_dir`, from its `postmaster.pid`.
+fn postmaster(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Whether a process runs (a zombie no longer does: nothing may have reaped it yet here).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// No Postgres is left on `data_dir`: no pid file, and the server that had it is gone.
+fn assert_no_server(data_dir: &Path, server: i32, context: &str) {
+    assert!(
+        !data_dir.join("postmaster.pid").exists(),
+        "{context}: postmaster.pid is still there"
+    );
+    assert!(!running(server), "{context}: Postgres {server} still runs");
+}
+
+fn signal(child: &Child, sig: Signal) {
+    kill(Pid::from_raw(child.id() as i32), sig).expect("signal the hub");
+}
+
+async fn exit_status(child: &mut Child) -> std::process::ExitStatus {
+    wait_for("fleet-hub to exit", Duration::from_secs(60), || {
+        let exited = child.try_wait().expect("wait");
+        async move { exited }
+    })
+    .await
 }
 
 async fn wait_ready(port: u16) {
@@ -40,12 +91,8 @@ async fn wait_ready(port: u16) {
 }
 
 async fn terminate(mut child: Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-    let status = wait_for("fleet-hub to exit", Duration::from_secs(60), || {
-        let exited = child.try_wait().expect("wait");
-        async move { exited }
-    })
-    .await;
+    signal(&child, Signal::SIGTERM);
+    let status = exit_status(&mut child).await;
     assert!(status.success(), "SIGTERM exits 0, got {status}");
 }
 
@@ -67,11 +114,9 @@ async fn serve_with_no_configuration_runs_its_own_postgres_and_keeps_data() {
         .unwrap()
         .modified()
         .unwrap();
+    let server = postmaster(&data_dir).expect("the private Postgres runs");
     terminate(hub).await;
-    assert!(
-        !data_dir.join("postmaster.pid").exists(),
-        "the private Postgres stops with the hub"
-    );
+    assert_no_server(&data_dir, server, "after SIGTERM");
 
     let port = free_port();
     let hub = start_hub(work.path(), port);
@@ -81,7 +126,62 @@ async fn serve_with_no_configuration_runs_its_own_postgres_and_keeps_data() {
         .modified()
         .unwrap();
     assert_eq!(created, reused, "the second start reuses the same cluster");
-    terminate(hub).await;
+    // Ctrl-C stops it the same way.
+    let server = postmaster(&data_dir).expect("the private Postgres runs");
+    let mut hub = hub;
+    signal(&hub, Signal::SIGINT);
+    let status = exit_status(&mut hub).await;
+    assert!(status.success(), "SIGINT drains and exits 0, got {status}");
+    assert_no_server(&data_dir, server, "after SIGINT");
+}
+
+#[tokio::test]
+async fn a_hub_killed_outright_leaves_postgres_to_the_next_which_stops_it() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = work.path().join(".fleet-hub/pgdata");
+
+    let port = free_port();
+    let mut first = start_hub(work.path(), port);
+    wait_ready(port).await;
+    let server = postmaster(&data_dir).expect("the private Postgres runs");
+    // SIGKILL cannot be caught: the server outlives the hub.
+    signal(&first, Signal::SIGKILL);
+    exit_status(&mut first).await;
+    assert!(running(server), "Postgres outlives a hub killed outright");
+
+    let port = free_port();
+    let second = start_hub(work.path(), port);
+    wait_ready(port).await;
+    assert_eq!(
+        postmaster(&data_dir),
+        Some(server),
+        "adopted, not restarted"
+    );
+    terminate(second).await;
+    assert_no_server(&data_dir, server, "the adopter stops what it adopted");
+    let log = hub_log(work.path());
+    assert!(log.contains("adopting the embedded Postgres"), "{log}");
+}
+
+#[tokio::test]
+async fn an_error_after_the_start_of_postgres_stops_it() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = work.path().join(".fleet-hub/pgdata");
+    // The listen address is taken: the hub fails after its database is up.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut hub = start_hub(work.path(), port);
+    let status = exit_status(&mut hub).await;
+    assert_eq!(status.code(), Some(1), "{}", hub_log(work.path()));
+    let log = hub_log(work.path());
+    assert!(log.contains("embedded Postgres started"), "{log}");
+    assert!(log.contains("Address already in use"), "{log}");
+    assert!(
+        !data_dir.join("postmaster.pid").exists(),
+        "the failed hub stopped its Postgres: {log}"
+    );
 }
 
 #[tokio::test]
@@ -174,26 +274,55 @@ async fn help_documents_every_contract_flag() {
     }
 }
 
+/// The README's main command as the tests run it: the binary `cargo run -p PACKAGE` runs,
+/// with the README's arguments. Extra flags only make the simulated fleet faster.
+fn readme_demo() -> Command {
+    let (main, _) = readme::two_commands();
+    let run = readme::parse_cargo_run(&main).unwrap_or_else(|e| panic!("README: {e}"));
+    let bin = readme::default_run(&run.package)
+        .unwrap_or_else(|| panic!("package {} has no default-run", run.package));
+    let mut cmd = Command::new(binary(&bin));
+    cmd.args(&run.args)
+        .args(["--listen", "127.0.0.1:0", "--sim-step-ms", "20"])
+        .env_remove("DATABASE_URL")
+        .env_remove("FLEET_HUB_DEMO_DATA_DIR")
+        .env_remove("FLEET_HUB_LISTEN");
+    cmd
+}
+
+#[test]
+fn the_readme_commands_are_the_ones_ci_and_the_demo_test_run() {
+    let (main, tests) = readme::two_commands();
+    let run = readme::parse_cargo_run(&main).unwrap();
+    assert_eq!(run.package, "hub", "{main}");
+    assert!(run.release, "the main command builds optimised: {main}");
+    assert_eq!(run.args, ["demo"], "{main}");
+    assert_eq!(
+        readme::default_run("hub").as_deref(),
+        Some("fleet-hub"),
+        "`cargo run -p hub` must know which binary to run"
+    );
+    assert_eq!(tests, "bash .ci/run");
+    let ci = std::fs::read_to_string(readme::workspace().join(".ci/run")).unwrap();
+    assert!(
+        ci.lines()
+            .any(|l| l.trim_start().starts_with("cargo test --workspace")),
+        ".ci/run runs the workspace's tests"
+    );
+    // CI also runs the main command verbatim, as read from the README.
+    assert!(
+        ci.contains("readme_main_command") && ci.contains("eval \"$main\""),
+        ".ci/run runs the README's main command"
+    );
+}
+
 #[tokio::test]
 async fn the_demo_runs_start_to_finish_on_its_own_database() {
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = tokio::process::Command::new(binary("fleet-hub"))
-        .args([
-            "demo",
-            "--clusters",
-            "5",
-            "--listen",
-            "127.0.0.1:0",
-            "--sim-step-ms",
-            "20",
-            "--sim-reboot-ms",
-            "50",
-        ])
+    let out = tokio::process::Command::from(readme_demo())
+        .args(["--clusters", "5", "--sim-reboot-ms", "50"])
         .current_dir(work.path())
-        .env_remove("DATABASE_URL")
-        .env_remove("FLEET_HUB_DATA_DIR")
-        .env_remove("FLEET_HUB_LISTEN")
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), out)
         .await
@@ -206,15 +335,17 @@ async fn the_demo_runs_start_to_finish_on_its_own_database() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("All plan steps are completed"), "{text}");
-    // spoke3 fails its Prep by design; the others finish the whole plan
     let row = |name: &str| {
         text.lines()
             .find(|l| l.split_whitespace().next() == Some(name))
             .unwrap_or("")
             .to_string()
     };
+    // spoke3 fails its Prep by design, and the whole message is shown; the others finish
+    // the whole plan. Rows come in natural order.
+    assert!(row("spoke3").contains(" Prep "), "{text}");
     assert!(
-        row("spoke3").contains("Prep (failed to setup stateroot"),
+        text.contains("Failures:\n  spoke3 Prep: failed to setup stateroot"),
         "{text}"
     );
     assert!(
@@ -225,11 +356,92 @@ async fn the_demo_runs_start_to_finish_on_its_own_database() {
         text.contains("Succeeded=False: 1 of 5 cluster(s) failed an action"),
         "{text}"
     );
+    // The hint after the summary names what works once the demo has exited.
     assert!(
-        !work
-            .path()
-            .join(".fleet-hub/pgdata/postmaster.pid")
-            .exists(),
+        text.contains("fleet-hub serve --data-dir ./.fleet-hub/demo/pgdata"),
+        "{text}"
+    );
+    assert!(!text.contains("Ctrl-C"), "{text}");
+    // Its own database, apart from the one `serve` uses; stopped with the demo.
+    let data_dir = work.path().join(".fleet-hub/demo/pgdata");
+    assert!(data_dir.join("PG_VERSION").is_file());
+    assert!(!work.path().join(".fleet-hub/pgdata").exists());
+    assert!(
+        !data_dir.join("postmaster.pid").exists(),
         "its Postgres is stopped"
     );
+    // Nothing but the demo's own output: no log lines, no colour codes.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("WARN") && !err.contains('\x1b'), "{err}");
+    assert!(!text.contains('\x1b'), "no terminal codes in a pipe");
+}
+
+/// Lines of the demo's standard output, as they come.
+struct DemoOutput(tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>);
+
+impl DemoOutput {
+    async fn until(&mut self, what: &str) -> String {
+        let mut seen = String::new();
+        let found = tokio::time::timeout(START_DEADLINE, async {
+            while let Ok(Some(line)) = self.0.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(what) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "the demo never printed {what:?}:\n{seen}");
+        seen
+    }
+}
+
+fn start_demo(work: &Path, extra: &[&str]) -> (tokio::process::Child, DemoOutput, PathBuf) {
+    let mut child = tokio::process::Command::from(readme_demo())
+        .args(["--clusters", "3"])
+        .args(extra)
+        .current_dir(work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the demo starts");
+    let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (
+        child,
+        DemoOutput(lines),
+        work.join(".fleet-hub/demo/pgdata"),
+    )
+}
+
+#[tokio::test]
+async fn the_demo_stops_its_postgres_on_sigterm_and_ctrl_c() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // --stay: after the rollout it serves until a signal, which is then its normal end.
+    let (mut demo, mut out, data_dir) = start_demo(work.path(), &["--stay"]);
+    out.until("still serving until Ctrl-C").await;
+    let server = postmaster(&data_dir).expect("the demo's Postgres runs");
+    kill(Pid::from_raw(demo.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), demo.wait())
+        .await
+        .expect("the demo exits")
+        .unwrap();
+    assert!(status.success(), "SIGTERM after the rollout: {status}");
+    assert_no_server(&data_dir, server, "demo --stay after SIGTERM");
+
+    // Ctrl-C in the middle of the rollout: the demo stops short and says so by its code.
+    let (mut demo, mut out, data_dir) = start_demo(work.path(), &["--sim-reboot-ms", "60000"]);
+    out.until("rollout    default/").await;
+    let server = postmaster(&data_dir).expect("the demo's Postgres runs");
+    kill(Pid::from_raw(demo.id().unwrap() as i32), Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), demo.wait())
+        .await
+        .expect("the demo exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted mid-rollout");
+    assert_no_server(&data_dir, server, "demo after SIGINT mid-rollout");
 }
