@@ -5,7 +5,7 @@ use hub::cli::{Cli, Command};
 
 /// glibc's allocator took a fifth of the hub's CPU at fleet scale (`fleet-bench`: reports,
 /// pushes and the engine's passes allocate a lot, briefly); jemalloc does the same work
-/// for less, with no more memory (mimalloc was as fast but held more: see the README).
+/// for less, with no more memory (mimalloc was as fast but held more: see docs/benchmarks.md).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
