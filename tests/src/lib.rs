@@ -69,6 +69,42 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A child process's log: kept in a file so that a passing test prints nothing of it, and
+/// printed on the test's output when the test fails (while the value is dropped in a panic).
+pub struct ChildLog {
+    path: PathBuf,
+}
+
+impl ChildLog {
+    pub fn new(dir: &std::path::Path, name: &str) -> ChildLog {
+        ChildLog {
+            path: dir.join(format!("{name}.log")),
+        }
+    }
+
+    /// For `Command::stderr`: appends to the log file.
+    pub fn stdio(&self) -> std::process::Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map(std::process::Stdio::from)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.path.display()))
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.path.display(), self.text());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // A fresh, real Postgres database per test.
 //

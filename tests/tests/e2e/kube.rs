@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules, oadp_configmap};
-use fleet_e2e::{ChildGuard, TestDb, binary, free_port, wait_for};
+use fleet_e2e::{ChildGuard, ChildLog, TestDb, binary, free_port, wait_for};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -70,6 +70,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
     }
     kube.seed("api/v1", "configmaps", oadp_configmap("ztp", "oadp-cm"));
     let db = TestDb::empty().await;
+    let hub_log = ChildLog::new(dir.path(), "fleet-hub");
     let _hub = ChildGuard(
         Command::new(binary("fleet-hub"))
             .args([
@@ -87,7 +88,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("POD_NAME", "fleet-hub-0")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(hub_log.stdio())
             .spawn()
             .expect("fleet-hub starts"),
     );

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleet_e2e::fake_kube::{ADMIN_HEADER, FakeKube, cluster_role_rules, oadp_configmap};
-use fleet_e2e::{ChildGuard, binary, free_port, wait_for};
+use fleet_e2e::{ChildGuard, ChildLog, binary, free_port, wait_for};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -60,6 +60,7 @@ async fn oc_patch_drives_the_agent_and_oadp_runs_through_velero_objects() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
     let port = free_port();
+    let agent_log = ChildLog::new(dir.path(), "spoke-agent");
     let _agent = ChildGuard(
         Command::new(binary("spoke-agent"))
             .args(["serve", "--kube", "--cluster-name", "sno1", "--host", "sim"])
@@ -78,7 +79,7 @@ async fn oc_patch_drives_the_agent_and_oadp_runs_through_velero_objects() {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("SPOKE_HUB_URL")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(agent_log.stdio())
             .spawn()
             .expect("spoke-agent starts"),
     );
