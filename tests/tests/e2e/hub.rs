@@ -259,6 +259,8 @@ async fn help_documents_every_contract_flag() {
             "spoke-agent serve --help lacks {flag}"
         );
     }
+    // Not offered while it is not in the build (refused with a clear message if given).
+    assert!(!agent.contains("ostree"), "{agent}");
     let fleet = help("spoke-agent", "sim-fleet");
     for flag in [
         "--count",
