@@ -35,7 +35,7 @@ impl Database {
         let (options, url, embedded) = match url {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url).map_err(|e| {
-                    Error::Config(format!("--database-url is not a Postgres URL: {e}"))
+                    Error::Invalid(format!("--database-url is not a Postgres URL: {e}"))
                 })?;
                 (options, redact(url), None)
             }
@@ -48,8 +48,7 @@ impl Database {
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
-            .await
-            .map_err(Error::Database)?;
+            .await?;
         migrate(&pool).await?;
         Ok(Database {
             pool,
@@ -76,7 +75,7 @@ impl Database {
 /// Applies every migration not yet applied. Safe to run from several hubs at once: sqlx
 /// serializes them with an advisory lock.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
-    MIGRATOR.run(pool).await.map_err(Error::Migrate)
+    Ok(MIGRATOR.run(pool).await?)
 }
 
 /// Ready means: the database answers, and every migration this build knows is applied.

@@ -65,7 +65,7 @@ impl Drop for Tasks {
 
 pub async fn run(args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
     if args.clusters == 0 {
-        return Err(Error::Config("--clusters must be at least 1".into()));
+        return Err(Error::Invalid("--clusters must be at least 1".into()));
     }
     println!(
         "fleet-hub demo: {} simulated single-node clusters, one image-based upgrade\n",
@@ -137,27 +137,23 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
         join_token: Some(join_token.clone()),
     };
     let listener = match listen {
-        Some(listen) => TcpListener::bind(listen)
-            .await
-            .map_err(|source| Error::Listen {
-                addr: format!("{listen} (choose another with --listen)"),
+        Some(listen) => TcpListener::bind(listen).await.map_err(|source| {
+            Error::unavailable(
+                &format!("listening on {listen} (choose another with --listen)"),
                 source,
-            })?,
+            )
+        })?,
         // The usual port when it is free, else any: the demo must start on a busy machine.
         None => match TcpListener::bind(DEFAULT_LISTEN).await {
             Ok(l) => l,
             Err(_) => TcpListener::bind("127.0.0.1:0")
                 .await
-                .map_err(|source| Error::Listen {
-                    addr: "127.0.0.1:0".into(),
-                    source,
-                })?,
+                .map_err(|source| Error::unavailable("listening on 127.0.0.1:0", source))?,
         },
     };
-    let hub_addr = listener.local_addr().map_err(|source| Error::Listen {
-        addr: "the hub's listener".into(),
-        source,
-    })?;
+    let hub_addr = listener
+        .local_addr()
+        .map_err(|source| Error::unavailable("listening on the hub's address", source))?;
     tasks.spawn(async move {
         let _ = axum::serve(listener, http::router(state)).await;
     });
@@ -170,20 +166,17 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
         .unwrap_or(std::path::Path::new("."))
         .join("fleet");
     let _ = std::fs::remove_dir_all(&fleet_dir);
-    let fleet_listener = TcpListener::bind(fleet_listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: format!("{fleet_listen} (choose another with --fleet-listen)"),
+    let fleet_listener = TcpListener::bind(fleet_listen).await.map_err(|source| {
+        Error::unavailable(
+            &format!("listening on {fleet_listen} (choose another with --fleet-listen)"),
             source,
-        })?;
+        )
+    })?;
     let fleet_url = format!(
         "http://{}",
         fleet_listener
             .local_addr()
-            .map_err(|source| Error::Listen {
-                addr: "fleet".into(),
-                source
-            })?
+            .map_err(|source| Error::unavailable("listening on the fleet's address", source))?
     );
     let metrics = AgentMetrics::new()?;
     let mut agents = HashMap::new();
@@ -220,7 +213,7 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
             Some(link),
         )
         .await
-        .map_err(|e| Error::Config(e.to_string()))?;
+        .map_err(|e| Error::internal("starting a simulated agent", e))?;
         agents.insert(name, agent);
     }
     let fleet_state = Arc::new(ApiState {
@@ -288,7 +281,7 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
             ]
         }
     }))
-    .map_err(|e| Error::Config(e.to_string()))?;
+    .map_err(|e| Error::internal("the demo's rollout", e))?;
     store::rollout_insert(&db.pool, &ibgu).await?;
     engine.trigger();
     println!(
@@ -303,7 +296,9 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
     let final_status = loop {
         let row = store::rollout_fetch(&db.pool, "default", &name).await?;
         let Some(row) = row else {
-            return Err(Error::Config(format!("rollout default/{name} disappeared")));
+            return Err(Error::Internal(format!(
+                "rollout default/{name} disappeared"
+            )));
         };
         let status = row.object.status.clone().unwrap_or_default();
         let text = render_progress(&row.object, &status);

@@ -175,7 +175,7 @@ impl Engine {
         // Postgres keeps microseconds: so do the steps kept in memory.
         let now = chrono::SubsecRound::trunc_subsecs(self.clock.now(), 6);
         let started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await.map_err(Error::Database)?;
+        let mut tx = self.pool.begin().await?;
         let (row, version) = match store::rollout_hold_in_txn(&mut tx, id).await? {
             store::Held::Busy => return Ok(Passed::Busy),
             store::Held::Gone => return Ok(Passed::Done { held: Vec::new() }),
@@ -304,7 +304,7 @@ impl Engine {
         )
         .await?;
         let t_status = started.elapsed();
-        tx.commit().await.map_err(Error::Database)?;
+        tx.commit().await?;
         locked(&self.parsed).insert(id, reports);
         locked(&self.steps).insert(
             id,

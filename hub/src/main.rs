@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
         Err(err) => {
             eprintln!("fleet-hub: {err}");
             match err {
-                hub::Error::Config(_) => ExitCode::from(2),
+                hub::Error::Invalid(_) => ExitCode::from(2),
                 hub::Error::Interrupted(signal) => ExitCode::from(signal.exit_code()),
                 _ => ExitCode::FAILURE,
             }

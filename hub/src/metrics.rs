@@ -11,6 +11,8 @@ use prometheus::{
     Opts, Registry,
 };
 
+use crate::store::FleetSnapshot;
+
 /// Every state a cluster's action can be in (the `state` label of `fleet_hub_cluster_actions`).
 pub const ACTION_STATES: [&str; 5] = ["pending", "running", "completed", "failed", "timed_out"];
 /// Rollout phases (the `phase` label of `fleet_hub_rollouts`).
@@ -377,140 +379,10 @@ impl Metrics {
     }
 }
 
-/// What the fleet gauges show, read from the database at scrape time.
-#[derive(Debug, Default, PartialEq)]
-pub struct FleetSnapshot {
-    pub rollouts: std::collections::BTreeMap<String, i64>,
-    /// (action, state) -> clusters.
-    pub cluster_actions: std::collections::BTreeMap<(String, &'static str), i64>,
-    pub steps: Vec<StepSnapshot>,
-    pub registered: i64,
-    pub unreachable: i64,
-}
-
-#[derive(Debug, Default, PartialEq)]
-pub struct StepSnapshot {
-    pub namespace: String,
-    pub rollout: String,
-    /// The plan item's index (0-based, as in the history).
-    pub step: i64,
-    pub clusters: std::collections::BTreeMap<&'static str, i64>,
-    pub batch: i64,
-    pub batches: i64,
-}
-
-/// One group of clusters of a started step, as stored: which actions the step has, which
-/// the clusters completed, where they are.
-#[derive(Debug, Clone)]
-pub struct ProgressGroup {
-    pub actions: Vec<String>,
-    pub completed: Vec<String>,
-    pub action_index: usize,
-    pub state: String,
-    pub timed_out: bool,
-    pub count: i64,
-}
-
-impl ProgressGroup {
-    /// The state of the group as a whole (`fleet_hub_rollout_clusters`).
-    pub fn cluster_state(&self) -> &'static str {
-        match self.state.as_str() {
-            "failed" if self.timed_out => "timed_out",
-            "failed" => "failed",
-            "running" => "running",
-            "completed" => "completed",
-            _ => "pending",
-        }
-    }
-
-    /// Adds the state of each of the step's actions for these clusters: completed ones,
-    /// the current one (running, failed or timed out), and pending ones after it. Actions
-    /// after a failure never run and are not counted.
-    pub fn add_action_states(
-        &self,
-        into: &mut std::collections::BTreeMap<(String, &'static str), i64>,
-    ) {
-        for (i, action) in self.actions.iter().enumerate() {
-            // Before the current index: completed (also when a later action failed).
-            let state = if i < self.action_index || self.completed.contains(action) {
-                "completed"
-            } else if i == self.action_index {
-                self.cluster_state()
-            } else if self.state == "failed" {
-                continue;
-            } else {
-                "pending"
-            };
-            *into.entry((action.clone(), state)).or_insert(0) += self.count;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn group(completed: &[&str], index: usize, state: &str, timed_out: bool) -> ProgressGroup {
-        ProgressGroup {
-            actions: vec!["Prep".into(), "Upgrade".into(), "FinalizeUpgrade".into()],
-            completed: completed.iter().map(|s| s.to_string()).collect(),
-            action_index: index,
-            state: state.into(),
-            timed_out,
-            count: 3,
-        }
-    }
-
-    fn states(g: &ProgressGroup) -> Vec<(String, &'static str, i64)> {
-        let mut m = Default::default();
-        g.add_action_states(&mut m);
-        m.into_iter().map(|((a, s), n)| (a, s, n)).collect()
-    }
-
-    #[test]
-    fn action_states_follow_the_progress_of_a_cluster() {
-        assert_eq!(
-            states(&group(&[], 0, "pending", false)),
-            vec![
-                ("FinalizeUpgrade".into(), "pending", 3),
-                ("Prep".into(), "pending", 3),
-                ("Upgrade".into(), "pending", 3)
-            ]
-        );
-        assert_eq!(
-            states(&group(&["Prep"], 1, "running", false)),
-            vec![
-                ("FinalizeUpgrade".into(), "pending", 3),
-                ("Prep".into(), "completed", 3),
-                ("Upgrade".into(), "running", 3)
-            ]
-        );
-        // A failed Upgrade: Finalize never runs, so it is not pending.
-        assert_eq!(
-            states(&group(&["Prep"], 1, "failed", false)),
-            vec![
-                ("Prep".into(), "completed", 3),
-                ("Upgrade".into(), "failed", 3)
-            ]
-        );
-        assert_eq!(
-            states(&group(&[], 0, "failed", true)),
-            vec![("Prep".into(), "timed_out", 3)]
-        );
-        assert_eq!(
-            states(&group(
-                &["Prep", "Upgrade", "FinalizeUpgrade"],
-                3,
-                "completed",
-                false
-            )),
-            vec![
-                ("FinalizeUpgrade".into(), "completed", 3),
-                ("Prep".into(), "completed", 3),
-                ("Upgrade".into(), "completed", 3)
-            ]
-        );
-    }
+    use crate::store::StepSnapshot;
 
     #[test]
     fn fleet_gauges_drop_rollouts_that_are_no_longer_active() {

@@ -31,14 +31,14 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
             },
     } = args;
     if kube_qps <= 0.0 || kube_burst == 0 {
-        return Err(Error::Config(
+        return Err(Error::Invalid(
             "--kube-qps must be above 0 and --kube-burst at least 1".into(),
         ));
     }
     // Found before anything starts, so a hub that cannot reach Kubernetes says so at once.
     let kube_config = if kube {
         Some(kube::Config::infer().await.map_err(|e| {
-            Error::Config(format!(
+            Error::Invalid(format!(
                 "--kube: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
             ))
         })?)
@@ -97,14 +97,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         admin_token,
         join_token,
     };
-    let listener = bind(listen).map_err(|source| Error::Listen {
-        addr: listen.to_string(),
-        source,
-    })?;
-    let local = listener.local_addr().map_err(|source| Error::Listen {
-        addr: listen.to_string(),
-        source,
-    })?;
+    let listener = bind(listen)
+        .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;
     tracing::info!(address = %local, "fleet-hub listening");
     let stop = async move {
         shutdown.wait().await;
@@ -116,10 +113,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         task.abort();
     }
     let closed = db.close().await;
-    served.map_err(|source| Error::Listen {
-        addr: local.to_string(),
-        source,
-    })?;
+    served.map_err(|source| Error::unavailable(&format!("listening on {local}"), source))?;
     closed
 }
 

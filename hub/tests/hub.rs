@@ -636,7 +636,7 @@ async fn connections_beyond_the_limit_wait_for_an_idle_one_to_close() {
 /// its own answer.
 #[tokio::test]
 async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
-    use hub::reports::{Incoming, Stored, write_group};
+    use hub::store::{Incoming, Stored, report_write_group};
     let db = migrated().await;
     sqlx::query(
         "INSERT INTO clusters (name, endpoint, credential_hash, agent_id) VALUES
@@ -664,7 +664,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
         // right credential, but an agent run the hub no longer knows
         report("a", "cred-a", "run0", 5),
     ];
-    let outcomes = write_group(&db.pool, &group).await.unwrap();
+    let outcomes = report_write_group(&db.pool, &group).await.unwrap();
     assert_eq!(
         outcomes,
         [
@@ -689,7 +689,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
         ]
     );
     // The same group again: nothing newer, so nothing stored.
-    let again = write_group(&db.pool, &group[..1]).await.unwrap();
+    let again = report_write_group(&db.pool, &group[..1]).await.unwrap();
     assert_eq!(again, [Stored::Stale]);
     // Two reports of one run under one number (a broken agent): one is stored, and only the
     // one stored is answered so.
@@ -703,7 +703,7 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
             ..report("a", "cred-a", "run1", 7)
         },
     ];
-    let outcomes = write_group(&db.pool, &twins).await.unwrap();
+    let outcomes = report_write_group(&db.pool, &twins).await.unwrap();
     let stored: serde_json::Value =
         sqlx::query_scalar("SELECT last_report FROM clusters WHERE name = 'a'")
             .fetch_one(&db.pool)
@@ -718,8 +718,9 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
 /// identity (agent run, sequence): the fleet read takes it from there instead of reading it back.
 #[tokio::test]
 async fn a_stored_report_reaches_the_engine_without_being_read_back() {
-    use hub::reports::{ReportWriter, Stored};
+    use hub::reports::ReportWriter;
     use hub::store::ReportId;
+    use hub::store::Stored;
     use hub::store::fleet_in_txn;
     let db = migrated().await;
     sqlx::query(
@@ -1246,4 +1247,49 @@ async fn manifests_are_accepted_as_yaml() {
             .starts_with("ImageBasedGroupUpgrade: "),
         "{body}"
     );
+}
+
+/// A database the hub cannot reach: every answer that needs it is 503 with Retry-After, never
+/// a 4xx, and comes within the pool's acquire timeout.
+#[tokio::test]
+async fn a_lost_database_is_answered_503_with_retry_after() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+        .unwrap();
+    let metrics = Metrics::new().unwrap();
+    let app = router(AppState {
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        engine: Engine::new(pool, Arc::new(SystemClock), metrics),
+        admin_token: None,
+        join_token: None,
+    });
+    let report = serde_json::json!({"sequence": 1, "agentId": "run-1", "ibu": {
+        "apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade",
+        "metadata": {"name": "upgrade"}, "spec": {"stage": "Idle"}}});
+    for (method, path, body) in [
+        ("GET", "/v1/clusters", serde_json::Value::Null),
+        ("GET", "/v1/rollouts", serde_json::Value::Null),
+        ("POST", "/v1/clusters/sno1/status", report),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer some-credential")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}"
+        );
+        assert_eq!(res.headers()["retry-after"], "5", "{method} {path}");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(status["reason"], "ServiceUnavailable", "{method} {path}");
+        assert_eq!(status["code"], 503);
+    }
 }

@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use super::{ApiError, AppState, Shared};
 use crate::planner::{rollout, selector};
-use crate::reports::Stored;
 use crate::store;
+use crate::store::Stored;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     fleet_types::http::bearer(

@@ -1,12 +1,16 @@
-//! Errors as HTTP: a Kubernetes `Status` body with the contract's reason and code. Internal
-//! details are logged, never returned.
+//! Errors as HTTP: a Kubernetes `Status` body with the contract's reason and code. This is
+//! the one place the hub's [`Error`] becomes an HTTP answer; a fault of the server or of its
+//! database is never answered 4xx. Internal details are logged, never returned.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleet_types::{Reason, Status};
 
 use crate::error::Error;
+
+/// What a client is told to wait before trying again after a 503.
+pub const RETRY_AFTER_SECONDS: u32 = 5;
 
 #[derive(Debug)]
 pub struct ApiError(pub Box<Status>);
@@ -26,26 +30,59 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, Json(*self.0)).into_response()
+        let mut response = (code, Json(*self.0)).into_response();
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
-            Error::Config(msg) => ApiError::new(Reason::BadRequest, msg),
-            Error::Database(ref e) if is_pool_exhausted(e) => {
-                tracing::warn!(error = %err, "database busy");
-                ApiError::new(Reason::ServiceUnavailable, "database busy, try again")
+            Error::Invalid(msg) => ApiError::new(Reason::Invalid, msg),
+            Error::NotFound(msg) => ApiError::new(Reason::NotFound, msg),
+            Error::Conflict(msg) => ApiError::new(Reason::Conflict, msg),
+            Error::Unauthorized(msg) => ApiError::new(Reason::Unauthorized, msg),
+            Error::Forbidden(msg) => ApiError::new(Reason::Forbidden, msg),
+            Error::Unavailable(_) => {
+                tracing::warn!(error = %err, "answering 503");
+                ApiError::new(
+                    Reason::ServiceUnavailable,
+                    "the hub's database is unavailable; try again shortly",
+                )
             }
-            other => {
-                tracing::error!(error = %other, "internal error");
+            Error::Internal(_) | Error::Interrupted(_) => {
+                tracing::error!(error = %err, "internal error");
                 ApiError::new(Reason::InternalError, "internal error; see the hub's log")
             }
         }
     }
 }
 
-fn is_pool_exhausted(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_are_5xx_and_503_says_when_to_retry() {
+        let answer = |e: Error| ApiError::from(e).into_response();
+        let unavailable = answer(Error::from(sqlx::Error::PoolTimedOut));
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(unavailable.headers()[header::RETRY_AFTER], "5");
+        let internal = answer(Error::internal("encoding", "boom"));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!internal.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            answer(Error::Invalid("bad".into())).status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            answer(Error::Conflict("taken".into())).status(),
+            StatusCode::CONFLICT
+        );
+    }
 }

@@ -42,8 +42,7 @@ impl KubeError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             KubeError::Api(_) => "kubernetes",
-            KubeError::Hub(Error::Database(_)) => "database",
-            KubeError::Hub(_) => "hub",
+            KubeError::Hub(e) => e.metric_label(),
             KubeError::Json(_) => "encoding",
             KubeError::Vanished => "vanished",
         }
@@ -82,7 +81,7 @@ pub fn client(
         limiter: client::Limiter::new(qps, burst),
     };
     let builder = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| Error::Config(format!("--kube: building the Kubernetes client: {e}")))?;
+        .map_err(|e| Error::Invalid(format!("--kube: building the Kubernetes client: {e}")))?;
     Ok(builder.with_layer(&layer).build())
 }
 

@@ -1,0 +1,279 @@
+//! The inventory: registration, labels (the planner's changes, Kubernetes sync), deletion,
+//! and how to reach each spoke.
+
+use super::*;
+
+#[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub endpoint: String,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub ibu: Option<ImageBasedUpgrade>,
+}
+
+/// Registers (or re-registers) a spoke: announced labels are merged over the stored ones
+/// (the hub's own `lcm.openshift.io/ibgu-*` labels stay). A new run of the agent (a new
+/// agent id) gets a new credential and restarts the report sequence; the same run
+/// registering again gets the same credential and keeps its sequence, so a registration
+/// that reaches the hub late (its answer lost to a client timeout, the retry already served)
+/// cannot replace the credential the agent holds. Answers the credential.
+pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<String, Error> {
+    let key = hub_key(pool).await?;
+    let fresh = uuid::Uuid::new_v4().simple().to_string();
+    let labels = serde_json::to_value(&req.labels).map_err(|e| Error::internal("encoding", e))?;
+    let nonce: String = sqlx::query_scalar(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, now())
+         ON CONFLICT (name) DO UPDATE SET
+           labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
+           credential_hash = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
+           credential_nonce = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
+           last_report_seq = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             THEN clusters.last_report_seq ELSE 0 END,
+           agent_id = EXCLUDED.agent_id, last_seen = now()
+         RETURNING credential_nonce",
+    )
+    .bind(&req.name)
+    .bind(labels)
+    .bind(&req.endpoint)
+    .bind(hash(&derive(&key, &req.name, &fresh)))
+    .bind(&fresh)
+    .bind(&req.agent_id)
+    .fetch_one(pool)
+    .await
+    ?;
+    Ok(derive(&key, &req.name, &nonce))
+}
+
+pub(super) fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
+    let labels: Value = r.try_get("labels")?;
+    let ibu: Option<Value> = r.try_get("last_report")?;
+    Ok(ClusterRecord {
+        name: r.try_get("name")?,
+        labels: serde_json::from_value(labels).unwrap_or_default(),
+        endpoint: r.try_get("endpoint")?,
+        last_seen: r.try_get("last_seen")?,
+        ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
+    })
+}
+
+/// Every cluster, in natural name order (`spoke2` before `spoke10`).
+pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
+    let rows = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters")
+        .fetch_all(pool)
+        .await?;
+    let mut list = rows
+        .iter()
+        .map(cluster_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    list.sort_by(|a, b| fleet_types::names::natural_cmp(&a.name, &b.name));
+    Ok(list)
+}
+
+pub async fn cluster_fetch(pool: &PgPool, name: &str) -> Result<Option<ClusterRecord>, Error> {
+    let row = sqlx::query(
+        "SELECT name, labels, endpoint, last_seen, last_report FROM clusters WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(cluster_from_row).transpose()
+}
+
+/// Merges labels (a `null` value removes the label). Answers the updated cluster.
+pub async fn cluster_patch_labels(
+    pool: &PgPool,
+    name: &str,
+    patch: &serde_json::Map<String, Value>,
+) -> Result<Option<ClusterRecord>, Error> {
+    let mut tx = pool.begin().await?;
+    let labels: Option<Value> =
+        sqlx::query_scalar("SELECT labels FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(mut labels) = labels else {
+        return Ok(None);
+    };
+    json_patch::merge(&mut labels, &Value::Object(patch.clone()));
+    sqlx::query("UPDATE clusters SET labels = $2 WHERE name = $1")
+        .bind(name)
+        .bind(labels)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    cluster_fetch(pool, name).await
+}
+
+/// What became of a cluster's deletion.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClusterDeleted {
+    Deleted,
+    NotFound,
+    /// Refused: rollouts not completed still have the cluster to start or at work.
+    InRollouts(Vec<String>),
+}
+
+/// Removes a cluster from the inventory, unless a rollout still has it pending or at work.
+/// Its history and the progress rows of finished rollouts are kept. A live agent registers
+/// again on its next report (the hub no longer knows its credential).
+pub async fn cluster_delete(pool: &PgPool, name: &str) -> Result<ClusterDeleted, Error> {
+    let mut tx = pool.begin().await?;
+    // The row is locked first, so a registration or report of the cluster waits for the end.
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT name FROM clusters WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(ClusterDeleted::NotFound);
+    }
+    let busy: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT r.namespace || '/' || r.name
+         FROM rollout_clusters c JOIN rollouts r ON r.id = c.rollout_id
+         WHERE c.cluster = $1 AND c.state IN ('pending', 'running') AND r.phase <> 'Completed'
+         ORDER BY 1",
+    )
+    .bind(name)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !busy.is_empty() {
+        return Ok(ClusterDeleted::InRollouts(busy));
+    }
+    sqlx::query("DELETE FROM clusters WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ClusterDeleted::Deleted)
+}
+
+/// Where and how the hub reaches a spoke.
+pub struct SpokeAccess {
+    pub endpoint: String,
+    pub credential: String,
+}
+
+pub async fn cluster_access(
+    pool: &PgPool,
+    names: &[String],
+) -> Result<HashMap<String, SpokeAccess>, Error> {
+    let key = hub_key(pool).await?;
+    let rows =
+        sqlx::query("SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)")
+            .bind(names)
+            .fetch_all(pool)
+            .await?;
+    rows.iter()
+        .map(|r| {
+            let name: String = r.try_get("name")?;
+            let nonce: String = r.try_get("credential_nonce")?;
+            Ok((
+                name.clone(),
+                SpokeAccess {
+                    endpoint: r.try_get("endpoint")?,
+                    credential: derive(&key, &name, &nonce),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Applies the planner's label changes: removals first, then additions that never
+/// overwrite a label already there. Changes, not whole label sets: a label someone else
+/// sets meanwhile stays.
+pub async fn cluster_labels_change_in_txn(
+    conn: &mut PgConnection,
+    changes: &BTreeMap<String, LabelChange>,
+) -> Result<(), Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&String> = changes.keys().collect();
+    let adds: Vec<Value> = changes
+        .values()
+        .map(|c| Value::Object(c.add.iter().map(|k| (k.clone(), Value::from(""))).collect()))
+        .collect();
+    let removes: Vec<Value> = changes
+        .values()
+        .map(|c| Value::from_iter(c.remove.iter().cloned()))
+        .collect();
+    sqlx::query(
+        "UPDATE clusters c SET labels = u.add || (c.labels - ARRAY(SELECT jsonb_array_elements_text(u.remove)))
+         FROM UNNEST($1::text[], $2::jsonb[], $3::jsonb[]) AS u(name, add, remove) WHERE c.name = u.name",
+    )
+    .bind(&names)
+    .bind(&adds)
+    .bind(&removes)
+    .execute(conn)
+    .await
+    ?;
+    Ok(())
+}
+
+/// Every cluster's labels and endpoint, to compare with the ManagedClusters.
+pub async fn cluster_labels_all(
+    pool: &PgPool,
+) -> Result<HashMap<String, (BTreeMap<String, String>, String)>, Error> {
+    let rows = sqlx::query("SELECT name, labels, endpoint FROM clusters")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let labels: Value = r.try_get("labels")?;
+            Ok((
+                r.try_get("name")?,
+                (
+                    serde_json::from_value(labels).unwrap_or_default(),
+                    r.try_get("endpoint")?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Clusters known from ManagedClusters: their labels replace the stored ones except the
+/// hub's `lcm.openshift.io/ibgu-*` labels, which are kept as they are in the row at that
+/// moment (the engine may be writing them); an empty endpoint keeps the stored one. A new
+/// cluster has no credential until its agent registers.
+pub async fn cluster_sync_from_kube(
+    pool: &PgPool,
+    clusters: &[(String, BTreeMap<String, String>, String)],
+) -> Result<(), Error> {
+    if clusters.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = clusters.iter().map(|c| c.0.as_str()).collect();
+    let labels: Vec<Value> = clusters
+        .iter()
+        .map(|c| {
+            let own: BTreeMap<&String, &String> =
+                c.1.iter()
+                    .filter(|(k, _)| !fleet_types::labels::is_ibgu_label(k))
+                    .collect();
+            serde_json::to_value(own).unwrap_or_default()
+        })
+        .collect();
+    let endpoints: Vec<&str> = clusters.iter().map(|c| c.2.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash)
+         SELECT u.name, u.labels, u.endpoint, '' FROM UNNEST($1::text[], $2::jsonb[], $3::text[])
+           AS u(name, labels, endpoint)
+         ON CONFLICT (name) DO UPDATE SET
+           labels = EXCLUDED.labels || (SELECT COALESCE(jsonb_object_agg(key, value), '{}'::jsonb)
+                                        FROM jsonb_each(clusters.labels)
+                                        WHERE key LIKE 'lcm.openshift.io/ibgu-%'),
+           endpoint = CASE WHEN EXCLUDED.endpoint = '' THEN clusters.endpoint ELSE EXCLUDED.endpoint END",
+    )
+    .bind(&names)
+    .bind(&labels)
+    .bind(&endpoints)
+    .execute(pool)
+    .await
+    ?;
+    Ok(())
+}

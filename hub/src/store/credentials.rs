@@ -1,0 +1,61 @@
+//! The hub's secret key and the per-cluster credentials derived from it: the hub keeps
+//! only their hashes and re-derives a credential when it pushes to a spoke.
+
+use super::*;
+
+/// The key of each database this process talks to, read once: it never changes after it
+/// is created, and every registration and push round needs it.
+pub(super) static HUB_KEYS: std::sync::Mutex<BTreeMap<String, Vec<u8>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+pub(super) fn database_identity(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "{}:{}:{:?}/{}",
+        o.get_host(),
+        o.get_port(),
+        o.get_socket(),
+        o.get_database().unwrap_or_default()
+    )
+}
+
+pub(super) async fn hub_key(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let id = database_identity(pool);
+    if let Some(k) = HUB_KEYS.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(k.clone());
+    }
+    let key = hub_key_load(pool).await?;
+    HUB_KEYS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, key.clone());
+    Ok(key)
+}
+
+pub(super) async fn hub_key_load(pool: &PgPool) -> Result<Vec<u8>, Error> {
+    let fresh: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|u| u.as_bytes().to_vec())
+        .collect();
+    sqlx::query("INSERT INTO hub_secret (id, key) VALUES (true, $1) ON CONFLICT (id) DO NOTHING")
+        .bind(&fresh)
+        .execute(pool)
+        .await?;
+    sqlx::query_scalar("SELECT key FROM hub_secret WHERE id")
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
+}
+
+pub(super) fn derive(key: &[u8], cluster: &str, nonce: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(cluster.as_bytes());
+    h.update([0]);
+    h.update(nonce.as_bytes());
+    hex::encode(h.finalize())
+}
+
+pub fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}

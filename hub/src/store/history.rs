@@ -1,0 +1,126 @@
+//! The append-only history of every transition, and its reading for the API and Events.
+
+use super::*;
+
+pub async fn history_insert_in_txn(
+    conn: &mut PgConnection,
+    rollout: &RolloutRow,
+    now: DateTime<Utc>,
+    events: &[Event],
+) -> Result<(), Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let clusters: Vec<Option<String>> = events.iter().map(|e| e.cluster.clone()).collect();
+    let steps: Vec<Option<i32>> = events.iter().map(|e| e.step.map(|s| s as i32)).collect();
+    let actions: Vec<Option<String>> = events
+        .iter()
+        .map(|e| e.action.map(|a| a.as_str().to_string()))
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event).collect();
+    let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, cluster, step, action, event, message)
+         SELECT $1, $2, $3, $4, u.cluster, u.step, u.action, u.event, u.message
+         FROM UNNEST($5::text[], $6::int4[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY
+           AS u(cluster, step, action, event, message, n) ORDER BY u.n",
+    )
+    .bind(rollout.id)
+    .bind(rollout.object.metadata.namespace.clone().unwrap_or_default())
+    .bind(rollout.object.metadata.name.clone().unwrap_or_default())
+    .bind(now)
+    .bind(&clusters)
+    .bind(&steps)
+    .bind(&actions)
+    .bind(&kinds)
+    .bind(&messages)
+    .execute(conn)
+    .await
+    ?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct HistoryEntry {
+    pub time: DateTime<Utc>,
+    pub cluster: Option<String>,
+    pub step: Option<i32>,
+    pub action: Option<String>,
+    pub event: String,
+    pub message: String,
+}
+
+pub async fn history_list(
+    pool: &PgPool,
+    rollout_id: i64,
+    cluster: Option<&str>,
+) -> Result<Vec<HistoryEntry>, Error> {
+    let rows = sqlx::query(
+        "SELECT time, cluster, step, action, event, message FROM history
+         WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",
+    )
+    .bind(rollout_id)
+    .bind(cluster)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(HistoryEntry {
+                time: r.try_get("time")?,
+                cluster: r.try_get("cluster")?,
+                step: r.try_get("step")?,
+                action: r.try_get("action")?,
+                event: r.try_get("event")?,
+                message: r.try_get("message")?,
+            })
+        })
+        .collect()
+}
+
+/// A history row for Kubernetes Events.
+pub struct HistoryEvent {
+    pub id: i64,
+    pub namespace: String,
+    pub rollout: String,
+    pub cluster: Option<String>,
+    pub event: String,
+    pub message: String,
+}
+
+/// History rows after `after` whose event is one of `events`, oldest first.
+pub async fn history_since(
+    pool: &PgPool,
+    after: i64,
+    events: &[&str],
+    limit: i64,
+) -> Result<Vec<HistoryEvent>, Error> {
+    let rows = sqlx::query(
+        "SELECT id, rollout_namespace, rollout_name, cluster, event, message FROM history
+         WHERE id > $1 AND event = ANY($2) ORDER BY id LIMIT $3",
+    )
+    .bind(after)
+    .bind(events)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(HistoryEvent {
+                id: r.try_get("id")?,
+                namespace: r.try_get("rollout_namespace")?,
+                rollout: r.try_get("rollout_name")?,
+                cluster: r.try_get("cluster")?,
+                event: r.try_get("event")?,
+                message: r.try_get("message")?,
+            })
+        })
+        .collect()
+}
+
+/// The newest history id (0 when empty).
+pub async fn history_last_id(pool: &PgPool) -> Result<i64, Error> {
+    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM history")
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
+}

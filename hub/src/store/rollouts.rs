@@ -1,0 +1,255 @@
+//! Rollouts: the IBGU objects, the lock a pass holds, and the end of a pass on the row.
+
+use super::*;
+
+pub struct RolloutRow {
+    pub id: i64,
+    pub object: ImageBasedGroupUpgrade,
+    pub phase: String,
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+pub(super) fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
+    let spec: Value = r.try_get("spec")?;
+    let status: Value = r.try_get("status")?;
+    let labels: Value = r.try_get("labels")?;
+    let annotations: Value = r.try_get("annotations")?;
+    let uid: uuid::Uuid = r.try_get("uid")?;
+    let name: String = r.try_get("name")?;
+    let created: DateTime<Utc> = r.try_get("created_at")?;
+    let mut object = ImageBasedGroupUpgrade::new(
+        &name,
+        serde_json::from_value(spec).map_err(|e| Error::internal("stored spec", e))?,
+    );
+    object.metadata.namespace = Some(r.try_get("namespace")?);
+    object.metadata.uid = Some(uid.to_string());
+    object.metadata.generation = Some(r.try_get("generation")?);
+    object.metadata.labels = serde_json::from_value(labels)
+        .ok()
+        .filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.annotations = serde_json::from_value(annotations)
+        .ok()
+        .filter(|m: &BTreeMap<String, String>| !m.is_empty());
+    object.metadata.creation_timestamp = serde_json::from_value(Value::String(
+        created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    ))
+    .ok();
+    let status: ImageBasedGroupUpgradeStatus = serde_json::from_value(status).unwrap_or_default();
+    object.status = (status != ImageBasedGroupUpgradeStatus::default()).then_some(status);
+    Ok(RolloutRow {
+        id: r.try_get("id")?,
+        object,
+        phase: r.try_get("phase")?,
+        started_at: r.try_get("started_at")?,
+    })
+}
+
+pub(super) const ROLLOUT_COLUMNS: &str = "id, uid, namespace, name, generation, labels, annotations, spec, status, phase, created_at, started_at";
+
+pub async fn rollout_insert(
+    pool: &PgPool,
+    obj: &ImageBasedGroupUpgrade,
+) -> Result<Option<RolloutRow>, Error> {
+    let ns = obj
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO rollouts (uid, namespace, name, labels, annotations, spec)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, name) DO NOTHING RETURNING {ROLLOUT_COLUMNS}"
+    )))
+    .bind(uuid::Uuid::new_v4())
+    .bind(ns)
+    .bind(obj.metadata.name.clone().unwrap_or_default())
+    .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::internal("encoding", e))?)
+    .fetch_optional(pool)
+    .await
+    ?;
+    row.as_ref().map(rollout_from_row).transpose()
+}
+
+/// The rollout as users see it: its status with `clusters`.
+pub async fn rollout_fetch(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<RolloutRow>, Error> {
+    match rollout_fetch_stored(pool, namespace, name).await? {
+        Some(r) => Ok(Some(with_cluster_states(pool, r).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The rollout as stored: its status without `clusters` (for who needs the spec or the
+/// phase, without reading every cluster's progress).
+pub async fn rollout_fetch_stored(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE namespace = $1 AND name = $2"
+    )))
+    .bind(namespace)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(rollout_from_row).transpose()
+}
+
+pub async fn rollout_list(pool: &PgPool) -> Result<Vec<RolloutRow>, Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY namespace, name"
+    )))
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        out.push(with_cluster_states(pool, rollout_from_row(r)?).await?);
+    }
+    Ok(out)
+}
+
+/// Fills `status.clusters` from the progress rows: the engine stores the status without it.
+pub(super) async fn with_cluster_states(
+    pool: &PgPool,
+    mut row: RolloutRow,
+) -> Result<RolloutRow, Error> {
+    if let Some(status) = row.object.status.as_mut() {
+        let mut conn = pool.acquire().await?;
+        let steps = rollout_steps_in_txn(&mut conn, row.id).await?;
+        status.clusters = crate::planner::rollout::cluster_states(&steps);
+    }
+    Ok(row)
+}
+
+/// Stores a changed object (spec, labels, annotations) with the next generation, and marks
+/// the rollout active again so an appended step starts.
+pub async fn rollout_update(
+    pool: &PgPool,
+    id: i64,
+    obj: &ImageBasedGroupUpgrade,
+    spec_changed: bool,
+) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE rollouts SET spec = $2, labels = $3, annotations = $4,
+           generation = generation + CASE WHEN $5 THEN 1 ELSE 0 END,
+           phase = CASE WHEN $5 THEN 'Progressing' ELSE phase END,
+           completed_at = CASE WHEN $5 THEN NULL ELSE completed_at END, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::internal("encoding", e))?)
+    .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
+    .bind(
+        serde_json::to_value(obj.metadata.annotations.clone().unwrap_or_default())
+            .unwrap_or_default(),
+    )
+    .bind(spec_changed)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn rollout_delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, Error> {
+    let r = sqlx::query("DELETE FROM rollouts WHERE namespace = $1 AND name = $2")
+        .bind(namespace)
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn rollout_active_ids(pool: &PgPool) -> Result<Vec<i64>, Error> {
+    sqlx::query_scalar("SELECT id FROM rollouts WHERE phase <> 'Completed' ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .map_err(Error::from)
+}
+
+/// What a pass finds when it asks for a rollout.
+pub enum Held {
+    /// Another hub holds the rollout's pass lock.
+    Busy,
+    /// The rollout is gone.
+    Gone,
+    /// The row, locked for this transaction, with its state version (see the migration that
+    /// added it).
+    Row(Box<RolloutRow>, i64),
+}
+
+/// Takes the rollout's pass lock for this transaction and, when it is free, locks and reads
+/// the row with its state version: one round trip for what a pass needs first. A lock held
+/// by another hub leaves the row alone (it is not even read, let alone waited for).
+pub async fn rollout_hold_in_txn(conn: &mut PgConnection, id: i64) -> Result<Held, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH pass_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(1717658484, $1::int4) AS held)
+         SELECT pass_lock.held, r.* FROM pass_lock LEFT JOIN LATERAL
+           (SELECT {ROLLOUT_COLUMNS}, state_version FROM rollouts WHERE id = $2 AND pass_lock.held FOR UPDATE) r ON true"
+    )))
+    .bind(id as i32)
+    .bind(id)
+    .fetch_one(conn)
+    .await
+    ?;
+    if !row.try_get::<bool, _>("held")? {
+        return Ok(Held::Busy);
+    }
+    match row.try_get::<Option<i64>, _>("state_version")? {
+        None => Ok(Held::Gone),
+        Some(version) => Ok(Held::Row(Box::new(rollout_from_row(&row)?), version)),
+    }
+}
+
+/// A rollout's status as a pass leaves it.
+pub struct PassStatus<'a> {
+    pub status: &'a ImageBasedGroupUpgradeStatus,
+    pub phase: &'a str,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// The end of a pass on the rollout's row, in one statement: the state version moves on when
+/// the steps changed, the status is written when it changed. Answers the state version after
+/// the pass (`version`, the one read under the row lock, when nothing is written).
+pub async fn rollout_save_pass_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+    version: i64,
+    steps_changed: bool,
+    status: Option<PassStatus<'_>>,
+) -> Result<i64, Error> {
+    if !steps_changed && status.is_none() {
+        return Ok(version);
+    }
+    let (value, phase, started_at, completed_at) = match &status {
+        Some(s) => (
+            Some(serde_json::to_value(s.status).map_err(|e| Error::internal("encoding", e))?),
+            Some(s.phase),
+            s.started_at,
+            s.completed_at,
+        ),
+        None => (None, None, None, None),
+    };
+    // Without a status ($3 and $4 null) the status columns keep what they hold.
+    sqlx::query_scalar(
+        "UPDATE rollouts SET state_version = state_version + $2,
+           status = COALESCE($3, status), phase = COALESCE($4, phase),
+           started_at = CASE WHEN $4 IS NULL THEN started_at ELSE $5 END,
+           completed_at = CASE WHEN $4 IS NULL THEN completed_at ELSE $6 END,
+           updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
+         WHERE id = $1 RETURNING state_version",
+    )
+    .bind(id)
+    .bind(i64::from(steps_changed))
+    .bind(value)
+    .bind(phase)
+    .bind(started_at)
+    .bind(completed_at)
+    .fetch_one(conn)
+    .await
+    .map_err(Error::from)
+}
