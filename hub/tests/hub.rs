@@ -12,9 +12,7 @@ use std::sync::Arc;
 use fleet_e2e::TestDb;
 use hub::db::{self, MIGRATOR};
 use hub::embedded_pg::EmbeddedPostgres;
-use hub::engine::{Engine, SystemClock};
 use hub::http::{AppState, router};
-use hub::metrics::Metrics;
 
 mod kube_mode;
 
@@ -105,14 +103,7 @@ async fn get(app: axum::Router, path: &str) -> (StatusCode, String) {
 #[tokio::test]
 async fn health_readiness_metrics_and_errors_over_http() {
     let db = TestDb::empty().await;
-    let metrics = Metrics::new().unwrap();
-    let state = AppState {
-        pool: db.pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
-        admin_token: None,
-        join_token: None,
-    };
+    let state = AppState::test(db.pool.clone());
     let app = router(state.clone());
 
     let (code, body) = get(app.clone(), "/healthz").await;
@@ -244,14 +235,7 @@ async fn embedded_postgres_refuses_a_foreign_non_empty_directory() {
 #[tokio::test]
 async fn every_documented_operation_is_routed_and_the_document_is_committed() {
     let db = TestDb::empty().await;
-    let metrics = Metrics::new().unwrap();
-    let state = AppState {
-        pool: db.pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
-        admin_token: None,
-        join_token: None,
-    };
+    let state = AppState::test(db.pool.clone());
     db::migrate(&db.pool).await.unwrap();
     let app = router(state);
     for op in hub::http::openapi::OPERATIONS {
@@ -333,14 +317,7 @@ async fn call_text(
 #[tokio::test]
 async fn registration_reports_and_labels() {
     let db = migrated().await;
-    let metrics = Metrics::new().unwrap();
-    let app = router(AppState {
-        pool: db.pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
-        admin_token: Some("admin".into()),
-        join_token: Some("join".into()),
-    });
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
     let reg = |name: &str| serde_json::json!({"name": name, "endpoint": format!("http://127.0.0.1:1/clusters/{name}"), "labels": {"site": "a"}, "agentId": "run-1"});
     let (code, _) = call(
         &app,
@@ -513,14 +490,7 @@ async fn registration_reports_and_labels() {
 #[tokio::test]
 async fn reports_are_stored_as_the_spoke_wrote_them() {
     let db = migrated().await;
-    let metrics = Metrics::new().unwrap();
-    let app = router(AppState {
-        pool: db.pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
-        admin_token: Some("admin".into()),
-        join_token: Some("join".into()),
-    });
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
     let reg =
         serde_json::json!({"name": "sno1", "endpoint": "http://127.0.0.1:1", "agentId": "run-1"});
     let (_, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
@@ -1102,15 +1072,9 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
 #[tokio::test]
 async fn a_cluster_is_deleted_unless_a_running_rollout_has_it() {
     let db = migrated().await;
-    let metrics = Metrics::new().unwrap();
-    let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
-    let app = router(AppState {
-        pool: db.pool.clone(),
-        metrics,
-        engine: engine.clone(),
-        admin_token: Some("admin".into()),
-        join_token: Some("join".into()),
-    });
+    let state = AppState::test(db.pool.clone()).with_tokens("admin", "join");
+    let engine = state.engine.clone();
+    let app = router(state);
     for (name, site) in [("sno1", "a"), ("sno2", "b")] {
         let reg = serde_json::json!({"name": name, "endpoint": "http://127.0.0.1:1", "labels": {"site": site}, "agentId": "run-1"});
         let (code, _) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
@@ -1195,14 +1159,7 @@ async fn a_cluster_is_deleted_unless_a_running_rollout_has_it() {
 #[tokio::test]
 async fn manifests_are_accepted_as_yaml() {
     let db = migrated().await;
-    let metrics = Metrics::new().unwrap();
-    let app = router(AppState {
-        pool: db.pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics),
-        admin_token: None,
-        join_token: None,
-    });
+    let app = router(AppState::test(db.pool.clone()));
     let send = |method: &str, path: &str, yaml: String| {
         let req = Request::builder()
             .method(method)
@@ -1257,14 +1214,7 @@ async fn a_lost_database_is_answered_503_with_retry_after() {
         .acquire_timeout(std::time::Duration::from_secs(2))
         .connect_lazy("postgres://nobody@127.0.0.1:1/none")
         .unwrap();
-    let metrics = Metrics::new().unwrap();
-    let app = router(AppState {
-        pool: pool.clone(),
-        metrics: metrics.clone(),
-        engine: Engine::new(pool, Arc::new(SystemClock), metrics),
-        admin_token: None,
-        join_token: None,
-    });
+    let app = router(AppState::test(pool));
     let report = serde_json::json!({"sequence": 1, "agentId": "run-1", "ibu": {
         "apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade",
         "metadata": {"name": "upgrade"}, "spec": {"stage": "Idle"}}});

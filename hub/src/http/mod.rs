@@ -45,6 +45,33 @@ pub struct AppState {
     pub join_token: Option<String>,
 }
 
+impl AppState {
+    /// A hub on `pool` with the system clock, fresh metrics and an open API: the fixture of
+    /// the tests, changed with the builders below.
+    pub fn test(pool: PgPool) -> AppState {
+        let metrics = Metrics::new().expect("metrics register");
+        let engine = Engine::new(
+            pool.clone(),
+            Arc::new(crate::engine::SystemClock),
+            metrics.clone(),
+        );
+        AppState {
+            pool,
+            metrics,
+            engine,
+            admin_token: None,
+            join_token: None,
+        }
+    }
+
+    /// The API guarded by these tokens.
+    pub fn with_tokens(mut self, admin: &str, join: &str) -> AppState {
+        self.admin_token = Some(admin.to_string());
+        self.join_token = Some(join.to_string());
+        self
+    }
+}
+
 /// The state as handlers get it: one shared copy, not a clone per request and extractor.
 pub type Shared = Arc<AppState>;
 
