@@ -204,8 +204,9 @@ impl EmbeddedPostgres {
     /// A libpq-style URL of the hub's database, for people (`psql "<url>"`) and child processes.
     pub fn url(&self) -> String {
         match &self.endpoint {
+            // No user before an empty host: URL parsers (sqlx's since 0.9.1) refuse it.
             Endpoint::Socket { dir, port } => format!(
-                "postgres://{SUPERUSER}@/{DATABASE_NAME}?host={}&port={port}",
+                "postgres:///{DATABASE_NAME}?host={}&port={port}&user={SUPERUSER}",
                 dir.display()
             ),
             Endpoint::Tcp { port } => {
@@ -517,6 +518,31 @@ fn choose_endpoint(data_dir: &Path) -> Result<Endpoint, EmbeddedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_url_given_to_people_and_child_processes_parses() {
+        use std::str::FromStr;
+        for endpoint in [
+            Endpoint::Socket {
+                dir: PathBuf::from("/var/lib/fleet-hub/pgdata"),
+                port: 5432,
+            },
+            Endpoint::Tcp { port: 40000 },
+        ] {
+            let pg = EmbeddedPostgres {
+                data_dir: PathBuf::from("/var/lib/fleet-hub/pgdata"),
+                bin_dir: PathBuf::from("/usr/bin"),
+                run_as: None,
+                endpoint,
+                owned: false,
+                stopped: true,
+            };
+            let url = pg.url();
+            let parsed = PgConnectOptions::from_str(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(parsed.get_database(), Some(DATABASE_NAME), "{url}");
+            assert_eq!(parsed.get_username(), SUPERUSER, "{url}");
+        }
+    }
 
     #[test]
     fn short_paths_use_the_socket_long_paths_a_port() {

@@ -2,4 +2,6 @@
 
 pub mod rollout;
 pub mod selector;
+pub mod state;
+pub mod status;
 pub mod validate;

@@ -1,5 +1,9 @@
+use std::sync::Arc;
+
 use super::*;
-use fleet_types::ibgu::{PlanItem, RolloutStrategy};
+use fleet_types::ibgu::{
+    ActionMessage, ClusterState, ImageBasedGroupUpgradeStatus, PlanItem, RolloutStrategy,
+};
 use fleet_types::ibu::ImageBasedUpgradeStatus;
 
 fn t(minutes: i64) -> DateTime<Utc> {
@@ -970,4 +974,32 @@ fn the_next_action_of_an_item_follows_the_clusters_own_report() {
         (d.pushes[0].action, d.pushes[0].cause),
         (Action::Upgrade, PushCause::OwnReport)
     );
+}
+
+#[test]
+fn condition_times_move_only_when_the_condition_changes() {
+    let cond = |message: &str, at: i64| Condition {
+        type_: "Progressing".into(),
+        status: ConditionStatus::True,
+        reason: "InProgress".into(),
+        message: message.into(),
+        last_transition_time: Some(t(at)),
+        observed_generation: Some(1),
+    };
+    let before = ImageBasedGroupUpgradeStatus {
+        conditions: vec![cond("Waiting for plan step 0 to be completed", 0)],
+        ..Default::default()
+    };
+    let mut same = ImageBasedGroupUpgradeStatus {
+        conditions: vec![cond("Waiting for plan step 0 to be completed", 5)],
+        ..Default::default()
+    };
+    keep_transition_times(&mut same, &before);
+    assert_eq!(same.conditions[0].last_transition_time, Some(t(0)));
+    let mut moved = ImageBasedGroupUpgradeStatus {
+        conditions: vec![cond("Waiting for plan step 1 to be completed", 5)],
+        ..Default::default()
+    };
+    keep_transition_times(&mut moved, &before);
+    assert_eq!(moved.conditions[0].last_transition_time, Some(t(5)));
 }

@@ -4,6 +4,10 @@
 //! state (its own steps of the last pass, checked against the stored version; push outcomes
 //! not yet recorded) only saves reading or repeating work, so running a pass again (after a
 //! crash, on another hub, on a timer) is always safe.
+//!
+//! How a push travels to a spoke is `push.rs` (the [`push::SpokeClient`]).
+
+mod push;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -14,26 +18,20 @@ use axum::body::Bytes;
 use chrono::{DateTime, Utc};
 use fleet_types::ibgu::ImageBasedGroupUpgrade;
 use fleet_types::ibu::Stage;
-use fleet_types::labels::is_copied_to_spoke;
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::Instrument;
-
-use fleet_types::http::REQUEST_ID;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::planner::rollout::{self, Push, PushCause, PushOutcome, PushResult, StepState};
 use crate::reports::ReportWriter;
 use crate::store::{self, SpokeAccess};
+use push::{SpokeClient, Target, join_pushes, patch_body, stage_body};
 
 pub use fleet_types::clock::{Clock, SystemClock};
 
-/// Pushes to spokes in flight at once, across all rounds; the rest wait their turn.
-const PUSH_CONCURRENCY: usize = 64;
-/// A spoke that takes longer than this to answer a push counts as unreachable.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Without any trigger, look again this often (timeouts, other hubs' changes).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// An accepted push waits this long at most for the pass that records it with the spoke's
@@ -47,7 +45,7 @@ pub struct Engine {
     metrics: Metrics,
     /// Where spoke reports are stored (in groups).
     pub reports: ReportWriter,
-    client: reqwest::Client,
+    spokes: SpokeClient,
     /// Clusters (by rollout) with a push on its way or its outcome not yet recorded: a pass
     /// that runs meanwhile does not push to them again. Pushes run beside the passes, not
     /// inside them, so a report that arrives while a round of pushes is still going out is
@@ -55,7 +53,6 @@ pub struct Engine {
     /// one (the spoke reported the action done before its answer came): the answer then
     /// triggers a pass, however it went.
     in_flight: Mutex<HashMap<(i64, String), bool>>,
-    push_slots: Arc<Semaphore>,
     /// Outcomes of finished pushes, by rollout, until a pass records them (in its own
     /// transaction, with everything else it writes). Lost in a crash, they cost nothing but
     /// a push made again.
@@ -66,9 +63,6 @@ pub struct Engine {
     /// The running batch's reports as this hub's last pass of each rollout parsed them: a
     /// pass reads again only the ones whose row changed.
     parsed: Mutex<HashMap<i64, store::ReportCache>>,
-    /// Each cluster's endpoint and the IBU URL parsed from it: parsing it for every push was
-    /// about 2 % of the hub's CPU at fleet scale. One entry per cluster pushed to.
-    ibu_urls: Mutex<HashMap<String, (String, reqwest::Url)>>,
 }
 
 /// What became of a pass.
@@ -103,16 +97,11 @@ impl Engine {
             clock,
             wake: Notify::new(),
             metrics,
-            client: reqwest::Client::builder()
-                .timeout(PUSH_TIMEOUT)
-                .build()
-                .unwrap_or_default(),
+            spokes: SpokeClient::new(),
             in_flight: Mutex::new(HashMap::new()),
-            push_slots: Arc::new(Semaphore::new(PUSH_CONCURRENCY)),
             results: Mutex::new(HashMap::new()),
             steps: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
-            ibu_urls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,16 +268,7 @@ impl Engine {
             decision.completed_at,
             now,
         );
-        // Condition times move only when the condition changes.
-        for c in &mut status.conditions {
-            if let Some(old) = old_status.conditions.iter().find(|o| o.type_ == c.type_)
-                && old.status == c.status
-                && old.reason == c.reason
-                && old.message == c.message
-            {
-                c.last_transition_time = old.last_transition_time;
-            }
-        }
+        rollout::keep_transition_times(&mut status, &old_status);
         let status_changed = status != old_status || row.phase != decision.phase.as_str();
         let version = store::rollout_save_pass_in_txn(
             &mut tx,
@@ -485,7 +465,7 @@ impl Engine {
                 self.record_push(id, push, outcome, now, report_times);
                 continue;
             };
-            let ibu_url = match self.ibu_url(&push.cluster, &endpoint) {
+            let ibu_url = match self.spokes.ibu_url(&push.cluster, &endpoint) {
                 Ok(url) => url,
                 Err(why) => {
                     self.record_push(id, push, PushOutcome::Unreachable(why), now, report_times);
@@ -496,7 +476,7 @@ impl Engine {
                 .entry(push.stage)
                 .or_insert_with(|| stage_body(&patch, push.stage))
                 .clone();
-            let client = self.client.clone();
+            let spokes = self.spokes.clone();
             let configmaps = configmaps.clone();
             // One id per push, sent as X-Request-Id: the spoke's log lines of the request
             // carry it too.
@@ -509,18 +489,16 @@ impl Engine {
                 stage = %push.stage,
                 request_id = %request_id,
             );
-            let slots = self.push_slots.clone();
             let task = push.clone();
             let handle = set.spawn(
                 async move {
-                    let _slot = slots.acquire_owned().await;
                     let target = Target {
                         endpoint: &endpoint,
                         ibu_url,
                         credential: &credential,
                         request_id: &request_id,
                     };
-                    let outcome = push_one(&client, target, &push, body, &configmaps).await;
+                    let outcome = spokes.send(target, &push, body, &configmaps).await;
                     match &outcome {
                         PushOutcome::Accepted(_) => tracing::info!("stage pushed"),
                         PushOutcome::Refused(why) => {
@@ -540,21 +518,6 @@ impl Engine {
             self.record_push(id, push, outcome, now, report_times)
         })
         .await;
-    }
-
-    /// `<endpoint>/v1/ibu` of the cluster, parsed again only when its endpoint changed.
-    fn ibu_url(&self, cluster: &str, endpoint: &str) -> Result<reqwest::Url, String> {
-        let mut urls = locked(&self.ibu_urls);
-        if let Some((known, url)) = urls.get(cluster)
-            && known == endpoint
-        {
-            return Ok(url.clone());
-        }
-        let text = format!("{}/v1/ibu", endpoint.trim_end_matches('/'));
-        let url = reqwest::Url::parse(&text)
-            .map_err(|e| format!("the cluster's endpoint {endpoint:?} is not a URL: {e}"))?;
-        urls.insert(cluster.to_string(), (endpoint.to_string(), url.clone()));
-        Ok(url)
     }
 
     /// Counts a push's outcome and hands it to the next pass.
@@ -608,203 +571,5 @@ impl Engine {
             }
         }
         Ok(out)
-    }
-}
-
-/// Waits for every push task, handing each outcome to `done` as it comes. One that panicked
-/// counts as a push that got no answer: every push has an outcome, or its cluster would stay
-/// "in flight" and never be pushed again.
-async fn join_pushes(
-    mut set: JoinSet<(Push, PushOutcome)>,
-    mut sent: HashMap<tokio::task::Id, Push>,
-    mut done: impl FnMut(Push, PushOutcome),
-) {
-    while let Some(r) = set.join_next_with_id().await {
-        match r {
-            Ok((id, (push, outcome))) => {
-                sent.remove(&id);
-                done(push, outcome);
-            }
-            Err(e) => {
-                if let Some(push) = sent.remove(&e.id()) {
-                    done(push, PushOutcome::Unreachable(format!("push failed: {e}")));
-                }
-            }
-        }
-    }
-}
-
-/// The merge patch of the spoke's IBU: the IBGU's ibuSpec fields, its `lca.openshift.io`
-/// annotations; the stage is added per push.
-fn patch_body(ibgu: &ImageBasedGroupUpgrade) -> serde_json::Value {
-    let mut spec = serde_json::to_value(&ibgu.spec.ibu_spec).unwrap_or_default();
-    if let Some(o) = spec.as_object_mut() {
-        o.remove("stage");
-    }
-    let annotations: BTreeMap<String, String> = ibgu
-        .metadata
-        .annotations
-        .iter()
-        .flatten()
-        .filter(|(k, _)| is_copied_to_spoke(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut body = serde_json::json!({ "spec": spec });
-    if !annotations.is_empty() {
-        body["metadata"] = serde_json::json!({ "annotations": annotations });
-    }
-    body
-}
-
-/// The IBU of a stage: the round's merge patch with `spec.stage` set.
-fn stage_body(patch: &serde_json::Value, stage: Stage) -> Bytes {
-    let mut body = patch.clone();
-    body["spec"]["stage"] = serde_json::Value::String(stage.as_str().to_string());
-    Bytes::from(body.to_string())
-}
-
-/// Where a push goes and as whom.
-struct Target<'a> {
-    /// The agent's API, as it registered it.
-    endpoint: &'a str,
-    /// `<endpoint>/v1/ibu`.
-    ibu_url: reqwest::Url,
-    credential: &'a str,
-    request_id: &'a str,
-}
-
-async fn push_one(
-    client: &reqwest::Client,
-    target: Target<'_>,
-    push: &Push,
-    body: Bytes,
-    configmaps: &[(String, String, BTreeMap<String, String>)],
-) -> PushOutcome {
-    let Target {
-        endpoint,
-        ibu_url,
-        credential,
-        request_id,
-    } = target;
-    let base = endpoint.trim_end_matches('/');
-    if push.action == fleet_types::Action::Prep {
-        for (ns, name, data) in configmaps {
-            let cm = serde_json::json!({"metadata": {"name": name, "namespace": ns}, "data": data});
-            let res = client
-                .put(format!("{base}/v1/configmaps/{ns}/{name}"))
-                .bearer_auth(credential)
-                .header(REQUEST_ID, request_id)
-                .json(&cm)
-                .send()
-                .await;
-            match res {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => {
-                    return PushOutcome::Unreachable(format!(
-                        "configmap {ns}/{name}: {}",
-                        r.status()
-                    ));
-                }
-                Err(e) => return PushOutcome::Unreachable(e.to_string()),
-            }
-        }
-    }
-    let res = client
-        .patch(ibu_url)
-        .bearer_auth(credential)
-        .header(REQUEST_ID, request_id)
-        .header("Content-Type", "application/merge-patch+json")
-        // The new IBU comes with the spoke's next report; the answer need not carry it.
-        .header(fleet_types::http::PREFER, fleet_types::http::RETURN_MINIMAL)
-        .body(body)
-        .send()
-        .await;
-    match res {
-        Ok(r) if r.status().is_success() => PushOutcome::Accepted(push.stage),
-        Ok(r) if r.status().as_u16() == 422 => {
-            let status: Option<fleet_types::Status> = r.json().await.ok();
-            PushOutcome::Refused(
-                status
-                    .map(|s| s.message)
-                    .unwrap_or_else(|| "refused by the spoke".into()),
-            )
-        }
-        Ok(r) => PushOutcome::Unreachable(format!("spoke answered {}", r.status())),
-        Err(e) => PushOutcome::Unreachable(e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use fleet_types::Action;
-
-    #[tokio::test]
-    async fn a_push_task_that_panics_still_has_an_outcome() {
-        let push = |cluster: &str| Push {
-            cluster: cluster.into(),
-            step: 0,
-            action: Action::Prep,
-            stage: Stage::Prep,
-            cause: PushCause::Other,
-            action_index: 0,
-        };
-        let mut set = JoinSet::new();
-        let mut sent = HashMap::new();
-        let ok = push("ok");
-        let h = set.spawn(async move { (ok, PushOutcome::Accepted(Stage::Prep)) });
-        sent.insert(h.id(), push("ok"));
-        let h = set.spawn(async move {
-            if true {
-                panic!("boom");
-            }
-            (push("bad"), PushOutcome::Accepted(Stage::Prep))
-        });
-        sent.insert(h.id(), push("bad"));
-        let mut out = Vec::new();
-        join_pushes(set, sent, |p, o| out.push((p, o))).await;
-        out.sort_by(|a, b| a.0.cluster.cmp(&b.0.cluster));
-        assert_eq!(out.len(), 2);
-        assert!(
-            matches!(&out[0], (p, PushOutcome::Unreachable(why)) if p.cluster == "bad" && why.contains("panicked")),
-            "{out:?}"
-        );
-        assert_eq!(out[1].1, PushOutcome::Accepted(Stage::Prep));
-    }
-
-    #[tokio::test]
-    async fn push_urls_are_parsed_once_per_endpoint() {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap();
-        let engine = Engine::new(pool, Arc::new(SystemClock), Metrics::new().unwrap());
-        let url = |c: &str, e: &str| engine.ibu_url(c, e).map(|u| u.to_string());
-        assert_eq!(
-            url("spoke1", "http://10.0.0.1:8080/").as_deref(),
-            Ok("http://10.0.0.1:8080/v1/ibu")
-        );
-        assert_eq!(
-            url("spoke2", "http://fleet:9000/clusters/spoke2").as_deref(),
-            Ok("http://fleet:9000/clusters/spoke2/v1/ibu")
-        );
-        // A new endpoint (the agent registered again elsewhere) is followed at once.
-        assert_eq!(
-            url("spoke1", "https://10.0.0.9:8443").as_deref(),
-            Ok("https://10.0.0.9:8443/v1/ibu")
-        );
-        let bad = url("spoke3", "http://[::1").unwrap_err();
-        assert!(bad.contains("\"http://[::1\" is not a URL"), "{bad}");
-        assert_eq!(
-            locked(&engine.ibu_urls).len(),
-            2,
-            "only parsed URLs are kept"
-        );
-        // The same endpoint again is answered from what was kept, not parsed anew.
-        let kept = reqwest::Url::parse("http://kept.example/v1/ibu").unwrap();
-        locked(&engine.ibu_urls).insert("spoke1".into(), ("http://e1".into(), kept));
-        assert_eq!(
-            url("spoke1", "http://e1").as_deref(),
-            Ok("http://kept.example/v1/ibu")
-        );
     }
 }

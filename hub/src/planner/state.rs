@@ -1,0 +1,361 @@
+//! What the planner keeps of a rollout between passes (steps, each cluster's progress) and
+//! what one pass decides (events, pushes, label changes): plain data, stored by the engine.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use fleet_types::ibgu::Action;
+use fleet_types::ibu::{ImageBasedUpgrade, Stage};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterPhase {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// One cluster's progress through the actions of one plan step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClusterProgress {
+    pub batch: usize,
+    pub phase: ClusterPhase,
+    pub action_index: usize,
+    pub completed: Vec<Action>,
+    pub failed: Option<(Action, String)>,
+    pub timed_out: bool,
+    /// The stage last pushed successfully, and when a push was last tried.
+    pub pushed_stage: Option<Stage>,
+    pub pushed_at: Option<DateTime<Utc>>,
+    pub push_failures: u32,
+    /// The spoke refused the last push (422): the action fails with this message.
+    pub refused: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub action_started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl ClusterProgress {
+    /// A selected cluster whose batch has not started yet.
+    pub fn pending(batch: usize) -> Self {
+        ClusterProgress {
+            batch,
+            phase: ClusterPhase::Pending,
+            action_index: 0,
+            completed: vec![],
+            failed: None,
+            timed_out: false,
+            pushed_stage: None,
+            pushed_at: None,
+            push_failures: 0,
+            refused: None,
+            started_at: None,
+            action_started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// A started plan step: its frozen selection and where its batches are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepState {
+    pub step: usize,
+    pub actions: Vec<Action>,
+    /// Selected clusters, in name order, frozen at the start.
+    pub clusters: Vec<String>,
+    pub max_concurrency: usize,
+    pub timeout_minutes: i64,
+    pub started_at: DateTime<Utc>,
+    pub current_batch: usize,
+    pub batch_started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub timed_out: bool,
+    pub progress: BTreeMap<String, ClusterProgress>,
+    /// Progress entries as they were before the planner first changed them since the
+    /// journal was last cleared: what to write is found among these, not among all of a
+    /// step's clusters (10,000 at fleet scale). Change progress only through
+    /// [`StepState::progress_mut`].
+    #[serde(skip)]
+    pub journal: Journal,
+}
+
+/// See [`StepState::head`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepHead {
+    pub current_batch: usize,
+    pub batch_started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub timed_out: bool,
+}
+
+/// See [`StepState::journal`]. Bookkeeping of one pass, not state: it never makes two steps
+/// differ.
+#[derive(Clone, Debug, Default)]
+pub struct Journal(BTreeMap<String, ClusterProgress>);
+
+impl PartialEq for Journal {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl StepState {
+    /// The cluster's progress, to change; the first time since the journal was cleared, the
+    /// entry as it was goes into the journal.
+    pub fn progress_mut(&mut self, cluster: &str) -> Option<&mut ClusterProgress> {
+        if !self.journal.0.contains_key(cluster)
+            && let Some(p) = self.progress.get(cluster)
+        {
+            self.journal.0.insert(cluster.to_string(), p.clone());
+        }
+        self.progress.get_mut(cluster)
+    }
+
+    /// The entries changed since the journal was cleared (one changed and changed back is
+    /// not among them).
+    pub fn journal_changes(&self) -> Vec<(&String, &ClusterProgress)> {
+        self.journal
+            .0
+            .iter()
+            .filter_map(|(c, old)| self.progress.get_key_value(c).filter(|(_, p)| *p != old))
+            .collect()
+    }
+
+    pub fn clear_journal(&mut self) {
+        self.journal.0.clear();
+    }
+
+    /// Whether the journal names exactly the entries that differ from `before` (this step
+    /// when its journal was cleared), found by comparing every entry: the check, in tests
+    /// and debug builds, that all changes to progress go through [`StepState::progress_mut`].
+    pub fn journal_matches(&self, before: &StepState) -> bool {
+        let journal = self.journal_changes().into_iter().map(|(c, _)| c);
+        let compared = self
+            .progress
+            .iter()
+            .filter(|(c, p)| before.progress.get(*c) != Some(*p))
+            .map(|(c, _)| c);
+        journal.eq(compared)
+    }
+
+    /// What of the step is stored apart from its progress, and moves during a rollout.
+    pub fn head(&self) -> StepHead {
+        StepHead {
+            current_batch: self.current_batch,
+            batch_started_at: self.batch_started_at,
+            completed_at: self.completed_at,
+            timed_out: self.timed_out,
+        }
+    }
+
+    pub fn batch_count(&self) -> usize {
+        self.clusters.len().div_ceil(self.max_concurrency.max(1))
+    }
+
+    pub fn batch_members(&self, b: usize) -> Vec<String> {
+        self.clusters
+            .iter()
+            .skip(b * self.max_concurrency)
+            .take(self.max_concurrency)
+            .cloned()
+            .collect()
+    }
+
+    /// The current batch's clusters still at work (pending or running): all a pass of a
+    /// running batch needs of the fleet. A cluster that has finished the step is not driven
+    /// again, and the planner asks for the whole fleet should it need one that is not given.
+    pub fn batch_at_work(&self) -> Vec<String> {
+        self.batch_members(self.current_batch)
+            .into_iter()
+            .filter(|c| {
+                self.progress.get(c).is_none_or(|p| {
+                    matches!(p.phase, ClusterPhase::Pending | ClusterPhase::Running)
+                })
+            })
+            .collect()
+    }
+
+    /// When the step as a whole times out.
+    pub fn deadline(&self) -> DateTime<Utc> {
+        self.started_at + Duration::minutes(self.timeout_minutes)
+    }
+
+    /// When the current batch times out: it gets an equal share of what is left of the
+    /// step's time among the batches still to run; the last gets all of it.
+    pub fn batch_deadline(&self) -> DateTime<Utc> {
+        self.batch_started_at
+            + batch_timeout(
+                self.timeout_minutes,
+                self.batch_started_at - self.started_at,
+                self.batch_count(),
+                self.current_batch,
+            )
+    }
+}
+
+/// `(T - (t_b - t_0)) / (n - b + 1)` with `b` counted from 1; here `b` counts from 0.
+pub fn batch_timeout(
+    timeout_minutes: i64,
+    elapsed: Duration,
+    batches: usize,
+    b: usize,
+) -> Duration {
+    let left = Duration::minutes(timeout_minutes) - elapsed;
+    let remaining = (batches.saturating_sub(b)).max(1) as i32;
+    (left / remaining).max(Duration::zero())
+}
+
+/// What the hub knows of a cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterInfo {
+    pub labels: BTreeMap<String, String>,
+    /// Shared: the engine keeps the reports it parsed between passes.
+    pub ibu: Option<Arc<ImageBasedUpgrade>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    pub cluster: Option<String>,
+    pub step: Option<usize>,
+    pub action: Option<Action>,
+    pub event: &'static str,
+    pub message: String,
+    /// For an action that ended (completed, failed, timed out): how long it ran, in
+    /// seconds of the planner's clock.
+    #[serde(skip)]
+    pub took: Option<f64>,
+}
+
+/// A stage the spoke of `cluster` must be moved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Push {
+    pub cluster: String,
+    pub step: usize,
+    pub action: Action,
+    pub stage: Stage,
+    /// What led to the push: the decision-latency metric measures from that report.
+    pub cause: PushCause,
+    /// Which of the item's actions the push is for: its outcome is recorded only while the
+    /// cluster is still on it (another hub's pass may have moved it on meanwhile).
+    pub action_index: usize,
+}
+
+/// Why the planner pushes: which spoke reports, if any, made the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushCause {
+    /// The cluster's own report that its previous action ended.
+    OwnReport,
+    /// The reports of this pass that ended the batch or plan step before
+    /// ([`Decision::reported`]): the push starts the next one.
+    Reports,
+    /// No report: a new rollout, a retry, a timeout.
+    Other,
+}
+
+/// How the spoke answered a push.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushOutcome {
+    Accepted(Stage),
+    /// The spoke refused the stage (422): the action fails with this message.
+    Refused(String),
+    /// No answer, or not one that says anything about the stage: retried with backoff.
+    Unreachable(String),
+}
+
+/// The outcome of one push, for the pass that next holds the rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushResult {
+    pub step: usize,
+    pub action_index: usize,
+    pub cluster: String,
+    pub outcome: PushOutcome,
+    /// When the push was decided.
+    pub at: DateTime<Utc>,
+}
+
+/// Whether the outcome is for the action its cluster is still running: only then does
+/// recording it change the cluster's progress.
+pub fn awaits_push_result(steps: &[StepState], r: &PushResult) -> bool {
+    steps
+        .get(r.step)
+        .and_then(|s| s.progress.get(&r.cluster))
+        .is_some_and(|p| p.phase == ClusterPhase::Running && p.action_index == r.action_index)
+}
+
+/// Records push outcomes in the clusters' progress, each only while the cluster is still
+/// running the action it was for (a pass may have moved it on meanwhile, on the spoke's own
+/// report or on another hub).
+pub fn apply_push_results<'a>(
+    steps: &mut [StepState],
+    results: impl IntoIterator<Item = &'a PushResult>,
+) {
+    for r in results {
+        if !awaits_push_result(steps, r) {
+            continue;
+        }
+        let Some(p) = steps
+            .get_mut(r.step)
+            .and_then(|s| s.progress_mut(&r.cluster))
+        else {
+            continue;
+        };
+        p.pushed_at = Some(r.at);
+        match &r.outcome {
+            PushOutcome::Accepted(stage) => {
+                p.pushed_stage = Some(*stage);
+                p.push_failures = 0;
+                p.refused = None;
+            }
+            PushOutcome::Refused(why) => p.refused = Some(why.clone()),
+            PushOutcome::Unreachable(_) => {
+                p.pushed_stage = None;
+                p.push_failures += 1;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelChange {
+    pub add: BTreeSet<String>,
+    pub remove: BTreeSet<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Progressing,
+    Completed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Progressing => "Progressing",
+            Phase::Completed => "Completed",
+        }
+    }
+}
+
+/// Everything one pass decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub steps: Vec<StepState>,
+    pub label_changes: BTreeMap<String, LabelChange>,
+    pub pushes: Vec<Push>,
+    pub events: Vec<Event>,
+    pub phase: Phase,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When the planner wants to look again even if nothing is reported (timeouts, retries).
+    pub wake_at: Option<DateTime<Utc>>,
+    /// Given part of the fleet, the pass needed the rest: nothing here may be used.
+    pub needs_fleet: bool,
+    /// The clusters whose reports ended an action in this pass (completed or failed): each
+    /// is a decision the hub made on a report.
+    pub reported: Vec<String>,
+}
