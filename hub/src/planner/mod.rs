@@ -1,5 +1,6 @@
 //! The planner: pure functions that decide what a rollout does next. No IO, no clock.
 
+pub mod check;
 pub mod rollout;
 pub mod selector;
 pub mod state;

@@ -10,11 +10,10 @@ use fleet_types::ibgu::{
     Action, ClusterLabelSelector, ImageBasedGroupUpgradeSpec, LabelSelectorRequirement,
     SelectorOperator,
 };
-use fleet_types::ibu::{
-    Condition, ConditionStatus, ImageBasedUpgrade, Stage, condition_type as ct, reason,
-};
+use fleet_types::ibu::Stage;
 use fleet_types::labels::{completed_label, failed_label, is_ibgu_label};
 
+pub use super::check::*;
 use super::selector;
 pub use super::state::*;
 pub use super::status::*;
@@ -29,68 +28,6 @@ pub fn push_backoff(failures: u32) -> Duration {
         return Duration::zero();
     }
     (Duration::milliseconds(500) * 2i32.pow(failures.min(10) - 1)).min(PUSH_BACKOFF_MAX)
-}
-
-/// How an action stands on a spoke.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Check {
-    Done,
-    Failed(String),
-    Waiting,
-}
-
-fn cond<'a>(ibu: &'a ImageBasedUpgrade, type_: &str) -> Option<&'a Condition> {
-    ibu.status.as_ref().and_then(|s| s.condition(type_))
-}
-
-/// Whether the spoke shows the action complete or failed (fail fast on an explicit failure).
-pub fn check(action: Action, ibu: Option<&ImageBasedUpgrade>) -> Check {
-    let Some(ibu) = ibu else {
-        return Check::Waiting;
-    };
-    let stage_pair = match action.spoke_stage() {
-        Stage::Prep => Some((ct::PREP_IN_PROGRESS, ct::PREP_COMPLETED)),
-        Stage::Upgrade => Some((ct::UPGRADE_IN_PROGRESS, ct::UPGRADE_COMPLETED)),
-        Stage::Rollback => Some((ct::ROLLBACK_IN_PROGRESS, ct::ROLLBACK_COMPLETED)),
-        Stage::Idle => None,
-    };
-    match stage_pair {
-        Some((in_progress, completed)) => {
-            if let Some(c) = cond(ibu, in_progress)
-                && c.reason == reason::INVALID_TRANSITION
-                && ibu.spec.stage == action.spoke_stage()
-            {
-                return Check::Failed(c.message.clone());
-            }
-            match cond(ibu, completed).map(|c| c.status) {
-                Some(ConditionStatus::True) => Check::Done,
-                Some(ConditionStatus::False) => {
-                    let why = cond(ibu, in_progress)
-                        .filter(|c| c.status == ConditionStatus::False && !c.message.is_empty())
-                        .or_else(|| cond(ibu, completed))
-                        .map(|c| c.message.clone())
-                        .unwrap_or_default();
-                    Check::Failed(why)
-                }
-                _ => Check::Waiting,
-            }
-        }
-        None => match cond(ibu, ct::IDLE) {
-            Some(c) if c.status == ConditionStatus::True => Check::Done,
-            Some(c)
-                if ibu.spec.stage == Stage::Idle
-                    && [
-                        reason::ABORT_FAILED,
-                        reason::FINALIZE_FAILED,
-                        reason::INVALID_TRANSITION,
-                    ]
-                    .contains(&c.reason.as_str()) =>
-            {
-                Check::Failed(c.message.clone())
-            }
-            _ => Check::Waiting,
-        },
-    }
 }
 
 /// The selectors of an item, each augmented by its first action (`ibgu-hub.md` table).

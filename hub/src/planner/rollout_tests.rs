@@ -4,7 +4,9 @@ use super::*;
 use fleet_types::ibgu::{
     ActionMessage, ClusterState, ImageBasedGroupUpgradeStatus, PlanItem, RolloutStrategy,
 };
-use fleet_types::ibu::ImageBasedUpgradeStatus;
+use fleet_types::ibu::{
+    Condition, ConditionStatus, ImageBasedUpgrade, ImageBasedUpgradeStatus, condition_type as ct,
+};
 
 fn t(minutes: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minutes)
