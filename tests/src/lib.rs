@@ -2,7 +2,6 @@
 //! processes, the way an operator would; give each test a fresh real Postgres database.
 
 pub mod fake_kube;
-pub mod machine;
 pub mod readme;
 
 use std::path::PathBuf;

@@ -148,3 +148,29 @@ async fn the_bench_refuses_a_baseline_of_no_time() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--baseline-seconds"), "{stderr}");
 }
+
+/// Without --database-url the bench makes its database on a private Postgres: the URL that
+/// instance gives must be one the bench and the hub can parse (it was not, before 0.9.1's
+/// stricter parser was met with `postgres://postgres@/db?host=...`).
+#[tokio::test]
+async fn the_bench_runs_on_its_own_private_postgres() {
+    let mut cmd = Command::new(binary("fleet-bench"));
+    cmd.args([
+        "--clusters",
+        "3",
+        "--max-concurrency",
+        "3",
+        "--baseline-seconds",
+        "1",
+    ])
+    .env_remove("DATABASE_URL");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("fleet-bench runs"))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleet-bench failed: {stderr}");
+    assert!(stderr.contains("starting a private Postgres"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(report["summary"][0]["completed"], 3, "{report}");
+}

@@ -1,0 +1,48 @@
+//! fleet-bench: how fast and how lean the hub orchestrates a large fleet, on this machine.
+//!
+//! It starts Postgres (a private instance, or a fresh database on `--database-url`'s
+//! server), measures the database's raw durable single-row commit rate, starts `fleet-hub
+//! serve` and `spoke-agent sim-fleet` (steps that take no time) as separate processes, runs
+//! one `[Prep, Upgrade, FinalizeUpgrade]` rollout over every cluster, and reports. It is a
+//! benchmark: it prints numbers and never fails for being slow.
+
+mod baseline;
+mod machine;
+mod probe;
+mod report;
+mod run;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-bench",
+    about = "Measures the hub orchestrating one rollout over a simulated fleet"
+)]
+pub struct Args {
+    /// Simulated clusters.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub clusters: u32,
+    /// The rollout's maxConcurrency (clusters per batch).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: u32,
+    /// A Postgres server to make the bench's database on. Absent: a private instance.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How long each of the two commit baselines runs, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub baseline_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run::run(Args::parse()).await {
+        eprintln!("fleet-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Progress, on stderr: stdout carries only the report.
+fn say(msg: &str) {
+    eprintln!("[fleet-bench] {msg}");
+}
