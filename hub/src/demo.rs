@@ -63,7 +63,7 @@ impl Drop for Tasks {
     }
 }
 
-pub async fn run(args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
+pub async fn run(mut args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
     if args.clusters == 0 {
         return Err(Error::Invalid("--clusters must be at least 1".into()));
     }
@@ -71,7 +71,6 @@ pub async fn run(args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
         "fleet-hub demo: {} simulated single-node clusters, one image-based upgrade\n",
         args.clusters
     );
-    let mut args = args;
     if args.database_url.is_none()
         && args.data_dir == std::path::Path::new(crate::cli::DEMO_DATA_DIR)
         && let Some(blocked) = crate::embedded_pg::unreachable_by_server(&args.data_dir)

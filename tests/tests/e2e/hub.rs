@@ -451,3 +451,33 @@ async fn the_demo_stops_its_postgres_on_sigterm_and_ctrl_c() {
     assert_eq!(status.code(), Some(130), "interrupted mid-rollout");
     assert_no_server(&data_dir, server, "demo after SIGINT mid-rollout");
 }
+
+/// Run as root from a directory the `postgres` user cannot enter (a home directory), the
+/// README's main command still works: the demo puts its scratch database where it can.
+#[tokio::test]
+async fn the_demo_runs_as_root_from_a_private_directory() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return; // Not root: the server runs as this user, who can enter its own directory.
+    }
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = tokio::process::Command::from(readme_demo())
+        .args(["--clusters", "2", "--sim-reboot-ms", "50"])
+        .current_dir(work.path())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("the demo finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("the postgres user cannot enter") && text.contains("fleet-hub-demo/pgdata"),
+        "{text}"
+    );
+    assert!(text.contains("All plan steps are completed"), "{text}");
+}
