@@ -160,6 +160,38 @@ impl Node {
         )
     }
 
+    /// Asserts the last condition: what `oc get ibu` shows as State and Details.
+    #[track_caller]
+    fn expect_last(&self, type_: &str, status: ConditionStatus, reason: &str, message: &str) {
+        assert_eq!(
+            self.last(),
+            (type_.into(), status, reason.into(), message.into())
+        );
+    }
+
+    /// Asserts the whole condition list, in order, as (type, status, reason, message).
+    #[track_caller]
+    fn expect_conditions(&self, want: &[(&str, ConditionStatus, &str, &str)]) {
+        let got: Vec<(String, ConditionStatus, String, String)> = self
+            .status()
+            .conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status,
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, ConditionStatus, String, String)> = want
+            .iter()
+            .map(|(t, s, r, m)| (t.to_string(), *s, r.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
     fn next_stages(&self) -> Vec<Stage> {
         self.status().valid_next_stages
     }
@@ -216,20 +248,16 @@ fn prep_runs_its_steps_and_phases_in_order() {
             "Precache"
         ]
     );
-    assert_eq!(n.cond(ct::IDLE), c(False, "InProgress", "In progress"));
-    assert_eq!(
-        n.cond(ct::PREP_IN_PROGRESS),
-        c(False, "Completed", "Prep completed")
-    );
-    assert_eq!(
-        n.last(),
+    n.expect_conditions(&[
+        (ct::IDLE, False, "InProgress", "In progress"),
+        (ct::PREP_IN_PROGRESS, False, "Completed", "Prep completed"),
         (
-            ct::PREP_COMPLETED.into(),
+            ct::PREP_COMPLETED,
             True,
-            "Completed".into(),
-            "Prep stage completed successfully".into()
-        )
-    );
+            "Completed",
+            "Prep stage completed successfully",
+        ),
+    ]);
     assert_eq!(n.next_stages(), vec![Stage::Idle, Stage::Upgrade]);
     let h = &n.status().history;
     assert_eq!(h.len(), 1);
@@ -249,18 +277,11 @@ fn prep_in_progress_offers_idle_only() {
     let mut n = Node::new(&[]);
     n.seed("4.16.0");
     n.stage(Stage::Prep).unwrap();
-    assert_eq!(
-        n.cond(ct::PREP_IN_PROGRESS),
-        c(True, "InProgress", "In progress")
-    );
+    n.expect_conditions(&[
+        (ct::IDLE, False, "InProgress", "In progress"),
+        (ct::PREP_IN_PROGRESS, True, "InProgress", "In progress"),
+    ]);
     assert_eq!(n.next_stages(), vec![Stage::Idle]);
-    let types: Vec<_> = n
-        .status()
-        .conditions
-        .iter()
-        .map(|c| c.type_.clone())
-        .collect();
-    assert_eq!(types, vec![ct::IDLE, ct::PREP_IN_PROGRESS]);
 }
 
 #[test]
@@ -283,15 +304,7 @@ fn seed_version_must_be_semver_and_higher() {
             n.cond(ct::PREP_COMPLETED),
             c(False, "Failed", "Prep failed")
         );
-        assert_eq!(
-            n.last(),
-            (
-                ct::PREP_IN_PROGRESS.into(),
-                False,
-                "Failed".into(),
-                msg.into()
-            )
-        );
+        n.expect_last(ct::PREP_IN_PROGRESS, False, "Failed", msg);
         assert_eq!(n.next_stages(), vec![Stage::Idle]);
     }
     let mut n = Node::new(&[]);
@@ -322,16 +335,10 @@ fn prep_fault_fails_prep_and_idle_aborts() {
     n.run();
     assert_eq!(n.state().ibu.status, before.ibu.status);
     n.stage(Stage::Idle).unwrap();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), False, "Aborting".into(), "Aborting".into())
-    );
+    n.expect_last(ct::IDLE, False, "Aborting", "Aborting");
     assert_eq!(n.next_stages(), Vec::<Stage>::new());
     n.run();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), True, "Idle".into(), "Idle".into())
-    );
+    n.expect_last(ct::IDLE, True, "Idle", "Idle");
     assert_eq!(n.status().conditions.len(), 1);
     assert!(n.status().history.is_empty());
     assert_eq!(n.next_stages(), vec![Stage::Prep]);
@@ -372,14 +379,11 @@ fn upgrade_reboots_into_the_new_stateroot_and_completes() {
         n.cond(ct::UPGRADE_IN_PROGRESS),
         c(False, "Completed", "Upgrade completed")
     );
-    assert_eq!(
-        n.last(),
-        (
-            ct::UPGRADE_COMPLETED.into(),
-            True,
-            "Completed".into(),
-            "Upgrade completed".into()
-        )
+    n.expect_last(
+        ct::UPGRADE_COMPLETED,
+        True,
+        "Completed",
+        "Upgrade completed",
     );
     assert_eq!(n.next_stages(), vec![Stage::Idle, Stage::Rollback]);
     let st = n.status();
@@ -440,10 +444,7 @@ fn backup_failure_fails_upgrade_before_the_reboot_and_idle_aborts() {
     assert_eq!(n.next_stages(), vec![Stage::Idle]);
     n.stage(Stage::Idle).unwrap();
     n.run();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), True, "Idle".into(), "Idle".into())
-    );
+    n.expect_last(ct::IDLE, True, "Idle", "Idle");
     assert_eq!(
         n.sim.stateroots.keys().collect::<Vec<_>>(),
         vec!["rhcos"],
@@ -464,15 +465,7 @@ fn manual_rollback_returns_to_the_old_stateroot_then_finalizes() {
         n.cond(ct::UPGRADE_COMPLETED),
         c(False, "Failed", "Rollback requested")
     );
-    assert_eq!(
-        n.last(),
-        (
-            ct::ROLLBACK_IN_PROGRESS.into(),
-            True,
-            "InProgress".into(),
-            "In progress".into()
-        )
-    );
+    n.expect_last(ct::ROLLBACK_IN_PROGRESS, True, "InProgress", "In progress");
     assert_eq!(n.next_stages(), Vec::<Stage>::new());
     n.run();
     assert_eq!(n.sim.booted, "rhcos");
@@ -480,34 +473,20 @@ fn manual_rollback_returns_to_the_old_stateroot_then_finalizes() {
         n.cond(ct::ROLLBACK_IN_PROGRESS),
         c(False, "Completed", "Rollback completed")
     );
-    assert_eq!(
-        n.last(),
-        (
-            ct::ROLLBACK_COMPLETED.into(),
-            True,
-            "Completed".into(),
-            "Rollback completed".into()
-        )
+    n.expect_last(
+        ct::ROLLBACK_COMPLETED,
+        True,
+        "Completed",
+        "Rollback completed",
     );
     assert_eq!(n.next_stages(), vec![Stage::Idle]);
     let h = n.status().history;
     assert_eq!(h.last().unwrap().stage, Stage::Rollback);
     assert!(h.last().unwrap().completion_time.is_some());
     n.stage(Stage::Idle).unwrap();
-    assert_eq!(
-        n.last(),
-        (
-            ct::IDLE.into(),
-            False,
-            "Finalizing".into(),
-            "Finalizing".into()
-        )
-    );
+    n.expect_last(ct::IDLE, False, "Finalizing", "Finalizing");
     n.run();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), True, "Idle".into(), "Idle".into())
-    );
+    n.expect_last(ct::IDLE, True, "Idle", "Idle");
     assert_eq!(n.sim.stateroots.keys().collect::<Vec<_>>(), vec!["rhcos"]);
 }
 
@@ -549,21 +528,10 @@ fn finalize_after_upgrade_removes_the_old_stateroot() {
     let mut n = Node::new(&[]);
     n.upgrade();
     n.stage(Stage::Idle).unwrap();
-    assert_eq!(
-        n.last(),
-        (
-            ct::IDLE.into(),
-            False,
-            "Finalizing".into(),
-            "Finalizing".into()
-        )
-    );
+    n.expect_last(ct::IDLE, False, "Finalizing", "Finalizing");
     assert_eq!(n.next_stages(), Vec::<Stage>::new(), "finalizing");
     n.run();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), True, "Idle".into(), "Idle".into())
-    );
+    n.expect_last(ct::IDLE, True, "Idle", "Idle");
     assert_eq!(
         n.sim.stateroots.keys().collect::<Vec<_>>(),
         vec!["rhcos_4.16.0"]
@@ -705,10 +673,7 @@ fn cleanup_failure_waits_for_manual_cleanup_done() {
         "annotation removed"
     );
     n.run();
-    assert_eq!(
-        n.last(),
-        (ct::IDLE.into(), True, "Idle".into(), "Idle".into())
-    );
+    n.expect_last(ct::IDLE, True, "Idle", "Idle");
 }
 
 #[test]
