@@ -88,20 +88,29 @@ pub async fn run(mut args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
     let db = Database::open(args.database_url.as_deref(), &args.data_dir).await?;
     // Opening is not cut short (it may be creating the cluster); a signal that came
     // meanwhile is acted on now.
+    let stay = args.stay;
     let outcome = match shutdown.requested() {
         Some(signal) => Err(Error::Interrupted(signal)),
         None => tokio::select! {
-            // The demo first: with --stay it ends on the signal itself, and cleanly.
-            biased;
-            r = demo(&db, args, &shutdown) => r,
+            r = demo(&db, args) => r,
             signal = shutdown.wait() => Err(Error::Interrupted(signal)),
         },
     };
+    // With --stay, the hub and the fleet serve (their tasks held) until the signal, which is
+    // then the demo's normal end. The wait is outside the race above, so its outcome cannot
+    // depend on which of the two a signal wakes first.
+    if outcome.is_ok() && stay {
+        shutdown.wait().await;
+    }
+    // The hub and the fleet stop before their database does.
+    let outcome = outcome.map(drop);
     let closed = db.close().await;
     outcome.and(closed)
 }
 
-async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), Error> {
+/// Runs the demo to its summary; answers the tasks that serve the hub and the fleet (they
+/// stop when the value is dropped).
+async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     let DemoArgs {
         clusters,
         database_url: _,
@@ -334,12 +343,10 @@ async fn demo(db: &Database, args: DemoArgs, shutdown: &Shutdown) -> Result<(), 
             "\nstill serving until Ctrl-C: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics)\n\
              history: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq"
         );
-        shutdown.wait().await;
     } else {
         println!("{}", after_exit_hint(db, &data_dir, &name));
     }
-    drop(tasks);
-    Ok(())
+    Ok(tasks)
 }
 
 /// How to run this very binary from here: `target/release/fleet-hub` after `cargo run`.

@@ -1,6 +1,5 @@
 //! End-to-end tests: the real binaries, started as an operator starts them, over loopback.
 
-mod bench;
 mod hub;
 mod kube;
 mod observability;

@@ -1,13 +1,14 @@
-//! `fleet-bench` end to end, at a size a test can afford: it starts its own hub and fleet,
+//! `fleet-bench` end to end, at a size a test can afford: it starts its own hub and fleet
+//! (the workspace's `fleet-hub` and `spoke-agent`, which `cargo test --workspace` builds),
 //! measures both baselines and the rollout, and reports every figure in its JSON line.
 
 use std::process::{Command, Output};
 
-use fleet_e2e::{admin_url, binary};
+use fleet_e2e::admin_url;
 use serde_json::Value;
 
 async fn bench(args: &[&str]) -> Output {
-    let mut cmd = Command::new(binary("fleet-bench"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-bench"));
     cmd.args(args);
     tokio::task::spawn_blocking(move || cmd.output().expect("fleet-bench runs"))
         .await
@@ -154,7 +155,7 @@ async fn the_bench_refuses_a_baseline_of_no_time() {
 /// stricter parser was met with `postgres://postgres@/db?host=...`).
 #[tokio::test]
 async fn the_bench_runs_on_its_own_private_postgres() {
-    let mut cmd = Command::new(binary("fleet-bench"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-bench"));
     cmd.args([
         "--clusters",
         "3",
