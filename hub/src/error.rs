@@ -17,10 +17,6 @@ pub enum Error {
     /// The request conflicts with the current state (a name taken, a cluster in a rollout).
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
     /// Something the hub needs (its database above all) is down, busy or unreachable: the
     /// same request may well succeed a little later.
     #[error("{0}")]
@@ -40,8 +36,6 @@ impl Error {
             Error::Invalid(_) => "invalid",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
-            Error::Unauthorized(_) => "unauthorized",
-            Error::Forbidden(_) => "forbidden",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
             Error::Interrupted(_) => "interrupted",

@@ -59,7 +59,8 @@ impl Shutdown {
         Ok(Shutdown(rx))
     }
 
-    /// A handle stopped by hand (tests, embedding): `send(Some(..))` asks for the stop.
+    /// A handle stopped by hand: `send(Some(..))` asks for the stop.
+    #[cfg(test)]
     pub fn manual() -> (watch::Sender<Option<Signal>>, Shutdown) {
         let (tx, rx) = watch::channel(None);
         (tx, Shutdown(rx))

@@ -224,6 +224,10 @@ pub async fn cluster_list(
     Ok(Json(Items { items }).into_response())
 }
 
+fn cluster_not_found(name: &str) -> ApiError {
+    ApiError::new(Reason::NotFound, format!("cluster {name} not found"))
+}
+
 pub async fn cluster_get(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -232,10 +236,7 @@ pub async fn cluster_get(
     require_admin(&state, &headers)?;
     match store::cluster_fetch(&state.pool, &name).await? {
         Some(c) => Ok(Json(c).into_response()),
-        None => Err(ApiError::new(
-            Reason::NotFound,
-            format!("cluster {name} not found"),
-        )),
+        None => Err(cluster_not_found(&name)),
     }
 }
 
@@ -259,10 +260,7 @@ pub async fn cluster_patch(
     }
     match store::cluster_patch_labels(&state.pool, &name, labels).await? {
         Some(c) => Ok(Json(c).into_response()),
-        None => Err(ApiError::new(
-            Reason::NotFound,
-            format!("cluster {name} not found"),
-        )),
+        None => Err(cluster_not_found(&name)),
     }
 }
 
@@ -277,10 +275,7 @@ pub async fn cluster_delete(
             "cluster {name} deleted; its history is kept"
         )))
         .into_response()),
-        store::ClusterDeleted::NotFound => Err(ApiError::new(
-            Reason::NotFound,
-            format!("cluster {name} not found"),
-        )),
+        store::ClusterDeleted::NotFound => Err(cluster_not_found(&name)),
         store::ClusterDeleted::InRollouts(rollouts) => Err(ApiError::new(
             Reason::Conflict,
             format!(

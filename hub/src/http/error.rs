@@ -46,8 +46,6 @@ impl From<Error> for ApiError {
             Error::Invalid(msg) => ApiError::new(Reason::Invalid, msg),
             Error::NotFound(msg) => ApiError::new(Reason::NotFound, msg),
             Error::Conflict(msg) => ApiError::new(Reason::Conflict, msg),
-            Error::Unauthorized(msg) => ApiError::new(Reason::Unauthorized, msg),
-            Error::Forbidden(msg) => ApiError::new(Reason::Forbidden, msg),
             Error::Unavailable(_) => {
                 tracing::warn!(error = %err, "answering 503");
                 ApiError::new(

@@ -322,24 +322,32 @@ fn the_readme_commands_are_the_ones_ci_and_the_demo_test_run() {
     );
 }
 
-#[tokio::test]
-async fn the_demo_runs_start_to_finish_on_its_own_database() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+/// The README's demo run in `dir` to its end; it must exit 0.
+async fn finished_demo(dir: &Path, extra: &[&str]) -> std::process::Output {
     let out = tokio::process::Command::from(readme_demo())
-        .args(["--clusters", "5", "--sim-reboot-ms", "50"])
-        .current_dir(work.path())
+        .args(extra)
+        .args(["--sim-reboot-ms", "50"])
+        .current_dir(dir)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), out)
         .await
         .expect("the demo finishes")
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{text}\n{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[tokio::test]
+async fn the_demo_runs_start_to_finish_on_its_own_database() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = finished_demo(work.path(), &["--clusters", "5"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("All plan steps are completed"), "{text}");
     let row = |name: &str| {
         text.lines()
@@ -461,20 +469,8 @@ async fn the_demo_runs_as_root_from_a_private_directory() {
     }
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = tokio::process::Command::from(readme_demo())
-        .args(["--clusters", "2", "--sim-reboot-ms", "50"])
-        .current_dir(work.path())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .expect("the demo finishes")
-        .unwrap();
+    let out = finished_demo(work.path(), &["--clusters", "2"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         text.contains("the postgres user cannot enter") && text.contains("fleet-hub-demo/pgdata"),
         "{text}"
