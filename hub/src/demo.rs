@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_types::ibgu::{ImageBasedGroupUpgrade, ImageBasedGroupUpgradeStatus};
-use spoke_agent::api::ApiState;
-use spoke_agent::host::sim::{Fault, SimConfig};
-use spoke_agent::metrics::AgentMetrics;
-use spoke_agent::report::HubLink;
+use spoke_core::api::ApiState;
+use spoke_core::metrics::AgentMetrics;
+use spoke_core::report::HubLink;
+use spoke_sim::{Fault, SimConfig};
 use tokio::net::TcpListener;
 
 use crate::cli::DemoArgs;
@@ -213,7 +213,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
             agent_id: uuid::Uuid::new_v4().to_string(),
             client: HubLink::client(),
         };
-        let agent = spoke_agent::run::start_agent(
+        let agent = spoke_sim::start_agent(
             name.clone(),
             &fleet_dir.join(&name),
             config,
@@ -231,7 +231,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         metrics,
     });
     tasks.spawn(async move {
-        let _ = axum::serve(fleet_listener, spoke_agent::api::router(fleet_state)).await;
+        let _ = axum::serve(fleet_listener, spoke_core::api::router(fleet_state)).await;
     });
     println!("  fleet      {clusters} agents under {fleet_url}/clusters/<name>");
     for (n, _, what) in FAULTS.iter().filter(|(n, _, _)| *n <= clusters) {

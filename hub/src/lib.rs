@@ -17,6 +17,5 @@ pub mod rollouts;
 pub mod serve;
 pub mod shutdown;
 pub mod store;
-pub mod telemetry;
 
 pub use error::Error;

@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
         Command::Demo(_) | Command::Openapi => "warn",
         Command::Serve(_) => "info",
     };
-    hub::telemetry::init(cli.log_format, default_level);
+    fleet_server::init_logs(cli.log_format, default_level);
     // Before anything is started: from here on SIGTERM and Ctrl-C let the hub stop what it
     // started (its private Postgres above all) instead of killing it on the spot.
     let shutdown = match hub::shutdown::Shutdown::install() {

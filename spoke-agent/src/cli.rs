@@ -14,16 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 )]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = fleet_server::LogFormat::Text)]
+    pub log_format: fleet_server::LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,14 +1,8 @@
 //! spoke-agent: runs, on one single-node cluster, the whole image-based upgrade, behaving
-//! like the Lifecycle Agent's `ImageBasedUpgrade` resource.
+//! like the Lifecycle Agent's `ImageBasedUpgrade` resource. The engine, runner, API and
+//! reporting are `spoke-core`; the simulated host is `spoke-sim`; this crate holds the command
+//! line and the hosts that touch a real cluster.
 
-pub mod api;
 pub mod cli;
-pub mod engine;
-pub mod host;
 pub mod kubernetes;
-pub mod metrics;
-pub mod must_gather;
-pub mod report;
 pub mod run;
-pub mod runner;
-pub mod store;

@@ -9,24 +9,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiState};
-use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
-use crate::host::Host;
-use crate::host::sim::{Fault, SimConfig, SimHost};
-use crate::kubernetes::host::KubeHost;
-use crate::metrics::AgentMetrics;
-use crate::report::{self, HubLink};
-use crate::runner::{Agent, SystemClock};
+use spoke_core::Error;
+use spoke_core::api::{self, ApiState};
+use spoke_core::host::Host;
+use spoke_core::metrics::AgentMetrics;
+use spoke_core::report::HubLink;
+use spoke_core::runner::Agent;
+use spoke_sim::{Fault, SimConfig, SimHost, start_agent};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("not implemented yet: {0}")]
-    NotImplemented(&'static str),
-    #[error("{0}")]
-    Failed(String),
-}
+use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
+use crate::kubernetes::host::KubeHost;
 
 fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
     SimConfig {
@@ -41,12 +33,10 @@ fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
     }
 }
 
-fn parse_faults<'a>(
-    points: impl IntoIterator<Item = &'a str>,
-) -> Result<BTreeSet<Fault>, RunError> {
+fn parse_faults<'a>(points: impl IntoIterator<Item = &'a str>) -> Result<BTreeSet<Fault>, Error> {
     points
         .into_iter()
-        .map(|p| p.parse::<Fault>().map_err(RunError::Usage))
+        .map(|p| p.parse::<Fault>().map_err(Error::Invalid))
         .collect()
 }
 
@@ -56,12 +46,12 @@ fn hub_link(
     endpoint: String,
     labels: BTreeMap<String, String>,
     client: reqwest::Client,
-) -> Result<Option<HubLink>, RunError> {
+) -> Result<Option<HubLink>, Error> {
     let Some(hub_url) = hub_url else {
         return Ok(None);
     };
     let join_token = join_token
-        .ok_or_else(|| RunError::Usage("--hub-url needs --join-token to register".into()))?;
+        .ok_or_else(|| Error::Invalid("--hub-url needs --join-token to register".into()))?;
     Ok(Some(HubLink {
         hub_url,
         join_token,
@@ -79,13 +69,14 @@ pub const API_TOKEN_FILE: &str = "api-token";
 /// The token that guards the local API: `--api-token`, else the one kept in
 /// `<state-dir>/api-token`, made at the first start and readable by its owner only. Said once
 /// in the log, by where to find it, never by its value.
-fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, RunError> {
+fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Error> {
     if let Some(token) = given.filter(|t| !t.is_empty()) {
         tracing::info!("local API: guarded by --api-token and the hub's credential");
         return Ok(token);
     }
     let path = state_dir.join(API_TOKEN_FILE);
-    let failed = |e: std::io::Error| RunError::Failed(format!("{}: {e}", path.display()));
+    let failed =
+        |e: std::io::Error| Error::internal(format!("the local API token {}", path.display()), e);
     let kept = match std::fs::read_to_string(&path) {
         Ok(text) => Some(text.trim().to_string()).filter(|t| !t.is_empty()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -116,58 +107,21 @@ fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Ru
     Ok(token)
 }
 
-pub async fn start_agent(
-    name: String,
-    state_dir: &Path,
-    config: SimConfig,
-    metrics: &AgentMetrics,
-    link: Option<HubLink>,
-) -> Result<Arc<Agent<SimHost>>, RunError> {
-    let unreachable = config.faults.contains(&Fault::Unreachable);
-    let host = SimHost::open(state_dir, config)
-        .map_err(|e| RunError::Failed(format!("cluster {name}: {e}")))?;
-    run_agent(name, host, metrics, link, unreachable).await
-}
-
-/// Opens an agent on a host, runs it, and reports to the hub when linked.
-async fn run_agent<H: Host>(
-    name: String,
-    host: H,
-    metrics: &AgentMetrics,
-    link: Option<HubLink>,
-    unreachable: bool,
-) -> Result<Arc<Agent<H>>, RunError> {
-    let agent = Agent::open(
-        name.clone(),
-        Arc::new(host),
-        Arc::new(SystemClock),
-        metrics.clone(),
-    )
-    .await
-    .map_err(|e| RunError::Failed(format!("cluster {name}: {e}")))?;
-    agent.set_unreachable(unreachable);
-    tokio::spawn(agent.clone().run());
-    if let Some(link) = link {
-        tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
-    }
-    Ok(agent)
-}
-
-async fn serve_http(listen: SocketAddr, app: axum::Router) -> Result<(), RunError> {
+async fn serve_http(listen: SocketAddr, app: axum::Router) -> Result<(), Error> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| RunError::Failed(format!("listening on {listen}: {e}")))?;
+        .map_err(|e| Error::internal(format!("listening on {listen}"), e))?;
     let local = listener
         .local_addr()
-        .map_err(|e| RunError::Failed(e.to_string()))?;
+        .map_err(|e| Error::internal("the listener's address", e))?;
     tracing::info!(address = %local, "spoke-agent listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| RunError::Failed(e.to_string()))
+        .map_err(|e| Error::internal("serving HTTP", e))
 }
 
-pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
+pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let ServeArgs {
         cluster_name,
         listen,
@@ -183,16 +137,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         kube,
     } = args;
     if host == HostKind::Ostree {
-        return Err(RunError::NotImplemented(
-            "the real host backend (--host ostree) is not in this build; use --host sim",
+        return Err(Error::Invalid(
+            "the real host backend (--host ostree) is not in this build; use --host sim".into(),
         ));
     }
     if cluster_name.is_empty() {
-        return Err(RunError::Usage("--cluster-name must not be empty".into()));
+        return Err(Error::Invalid("--cluster-name must not be empty".into()));
     }
     let faults = parse_faults(faults.iter().map(String::as_str))?;
     let api_token = Some(local_api_token(api_token, &state_dir)?);
-    let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
+    let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
     let link = hub_link(
         hub_url,
@@ -207,17 +161,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), RunError> {
         return serve_one(agent, cluster_name, api_token, metrics, listen).await;
     }
     let kube_config = kube::Config::infer().await.map_err(|e| {
-        RunError::Usage(format!(
+        Error::Invalid(format!(
             "--kube: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
         ))
     })?;
     let client = kube::Client::try_from(kube_config)
-        .map_err(|e| RunError::Failed(format!("--kube: building the Kubernetes client: {e}")))?;
+        .map_err(|e| Error::internal("--kube: building the Kubernetes client", e))?;
     let unreachable = config.faults.contains(&Fault::Unreachable);
     let sim = SimHost::open(&state_dir, config)
-        .map_err(|e| RunError::Failed(format!("cluster {cluster_name}: {e}")))?;
+        .map_err(|e| Error::internal(format!("cluster {cluster_name}: opening its state"), e))?;
     let host = KubeHost::new(sim, client.clone());
-    let agent = run_agent(cluster_name.clone(), host, &metrics, link, unreachable).await?;
+    let agent =
+        spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, unreachable).await?;
     tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
     serve_one(agent, cluster_name, api_token, metrics, listen).await
 }
@@ -228,7 +183,7 @@ async fn serve_one<H: Host>(
     api_token: Option<String>,
     metrics: AgentMetrics,
     listen: SocketAddr,
-) -> Result<(), RunError> {
+) -> Result<(), Error> {
     let state = ApiState {
         agents: HashMap::from([(cluster_name.clone(), agent)]),
         single: Some(cluster_name),
@@ -241,7 +196,7 @@ async fn serve_one<H: Host>(
 /// How many simulated agents open their state at once at start.
 const OPEN_CONCURRENCY: usize = 64;
 
-pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
+pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     let SimFleetArgs {
         count,
         prefix,
@@ -258,7 +213,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
     let mut per_cluster: HashMap<String, BTreeSet<Fault>> = HashMap::new();
     for f in &faults {
         let (cluster, point) = f.split_once('=').ok_or_else(|| {
-            RunError::Usage(format!("--fault {f:?}: sim-fleet faults are CLUSTER=POINT"))
+            Error::Invalid(format!("--fault {f:?}: sim-fleet faults are CLUSTER=POINT"))
         })?;
         per_cluster
             .entry(cluster.to_string())
@@ -267,12 +222,12 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
     }
     let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
     if let Some(unknown) = per_cluster.keys().find(|c| !names.contains(c)) {
-        return Err(RunError::Usage(format!(
+        return Err(Error::Invalid(format!(
             "--fault names cluster {unknown:?}, which is not in {prefix}1..{prefix}{count}"
         )));
     }
     let api_token = Some(local_api_token(api_token, &state_dir)?);
-    let metrics = AgentMetrics::new().map_err(|e| RunError::Failed(e.to_string()))?;
+    let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let base = endpoint.unwrap_or_else(|| format!("http://{listen}"));
     let client = HubLink::client();
     let common: BTreeMap<String, String> = labels.into_iter().collect();
@@ -283,7 +238,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
             && let Some(done) = pending.join_next().await
         {
             let agent: Arc<Agent<SimHost>> =
-                done.map_err(|e| RunError::Failed(e.to_string()))??;
+                done.map_err(|e| Error::internal("starting an agent", e))??;
             agents.insert(agent.name.clone(), agent);
         }
         let mut labels = common.clone();
@@ -301,7 +256,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), RunError> {
         pending.spawn(async move { start_agent(name, &dir, config, &metrics, link).await });
     }
     while let Some(done) = pending.join_next().await {
-        let agent = done.map_err(|e| RunError::Failed(e.to_string()))??;
+        let agent = done.map_err(|e| Error::internal("starting an agent", e))??;
         agents.insert(agent.name.clone(), agent);
     }
     tracing::info!(clusters = agents.len(), "simulated fleet running");

@@ -11,10 +11,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
 use serde_json::json;
-use spoke_agent::host::sim::{SimConfig, SimHost};
-use spoke_agent::metrics::AgentMetrics;
-use spoke_agent::report::{self, HubLink};
-use spoke_agent::runner::{Agent, SystemClock};
+use spoke_core::metrics::AgentMetrics;
+use spoke_core::report::{self, HubLink};
+use spoke_core::runner::{Agent, SystemClock};
+use spoke_sim::{SimConfig, SimHost};
 
 #[derive(Default)]
 struct TestHub {

@@ -2,43 +2,10 @@
 //! the one place the hub's [`Error`] becomes an HTTP answer; a fault of the server or of its
 //! database is never answered 4xx. Internal details are logged, never returned.
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use fleet_types::{Reason, Status};
+use fleet_server::ApiError;
+use fleet_types::Reason;
 
 use crate::error::Error;
-
-/// What a client is told to wait before trying again after a 503.
-pub const RETRY_AFTER_SECONDS: u32 = 5;
-
-#[derive(Debug)]
-pub struct ApiError(pub Box<Status>);
-
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        ApiError(Box::new(s))
-    }
-}
-
-impl ApiError {
-    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
-        ApiError(Box::new(Status::failure(reason, message)))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (code, Json(*self.0)).into_response();
-        if code == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
-        }
-        response
-    }
-}
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
@@ -63,6 +30,9 @@ impl From<Error> for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+
     use super::*;
 
     #[test]

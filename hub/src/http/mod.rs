@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderName;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,11 +18,9 @@ use axum::{Json, Router};
 use fleet_types::Reason;
 use sqlx::PgPool;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
-pub use error::ApiError;
+pub use fleet_server::ApiError;
 
 use crate::db;
 use crate::engine::Engine;
@@ -77,7 +74,7 @@ pub type Shared = Arc<AppState>;
 
 pub fn router(state: AppState) -> Router {
     let state = Arc::new(state);
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -108,7 +105,7 @@ pub fn router(state: AppState) -> Router {
                 .put(api::configmap_put)
                 .delete(api::configmap_delete),
         )
-        .fallback(not_found)
+        .fallback(fleet_server::no_such_endpoint)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_metrics,
@@ -117,16 +114,8 @@ pub fn router(state: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
-        ))
-        .layer(TraceLayer::new_for_http().make_span_with(fleet_types::http::request_span))
-        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
-            fleet_types::http::REQUEST_ID,
-        )))
-        .layer(SetRequestIdLayer::new(
-            HeaderName::from_static(fleet_types::http::REQUEST_ID),
-            MakeRequestUuid,
-        ))
-        .with_state(state)
+        ));
+    fleet_server::traced(routes).with_state(state)
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -156,13 +145,6 @@ async fn metrics(State(state): State<Shared>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-async fn not_found(req: Request) -> ApiError {
-    ApiError::new(
-        Reason::NotFound,
-        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
-    )
 }
 
 /// Counts every request by route template (never the raw path: bounded labels).

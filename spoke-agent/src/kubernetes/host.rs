@@ -15,9 +15,9 @@ use kube::api::{
 };
 use serde_json::{Value, json};
 
-use crate::engine::validate::ClusterFacts;
-use crate::engine::{Root, SpokeState};
-use crate::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+use spoke_core::engine::validate::ClusterFacts;
+use spoke_core::engine::{Root, SpokeState};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
 
 pub const OADP_NAMESPACE: &str = "openshift-adp";
 /// Put on every Backup and Restore the agent creates, so cleanup finds exactly those.

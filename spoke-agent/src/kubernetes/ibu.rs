@@ -13,8 +13,9 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
-use crate::host::Host;
-use crate::runner::{Agent, AgentError};
+use spoke_core::Error;
+use spoke_core::host::Host;
+use spoke_core::runner::Agent;
 
 pub const NAME: &str = "upgrade";
 /// Without any change, look again this often anyway.
@@ -194,7 +195,7 @@ pub async fn pass<H: Host>(
                     // The agent changed: the next pass shows its new status.
                     return Ok(());
                 }
-                Err(AgentError::Refused(why)) => {
+                Err(Error::Invalid(why)) => {
                     // What the API would have refused: the CR goes back to the agent's.
                     tracing::warn!(%why, "IBU change from the cluster refused; restoring the CR");
                     write_desired(&mut cr, &mine);

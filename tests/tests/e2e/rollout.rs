@@ -12,11 +12,11 @@ use hub::engine::{Clock, Engine};
 use hub::http::{AppState, router};
 use hub::metrics::Metrics;
 use serde_json::{Value, json};
-use spoke_agent::api::ApiState;
-use spoke_agent::host::sim::{Fault, SimConfig, SimHost};
-use spoke_agent::metrics::AgentMetrics;
-use spoke_agent::report::HubLink;
-use spoke_agent::runner::Agent;
+use spoke_core::api::ApiState;
+use spoke_core::metrics::AgentMetrics;
+use spoke_core::report::HubLink;
+use spoke_core::runner::Agent;
+use spoke_sim::{Fault, SimConfig, SimHost};
 
 const ADMIN: &str = "admin-token";
 const JOIN: &str = "join-token";
@@ -225,7 +225,7 @@ async fn start_fleet_holding(
             agent_id: uuid_like(name),
             client: HubLink::client(),
         };
-        let agent = spoke_agent::run::start_agent(
+        let agent = spoke_sim::start_agent(
             name.to_string(),
             &dir.path().join(name),
             config,
@@ -244,7 +244,7 @@ async fn start_fleet_holding(
     });
     let push_answers = Arc::new(Mutex::new(Vec::new()));
     let answers = push_answers.clone();
-    let mut app = spoke_agent::api::router(state).layer(axum::middleware::from_fn(
+    let mut app = spoke_core::api::router(state).layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let push = req.method() == axum::http::Method::PATCH;
             let answers = answers.clone();

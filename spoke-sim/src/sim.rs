@@ -15,11 +15,11 @@ use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgradeSpec, SeedImageRef};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Host, HostError, PrecacheSummary, RestoreInfo};
-use crate::engine::validate::{
+use spoke_core::engine::validate::{
     ClusterFacts, SEED_CLUSTER_INFO_LABEL, SEED_FORMAT_LABEL, SEED_FORMAT_VERSION,
 };
-use crate::engine::{Root, SpokeState};
+use spoke_core::engine::{Root, SpokeState};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
 
 /// The fault points of the contract.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -492,7 +492,7 @@ impl SimHost {
         let mut c = self.lock();
         let out = f(&mut c);
         if !self.in_memory {
-            crate::store::write_atomic(&self.path, &*c)
+            spoke_core::store::write_atomic(&self.path, &*c)
                 .map_err(|e| HostError::Transient(e.to_string()))?;
         }
         Ok(out)

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use fleet_types::ibu::{ConditionStatus, Stage, condition_type as ct};
+use fleet_types::ibu::{ConditionStatus, ImageBasedUpgradeStatus, Stage, condition_type as ct};
 use serde_json::json;
 
-use super::*;
-use crate::host::HostError;
-use crate::host::sim::{Fault, SimCluster, SimConfig};
-use crate::metrics::{Ended, ended};
+use spoke_core::engine::*;
+use spoke_core::host::HostError;
+use spoke_core::metrics::{Ended, ended};
+
+use crate::sim::{Fault, SimCluster, SimConfig};
 
 fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap()

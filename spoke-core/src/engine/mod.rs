@@ -310,6 +310,3 @@ pub fn go_duration(seconds: i64) -> String {
         format!("{s}s")
     }
 }
-
-#[cfg(test)]
-mod tests;

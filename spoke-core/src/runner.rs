@@ -9,21 +9,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::engine::{self, Next, Outcome, Refusal, Root, SpokeState, Work};
+use crate::Error;
+use crate::engine::{self, Next, Outcome, Root, SpokeState, Work};
 use crate::host::{Host, HostError};
 use crate::metrics::AgentMetrics;
 
 pub use fleet_types::clock::{Clock, SystemClock};
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Refused(#[from] Refusal),
-    #[error("saving the IBU failed, nothing changed: {0}")]
-    Save(HostError),
-    #[error("the agent is not reachable: {0}")]
-    Offline(&'static str),
-}
 
 /// One cluster's agent.
 pub struct Agent<H: Host> {
@@ -120,14 +111,14 @@ impl<H: Host> Agent<H> {
     /// The state as the outside may see it: none while the node reboots. Checked after the
     /// read: the state saved just before a reboot is the old stateroot's copy (an
     /// uncontrolled rollback), and the flag is raised before it is committed.
-    pub async fn visible(&self) -> Result<Arc<SpokeState>, AgentError> {
+    pub async fn visible(&self) -> Result<Arc<SpokeState>, Error> {
         let state = self.snapshot().await;
         self.check_reachable()?;
         Ok(state)
     }
 
     /// A JSON merge patch from the API: checked, saved, then acted on. Answers the new state.
-    pub async fn patch(&self, patch: &Value) -> Result<Arc<SpokeState>, AgentError> {
+    pub async fn patch(&self, patch: &Value) -> Result<Arc<SpokeState>, Error> {
         self.check_reachable()?;
         let mut guard = self.state.lock().await;
         let next = match engine::request(&guard, patch, self.clock.now()) {
@@ -141,7 +132,7 @@ impl<H: Host> Agent<H> {
         self.host
             .save_state(&Root::Booted, &next)
             .await
-            .map_err(AgentError::Save)?;
+            .map_err(|e| Error::internal("saving the IBU failed; nothing changed", e))?;
         self.metrics.transition("accepted");
         self.metrics.observe_change(Some(&guard), &next);
         self.record(&guard, &next);
@@ -158,11 +149,11 @@ impl<H: Host> Agent<H> {
         self.changed();
     }
 
-    pub fn check_reachable(&self) -> Result<(), AgentError> {
+    pub fn check_reachable(&self) -> Result<(), Error> {
         if self.unreachable.load(Ordering::SeqCst) {
-            Err(AgentError::Offline("simulated fault: unreachable"))
+            Err(Error::Unavailable("simulated fault: unreachable".into()))
         } else if self.rebooting.load(Ordering::SeqCst) {
-            Err(AgentError::Offline("rebooting"))
+            Err(Error::Unavailable("rebooting".into()))
         } else {
             Ok(())
         }
@@ -445,4 +436,29 @@ async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
             Err(errors) => Outcome::CleanupFailed(errors),
         },
     }
+}
+
+/// Opens an agent on a host and runs it, reporting to the hub when linked (the start of
+/// `spoke-agent serve` on every host, and of each agent of a simulated fleet).
+pub async fn start<H: Host>(
+    name: String,
+    host: H,
+    metrics: &AgentMetrics,
+    link: Option<crate::report::HubLink>,
+    unreachable: bool,
+) -> Result<Arc<Agent<H>>, Error> {
+    let agent = Agent::open(
+        name.clone(),
+        Arc::new(host),
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| Error::internal(format!("cluster {name}: opening its IBU"), e))?;
+    agent.set_unreachable(unreachable);
+    tokio::spawn(agent.clone().run());
+    if let Some(link) = link {
+        tokio::spawn(crate::report::run(agent.clone(), link, metrics.clone()));
+    }
+    Ok(agent)
 }

@@ -1,8 +1,6 @@
 //! The host backend: everything the agent does to the node, behind one trait, so the engine
 //! and the runner are the same for the real node and the simulated one.
 
-pub mod sim;
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;

@@ -7,22 +7,21 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
-use axum::http::HeaderName;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fleet_server::ApiError;
+use fleet_types::Reason;
 use fleet_types::ibu::ConfigMapRef;
-use fleet_types::{Reason, Status};
 use serde::{Deserialize, Serialize};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
+use crate::Error;
 use crate::host::Host;
 use crate::metrics::AgentMetrics;
-use crate::runner::{Agent, AgentError};
+use crate::runner::Agent;
 
 /// Largest request body: a ConfigMap of extra manifests fits easily, a flood does not.
 pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
@@ -37,32 +36,15 @@ pub struct ApiState<H: Host> {
 
 type Shared<H> = Arc<ApiState<H>>;
 
-pub struct ApiError(Box<Status>);
-
-impl ApiError {
-    fn new(reason: Reason, message: impl Into<String>) -> Self {
-        ApiError(Box::new(Status::failure(reason, message)))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, Json(*self.0)).into_response()
-    }
-}
-
-impl From<AgentError> for ApiError {
-    fn from(e: AgentError) -> Self {
+/// The one place the agent's [`Error`] becomes an HTTP answer.
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
         match e {
-            AgentError::Refused(r) => ApiError::new(Reason::Invalid, r.0),
-            AgentError::Offline(why) => ApiError::new(Reason::ServiceUnavailable, why),
-            AgentError::Save(err) => {
-                tracing::error!(%err, "saving the IBU failed");
-                ApiError::new(
-                    Reason::InternalError,
-                    "saving the IBU failed; nothing changed",
-                )
+            Error::Invalid(why) => ApiError::new(Reason::Invalid, why),
+            Error::Unavailable(why) => ApiError::new(Reason::ServiceUnavailable, why),
+            Error::Internal { what, detail } => {
+                tracing::error!(%detail, "{what}");
+                ApiError::new(Reason::InternalError, what)
             }
         }
     }
@@ -83,28 +65,15 @@ pub fn router<H: Host>(state: Shared<H>) -> Router {
     } else {
         Router::new().nest("/clusters/{cluster}", v1)
     };
-    routes
+    let routes = routes
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/metrics", get(metrics::<H>))
-        .fallback(|req: axum::extract::Request| async move {
-            ApiError::new(
-                Reason::NotFound,
-                format!("no such endpoint: {} {}", req.method(), req.uri().path()),
-            )
-        })
-        .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES))
-        .layer(TraceLayer::new_for_http().make_span_with(fleet_types::http::request_span))
-        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
-            fleet_types::http::REQUEST_ID,
-        )))
-        .layer(SetRequestIdLayer::new(
-            HeaderName::from_static(fleet_types::http::REQUEST_ID),
-            MakeRequestUuid,
-        ))
-        .with_state(state)
+        .fallback(fleet_server::no_such_endpoint)
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES));
+    fleet_server::traced(routes).with_state(state)
 }
 
 /// The agent a request is for, after its bearer token was checked.

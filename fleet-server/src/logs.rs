@@ -1,17 +1,21 @@
-//! Logging set-up shared by the subcommands: text for people, JSON for log pipelines.
-//! `RUST_LOG` refines the level (default given by the subcommand).
+//! Log set-up of both programs: text for people, JSON for log pipelines, on stderr.
+//! `RUST_LOG` refines the level (the default is the caller's).
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Postgres relays NOTICEs (`relation "_sqlx_migrations" already exists, skipping` at every
 /// start) and sqlx logs them at INFO: noise for an operator, kept back unless asked for.
 const QUIET: &str = "sqlx::postgres::notice=warn";
 
-pub fn init(format: LogFormat, default_level: &str) {
+pub fn init_logs(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},{QUIET}")));
     let builder = tracing_subscriber::fmt()

@@ -1,0 +1,68 @@
+//! What the hub's and the agent's HTTP servers share, so that both answer and log alike:
+//! errors as Kubernetes `Status` bodies ([`ApiError`]), the request-id and trace layers
+//! ([`traced`]), the fallback for unknown routes, and the log set-up ([`init_logs`]).
+
+mod error;
+mod logs;
+
+pub use error::{ApiError, RETRY_AFTER_SECONDS, no_such_endpoint};
+pub use logs::{LogFormat, init_logs};
+
+use axum::Router;
+use http::HeaderName;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// Wraps a router in the layers every request of both programs goes through: an
+/// `X-Request-Id` (the caller's, or a new UUID) that is answered back and carried by every
+/// log line of the request, inside a span naming method and path.
+pub fn traced<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    let header = HeaderName::from_static(fleet_types::http::REQUEST_ID);
+    router
+        .layer(TraceLayer::new_for_http().make_span_with(fleet_types::http::request_span))
+        .layer(PropagateRequestIdLayer::new(header.clone()))
+        .layer(SetRequestIdLayer::new(header, MakeRequestUuid))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::routing::get;
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn request_ids_are_kept_or_made_and_unknown_routes_are_status_bodies() {
+        let app = traced(
+            Router::new()
+                .route("/ok", get(|| async { "ok" }))
+                .fallback(no_such_endpoint),
+        );
+        let given = Request::get("/ok")
+            .header("x-request-id", "abc")
+            .body(Body::empty())
+            .unwrap();
+        let answer = app.clone().oneshot(given).await.unwrap();
+        assert_eq!(answer.headers()["x-request-id"], "abc");
+        let made = app
+            .clone()
+            .oneshot(Request::get("/ok").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(made.headers()["x-request-id"].len(), 36, "a UUID");
+        let missing = app
+            .oneshot(Request::post("/nope").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert_eq!(missing.headers()["content-type"], "application/json");
+        let body = axum::body::to_bytes(missing.into_body(), 4096)
+            .await
+            .unwrap();
+        let status: fleet_types::Status = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status.message, "no such endpoint: POST /nope");
+        assert_eq!(status.reason, fleet_types::Reason::NotFound);
+    }
+}
