@@ -24,6 +24,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
+use crate::error::Error;
+
 /// The database the hub uses inside its private instance.
 pub const DATABASE_NAME: &str = "fleet_hub";
 /// The superuser initdb creates.
@@ -42,53 +44,53 @@ const SOCKET_PORT: u16 = 5432;
 /// How long pg_ctl may take to start or stop the server (crash recovery included).
 const PG_CTL_WAIT_SECONDS: &str = "120";
 
-#[derive(Debug, thiserror::Error)]
-pub enum EmbeddedError {
-    #[error(
+// The embedded server's failures, as the hub's one [`Error`]: what the operator must
+// change (a missing program, an unusable directory) is `Invalid`; a server that would not
+// start or answer is `Unavailable`.
+
+fn binaries_missing() -> Error {
+    Error::Invalid(
         "the embedded database needs the PostgreSQL server programs initdb and pg_ctl, found \
          neither in PATH nor in /usr/lib/postgresql/*/bin nor in $FLEET_HUB_PG_BIN: install \
          them (Debian/Ubuntu: `apt-get install postgresql`; Fedora/RHEL: `dnf install \
          postgresql-server`) or give a database with --database-url"
-    )]
-    BinariesMissing,
-    #[error(
+            .into(),
+    )
+}
+
+fn no_postgres_user() -> Error {
+    Error::Invalid(
         "running as root, the embedded database must run as the `postgres` user (Postgres \
          refuses to run as root), and this machine has no such user: create it \
          (`useradd --system postgres`), run fleet-hub as an ordinary user, or give a \
          database with --database-url"
-    )]
-    NoPostgresUser,
-    #[error(
-        "the `postgres` user cannot reach the data directory {data_dir}: {blocked} is not \
-         searchable by it; choose a data directory under a path it can reach \
-         (for example --data-dir /var/lib/fleet-hub/pgdata)"
-    )]
-    Unreachable { data_dir: PathBuf, blocked: PathBuf },
-    #[error(
-        "data directory {0} is not empty and holds no Postgres cluster; choose another --data-dir"
-    )]
-    NotADataDir(PathBuf),
-    #[error("data directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{program} failed ({status}): {output}")]
-    Command {
-        program: String,
-        status: String,
-        output: String,
-    },
-    #[error("embedded database started but refused a connection: {0}")]
-    Connect(#[source] sqlx::Error),
+            .into(),
+    )
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbeddedError + '_ {
-    move |source| EmbeddedError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+fn unreachable(data_dir: &Path, blocked: &Path) -> Error {
+    Error::Invalid(format!(
+        "the `postgres` user cannot reach the data directory {}: {} is not searchable by it; \
+         choose a data directory under a path it can reach (for example --data-dir \
+         /var/lib/fleet-hub/pgdata)",
+        data_dir.display(),
+        blocked.display()
+    ))
+}
+
+fn not_a_data_dir(data_dir: &Path) -> Error {
+    Error::Invalid(format!(
+        "data directory {} is not empty and holds no Postgres cluster; choose another --data-dir",
+        data_dir.display()
+    ))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::unavailable(&format!("data directory {}", path.display()), source)
+}
+
+fn refused(err: sqlx::Error) -> Error {
+    Error::unavailable("embedded database started but refused a connection", err)
 }
 
 /// Where the server accepts connections.
@@ -113,14 +115,14 @@ pub struct EmbeddedPostgres {
 impl EmbeddedPostgres {
     /// Creates the cluster under `data_dir` on first use, starts the server (or adopts one
     /// already running there) and makes sure the hub's database exists.
-    pub async fn start(data_dir: &Path) -> Result<Self, EmbeddedError> {
+    pub async fn start(data_dir: &Path) -> Result<Self, Error> {
         let bin_dir = find_bin_dir()?;
         let data_dir = std::path::absolute(data_dir).map_err(io_err(data_dir))?;
         let run_as = if Uid::effective().is_root() {
             let user = User::from_name(SUPERUSER)
                 .ok()
                 .flatten()
-                .ok_or(EmbeddedError::NoPostgresUser)?;
+                .ok_or_else(no_postgres_user)?;
             Some((user.uid, user.gid))
         } else {
             None
@@ -182,7 +184,7 @@ impl EmbeddedPostgres {
         (comm.trim_end() == PROCESS_NAME).then_some(pid)
     }
 
-    fn take_ownership(&mut self) -> Result<(), EmbeddedError> {
+    fn take_ownership(&mut self) -> Result<(), Error> {
         let path = self.data_dir.join(OWNER_FILE);
         fs::write(&path, format!("{}\n", std::process::id())).map_err(io_err(&path))?;
         locked_owned_here().insert(self.data_dir.clone());
@@ -220,7 +222,7 @@ impl EmbeddedPostgres {
     }
 
     /// Stops the server if this process owns it (a shared one belongs to its owner).
-    pub async fn stop(mut self) -> Result<(), EmbeddedError> {
+    pub async fn stop(mut self) -> Result<(), Error> {
         self.stopped = true;
         if self.owned {
             self.pg_ctl(
@@ -244,13 +246,13 @@ impl EmbeddedPostgres {
         }
     }
 
-    async fn initdb(&self) -> Result<(), EmbeddedError> {
+    async fn initdb(&self) -> Result<(), Error> {
         let is_empty = fs::read_dir(&self.data_dir)
             .map_err(io_err(&self.data_dir))?
             .next()
             .is_none();
         if !is_empty {
-            return Err(EmbeddedError::NotADataDir(self.data_dir.clone()));
+            return Err(not_a_data_dir(&self.data_dir));
         }
         tracing::info!(data_dir = %self.data_dir.display(), "creating the embedded Postgres cluster");
         let mut cmd = self.command("initdb");
@@ -276,7 +278,7 @@ impl EmbeddedPostgres {
     }
 
     /// Writes the listening settings for this start.
-    fn write_settings(&self) -> Result<(), EmbeddedError> {
+    fn write_settings(&self) -> Result<(), Error> {
         let quote = |p: &Path| p.display().to_string().replace('\'', "''");
         let listen = match &self.endpoint {
             Endpoint::Socket { dir, port } => format!(
@@ -322,29 +324,29 @@ impl EmbeddedPostgres {
         }
     }
 
-    async fn ensure_database(&self) -> Result<(), EmbeddedError> {
+    async fn ensure_database(&self) -> Result<(), Error> {
         let mut conn = PgConnection::connect_with(&self.options_for("postgres"))
             .await
-            .map_err(EmbeddedError::Connect)?;
+            .map_err(refused)?;
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
                 .bind(DATABASE_NAME)
                 .fetch_one(&mut conn)
                 .await
-                .map_err(EmbeddedError::Connect)?;
+                .map_err(refused)?;
         if !exists {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE DATABASE {DATABASE_NAME}"
             )))
             .execute(&mut conn)
             .await
-            .map_err(EmbeddedError::Connect)?;
+            .map_err(refused)?;
         }
-        conn.close().await.map_err(EmbeddedError::Connect)?;
+        conn.close().await.map_err(refused)?;
         Ok(())
     }
 
-    async fn pg_ctl(&self, args: &[&str], log_file: Option<&str>) -> Result<(), EmbeddedError> {
+    async fn pg_ctl(&self, args: &[&str], log_file: Option<&str>) -> Result<(), Error> {
         let mut cmd = self.command("pg_ctl");
         cmd.arg("-D").arg(&self.data_dir).args(args);
         if let Some(log) = log_file {
@@ -403,11 +405,11 @@ fn locked_owned_here() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
     OWNED_HERE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn run(mut cmd: Command, program: &str) -> Result<(), EmbeddedError> {
-    let out = cmd.output().await.map_err(|source| EmbeddedError::Io {
-        path: PathBuf::from(program),
-        source,
-    })?;
+async fn run(mut cmd: Command, program: &str) -> Result<(), Error> {
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| Error::unavailable(&format!("running {program}"), e))?;
     if out.status.success() {
         return Ok(());
     }
@@ -415,21 +417,20 @@ async fn run(mut cmd: Command, program: &str) -> Result<(), EmbeddedError> {
     if output.is_empty() {
         output = String::from_utf8_lossy(&out.stdout).trim().to_string();
     }
-    Err(EmbeddedError::Command {
-        program: program.to_string(),
-        status: out.status.to_string(),
-        output,
-    })
+    Err(Error::Unavailable(format!(
+        "{program} failed ({}): {output}",
+        out.status
+    )))
 }
 
 /// `$FLEET_HUB_PG_BIN`, then PATH, then the newest `/usr/lib/postgresql/<major>/bin`.
-fn find_bin_dir() -> Result<PathBuf, EmbeddedError> {
+fn find_bin_dir() -> Result<PathBuf, Error> {
     let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     if let Some(dir) = std::env::var_os("FLEET_HUB_PG_BIN").map(PathBuf::from) {
         return if has_both(&dir) {
             Ok(dir)
         } else {
-            Err(EmbeddedError::BinariesMissing)
+            Err(binaries_missing())
         };
     }
     if let Some(path) = std::env::var_os("PATH") {
@@ -453,12 +454,12 @@ fn find_bin_dir() -> Result<PathBuf, EmbeddedError> {
     versions
         .pop()
         .map(|(_, dir)| dir)
-        .ok_or(EmbeddedError::BinariesMissing)
+        .ok_or_else(binaries_missing)
 }
 
 /// Creates the data directory (mode 0700, owned by the server's user) and checks that the
 /// server's user can reach it.
-fn prepare_dir(data_dir: &Path, run_as: Option<(Uid, Gid)>) -> Result<(), EmbeddedError> {
+fn prepare_dir(data_dir: &Path, run_as: Option<(Uid, Gid)>) -> Result<(), Error> {
     fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(data_dir))?;
     let Some((uid, gid)) = run_as else {
@@ -466,10 +467,7 @@ fn prepare_dir(data_dir: &Path, run_as: Option<(Uid, Gid)>) -> Result<(), Embedd
     };
     nix::unistd::chown(data_dir, Some(uid), Some(gid)).map_err(|e| io_err(data_dir)(e.into()))?;
     match blocked_ancestor(data_dir, uid, gid) {
-        Some(blocked) => Err(EmbeddedError::Unreachable {
-            data_dir: data_dir.to_path_buf(),
-            blocked,
-        }),
+        Some(blocked) => Err(unreachable(data_dir, &blocked)),
         None => Ok(()),
     }
 }
@@ -502,7 +500,7 @@ pub fn unreachable_by_server(data_dir: &Path) -> Option<PathBuf> {
 }
 
 /// The socket inside the data directory when its path fits, else a free loopback port.
-fn choose_endpoint(data_dir: &Path) -> Result<Endpoint, EmbeddedError> {
+fn choose_endpoint(data_dir: &Path) -> Result<Endpoint, Error> {
     let socket = data_dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
     if socket.as_os_str().len() <= MAX_SOCKET_PATH {
         return Ok(Endpoint::Socket {

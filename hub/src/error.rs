@@ -4,7 +4,6 @@
 
 use std::fmt::Display;
 
-use crate::embedded_pg::EmbeddedError;
 use crate::shutdown::Signal;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -12,6 +11,12 @@ pub enum Error {
     /// The input, or the hub's own configuration, is wrong; the message says what.
     #[error("{0}")]
     Invalid(String),
+    /// No credential, or one the hub does not know.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A known caller that may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     /// The request conflicts with the current state (a name taken, a cluster in a rollout).
@@ -30,10 +35,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`Error::metric_label`], for series that start at zero.
+    pub const METRIC_LABELS: [&'static str; 8] = [
+        "invalid",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "conflict",
+        "unavailable",
+        "internal",
+        "interrupted",
+    ];
+
     /// The error's kind as a bounded metric label.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Invalid(_) => "invalid",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::Unavailable(_) => "unavailable",
@@ -92,25 +111,32 @@ impl From<sqlx::migrate::MigrateError> for Error {
     }
 }
 
-impl From<prometheus::Error> for Error {
-    fn from(err: prometheus::Error) -> Self {
-        Error::internal("metrics", err)
+/// The Kubernetes API's answers by meaning: its own 4xx keep theirs; a server that is down,
+/// overloaded or unreachable is worth a retry; anything else is the hub's fault.
+impl From<kube::Error> for Error {
+    fn from(err: kube::Error) -> Self {
+        let message = format!("Kubernetes API: {err}");
+        match &err {
+            kube::Error::Api(status) => match status.code {
+                400 | 422 => Error::Invalid(message),
+                401 => Error::Unauthorized(message),
+                403 => Error::Forbidden(message),
+                404 | 410 => Error::NotFound(message),
+                409 => Error::Conflict(message),
+                429 | 500..=599 => Error::Unavailable(message),
+                _ => Error::Internal(message),
+            },
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                Error::Unavailable(message)
+            }
+            _ => Error::Internal(message),
+        }
     }
 }
 
-/// What the operator must change is `Invalid` (a missing program, an unusable directory);
-/// a server that would not start or answer is `Unavailable`.
-impl From<EmbeddedError> for Error {
-    fn from(err: EmbeddedError) -> Self {
-        match err {
-            EmbeddedError::BinariesMissing
-            | EmbeddedError::NoPostgresUser
-            | EmbeddedError::Unreachable { .. }
-            | EmbeddedError::NotADataDir(_) => Error::Invalid(err.to_string()),
-            EmbeddedError::Io { .. }
-            | EmbeddedError::Command { .. }
-            | EmbeddedError::Connect(_) => Error::Unavailable(err.to_string()),
-        }
+impl From<prometheus::Error> for Error {
+    fn from(err: prometheus::Error) -> Self {
+        Error::internal("metrics", err)
     }
 }
 
@@ -132,13 +158,30 @@ mod tests {
             Error::from(sqlx::Error::RowNotFound),
             Error::Internal(_)
         ));
-        assert_eq!(
-            Error::Unavailable(String::new()).metric_label(),
-            "unavailable"
-        );
-        assert_eq!(
-            Error::from(EmbeddedError::BinariesMissing).metric_label(),
-            "invalid"
-        );
+        for e in [
+            Error::Invalid(String::new()),
+            Error::Unavailable(String::new()),
+            Error::Forbidden(String::new()),
+        ] {
+            assert!(Error::METRIC_LABELS.contains(&e.metric_label()));
+        }
+    }
+
+    #[test]
+    fn kubernetes_answers_keep_their_meaning() {
+        let api = |code: u16| {
+            Error::from(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                message: "m".into(),
+                ..Default::default()
+            })))
+            .metric_label()
+        };
+        assert_eq!(api(404), "not_found");
+        assert_eq!(api(409), "conflict");
+        assert_eq!(api(422), "invalid");
+        assert_eq!(api(403), "forbidden");
+        assert_eq!(api(503), "unavailable");
+        assert_eq!(api(418), "internal");
     }
 }

@@ -249,10 +249,10 @@ impl Metrics {
         let reconcile_errors = counter(
             &r,
             "fleet_hub_kube_reconcile_errors_total",
-            "IBGU reconciles that failed and were retried, by error (kubernetes, database, hub, encoding, vanished)",
+            "IBGU reconciles that failed and were retried, by kind of error (invalid, conflict, unavailable, internal, ...)",
             &["error"],
         )?;
-        for error in ["kubernetes", "database", "hub", "encoding", "vanished"] {
+        for error in crate::error::Error::METRIC_LABELS {
             reconcile_errors.with_label_values(&[error]);
         }
         // Known series start at zero, so rates and dashboards work before the first event.

@@ -11,6 +11,8 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
             Error::Invalid(msg) => ApiError::new(Reason::Invalid, msg),
+            Error::Unauthorized(msg) => ApiError::new(Reason::Unauthorized, msg),
+            Error::Forbidden(msg) => ApiError::new(Reason::Forbidden, msg),
             Error::NotFound(msg) => ApiError::new(Reason::NotFound, msg),
             Error::Conflict(msg) => ApiError::new(Reason::Conflict, msg),
             Error::Unavailable(_) => {

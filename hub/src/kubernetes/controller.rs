@@ -11,8 +11,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
+use super::Context;
 use super::decide::{self, SpecSync};
-use super::{Context, KubeError};
+use crate::error::Error;
 use crate::{rollouts, store};
 
 /// While a rollout runs, its status is copied this often (the engine moves it).
@@ -24,7 +25,7 @@ const IDLE_RESYNC: Duration = Duration::from_secs(60);
 pub async fn reconcile(
     obj: Arc<ImageBasedGroupUpgrade>,
     ctx: Arc<Context>,
-) -> Result<Action, KubeError> {
+) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
     let name = obj.name_any();
     let api: Api<ImageBasedGroupUpgrade> = Api::namespaced(ctx.client.clone(), &ns);
@@ -34,14 +35,16 @@ pub async fn reconcile(
             ctx.engine.trigger();
         }
         if let Some(patch) = decide::remove_finalizer(&obj) {
-            let patch: json_patch::Patch = serde_json::from_value(patch)?;
+            let patch: json_patch::Patch = serde_json::from_value(patch)
+                .map_err(|e| Error::internal("encoding a patch", e))?;
             api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
                 .await?;
         }
         return Ok(Action::await_change());
     }
     if !decide::has_finalizer(&obj) {
-        let patch: json_patch::Patch = serde_json::from_value(decide::add_finalizer(&obj))?;
+        let patch: json_patch::Patch = serde_json::from_value(decide::add_finalizer(&obj))
+            .map_err(|e| Error::internal("encoding a patch", e))?;
         api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
             .await?;
         // The patch is a change: the next reconcile goes on from here.
@@ -71,7 +74,9 @@ pub async fn reconcile(
             }
         }
         SpecSync::Update { spec_changed } => {
-            let row = stored.as_ref().ok_or(KubeError::Vanished)?;
+            let row = stored.as_ref().ok_or(Error::Conflict(
+                "the rollout disappeared while it was being updated".into(),
+            ))?;
             let problems = rollouts::problems(&ctx.pool, &desired, Some(&row.object)).await?;
             if problems.is_empty() {
                 store::rollout_update(&ctx.pool, row.id, &desired, spec_changed).await?;
@@ -110,7 +115,7 @@ async fn write_status(
     api: &Api<ImageBasedGroupUpgrade>,
     obj: &ImageBasedGroupUpgrade,
     status: ImageBasedGroupUpgradeStatus,
-) -> Result<(), KubeError> {
+) -> Result<(), Error> {
     let name = obj.name_any();
     let mut current = obj.clone();
     for attempt in 0..2 {
@@ -132,7 +137,7 @@ async fn write_status(
 
 /// The ConfigMaps the IBGU refers to, copied from the cluster into the hub's store (what the
 /// hub sends to each spoke before Prep). A missing one is left to the validation to report.
-async fn copy_configmaps(ctx: &Context, obj: &ImageBasedGroupUpgrade) -> Result<(), KubeError> {
+async fn copy_configmaps(ctx: &Context, obj: &ImageBasedGroupUpgrade) -> Result<(), Error> {
     let spec = &obj.spec.ibu_spec;
     for r in spec.oadp_content.iter().chain(&spec.extra_manifests) {
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.namespace);
@@ -148,11 +153,7 @@ async fn copy_configmaps(ctx: &Context, obj: &ImageBasedGroupUpgrade) -> Result<
 }
 
 /// After an error: retry soon, a little later each time the CR keeps failing.
-pub fn error_policy(
-    obj: Arc<ImageBasedGroupUpgrade>,
-    err: &KubeError,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy(obj: Arc<ImageBasedGroupUpgrade>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(rollout = %obj.name_any(), %err, "reconcile failed; retrying");
     ctx.metrics
         .reconcile_errors

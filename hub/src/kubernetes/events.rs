@@ -10,8 +10,9 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 
+use super::Context;
 use super::decide;
-use super::{Context, KubeError};
+use crate::error::Error;
 use crate::store;
 
 const EVENTS: [&str; 8] = [
@@ -64,7 +65,7 @@ async fn round(
     recorder: &Recorder,
     stores: &[Store<ImageBasedGroupUpgrade>],
     mut cursor: i64,
-) -> Result<i64, KubeError> {
+) -> Result<i64, Error> {
     for row in store::history_since(&ctx.pool, cursor, &EVENTS, BATCH).await? {
         let key = ObjectRef::new(&row.rollout).within(&row.namespace);
         let cr = stores.iter().find_map(|s| s.get(&key));

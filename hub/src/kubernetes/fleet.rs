@@ -12,8 +12,9 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
+use super::Context;
 use super::decide;
-use super::{Context, KubeError};
+use crate::error::Error;
 use crate::store;
 
 /// How often the two sides are compared when nothing is said to have changed.
@@ -61,7 +62,7 @@ pub async fn pass(
     ctx: &Context,
     api: &Api<DynamicObject>,
     reader: &Store<DynamicObject>,
-) -> Result<(), KubeError> {
+) -> Result<(), Error> {
     let managed = reader.state();
     let stored = store::cluster_labels_all(&ctx.pool).await?;
     let mut changed = Vec::new();
@@ -103,7 +104,7 @@ async fn write_labels(
     api: &Api<DynamicObject>,
     mc: &DynamicObject,
     hub_labels: &BTreeMap<String, String>,
-) -> Result<(), KubeError> {
+) -> Result<(), Error> {
     let name = mc.name_any();
     let mut current = mc.clone();
     for attempt in 0..2 {

@@ -9,9 +9,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 
-use super::KubeError;
 use super::decide::{self, LeaseStep};
 use crate::engine::Clock;
+use crate::error::Error;
 
 /// A leader that stops renewing is replaced after this long.
 pub const LEASE_SECONDS: i32 = 15;
@@ -38,7 +38,7 @@ pub async fn try_lead(
     name: &str,
     me: &str,
     now: DateTime<Utc>,
-) -> Result<bool, KubeError> {
+) -> Result<bool, Error> {
     let current = api.get_opt(name).await?;
     let spec = current
         .as_ref()

@@ -25,30 +25,6 @@ use crate::engine::{Clock, Engine};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
-/// One error type for the Kubernetes side, with a bounded label for the metrics.
-#[derive(Debug, thiserror::Error)]
-pub enum KubeError {
-    #[error("Kubernetes API: {0}")]
-    Api(#[from] kube::Error),
-    #[error(transparent)]
-    Hub(#[from] Error),
-    #[error("encoding a patch: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("the rollout disappeared while it was being updated")]
-    Vanished,
-}
-
-impl KubeError {
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            KubeError::Api(_) => "kubernetes",
-            KubeError::Hub(e) => e.metric_label(),
-            KubeError::Json(_) => "encoding",
-            KubeError::Vanished => "vanished",
-        }
-    }
-}
-
 /// What the reconcilers share.
 pub struct Context {
     pub client: kube::Client,
