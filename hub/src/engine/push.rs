@@ -15,8 +15,13 @@ use fleet_types::labels::is_copied_to_spoke;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::locked;
-use crate::planner::rollout::{Push, PushOutcome};
+use chrono::{DateTime, Utc};
+use tracing::Instrument;
+
+use super::{Engine, locked};
+use crate::error::Error;
+use crate::planner::rollout::{Push, PushOutcome, PushResult};
+use crate::store::{self, SpokeAccess};
 
 /// Pushes to spokes in flight at once, across all rounds; the rest wait their turn.
 const PUSH_CONCURRENCY: usize = 64;
@@ -193,6 +198,170 @@ async fn push_one(
         }
         Ok(r) => PushOutcome::Unreachable(format!("spoke answered {}", r.status())),
         Err(e) => PushOutcome::Unreachable(e.to_string()),
+    }
+}
+
+impl Engine {
+    /// Sends a round of pushes. Each outcome goes to the next pass as soon as it is known:
+    /// a cluster whose push was answered early moves on without waiting for the round's
+    /// slowest spoke. `report_times` holds, by cluster, the report a push was decided on.
+    pub(super) async fn push_all(
+        &self,
+        id: i64,
+        ibgu: &ImageBasedGroupUpgrade,
+        pushes: Vec<Push>,
+        now: DateTime<Utc>,
+        report_times: &HashMap<String, DateTime<Utc>>,
+    ) {
+        let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
+        let prepared = async {
+            Ok::<_, Error>((
+                store::cluster_access(&self.pool, &names).await?,
+                self.configmaps(ibgu).await?,
+            ))
+        };
+        let (access, configmaps) = match prepared.await {
+            Ok(p) => p,
+            Err(err) => {
+                let why = format!("reading what to push: {err}");
+                for p in pushes {
+                    self.record_push(
+                        id,
+                        p,
+                        PushOutcome::Unreachable(why.clone()),
+                        now,
+                        report_times,
+                    );
+                }
+                return;
+            }
+        };
+        let patch = patch_body(ibgu);
+        // The body of each stage of the round, written once and shared by its pushes.
+        let mut bodies: HashMap<Stage, Bytes> = HashMap::new();
+        let configmaps = Arc::new(configmaps);
+        let mut set = JoinSet::new();
+        let mut sent = HashMap::new();
+        for push in pushes {
+            let Some(SpokeAccess {
+                endpoint,
+                credential,
+            }) = access.get(&push.cluster).map(|a| SpokeAccess {
+                endpoint: a.endpoint.clone(),
+                credential: a.credential.clone(),
+            })
+            else {
+                let outcome = PushOutcome::Unreachable("cluster not registered".into());
+                self.record_push(id, push, outcome, now, report_times);
+                continue;
+            };
+            let ibu_url = match self.spokes.ibu_url(&push.cluster, &endpoint) {
+                Ok(url) => url,
+                Err(why) => {
+                    self.record_push(id, push, PushOutcome::Unreachable(why), now, report_times);
+                    continue;
+                }
+            };
+            let body = bodies
+                .entry(push.stage)
+                .or_insert_with(|| stage_body(&patch, push.stage))
+                .clone();
+            let spokes = self.spokes.clone();
+            let configmaps = configmaps.clone();
+            // One id per push, sent as X-Request-Id: the spoke's log lines of the request
+            // carry it too.
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let span = tracing::info_span!(
+                "push",
+                cluster = %push.cluster,
+                step = push.step,
+                action = %push.action,
+                stage = %push.stage,
+                request_id = %request_id,
+            );
+            let task = push.clone();
+            let handle = set.spawn(
+                async move {
+                    let target = Target {
+                        endpoint: &endpoint,
+                        ibu_url,
+                        credential: &credential,
+                        request_id: &request_id,
+                    };
+                    let outcome = spokes.send(target, &push, body, &configmaps).await;
+                    match &outcome {
+                        PushOutcome::Accepted(_) => tracing::info!("stage pushed"),
+                        PushOutcome::Refused(why) => {
+                            tracing::warn!(%why, "the spoke refused the stage")
+                        }
+                        PushOutcome::Unreachable(why) => {
+                            tracing::debug!(%why, "push failed; will retry with backoff")
+                        }
+                    }
+                    (push, outcome)
+                }
+                .instrument(span),
+            );
+            sent.insert(handle.id(), task);
+        }
+        join_pushes(set, sent, |push, outcome| {
+            self.record_push(id, push, outcome, now, report_times)
+        })
+        .await;
+    }
+
+    /// Counts a push's outcome and hands it to the next pass.
+    fn record_push(
+        &self,
+        id: i64,
+        push: Push,
+        outcome: PushOutcome,
+        now: DateTime<Utc>,
+        report_times: &HashMap<String, DateTime<Utc>>,
+    ) {
+        let result = match &outcome {
+            PushOutcome::Accepted(_) => "accepted",
+            PushOutcome::Refused(_) => "refused",
+            PushOutcome::Unreachable(_) => "unreachable",
+        };
+        self.metrics.pushes.with_label_values(&[result]).inc();
+        let accepted = matches!(outcome, PushOutcome::Accepted(_));
+        if let Some(&seen) = report_times.get(&push.cluster) {
+            self.observe_decision_latency(seen);
+        }
+        // Handed over and the flag read in one step: a pass that blocks a push on this one
+        // sets the flag and looks for this outcome in one step too, so one sees the other.
+        let awaited = self.memory.with(id, |k| {
+            let awaited = k.in_flight.get(&push.cluster).copied().unwrap_or(false);
+            k.results.push(PushResult {
+                step: push.step,
+                action_index: push.action_index,
+                cluster: push.cluster,
+                outcome,
+                at: now,
+            });
+            awaited
+        });
+        // An accepted push waits for the spoke's report (which triggers a pass of its own) or
+        // for the idle pass, unless a push is waiting on it; any other outcome is acted on
+        // at once.
+        if !accepted || awaited {
+            self.trigger();
+        }
+    }
+
+    async fn configmaps(
+        &self,
+        ibgu: &ImageBasedGroupUpgrade,
+    ) -> Result<Vec<(String, String, BTreeMap<String, String>)>, Error> {
+        let mut out = Vec::new();
+        let spec = &ibgu.spec.ibu_spec;
+        for r in spec.oadp_content.iter().chain(&spec.extra_manifests) {
+            if let Some(data) = store::configmap_fetch(&self.pool, &r.namespace, &r.name).await? {
+                out.push((r.namespace.clone(), r.name.clone(), data));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -108,6 +108,7 @@ struct Pass<'a> {
     needs_fleet: bool,
     /// See [`Decision::reported`].
     reported: Vec<String>,
+    touched: Touched,
 }
 
 impl Pass<'_> {
@@ -205,7 +206,7 @@ impl Pass<'_> {
             return;
         };
         let action = step.actions[index.min(step.actions.len() - 1)];
-        let p = step.progress_mut(cluster).expect("present");
+        let p = self.touched.progress_mut(step, cluster).expect("present");
         p.failed = Some((action, message.clone()));
         p.phase = ClusterPhase::Failed;
         p.timed_out = timed_out;
@@ -218,7 +219,7 @@ impl Pass<'_> {
 
     fn start_cluster(&mut self, step: &mut StepState, cluster: &str) {
         let now = self.now;
-        if let Some(p) = step.progress_mut(cluster)
+        if let Some(p) = self.touched.progress_mut(step, cluster)
             && p.phase == ClusterPhase::Pending
         {
             p.phase = ClusterPhase::Running;
@@ -274,7 +275,7 @@ impl Pass<'_> {
                     let now = self.now;
                     let n = step.step;
                     let actions = step.actions.len();
-                    let p = step.progress_mut(cluster).expect("present");
+                    let p = self.touched.progress_mut(step, cluster).expect("present");
                     p.completed.push(action);
                     p.action_index += 1;
                     p.refused = None;
@@ -410,7 +411,6 @@ impl Pass<'_> {
             completed_at: None,
             timed_out: false,
             progress,
-            journal: Journal::default(),
         };
         let names: Vec<&str> = step.actions.iter().map(|a| a.as_str()).collect();
         self.event(
@@ -472,7 +472,7 @@ impl Pass<'_> {
                 }
                 for b in step.current_batch + 1..step.batch_count() {
                     for c in step.batch_members(b) {
-                        let p = step.progress_mut(&c).expect("present");
+                        let p = self.touched.progress_mut(step, &c).expect("present");
                         p.phase = ClusterPhase::Running;
                         self.fail(
                             step,
@@ -556,6 +556,7 @@ pub fn advance(
     advance_with(
         spec,
         steps.to_vec(),
+        &[],
         clusters.clone(),
         true,
         started_at,
@@ -566,10 +567,11 @@ pub fn advance(
 /// [`advance`] given only part of the fleet (`complete` false): the clusters of the running
 /// batch, say. When the pass needs more (a plan step to select for, a label to set on a
 /// cluster it was not given), the decision says `needs_fleet` and must not be used: pass
-/// again with the whole fleet.
+/// again with the whole fleet. `results` are the push outcomes to record first.
 pub fn advance_with(
     spec: &ImageBasedGroupUpgradeSpec,
     mut steps: Vec<StepState>,
+    results: &[&PushResult],
     clusters: BTreeMap<String, ClusterInfo>,
     complete: bool,
     started_at: Option<DateTime<Utc>>,
@@ -586,7 +588,10 @@ pub fn advance_with(
         complete,
         needs_fleet: false,
         reported: vec![],
+        touched: Touched::default(),
     };
+    apply_push_results(&mut steps, &mut pass.touched, results.iter().copied());
+    let given = steps.len();
     loop {
         if let Some(last) = steps.last_mut()
             && last.completed_at.is_none()
@@ -623,6 +628,10 @@ pub fn advance_with(
     } else {
         Phase::Progressing
     };
+    let mut changed = pass.touched.changed(&steps);
+    for started in steps.iter().skip(given) {
+        changed.insert(started.step, started.progress.keys().cloned().collect());
+    }
     Decision {
         steps,
         label_changes: pass
@@ -638,6 +647,7 @@ pub fn advance_with(
         wake_at: pass.wake,
         needs_fleet: pass.needs_fleet,
         reported: pass.reported,
+        changed,
     }
 }
 

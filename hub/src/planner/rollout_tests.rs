@@ -158,7 +158,6 @@ impl World {
     /// engine makes it, given only the running batch's clusters: unless it says it needs the
     /// whole fleet, it must decide exactly the same.
     fn pass(&mut self) -> Decision {
-        self.steps.iter_mut().for_each(|s| s.clear_journal());
         let d = advance(
             &self.spec,
             &self.steps,
@@ -166,12 +165,12 @@ impl World {
             self.started,
             self.now,
         );
-        // Every scenario checks that the planner changes progress only through `progress_mut`.
-        for s in &d.steps {
-            if let Some(old) = self.steps.get(s.step) {
-                assert!(s.journal_matches(old), "journal of step {}", s.step);
-            }
-        }
+        // Every scenario checks that the decision names exactly the progress it changed.
+        assert!(
+            d.changes_exactly(&self.steps),
+            "changed progress: {:?}",
+            d.changed
+        );
         let partial = self.partial_pass();
         if !partial.needs_fleet {
             assert_eq!(
@@ -198,24 +197,25 @@ impl World {
         d
     }
 
+    /// The pass as the engine makes it: given what [`scope`] says the pass reads.
     fn partial_pass(&self) -> Decision {
-        let batch: Vec<String> = self
-            .steps
-            .last()
-            .filter(|s| s.completed_at.is_none())
-            .map(|s| s.batch_at_work())
-            .unwrap_or_default();
+        let scope = scope(&self.steps, self.now);
         let given = self
             .clusters
             .iter()
-            .filter(|(n, _)| batch.contains(n))
-            .map(|(n, c)| (n.clone(), c.clone()))
+            .filter(|(n, _)| scope.whole_fleet || scope.reports.contains(n))
+            .map(|(n, c)| {
+                let ibu = c.ibu.clone().filter(|_| scope.reports.contains(n));
+                let labels = c.labels.clone();
+                (n.clone(), ClusterInfo { labels, ibu })
+            })
             .collect();
         advance_with(
             &self.spec,
             self.steps.clone(),
+            &[],
             given,
-            false,
+            scope.whole_fleet,
             self.started,
             self.now,
         )
@@ -812,7 +812,6 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
             ),
         ]
         .into(),
-        journal: Default::default(),
     }];
     let result = |cluster: &str, action_index: usize, outcome: PushOutcome| PushResult {
         step: 0,
@@ -821,8 +820,10 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
         outcome,
         at: t(1),
     };
+    let mut touched = Touched::default();
     apply_push_results(
         &mut steps,
+        &mut touched,
         &[
             // a late refusal of the Prep push must not fail the Upgrade "a" is on
             result("a", 0, PushOutcome::Refused("late".into())),
@@ -837,21 +838,12 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
         running(1),
         "an outcome for another action changes nothing"
     );
-    let journal: Vec<&String> = steps[0]
-        .journal_changes()
-        .into_iter()
-        .map(|c| c.0)
-        .collect();
-    assert_eq!(journal, ["b", "c"], "what changed, for the engine to write");
-    // A change made around `progress_mut` is caught by the check the scenarios make.
-    let mut step = steps[0].clone();
-    step.clear_journal();
-    let before = step.clone();
-    step.progress.get_mut("a").unwrap().push_failures = 7;
-    assert!(!step.journal_matches(&before));
-    step.progress.get_mut("a").unwrap().push_failures = 0;
-    step.progress_mut("a").unwrap().push_failures = 7;
-    assert!(step.journal_matches(&before));
+    assert_eq!(
+        touched.changed(&steps),
+        BTreeMap::from([(0, vec!["b".to_string(), "c".to_string()])]),
+        "what changed, for the engine to write"
+    );
+    let p = &steps[0].progress;
     assert_eq!(p["b"].refused.as_deref(), Some("now"));
     assert_eq!(p["b"].pushed_at, Some(t(1)));
     assert_eq!(
@@ -860,6 +852,7 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
     );
     apply_push_results(
         &mut steps,
+        &mut touched,
         &[result("c", 1, PushOutcome::Unreachable("timeout".into()))],
     );
     let c = &steps[0].progress["c"];
@@ -879,6 +872,12 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
     let later = t(1) + push_backoff(1);
     let d = advance(&spec, &steps, &fleet, Some(t(0)), later);
     assert!(d.pushes.iter().any(|p| p.cluster == "c"), "{:?}", d.pushes);
+    assert!(d.changes_exactly(&steps));
+    // A change the decision does not name is caught by the check every scenario makes.
+    let mut unnamed = d.clone();
+    let a = unnamed.steps[0].progress.get_mut("a").unwrap();
+    a.push_failures += 7;
+    assert!(!unnamed.changes_exactly(&steps));
 }
 
 #[test]
@@ -888,8 +887,12 @@ fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
         &["a", "b", "c"],
         vec![item(&[Action::Prep], 2, None)],
     );
+    // Selecting for a step needs every cluster: the scope says so up front, and a pass given
+    // less says it needed more.
+    assert!(scope(&w.steps, w.now).whole_fleet);
+    let given_none = advance_with(&w.spec, vec![], &[], BTreeMap::new(), false, None, w.now);
     assert!(
-        w.partial_pass().needs_fleet,
+        given_none.needs_fleet,
         "selecting for a step needs every cluster"
     );
     w.pass();
@@ -903,9 +906,12 @@ fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
     assert_eq!(w.steps[0].batch_at_work(), ["b"]);
     let d = w.partial_pass();
     assert!(!d.needs_fleet, "b alone is enough: {d:?}");
-    // a step timeout fails (and labels) clusters of batches that never started
+    assert!(!scope(&w.steps, w.now).whole_fleet);
+    // a step timeout fails (and labels) clusters of batches that never started: the scope
+    // reads the whole fleet for it
     w.now = t(60 * 24);
-    assert!(w.partial_pass().needs_fleet);
+    assert!(scope(&w.steps, w.now).whole_fleet);
+    assert!(!w.partial_pass().needs_fleet);
     let d = w.pass();
     assert!(d.label_changes.contains_key("c"), "{:?}", d.label_changes);
 }

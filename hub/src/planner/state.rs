@@ -74,12 +74,6 @@ pub struct StepState {
     pub completed_at: Option<DateTime<Utc>>,
     pub timed_out: bool,
     pub progress: BTreeMap<String, ClusterProgress>,
-    /// Progress entries as they were before the planner first changed them since the
-    /// journal was last cleared: what to write is found among these, not among all of a
-    /// step's clusters (10,000 at fleet scale). Change progress only through
-    /// [`StepState::progress_mut`].
-    #[serde(skip)]
-    pub journal: Journal,
 }
 
 /// See [`StepState::head`].
@@ -91,56 +85,47 @@ pub struct StepHead {
     pub timed_out: bool,
 }
 
-/// See [`StepState::journal`]. Bookkeeping of one pass, not state: it never makes two steps
-/// differ.
-#[derive(Clone, Debug, Default)]
-pub struct Journal(BTreeMap<String, ClusterProgress>);
+/// The progress entries one pass changed, each as it was before its first change: what is
+/// written is found among these (a batch at most), not among all of a step's clusters
+/// (10,000 at fleet scale). The planner changes progress only through
+/// [`Touched::progress_mut`]; [`Decision::changes_exactly`] checks that it did.
+#[derive(Debug, Default)]
+pub struct Touched(BTreeMap<usize, BTreeMap<String, ClusterProgress>>);
 
-impl PartialEq for Journal {
-    fn eq(&self, _: &Self) -> bool {
-        true
+impl Touched {
+    /// The cluster's progress in the step, to change.
+    pub fn progress_mut<'s>(
+        &mut self,
+        step: &'s mut StepState,
+        cluster: &str,
+    ) -> Option<&'s mut ClusterProgress> {
+        let p = step.progress.get_mut(cluster)?;
+        let before = self.0.entry(step.step).or_default();
+        if !before.contains_key(cluster) {
+            before.insert(cluster.to_string(), p.clone());
+        }
+        Some(p)
+    }
+
+    /// By step, the clusters whose progress now differs from before.
+    pub fn changed(&self, steps: &[StepState]) -> BTreeMap<usize, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for (&n, before) in &self.0 {
+            let Some(step) = steps.get(n) else { continue };
+            let differ: Vec<String> = before
+                .iter()
+                .filter(|(c, old)| step.progress.get(*c).is_some_and(|p| p != *old))
+                .map(|(c, _)| c.clone())
+                .collect();
+            if !differ.is_empty() {
+                out.insert(n, differ);
+            }
+        }
+        out
     }
 }
 
 impl StepState {
-    /// The cluster's progress, to change; the first time since the journal was cleared, the
-    /// entry as it was goes into the journal.
-    pub fn progress_mut(&mut self, cluster: &str) -> Option<&mut ClusterProgress> {
-        if !self.journal.0.contains_key(cluster)
-            && let Some(p) = self.progress.get(cluster)
-        {
-            self.journal.0.insert(cluster.to_string(), p.clone());
-        }
-        self.progress.get_mut(cluster)
-    }
-
-    /// The entries changed since the journal was cleared (one changed and changed back is
-    /// not among them).
-    pub fn journal_changes(&self) -> Vec<(&String, &ClusterProgress)> {
-        self.journal
-            .0
-            .iter()
-            .filter_map(|(c, old)| self.progress.get_key_value(c).filter(|(_, p)| *p != old))
-            .collect()
-    }
-
-    pub fn clear_journal(&mut self) {
-        self.journal.0.clear();
-    }
-
-    /// Whether the journal names exactly the entries that differ from `before` (this step
-    /// when its journal was cleared), found by comparing every entry: the check, in tests
-    /// and debug builds, that all changes to progress go through [`StepState::progress_mut`].
-    pub fn journal_matches(&self, before: &StepState) -> bool {
-        let journal = self.journal_changes().into_iter().map(|(c, _)| c);
-        let compared = self
-            .progress
-            .iter()
-            .filter(|(c, p)| before.progress.get(*c) != Some(*p))
-            .map(|(c, _)| c);
-        journal.eq(compared)
-    }
-
     /// What of the step is stored apart from its progress, and moves during a rollout.
     pub fn head(&self) -> StepHead {
         StepHead {
@@ -206,6 +191,31 @@ pub fn batch_timeout(
     let left = Duration::minutes(timeout_minutes) - elapsed;
     let remaining = (batches.saturating_sub(b)).max(1) as i32;
     (left / remaining).max(Duration::zero())
+}
+
+/// Which part of the fleet a pass reads, said before it runs: the last IBU of the running
+/// batch's clusters still at work (a few KiB each; those that finished the step are not
+/// driven again), and the labels of only those, or of every cluster when the pass will
+/// select for a plan step or time a step out (labels beyond the batch). A pass given part
+/// that finds it needs more after all (the batch's last report ends the step) says so in
+/// [`Decision::needs_fleet`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scope {
+    pub reports: Vec<String>,
+    pub whole_fleet: bool,
+}
+
+pub fn scope(steps: &[StepState], now: DateTime<Utc>) -> Scope {
+    match steps.last().filter(|s| s.completed_at.is_none()) {
+        None => Scope {
+            reports: Vec::new(),
+            whole_fleet: true,
+        },
+        Some(s) => Scope {
+            reports: s.batch_at_work(),
+            whole_fleet: now >= s.deadline(),
+        },
+    }
 }
 
 /// What the hub knows of a cluster.
@@ -290,6 +300,7 @@ pub fn awaits_push_result(steps: &[StepState], r: &PushResult) -> bool {
 /// report or on another hub).
 pub fn apply_push_results<'a>(
     steps: &mut [StepState],
+    touched: &mut Touched,
     results: impl IntoIterator<Item = &'a PushResult>,
 ) {
     for r in results {
@@ -298,7 +309,7 @@ pub fn apply_push_results<'a>(
         }
         let Some(p) = steps
             .get_mut(r.step)
-            .and_then(|s| s.progress_mut(&r.cluster))
+            .and_then(|s| touched.progress_mut(s, &r.cluster))
         else {
             continue;
         };
@@ -358,4 +369,29 @@ pub struct Decision {
     /// The clusters whose reports ended an action in this pass (completed or failed): each
     /// is a decision the hub made on a report.
     pub reported: Vec<String>,
+    /// By step, the clusters whose progress is to be written: those the pass changed, and
+    /// every cluster of a step it started.
+    pub changed: BTreeMap<usize, Vec<String>>,
+}
+
+impl Decision {
+    /// Whether [`Decision::changed`] names exactly the progress entries that differ from
+    /// `before` (the steps the pass was given), found by comparing every entry: the check,
+    /// in tests and debug builds, that the planner changes progress only through
+    /// [`Touched::progress_mut`].
+    pub fn changes_exactly(&self, before: &[StepState]) -> bool {
+        self.steps.iter().all(|s| {
+            let named: Vec<&String> = self.changed.get(&s.step).into_iter().flatten().collect();
+            let differ: Vec<&String> = match before.get(s.step) {
+                Some(old) => s
+                    .progress
+                    .iter()
+                    .filter(|(c, p)| old.progress.get(*c) != Some(*p))
+                    .map(|(c, _)| c)
+                    .collect(),
+                None => s.progress.keys().collect(),
+            };
+            named == differ
+        })
+    }
 }

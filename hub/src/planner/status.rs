@@ -71,6 +71,27 @@ pub fn cluster_states(steps: &[StepState]) -> Vec<ClusterState> {
 
 /// Condition times move only when the condition changes: each condition of `status` that
 /// reads as it did in `before` keeps the time it had.
+/// The rollout's status after a pass (without the per-cluster list, which the API builds
+/// when asked), keeping the transition time of every condition that did not change.
+pub fn pass_status(
+    generation: i64,
+    d: &Decision,
+    plan_len: usize,
+    before: &ImageBasedGroupUpgradeStatus,
+    now: DateTime<Utc>,
+) -> ImageBasedGroupUpgradeStatus {
+    let mut status = status_without_clusters(
+        generation,
+        &d.steps,
+        plan_len,
+        d.started_at,
+        d.completed_at,
+        now,
+    );
+    keep_transition_times(&mut status, before);
+    status
+}
+
 pub fn keep_transition_times(
     status: &mut ImageBasedGroupUpgradeStatus,
     before: &ImageBasedGroupUpgradeStatus,

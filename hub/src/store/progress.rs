@@ -58,7 +58,6 @@ pub async fn rollout_steps_in_txn(
             completed_at: r.try_get("completed_at")?,
             timed_out: r.try_get("timed_out")?,
             progress: BTreeMap::new(),
-            journal: Default::default(),
         });
     }
     let rows = sqlx::query(
@@ -110,14 +109,16 @@ pub async fn rollout_steps_in_txn(
 }
 
 /// Writes what changed of the steps: heads that differ from `before` (the heads of the
-/// steps as stored), steps that are new, and the progress entries each step's journal says
-/// changed (all of a new step's). Answers whether anything was written (the rollout's state
-/// version is then to move on: [`rollout_save_pass_in_txn`]).
+/// steps as stored), steps that are new, and the progress entries `changed` names by step
+/// (the planner's [`Decision::changed`](crate::planner::rollout::Decision::changed)).
+/// Answers whether anything was written (the rollout's state version is then to move on:
+/// [`rollout_save_pass_in_txn`]).
 pub async fn rollout_save_steps_in_txn(
     conn: &mut PgConnection,
     id: i64,
     before: &[StepHead],
     after: &[StepState],
+    changed: &BTreeMap<usize, Vec<String>>,
 ) -> Result<bool, Error> {
     let mut wrote = false;
     for s in after {
@@ -148,15 +149,17 @@ pub async fn rollout_save_steps_in_txn(
             .await
             ?;
         }
-        let changed = match old {
-            Some(_) => s.journal_changes(),
-            None => s.progress.iter().collect(),
-        };
-        if changed.is_empty() {
+        let rows: Vec<(&String, &ClusterProgress)> = changed
+            .get(&s.step)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| s.progress.get_key_value(c))
+            .collect();
+        if rows.is_empty() {
             continue;
         }
         wrote = true;
-        progress_upsert(&mut *conn, id, s, &changed).await?;
+        progress_upsert(&mut *conn, id, s, &rows).await?;
     }
     Ok(wrote)
 }

@@ -1,0 +1,54 @@
+//! The one thing the engine keeps between passes, by rollout. One rule makes it safe: every
+//! entry is a hint, checked against what is stored before it is used (steps by the
+//! rollout's uid and state version, reports by their identity, push outcomes by the action
+//! their cluster is on), so a stale entry costs a read or a repeated push, never a wrong
+//! decision; and all of a rollout's entries go when it stops being active. Losing it all (a
+//! restart) costs the same.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::planner::rollout::{PushResult, StepState};
+use crate::store::ReportCache;
+
+/// What is kept of one active rollout.
+#[derive(Default)]
+pub struct Kept {
+    /// Its steps as this hub's last pass committed them, and the state version that commit
+    /// made: a pass reloads them from Postgres only when the stored version moved on.
+    pub steps: Option<KeptSteps>,
+    /// The running batch's reports as the last pass parsed them: a pass reads again only
+    /// those whose stored report changed.
+    pub reports: ReportCache,
+    /// Outcomes of finished pushes until a pass records them (in its own transaction, with
+    /// everything else it writes).
+    pub results: Vec<PushResult>,
+    /// Clusters with a push on its way or its outcome not yet recorded: a pass that runs
+    /// meanwhile does not push to them again. The flag says a pass has a push for the cluster
+    /// waiting on this one (the spoke reported the action done before its answer came): the
+    /// answer then triggers a pass, however it went.
+    pub in_flight: HashMap<String, bool>,
+}
+
+pub struct KeptSteps {
+    pub uid: String,
+    pub version: i64,
+    pub steps: Vec<StepState>,
+}
+
+#[derive(Default)]
+pub struct Memory(Mutex<HashMap<i64, Kept>>);
+
+impl Memory {
+    /// Runs `f` on what is kept of the rollout (created empty when there is nothing yet).
+    pub fn with<T>(&self, id: i64, f: impl FnOnce(&mut Kept) -> T) -> T {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(all.entry(id).or_default())
+    }
+
+    /// Forgets the rollouts that are no longer active.
+    pub fn keep_only(&self, active: &[i64]) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|id, _| active.contains(id));
+    }
+}
