@@ -1,5 +1,6 @@
-//! What the REST API and the Kubernetes controller share when a rollout arrives or changes:
-//! the validation against what is stored (the ConfigMaps it refers to).
+//! Creating and changing a rollout, the one way both the REST API and the Kubernetes
+//! controller do it: validate against what is stored (the ConfigMaps it refers to), store,
+//! wake the engine. Each edge only turns the answer into its own (a `Status`, a CR status).
 
 use std::collections::BTreeSet;
 
@@ -8,9 +9,64 @@ use fleet_types::ibu::ConfigMapRef;
 use fleet_types::status::StatusCause;
 use sqlx::PgPool;
 
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::planner::validate;
-use crate::store;
+use crate::store::{self, RolloutRow};
+
+/// What became of a new or changed rollout.
+pub enum Verdict {
+    /// Stored (as the row now reads), and the engine woken.
+    Stored(Box<RolloutRow>),
+    /// Not valid: every problem, nothing stored.
+    Refused(Vec<StatusCause>),
+}
+
+/// Stores a new rollout when it is valid; one of that name already stored is a conflict.
+pub async fn create(
+    pool: &PgPool,
+    engine: &Engine,
+    obj: &ImageBasedGroupUpgrade,
+) -> Result<Verdict, Error> {
+    let causes = problems(pool, obj, None).await?;
+    if !causes.is_empty() {
+        return Ok(Verdict::Refused(causes));
+    }
+    let Some(row) = store::rollout_insert(pool, obj).await? else {
+        return Err(Error::Conflict(format!(
+            "rollout {}/{} already exists",
+            obj.metadata.namespace.as_deref().unwrap_or_default(),
+            obj.metadata.name.as_deref().unwrap_or_default()
+        )));
+    };
+    engine.trigger();
+    Ok(Verdict::Stored(Box::new(row)))
+}
+
+/// Stores a stored rollout's new version (spec, labels, annotations) when the change is
+/// valid; a changed spec is planned again by the engine.
+pub async fn change(
+    pool: &PgPool,
+    engine: &Engine,
+    stored: &RolloutRow,
+    new: &ImageBasedGroupUpgrade,
+) -> Result<Verdict, Error> {
+    let causes = problems(pool, new, Some(&stored.object)).await?;
+    if !causes.is_empty() {
+        return Ok(Verdict::Refused(causes));
+    }
+    let spec_changed = new.spec != stored.object.spec;
+    store::rollout_update(pool, stored.id, new, spec_changed).await?;
+    engine.trigger();
+    let (ns, name) = (
+        new.metadata.namespace.as_deref().unwrap_or_default(),
+        new.metadata.name.as_deref().unwrap_or_default(),
+    );
+    let row = store::rollout_fetch(pool, ns, name)
+        .await?
+        .ok_or_else(|| Error::Conflict(format!("rollout {ns}/{name} was deleted meanwhile")))?;
+    Ok(Verdict::Stored(Box::new(row)))
+}
 
 /// Every problem of a new (`old` is `None`) or changed IBGU; empty when it is valid.
 pub async fn problems(

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState, Shared};
 use crate::planner::{rollout, selector};
+use crate::rollouts::{self, Verdict};
 use crate::store;
 use crate::store::Stored;
 
@@ -293,12 +294,9 @@ pub struct CreateQuery {
     dry_run: Option<String>,
 }
 
-async fn validation(
-    state: &AppState,
-    new: &ImageBasedGroupUpgrade,
-    old: Option<&ImageBasedGroupUpgrade>,
-) -> Result<(), ApiError> {
-    let causes = crate::rollouts::problems(&state.pool, new, old).await?;
+/// The checks of a create, for a dry run (which stores nothing).
+async fn validation(state: &AppState, new: &ImageBasedGroupUpgrade) -> Result<(), ApiError> {
+    let causes = rollouts::problems(&state.pool, new, None).await?;
     if causes.is_empty() {
         Ok(())
     } else {
@@ -317,9 +315,11 @@ pub async fn rollout_create(
     if obj.metadata.namespace.as_deref().is_none_or(str::is_empty) {
         obj.metadata.namespace = Some("default".into());
     }
-    validation(&state, &obj, None).await?;
     match q.dry_run.as_deref() {
-        Some("All") => return dry_run(&state, &obj).await,
+        Some("All") => {
+            validation(&state, &obj).await?;
+            return dry_run(&state, &obj).await;
+        }
         Some(other) => {
             return Err(ApiError::new(
                 Reason::BadRequest,
@@ -328,18 +328,10 @@ pub async fn rollout_create(
         }
         None => {}
     }
-    let Some(row) = store::rollout_insert(&state.pool, &obj).await? else {
-        return Err(ApiError::new(
-            Reason::Conflict,
-            format!(
-                "rollout {}/{} already exists",
-                obj.metadata.namespace.unwrap_or_default(),
-                obj.metadata.name.unwrap_or_default()
-            ),
-        ));
-    };
-    state.engine.trigger();
-    Ok((StatusCode::CREATED, Json(row.object)).into_response())
+    match rollouts::create(&state.pool, &state.engine, &obj).await? {
+        Verdict::Stored(row) => Ok((StatusCode::CREATED, Json(row.object)).into_response()),
+        Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
+    }
 }
 
 /// The plan computed without storing anything: the first step's selection and batches
@@ -456,11 +448,10 @@ pub async fn rollout_patch(
         ));
     }
     new.status = row.object.status.clone();
-    validation(&state, &new, Some(&row.object)).await?;
-    let spec_changed = new.spec != row.object.spec;
-    store::rollout_update(&state.pool, row.id, &new, spec_changed).await?;
-    state.engine.trigger();
-    Ok(Json(fetch(&state, &ns, &name).await?.object).into_response())
+    match rollouts::change(&state.pool, &state.engine, &row, &new).await? {
+        Verdict::Stored(row) => Ok(Json(row.object).into_response()),
+        Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
+    }
 }
 
 pub async fn rollout_delete(

@@ -14,7 +14,8 @@ use kube::{Resource, ResourceExt};
 use super::Context;
 use super::decide::{self, SpecSync};
 use crate::error::Error;
-use crate::{rollouts, store};
+use crate::rollouts::{self, Verdict};
+use crate::store;
 
 /// While a rollout runs, its status is copied this often (the engine moves it).
 const ACTIVE_RESYNC: Duration = Duration::from_secs(1);
@@ -62,28 +63,20 @@ pub async fn reconcile(
     }
     let refused = match sync {
         SpecSync::Same => None,
-        SpecSync::Create => {
-            let problems = rollouts::problems(&ctx.pool, &desired, None).await?;
-            if problems.is_empty() {
-                store::rollout_insert(&ctx.pool, &desired).await?;
+        SpecSync::Create => match rollouts::create(&ctx.pool, &ctx.engine, &desired).await? {
+            Verdict::Stored(_) => {
                 tracing::info!(rollout = %format!("{ns}/{name}"), "IBGU accepted");
-                ctx.engine.trigger();
                 None
-            } else {
-                Some(problems)
             }
-        }
-        SpecSync::Update { spec_changed } => {
+            Verdict::Refused(problems) => Some(problems),
+        },
+        SpecSync::Update { .. } => {
             let row = stored.as_ref().ok_or(Error::Conflict(
                 "the rollout disappeared while it was being updated".into(),
             ))?;
-            let problems = rollouts::problems(&ctx.pool, &desired, Some(&row.object)).await?;
-            if problems.is_empty() {
-                store::rollout_update(&ctx.pool, row.id, &desired, spec_changed).await?;
-                ctx.engine.trigger();
-                None
-            } else {
-                Some(problems)
+            match rollouts::change(&ctx.pool, &ctx.engine, row, &desired).await? {
+                Verdict::Stored(_) => None,
+                Verdict::Refused(problems) => Some(problems),
             }
         }
     };
