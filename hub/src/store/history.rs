@@ -40,7 +40,7 @@ pub async fn history_insert_in_txn(
     Ok(())
 }
 
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct HistoryEntry {
     pub time: DateTime<Utc>,
     pub cluster: Option<String>,
@@ -55,7 +55,7 @@ pub async fn history_list(
     rollout_id: i64,
     cluster: Option<&str>,
 ) -> Result<Vec<HistoryEntry>, Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as(
         "SELECT time, cluster, step, action, event, message FROM history
          WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",
     )
@@ -63,24 +63,16 @@ pub async fn history_list(
     .bind(cluster)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(HistoryEntry {
-                time: r.try_get("time")?,
-                cluster: r.try_get("cluster")?,
-                step: r.try_get("step")?,
-                action: r.try_get("action")?,
-                event: r.try_get("event")?,
-                message: r.try_get("message")?,
-            })
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// A history row for Kubernetes Events.
+#[derive(sqlx::FromRow)]
 pub struct HistoryEvent {
     pub id: i64,
+    #[sqlx(rename = "rollout_namespace")]
     pub namespace: String,
+    #[sqlx(rename = "rollout_name")]
     pub rollout: String,
     pub cluster: Option<String>,
     pub event: String,
@@ -94,7 +86,7 @@ pub async fn history_since(
     events: &[&str],
     limit: i64,
 ) -> Result<Vec<HistoryEvent>, Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as(
         "SELECT id, rollout_namespace, rollout_name, cluster, event, message FROM history
          WHERE id > $1 AND event = ANY($2) ORDER BY id LIMIT $3",
     )
@@ -103,18 +95,7 @@ pub async fn history_since(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(HistoryEvent {
-                id: r.try_get("id")?,
-                namespace: r.try_get("rollout_namespace")?,
-                rollout: r.try_get("rollout_name")?,
-                cluster: r.try_get("cluster")?,
-                event: r.try_get("event")?,
-                message: r.try_get("message")?,
-            })
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// The newest history id (0 when empty).

@@ -24,84 +24,125 @@ pub(super) fn phase_str(p: ClusterPhase) -> &'static str {
     }
 }
 
+/// A row of `rollout_steps`.
+#[derive(sqlx::FromRow)]
+struct StepRow {
+    step: i32,
+    actions: Vec<String>,
+    clusters: Vec<String>,
+    max_concurrency: i32,
+    timeout_minutes: i32,
+    current_batch: i32,
+    batch_started_at: Option<DateTime<Utc>>,
+    started_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+    timed_out: bool,
+}
+
+impl TryFrom<StepRow> for StepState {
+    type Error = Error;
+
+    fn try_from(r: StepRow) -> Result<Self, Error> {
+        Ok(StepState {
+            step: r.step as usize,
+            actions: r
+                .actions
+                .iter()
+                .map(|a| parse_action(a))
+                .collect::<Result<_, _>>()?,
+            clusters: r.clusters,
+            max_concurrency: r.max_concurrency as usize,
+            timeout_minutes: r.timeout_minutes as i64,
+            started_at: r.started_at,
+            current_batch: r.current_batch as usize,
+            batch_started_at: r.batch_started_at.unwrap_or(r.started_at),
+            completed_at: r.completed_at,
+            timed_out: r.timed_out,
+            progress: BTreeMap::new(),
+        })
+    }
+}
+
+/// A row of `rollout_clusters`: one cluster's progress through one step.
+#[derive(sqlx::FromRow)]
+struct ProgressRow {
+    step: i32,
+    cluster: String,
+    batch: i32,
+    state: String,
+    action_index: i32,
+    completed_actions: Vec<String>,
+    failed_action: Option<String>,
+    failure_message: Option<String>,
+    timed_out: bool,
+    pushed_stage: Option<String>,
+    pushed_at: Option<DateTime<Utc>>,
+    push_attempts: i32,
+    refused: Option<String>,
+    started_at: Option<DateTime<Utc>>,
+    action_started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<ProgressRow> for ClusterProgress {
+    type Error = Error;
+
+    fn try_from(r: ProgressRow) -> Result<Self, Error> {
+        Ok(ClusterProgress {
+            batch: r.batch as usize,
+            phase: parse_phase(&r.state),
+            action_index: r.action_index as usize,
+            completed: r
+                .completed_actions
+                .iter()
+                .map(|a| parse_action(a))
+                .collect::<Result<_, _>>()?,
+            failed: match r.failed_action {
+                Some(a) => Some((parse_action(&a)?, r.failure_message.unwrap_or_default())),
+                None => None,
+            },
+            timed_out: r.timed_out,
+            pushed_stage: r
+                .pushed_stage
+                .and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
+            pushed_at: r.pushed_at,
+            push_failures: r.push_attempts as u32,
+            refused: r.refused,
+            started_at: r.started_at,
+            action_started_at: r.action_started_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
 pub async fn rollout_steps_in_txn(
     conn: &mut PgConnection,
     id: i64,
 ) -> Result<Vec<StepState>, Error> {
-    let rows = sqlx::query(
+    let rows: Vec<StepRow> = sqlx::query_as(
         "SELECT step, actions, clusters, max_concurrency, timeout_minutes, current_batch, batch_started_at,
                 started_at, completed_at, timed_out
          FROM rollout_steps WHERE rollout_id = $1 ORDER BY step",
     )
     .bind(id)
     .fetch_all(&mut *conn)
-    .await
-    ?;
-    let mut steps = Vec::with_capacity(rows.len());
-    for r in rows {
-        let actions: Vec<String> = r.try_get("actions")?;
-        let started_at: DateTime<Utc> = r.try_get("started_at")?;
-        steps.push(StepState {
-            step: r.try_get::<i32, _>("step")? as usize,
-            actions: actions
-                .iter()
-                .map(|a| parse_action(a))
-                .collect::<Result<_, _>>()?,
-            clusters: r.try_get("clusters")?,
-            max_concurrency: r.try_get::<i32, _>("max_concurrency")? as usize,
-            timeout_minutes: r.try_get::<i32, _>("timeout_minutes")? as i64,
-            started_at,
-            current_batch: r.try_get::<i32, _>("current_batch")? as usize,
-            batch_started_at: r
-                .try_get::<Option<DateTime<Utc>>, _>("batch_started_at")?
-                .unwrap_or(started_at),
-            completed_at: r.try_get("completed_at")?,
-            timed_out: r.try_get("timed_out")?,
-            progress: BTreeMap::new(),
-        });
-    }
-    let rows = sqlx::query(
+    .await?;
+    let mut steps: Vec<StepState> = rows
+        .into_iter()
+        .map(StepState::try_from)
+        .collect::<Result<_, _>>()?;
+    let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT step, cluster, batch, state, action_index, completed_actions, failed_action, failure_message,
                 timed_out, pushed_stage, pushed_at, push_attempts, refused, started_at, action_started_at, finished_at
          FROM rollout_clusters WHERE rollout_id = $1",
     )
     .bind(id)
     .fetch_all(&mut *conn)
-    .await
-    ?;
+    .await?;
     for r in rows {
-        let step: i32 = r.try_get("step")?;
-        let completed: Vec<String> = r.try_get("completed_actions")?;
-        let failed_action: Option<String> = r.try_get("failed_action")?;
-        let pushed_stage: Option<String> = r.try_get("pushed_stage")?;
-        let progress = ClusterProgress {
-            batch: r.try_get::<i32, _>("batch")? as usize,
-            phase: parse_phase(r.try_get::<String, _>("state")?.as_str()),
-            action_index: r.try_get::<i32, _>("action_index")? as usize,
-            completed: completed
-                .iter()
-                .map(|a| parse_action(a))
-                .collect::<Result<_, _>>()?,
-            failed: match failed_action {
-                Some(a) => Some((
-                    parse_action(&a)?,
-                    r.try_get::<Option<String>, _>("failure_message")?
-                        .unwrap_or_default(),
-                )),
-                None => None,
-            },
-            timed_out: r.try_get("timed_out")?,
-            pushed_stage: pushed_stage
-                .and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
-            pushed_at: r.try_get("pushed_at")?,
-            push_failures: r.try_get::<i32, _>("push_attempts")? as u32,
-            refused: r.try_get("refused")?,
-            started_at: r.try_get("started_at")?,
-            action_started_at: r.try_get("action_started_at")?,
-            finished_at: r.try_get("finished_at")?,
-        };
-        let cluster: String = r.try_get("cluster")?;
-        if let Some(s) = steps.get_mut(step as usize) {
+        let (step, cluster) = (r.step as usize, r.cluster.clone());
+        let progress = ClusterProgress::try_from(r)?;
+        if let Some(s) = steps.get_mut(step) {
             s.progress.insert(cluster, progress);
         }
     }
