@@ -49,15 +49,24 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     Ok(derive(&key, &req.name, &nonce))
 }
 
+/// The columns of a cluster that [`ClusterRecord`] shows.
+#[derive(sqlx::FromRow)]
+struct ClusterColumns {
+    name: String,
+    labels: Value,
+    endpoint: String,
+    last_seen: Option<DateTime<Utc>>,
+    last_report: Option<Value>,
+}
+
 pub(super) fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecord, Error> {
-    let labels: Value = r.try_get("labels")?;
-    let ibu: Option<Value> = r.try_get("last_report")?;
+    let c = ClusterColumns::from_row(r)?;
     Ok(ClusterRecord {
-        name: r.try_get("name")?,
-        labels: serde_json::from_value(labels).unwrap_or_default(),
-        endpoint: r.try_get("endpoint")?,
-        last_seen: r.try_get("last_seen")?,
-        ibu: ibu.and_then(|v| serde_json::from_value(v).ok()),
+        name: c.name,
+        labels: serde_json::from_value(c.labels).unwrap_or_default(),
+        endpoint: c.endpoint,
+        last_seen: c.last_seen,
+        ibu: c.last_report.and_then(|v| serde_json::from_value(v).ok()),
     })
 }
 
@@ -163,24 +172,25 @@ pub async fn cluster_access(
     names: &[String],
 ) -> Result<HashMap<String, SpokeAccess>, Error> {
     let key = hub_key(pool).await?;
-    let rows =
-        sqlx::query("SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)")
-            .bind(names)
-            .fetch_all(pool)
-            .await?;
-    rows.iter()
-        .map(|r| {
-            let name: String = r.try_get("name")?;
-            let nonce: String = r.try_get("credential_nonce")?;
-            Ok((
-                name.clone(),
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)",
+    )
+    .bind(names)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, endpoint, nonce)| {
+            let credential = derive(&key, &name, &nonce);
+            (
+                name,
                 SpokeAccess {
-                    endpoint: r.try_get("endpoint")?,
-                    credential: derive(&key, &name, &nonce),
+                    endpoint,
+                    credential,
                 },
-            ))
+            )
         })
-        .collect()
+        .collect())
 }
 
 /// Applies the planner's label changes: removals first, then additions that never
@@ -219,21 +229,17 @@ pub async fn cluster_labels_change_in_txn(
 pub async fn cluster_labels_all(
     pool: &PgPool,
 ) -> Result<HashMap<String, (BTreeMap<String, String>, String)>, Error> {
-    let rows = sqlx::query("SELECT name, labels, endpoint FROM clusters")
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let labels: Value = r.try_get("labels")?;
-            Ok((
-                r.try_get("name")?,
-                (
-                    serde_json::from_value(labels).unwrap_or_default(),
-                    r.try_get("endpoint")?,
-                ),
-            ))
+    let rows: Vec<(String, Value, String)> =
+        sqlx::query_as("SELECT name, labels, endpoint FROM clusters")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, labels, endpoint)| {
+            let labels = serde_json::from_value(labels).unwrap_or_default();
+            (name, (labels, endpoint))
         })
-        .collect()
+        .collect())
 }
 
 /// Clusters known from ManagedClusters: their labels replace the stored ones except the

@@ -44,10 +44,7 @@ pub async fn configmap_delete(pool: &PgPool, namespace: &str, name: &str) -> Res
 }
 
 pub async fn configmap_names(pool: &PgPool) -> Result<Vec<(String, String)>, Error> {
-    let rows = sqlx::query("SELECT namespace, name FROM configmaps")
+    Ok(sqlx::query_as("SELECT namespace, name FROM configmaps")
         .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("namespace")?, r.try_get("name")?)))
-        .collect()
+        .await?)
 }

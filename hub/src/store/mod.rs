@@ -11,7 +11,7 @@ use fleet_types::ibu::{ImageBasedUpgrade, Stage};
 use fleet_types::messages::RegisterRequest;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{FromRow, PgConnection, PgPool, Row};
 
 use crate::error::Error;
 use crate::planner::rollout::{

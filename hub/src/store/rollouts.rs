@@ -9,38 +9,49 @@ pub struct RolloutRow {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// The columns of [`ROLLOUT_COLUMNS`].
+#[derive(sqlx::FromRow)]
+struct RolloutColumns {
+    id: i64,
+    uid: uuid::Uuid,
+    namespace: String,
+    name: String,
+    generation: i64,
+    labels: Value,
+    annotations: Value,
+    spec: Value,
+    status: Value,
+    phase: String,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+}
+
 pub(super) fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
-    let spec: Value = r.try_get("spec")?;
-    let status: Value = r.try_get("status")?;
-    let labels: Value = r.try_get("labels")?;
-    let annotations: Value = r.try_get("annotations")?;
-    let uid: uuid::Uuid = r.try_get("uid")?;
-    let name: String = r.try_get("name")?;
-    let created: DateTime<Utc> = r.try_get("created_at")?;
-    let mut object = ImageBasedGroupUpgrade::new(
-        &name,
-        serde_json::from_value(spec).map_err(|e| Error::internal("stored spec", e))?,
-    );
-    object.metadata.namespace = Some(r.try_get("namespace")?);
-    object.metadata.uid = Some(uid.to_string());
-    object.metadata.generation = Some(r.try_get("generation")?);
-    object.metadata.labels = serde_json::from_value(labels)
+    let c = RolloutColumns::from_row(r)?;
+    let spec = serde_json::from_value(c.spec).map_err(|e| Error::internal("stored spec", e))?;
+    let mut object = ImageBasedGroupUpgrade::new(&c.name, spec);
+    let meta = &mut object.metadata;
+    meta.namespace = Some(c.namespace);
+    meta.uid = Some(c.uid.to_string());
+    meta.generation = Some(c.generation);
+    meta.labels = serde_json::from_value(c.labels)
         .ok()
         .filter(|m: &BTreeMap<String, String>| !m.is_empty());
-    object.metadata.annotations = serde_json::from_value(annotations)
+    meta.annotations = serde_json::from_value(c.annotations)
         .ok()
         .filter(|m: &BTreeMap<String, String>| !m.is_empty());
-    object.metadata.creation_timestamp = serde_json::from_value(Value::String(
-        created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    meta.creation_timestamp = serde_json::from_value(Value::String(
+        c.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     ))
     .ok();
-    let status: ImageBasedGroupUpgradeStatus = serde_json::from_value(status).unwrap_or_default();
+    let status: ImageBasedGroupUpgradeStatus = serde_json::from_value(c.status).unwrap_or_default();
     object.status = (status != ImageBasedGroupUpgradeStatus::default()).then_some(status);
     Ok(RolloutRow {
-        id: r.try_get("id")?,
+        id: c.id,
         object,
-        phase: r.try_get("phase")?,
-        started_at: r.try_get("started_at")?,
+        phase: c.phase,
+        started_at: c.started_at,
     })
 }
 

@@ -71,17 +71,37 @@ impl ProgressGroup {
     }
 }
 
+/// One group of progress rows of an active rollout's step (the query of
+/// [`metrics_snapshot`]).
+#[derive(sqlx::FromRow)]
+struct GroupRow {
+    namespace: String,
+    name: String,
+    step: i32,
+    actions: Vec<String>,
+    current_batch: i32,
+    completed_at: Option<DateTime<Utc>>,
+    members: i32,
+    max_concurrency: i32,
+    completed_actions: Vec<String>,
+    action_index: i32,
+    state: String,
+    timed_out: bool,
+    n: i64,
+}
+
 /// What the fleet gauges of `/metrics` show, in a few grouped queries (no per-cluster rows
 /// leave the database).
 pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
-    let mut snap = FleetSnapshot::default();
-    for r in sqlx::query("SELECT phase, count(*) AS n FROM rollouts GROUP BY phase")
-        .fetch_all(pool)
-        .await?
-    {
-        snap.rollouts.insert(r.try_get("phase")?, r.try_get("n")?);
-    }
-    let rows = sqlx::query(
+    let by_phase: Vec<(String, i64)> =
+        sqlx::query_as("SELECT phase, count(*) AS n FROM rollouts GROUP BY phase")
+            .fetch_all(pool)
+            .await?;
+    let mut snap = FleetSnapshot {
+        rollouts: by_phase.into_iter().collect(),
+        ..FleetSnapshot::default()
+    };
+    let rows: Vec<GroupRow> = sqlx::query_as(
         "SELECT r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
                 cardinality(s.clusters) AS members, s.max_concurrency,
                 rc.completed_actions, rc.action_index, rc.state, rc.timed_out, count(*) AS n
@@ -98,33 +118,34 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
     .await?;
     for r in rows {
         let group = ProgressGroup {
-            actions: r.try_get("actions")?,
-            completed: r.try_get("completed_actions")?,
-            action_index: r.try_get::<i32, _>("action_index")?.max(0) as usize,
-            state: r.try_get("state")?,
-            timed_out: r.try_get("timed_out")?,
-            count: r.try_get("n")?,
+            actions: r.actions,
+            completed: r.completed_actions,
+            action_index: r.action_index.max(0) as usize,
+            state: r.state,
+            timed_out: r.timed_out,
+            count: r.n,
         };
         group.add_action_states(&mut snap.cluster_actions);
-        let namespace: String = r.try_get("namespace")?;
-        let rollout: String = r.try_get("name")?;
-        let step = i64::from(r.try_get::<i32, _>("step")?);
+        let step = i64::from(r.step);
         let same = snap
             .steps
             .last()
-            .is_some_and(|s| s.namespace == namespace && s.rollout == rollout && s.step == step);
+            .is_some_and(|s| s.namespace == r.namespace && s.rollout == r.name && s.step == step);
         if !same {
-            let members = i64::from(r.try_get::<i32, _>("members")?);
-            let max = i64::from(r.try_get::<i32, _>("max_concurrency")?).max(1);
+            let members = i64::from(r.members);
+            let max = i64::from(r.max_concurrency).max(1);
             let batches = (members + max - 1) / max;
-            let done: Option<DateTime<Utc>> = r.try_get("completed_at")?;
-            let current = i64::from(r.try_get::<i32, _>("current_batch")?);
+            let current = i64::from(r.current_batch);
             snap.steps.push(StepSnapshot {
-                namespace,
-                rollout,
+                namespace: r.namespace,
+                rollout: r.name,
                 step,
                 clusters: BTreeMap::new(),
-                batch: if done.is_some() { batches } else { current + 1 },
+                batch: if r.completed_at.is_some() {
+                    batches
+                } else {
+                    current + 1
+                },
                 batches,
             });
         }
