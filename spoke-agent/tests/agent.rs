@@ -154,7 +154,7 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
         assert_eq!(reports[0].2.agent_id, "run-1");
     }
     assert_eq!(
-        agent.credential().as_deref(),
+        agent.session().credential().as_deref(),
         Some("cred-1"),
         "the hub's credential opens the local API"
     );
@@ -264,7 +264,7 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     {
         let (agent, seen) = (agent.clone(), seen.clone());
-        let mut changes = agent.subscribe();
+        let mut changes = agent.session().subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let raw = agent.snapshot().await;
@@ -335,7 +335,7 @@ async fn a_step_ends_and_the_next_begins_in_one_save() {
     };
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), config, &metrics).await;
-    let changes = agent.subscribe();
+    let changes = agent.session().subscribe();
     let before = *changes.borrow();
     agent
         .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))

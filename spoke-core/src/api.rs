@@ -19,22 +19,21 @@ use serde::{Deserialize, Serialize};
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::Error;
-use crate::host::Host;
 use crate::metrics::AgentMetrics;
-use crate::runner::Agent;
+use crate::spoke::Spoke;
 
 /// Largest request body: a ConfigMap of extra manifests fits easily, a flood does not.
 pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
-pub struct ApiState<H: Host> {
-    pub agents: HashMap<String, Arc<Agent<H>>>,
+pub struct ApiState<S: Spoke> {
+    pub agents: HashMap<String, Arc<S>>,
     /// The cluster served at `/v1` (single-agent mode).
     pub single: Option<String>,
     pub api_token: Option<String>,
     pub metrics: AgentMetrics,
 }
 
-type Shared<H> = Arc<ApiState<H>>;
+type Shared<S> = Arc<ApiState<S>>;
 
 /// The one place the agent's [`Error`] becomes an HTTP answer.
 impl From<Error> for ApiError {
@@ -50,16 +49,16 @@ impl From<Error> for ApiError {
     }
 }
 
-pub fn router<H: Host>(state: Shared<H>) -> Router {
+pub fn router<S: Spoke>(state: Shared<S>) -> Router {
     let v1 = Router::new()
-        .route("/v1/ibu", get(get_ibu::<H>).patch(patch_ibu::<H>))
-        .route("/v1/restores", get(restores::<H>))
+        .route("/v1/ibu", get(get_ibu::<S>).patch(patch_ibu::<S>))
+        .route("/v1/restores", get(restores::<S>))
         .route(
             "/v1/configmaps/{namespace}/{name}",
-            get(cm_get::<H>).put(cm_put::<H>).delete(cm_delete::<H>),
+            get(cm_get::<S>).put(cm_put::<S>).delete(cm_delete::<S>),
         )
-        .route("/v1/must-gather", get(must_gather::<H>))
-        .route("/readyz", get(readyz::<H>));
+        .route("/v1/must-gather", get(must_gather::<S>))
+        .route("/readyz", get(readyz::<S>));
     let routes = if state.single.is_some() {
         v1
     } else {
@@ -70,22 +69,22 @@ pub fn router<H: Host>(state: Shared<H>) -> Router {
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
-        .route("/metrics", get(metrics::<H>))
+        .route("/metrics", get(metrics::<S>))
         .fallback(fleet_server::no_such_endpoint)
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT_BYTES));
     fleet_server::traced(routes).with_state(state)
 }
 
 /// The agent a request is for, after its bearer token was checked.
-struct Authed<H: Host> {
-    agent: Arc<Agent<H>>,
+struct Authed<S: Spoke> {
+    agent: Arc<S>,
     params: HashMap<String, String>,
 }
 
-impl<H: Host> FromRequestParts<Shared<H>> for Authed<H> {
+impl<S: Spoke> FromRequestParts<Shared<S>> for Authed<S> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Shared<H>) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared<S>) -> Result<Self, ApiError> {
         let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::new(Reason::BadRequest, e.to_string()))?;
@@ -101,7 +100,7 @@ impl<H: Host> FromRequestParts<Shared<H>> for Authed<H> {
         authorize(
             &parts.headers,
             state.api_token.as_deref(),
-            agent.credential().as_deref(),
+            agent.session().credential().as_deref(),
         )?;
         Ok(Authed { agent, params })
     }
@@ -134,12 +133,12 @@ fn authorize(
     }
 }
 
-async fn get_ibu<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    Ok(Json(&a.agent.visible().await?.ibu).into_response())
+async fn get_ibu<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
+    Ok(Json(&*a.agent.ibu().await?).into_response())
 }
 
-async fn patch_ibu<H: Host>(
-    a: Authed<H>,
+async fn patch_ibu<S: Spoke>(
+    a: Authed<S>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -159,8 +158,8 @@ async fn patch_ibu<H: Host>(
     let patch: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Reason::BadRequest, format!("the body is not JSON: {e}")))?;
     match a.agent.patch(&patch).await {
-        Ok(state) => {
-            tracing::info!(cluster = %a.agent.name, stage = %state.ibu.spec.stage, "IBU change accepted");
+        Ok(ibu) => {
+            tracing::info!(cluster = %a.agent.name(), stage = %ibu.spec.stage, "IBU change accepted");
             let prefer = headers.get_all(fleet_types::http::PREFER).iter();
             if fleet_types::http::prefers_minimal(prefer.filter_map(|v| v.to_str().ok())) {
                 // The hub's pushes: the new object is not read, so it is not written.
@@ -173,10 +172,10 @@ async fn patch_ibu<H: Host>(
                 )
                     .into_response());
             }
-            Ok(Json(&state.ibu).into_response())
+            Ok(Json(&*ibu).into_response())
         }
         Err(err) => {
-            tracing::warn!(cluster = %a.agent.name, %err, "IBU change refused");
+            tracing::warn!(cluster = %a.agent.name(), %err, "IBU change refused");
             Err(err.into())
         }
     }
@@ -187,10 +186,9 @@ struct Items<T> {
     items: Vec<T>,
 }
 
-async fn restores<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    a.agent.check_reachable()?;
+async fn restores<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
     Ok(Json(Items {
-        items: a.agent.host.restores().await,
+        items: a.agent.restores().await?,
     })
     .into_response())
 }
@@ -209,10 +207,9 @@ fn cm_ref(params: &HashMap<String, String>) -> ConfigMapRef {
     }
 }
 
-async fn cm_get<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    a.agent.check_reachable()?;
+async fn cm_get<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
     let r = cm_ref(&a.params);
-    match a.agent.host.configmap_get(&r).await {
+    match a.agent.configmap_get(&r).await? {
         Some(data) => Ok(Json(ConfigMap { metadata: r, data }).into_response()),
         None => Err(ApiError::new(
             Reason::NotFound,
@@ -221,8 +218,7 @@ async fn cm_get<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
     }
 }
 
-async fn cm_put<H: Host>(a: Authed<H>, body: Bytes) -> Result<Response, ApiError> {
-    a.agent.check_reachable()?;
+async fn cm_put<S: Spoke>(a: Authed<S>, body: Bytes) -> Result<Response, ApiError> {
     let r = cm_ref(&a.params);
     let cm: ConfigMap = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(Reason::Invalid, format!("not a ConfigMap ({{\"metadata\":{{\"name\",\"namespace\"}},\"data\":{{...}}}}): {e}"))
@@ -236,36 +232,29 @@ async fn cm_put<H: Host>(a: Authed<H>, body: Bytes) -> Result<Response, ApiError
             ),
         ));
     }
-    a.agent
-        .host
-        .configmap_put(&r, cm.data.clone())
-        .await
-        .map_err(|e| ApiError::new(Reason::InternalError, e.to_string()))?;
+    a.agent.configmap_put(&r, cm.data.clone()).await?;
     Ok(Json(cm).into_response())
 }
 
-async fn cm_delete<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    a.agent.check_reachable()?;
+async fn cm_delete<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
     let r = cm_ref(&a.params);
-    match a.agent.host.configmap_delete(&r).await {
-        Ok(true) => Ok(Json(fleet_types::status::success(format!(
+    match a.agent.configmap_delete(&r).await? {
+        true => Ok(Json(fleet_types::status::success(format!(
             "configmap {}/{} deleted",
             r.namespace, r.name
         )))
         .into_response()),
-        Ok(false) => Err(ApiError::new(
+        false => Err(ApiError::new(
             Reason::NotFound,
             format!("configmap {}/{} not found", r.namespace, r.name),
         )),
-        Err(e) => Err(ApiError::new(Reason::InternalError, e.to_string())),
     }
 }
 
-async fn must_gather<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
-    a.agent.check_reachable()?;
-    let bundle = crate::must_gather::bundle(&a.agent)
-        .await
-        .map_err(|e| ApiError::new(Reason::InternalError, format!("building the bundle: {e}")))?;
+async fn must_gather<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
+    let files = a.agent.gather().await?;
+    let bundle = crate::must_gather::pack(a.agent.name(), files)
+        .map_err(|e| Error::internal("building the bundle", e))?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/gzip".to_string()),
@@ -273,7 +262,7 @@ async fn must_gather<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
                 header::CONTENT_DISPOSITION,
                 format!(
                     "attachment; filename=\"must-gather-{}.tar.gz\"",
-                    a.agent.name
+                    a.agent.name()
                 ),
             ),
         ],
@@ -282,12 +271,12 @@ async fn must_gather<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn readyz<H: Host>(a: Authed<H>) -> Result<Response, ApiError> {
+async fn readyz<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
     a.agent.check_reachable()?;
     Ok(Json(serde_json::json!({"status": "ready"})).into_response())
 }
 
-async fn metrics<H: Host>(State(state): State<Shared<H>>) -> Response {
+async fn metrics<S: Spoke>(State(state): State<Shared<S>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod must_gather;
 pub mod report;
 pub mod runner;
+pub mod spoke;
 pub mod store;
 
 pub use error::Error;

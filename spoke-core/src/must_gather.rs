@@ -7,7 +7,8 @@ use flate2::write::GzEncoder;
 use crate::host::Host;
 use crate::runner::Agent;
 
-pub async fn bundle<H: Host>(agent: &Agent<H>) -> std::io::Result<Vec<u8>> {
+/// The files an agent that runs the upgrade itself gathers.
+pub async fn agent_files<H: Host>(agent: &Agent<H>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let state = agent.snapshot().await;
     let history = state
         .ibu
@@ -35,8 +36,13 @@ pub async fn bundle<H: Host>(agent: &Agent<H>) -> std::io::Result<Vec<u8>> {
         ),
         ("events.log", agent.events().join("\n").into_bytes()),
     ];
+    Ok(files.into_iter().map(|(n, b)| (n.to_string(), b)).collect())
+}
+
+/// The bundle: the files under `must-gather-<cluster>/`, as a gzip'd tar.
+pub fn pack(cluster: &str, files: Vec<(String, Vec<u8>)>) -> std::io::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
-    let dir = format!("must-gather-{}", agent.name);
+    let dir = format!("must-gather-{cluster}");
     for (name, bytes) in files {
         let mut header = tar::Header::new_gnu();
         header.set_size(bytes.len() as u64);

@@ -9,9 +9,8 @@ use std::time::Duration;
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReportRef};
 use reqwest::StatusCode;
 
-use crate::host::Host;
 use crate::metrics::AgentMetrics;
-use crate::runner::Agent;
+use crate::spoke::Spoke;
 
 /// Backoff bounds while the hub does not answer.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -53,15 +52,15 @@ enum Failure {
     Other(String),
 }
 
-pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMetrics) {
+pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) {
     // Where reports go, parsed once: a bad hub URL fails every report the same way.
     let status_url = reqwest::Url::parse(&format!(
         "{}/v1/clusters/{}/status",
         link.hub_url.trim_end_matches('/'),
-        agent.name
+        agent.name()
     ))
     .map_err(|e| format!("the hub URL {:?}: {e}", link.hub_url));
-    let mut changes = agent.subscribe();
+    let mut changes = agent.session().subscribe();
     let mut backoff = BACKOFF_MIN;
     loop {
         if agent.check_reachable().is_err() {
@@ -72,9 +71,9 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMet
             continue;
         }
         changes.borrow_and_update();
-        let result = match agent.credential() {
-            None => register(&agent, &link).await,
-            Some(credential) => send(&agent, &link, &status_url, &credential).await,
+        let result = match agent.session().credential() {
+            None => register(&*agent, &link).await,
+            Some(credential) => send(&*agent, &link, &status_url, &credential).await,
         };
         match result {
             Ok(registered) => {
@@ -90,14 +89,14 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMet
             }
             Err(Failure::Away) => {}
             Err(Failure::Unauthorized) => {
-                tracing::warn!(cluster = %agent.name, "the hub refused our credential; registering again");
-                agent.clear_credential();
+                tracing::warn!(cluster = %agent.name(), "the hub refused our credential; registering again");
+                agent.session().clear_credential();
                 metrics.report("failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(Failure::Other(why)) => {
-                tracing::debug!(cluster = %agent.name, %why, ?backoff, "hub not reachable; retrying");
+                tracing::debug!(cluster = %agent.name(), %why, ?backoff, "hub not reachable; retrying");
                 metrics.report("failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -107,13 +106,13 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, link: HubLink, metrics: AgentMet
 }
 
 /// Answers `Ok(true)` once registered.
-async fn register<H: Host>(agent: &Agent<H>, link: &HubLink) -> Result<bool, Failure> {
+async fn register<S: Spoke>(agent: &S, link: &HubLink) -> Result<bool, Failure> {
     let url = format!(
         "{}/v1/clusters/register",
         link.hub_url.trim_end_matches('/')
     );
     let body = RegisterRequest {
-        name: agent.name.clone(),
+        name: agent.name().to_string(),
         endpoint: link.endpoint.clone(),
         labels: link.labels.clone(),
         agent_id: link.agent_id.clone(),
@@ -129,32 +128,32 @@ async fn register<H: Host>(agent: &Agent<H>, link: &HubLink) -> Result<bool, Fai
     if !res.status().is_success() {
         let code = res.status();
         let text = res.text().await.unwrap_or_default();
-        tracing::warn!(cluster = %agent.name, %code, %text, "registration refused");
+        tracing::warn!(cluster = %agent.name(), %code, %text, "registration refused");
         return Err(Failure::Other(format!("registration answered {code}")));
     }
     let reg: RegisterResponse = res
         .json()
         .await
         .map_err(|e| Failure::Other(format!("registration answer: {e}")))?;
-    agent.set_credential(reg.credential);
-    tracing::info!(cluster = %agent.name, hub = %link.hub_url, "registered with the hub");
+    agent.session().set_credential(reg.credential);
+    tracing::info!(cluster = %agent.name(), hub = %link.hub_url, "registered with the hub");
     Ok(true)
 }
 
-async fn send<H: Host>(
-    agent: &Agent<H>,
+async fn send<S: Spoke>(
+    agent: &S,
     link: &HubLink,
     url: &Result<reqwest::Url, String>,
     credential: &str,
 ) -> Result<bool, Failure> {
     let url = url.clone().map_err(Failure::Other)?;
-    let Ok(state) = agent.visible().await else {
+    let Ok(ibu) = agent.ibu().await else {
         return Err(Failure::Away);
     };
     let report = StatusReportRef {
-        sequence: agent.next_sequence(),
+        sequence: agent.session().next_sequence(),
         agent_id: &link.agent_id,
-        ibu: &state.ibu,
+        ibu: &ibu,
     };
     let res = link
         .client

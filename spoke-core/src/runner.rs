@@ -3,16 +3,17 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, Notify};
 
 use crate::Error;
 use crate::engine::{self, Next, Outcome, Root, SpokeState, Work};
 use crate::host::{Host, HostError};
 use crate::metrics::AgentMetrics;
+use crate::spoke::HubSession;
 
 pub use fleet_types::clock::{Clock, SystemClock};
 
@@ -26,14 +27,11 @@ pub struct Agent<H: Host> {
     /// host's saved copy hold it without copying.
     state: Mutex<Arc<SpokeState>>,
     wake: Notify,
-    /// Bumped at every saved change; the reporter follows it.
-    changes: watch::Sender<u64>,
+    /// Its link with the hub; bumped at every saved change, which the reporter follows.
+    session: HubSession,
     rebooting: AtomicBool,
     unreachable: AtomicBool,
-    seq: AtomicU64,
     metrics: AgentMetrics,
-    /// The credential the hub issued at registration; accepted on the local API.
-    credential: std::sync::RwLock<Option<String>>,
     /// Recent changes of the current state, for must-gather (written out when asked for).
     events: std::sync::Mutex<VecDeque<Event>>,
 }
@@ -87,19 +85,16 @@ impl<H: Host> Agent<H> {
         let state = Arc::new(state);
         host.save_state(&Root::Booted, &state).await?;
         metrics.observe_change(None, &state);
-        let (changes, _) = watch::channel(0);
         Ok(Arc::new(Agent {
             name,
             host,
             clock,
             state: Mutex::new(state),
             wake: Notify::new(),
-            changes,
+            session: HubSession::default(),
             rebooting: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
-            seq: AtomicU64::new(0),
             metrics,
-            credential: std::sync::RwLock::new(None),
             events: std::sync::Mutex::new(VecDeque::new()),
         }))
     }
@@ -159,28 +154,8 @@ impl<H: Host> Agent<H> {
         }
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    /// The next report sequence number.
-    pub fn next_sequence(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    pub fn credential(&self) -> Option<String> {
-        self.credential
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_credential(&self, credential: String) {
-        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
-    }
-
-    pub fn clear_credential(&self) {
-        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = None;
+    pub fn session(&self) -> &HubSession {
+        &self.session
     }
 
     pub fn events(&self) -> Vec<String> {
@@ -213,7 +188,7 @@ impl<H: Host> Agent<H> {
     }
 
     fn changed(&self) {
-        self.changes.send_modify(|v| *v += 1);
+        self.session.changed();
     }
 
     /// Saves and publishes a state the engine changed.
@@ -461,4 +436,77 @@ pub async fn start<H: Host>(
         tokio::spawn(crate::report::run(agent.clone(), link, metrics.clone()));
     }
     Ok(agent)
+}
+
+/// The IBU of an agent's state, shared with it.
+pub struct StateIbu(pub Arc<SpokeState>);
+
+impl std::ops::Deref for StateIbu {
+    type Target = fleet_types::ImageBasedUpgrade;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0.ibu
+    }
+}
+
+fn host_failed(e: HostError) -> Error {
+    Error::internal("the host", e)
+}
+
+impl<H: Host> crate::spoke::Spoke for Agent<H> {
+    type Ibu = StateIbu;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn session(&self) -> &HubSession {
+        &self.session
+    }
+
+    fn check_reachable(&self) -> Result<(), Error> {
+        Agent::check_reachable(self)
+    }
+
+    async fn ibu(&self) -> Result<StateIbu, Error> {
+        self.visible().await.map(StateIbu)
+    }
+
+    async fn patch(&self, patch: &Value) -> Result<StateIbu, Error> {
+        Agent::patch(self, patch).await.map(StateIbu)
+    }
+
+    async fn restores(&self) -> Result<Vec<crate::host::RestoreInfo>, Error> {
+        self.check_reachable()?;
+        Ok(self.host.restores().await)
+    }
+
+    async fn configmap_get(
+        &self,
+        r: &fleet_types::ibu::ConfigMapRef,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, Error> {
+        self.check_reachable()?;
+        Ok(self.host.configmap_get(r).await)
+    }
+
+    async fn configmap_put(
+        &self,
+        r: &fleet_types::ibu::ConfigMapRef,
+        data: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        self.check_reachable()?;
+        self.host.configmap_put(r, data).await.map_err(host_failed)
+    }
+
+    async fn configmap_delete(&self, r: &fleet_types::ibu::ConfigMapRef) -> Result<bool, Error> {
+        self.check_reachable()?;
+        self.host.configmap_delete(r).await.map_err(host_failed)
+    }
+
+    async fn gather(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.check_reachable()?;
+        crate::must_gather::agent_files(self)
+            .await
+            .map_err(|e| Error::internal("building the bundle", e))
+    }
 }

@@ -127,7 +127,7 @@ pub async fn run<H: Host>(agent: Arc<Agent<H>>, client: kube::Client) {
             }
         })
     };
-    let mut changes = agent.subscribe();
+    let mut changes = agent.session().subscribe();
     let mut last: Option<Desired> = None;
     loop {
         if let Err(err) = pass(&agent, &api, &mut last).await {
