@@ -135,6 +135,9 @@ pub mod reason {
     pub const FINALIZING: &str = "Finalizing";
     pub const FINALIZE_FAILED: &str = "FinalizeFailed";
     pub const INVALID_TRANSITION: &str = "InvalidTransition";
+    /// The Lifecycle Agent holds the stage while an IPConfig change is not Idle (the stage's
+    /// in-progress condition, False, message `IPC is not idle`).
+    pub const BLOCKED: &str = "Blocked";
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

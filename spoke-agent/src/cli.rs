@@ -32,6 +32,10 @@ pub enum Command {
 pub enum HostKind {
     /// Simulated host: configurable step durations and injected faults.
     Sim,
+    /// The cluster's own Lifecycle Agent does the upgrade: the agent drives its
+    /// ImageBasedUpgrade `upgrade` and mirrors it to the hub (in-cluster service account or
+    /// KUBECONFIG; no node access).
+    Lca,
     /// The real host (ostree/rpm-ostree, podman/skopeo, systemctl): not in this build yet,
     /// so not offered; `--host ostree` is refused with a clear message.
     #[value(hide = true)]

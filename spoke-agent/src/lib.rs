@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod kubernetes;
+pub mod lca;
 pub mod run;

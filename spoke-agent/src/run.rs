@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 
 use spoke_core::Error;
 use spoke_core::api::{self, ApiState};
-use spoke_core::host::Host;
 use spoke_core::metrics::AgentMetrics;
 use spoke_core::report::HubLink;
 use spoke_core::runner::Agent;
+use spoke_core::spoke::Spoke;
 use spoke_sim::{Fault, SimConfig, SimHost, start_agent};
 
 use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
@@ -155,18 +155,26 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         labels.into_iter().collect(),
         HubLink::client(),
     )?;
+    if host == HostKind::Lca {
+        let client = kube_client("--host lca").await?;
+        let spoke = crate::lca::LcaSpoke::new(cluster_name.clone(), client);
+        tokio::spawn(spoke.clone().run());
+        if let Some(link) = link {
+            tokio::spawn(spoke_core::report::run(
+                spoke.clone(),
+                link,
+                metrics.clone(),
+            ));
+        }
+        tracing::info!("driving the cluster's own Lifecycle Agent (ImageBasedUpgrade \"upgrade\")");
+        return serve_one(spoke, cluster_name, api_token, metrics, listen).await;
+    }
     let config = sim_config(&sim, faults);
     if !kube {
         let agent = start_agent(cluster_name.clone(), &state_dir, config, &metrics, link).await?;
         return serve_one(agent, cluster_name, api_token, metrics, listen).await;
     }
-    let kube_config = kube::Config::infer().await.map_err(|e| {
-        Error::Invalid(format!(
-            "--kube: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
-        ))
-    })?;
-    let client = kube::Client::try_from(kube_config)
-        .map_err(|e| Error::internal("--kube: building the Kubernetes client", e))?;
+    let client = kube_client("--kube").await?;
     let unreachable = config.faults.contains(&Fault::Unreachable);
     let sim = SimHost::open(&state_dir, config)
         .map_err(|e| Error::internal(format!("cluster {cluster_name}: opening its state"), e))?;
@@ -177,8 +185,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     serve_one(agent, cluster_name, api_token, metrics, listen).await
 }
 
-async fn serve_one<H: Host>(
-    agent: Arc<Agent<H>>,
+/// The cluster's API client: the in-cluster service account, or KUBECONFIG.
+async fn kube_client(flag: &str) -> Result<kube::Client, Error> {
+    let config = kube::Config::infer().await.map_err(|e| {
+        Error::Invalid(format!(
+            "{flag}: no Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
+        ))
+    })?;
+    kube::Client::try_from(config)
+        .map_err(|e| Error::internal(format!("{flag}: building the Kubernetes client"), e))
+}
+
+async fn serve_one<S: Spoke>(
+    agent: Arc<S>,
     cluster_name: String,
     api_token: Option<String>,
     metrics: AgentMetrics,

@@ -144,6 +144,11 @@ impl<H: Host> Agent<H> {
         self.changed();
     }
 
+    /// The node is rebooting: from the decision to reboot until the agent is back.
+    pub fn is_rebooting(&self) -> bool {
+        self.rebooting.load(Ordering::SeqCst)
+    }
+
     pub fn check_reachable(&self) -> Result<(), Error> {
         if self.unreachable.load(Ordering::SeqCst) {
             Err(Error::Unavailable("simulated fault: unreachable".into()))
@@ -256,6 +261,7 @@ impl<H: Host> Agent<H> {
                 // there (an uncontrolled rollback): saved there, never shown. The node is
                 // going away; nothing leaves it from now on.
                 self.rebooting.store(true, Ordering::SeqCst);
+                self.changed();
                 let next = Arc::new(next);
                 if let Err(err) = self.host.save_state(&Root::Booted, &next).await {
                     tracing::error!(cluster = %self.name, %err, "saving the old stateroot's IBU failed");

@@ -18,6 +18,8 @@ use tokio::sync::broadcast;
 
 /// A request with this header is a cluster admin's, not checked against the ClusterRoles.
 pub const ADMIN_HEADER: &str = "x-fake-cluster-admin";
+/// A bearer token the server takes as a cluster admin's (see [`FakeKube::write_admin_kubeconfig`]).
+pub const ADMIN_TOKEN: &str = "fake-cluster-admin";
 
 /// Where an object lives: api prefix (`api/v1`, `apis/g/v`), plural, namespace, name.
 type Key = (String, String, String, String);
@@ -39,6 +41,8 @@ struct Inner {
     log: Vec<Change>,
     denied: Vec<String>,
     requests: Vec<String>,
+    /// Resources this cluster does not have (their CRD is not installed).
+    absent: Vec<(String, String)>,
 }
 
 /// A RBAC rule: API groups, resources (with `/status` for subresources), verbs.
@@ -53,8 +57,8 @@ pub struct Rule {
 pub struct FakeKube {
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<Change>,
-    /// (prefix, plural) -> the CRD's openAPIV3Schema.
-    schemas: Arc<BTreeMap<(String, String), Value>>,
+    /// By (prefix, plural): the kind's `Kind.group` and its schema.
+    schemas: Arc<BTreeMap<(String, String), (String, Value)>>,
     rules: Arc<Option<Vec<Rule>>>,
     pub url: String,
 }
@@ -120,9 +124,13 @@ impl FakeKube {
                 .as_str()
                 .unwrap_or_default();
             let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default();
             schemas.insert(
                 (format!("apis/{group}/{version}"), plural.to_string()),
-                crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone(),
+                (
+                    format!("{kind}.{group}"),
+                    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone(),
+                ),
             );
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -143,12 +151,32 @@ impl FakeKube {
         fake
     }
 
+    /// From now on the server does not know this resource, as when its CRD is not
+    /// installed: every request for it answers 404.
+    pub fn remove_resource(&self, prefix: &str, plural: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.absent.push((prefix.to_string(), plural.to_string()));
+    }
+
     /// A kubeconfig that points a client at this server (no authentication).
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with("{}")
+    }
+
+    fn kubeconfig_with(&self, user: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user: {user}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
             self.url
         )
+    }
+
+    /// Writes a kubeconfig of a cluster admin (the RBAC rules do not apply to it) into
+    /// `dir/<name>`: for a stand-in of another controller that shares the server.
+    pub fn write_admin_kubeconfig(&self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let user = format!("{{token: {ADMIN_TOKEN}}}");
+        std::fs::write(&path, self.kubeconfig_with(&user)).expect("write the kubeconfig");
+        path
     }
 
     /// Writes `kubeconfig()` into `dir`; answers the file's path (for `KUBECONFIG`).
@@ -252,15 +280,26 @@ impl FakeKube {
 
     /// The CRD's CEL verdict: the messages of every rule broken, or nothing.
     fn validate(&self, t: &Target, new: &Value, old: Option<&Value>) -> Result<(), String> {
-        let Some(schema) = self.schemas.get(&(t.prefix.clone(), t.plural.clone())) else {
+        let Some((kind, schema)) = self.schemas.get(&(t.prefix.clone(), t.plural.clone())) else {
             return Ok(());
         };
+        // As the API server words it: `<Kind.group> "<name>" is invalid: <cause>`, causes of
+        // the root object's rules as `<nil>: Invalid value: "object": <message>`, several in
+        // brackets.
         kube::core::cel::Validator::new()
             .validate(schema, new, old)
             .map_err(|errors| {
-                let messages: Vec<String> =
-                    errors.into_vec().into_iter().map(|e| e.message).collect();
-                messages.join("; ")
+                let causes: Vec<String> = errors
+                    .into_vec()
+                    .into_iter()
+                    .map(|e| format!("<nil>: Invalid value: \"object\": {}", e.message))
+                    .collect();
+                let name = new["metadata"]["name"].as_str().unwrap_or_default();
+                let cause = match causes.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("[{}]", many.join(", ")),
+                };
+                format!("{kind} \"{name}\" is invalid: {cause}")
             })
     }
 }
@@ -293,7 +332,11 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         .unwrap_or_default()
         .to_string();
     // The test itself acts as a cluster admin (`oc` of a user); RBAC is for the program.
-    let admin = req.headers().contains_key(ADMIN_HEADER);
+    let admin = req.headers().contains_key(ADMIN_HEADER)
+        || req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == format!("Bearer {ADMIN_TOKEN}").as_bytes());
     let Some(t) = parse(&path) else {
         return status(404, "NotFound", format!("no such path {path}"));
     };
@@ -307,6 +350,13 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         inner
             .requests
             .push(format!("{verb} {}/{resource}", t.group));
+        if inner.absent.contains(&(t.prefix.clone(), t.plural.clone())) {
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
         if !admin && !fake.allowed(&t.group, &resource, verb) {
             let what = format!("{verb} {}/{resource}", t.group);
             inner.denied.push(what.clone());

@@ -32,10 +32,21 @@ pub fn check(action: Action, ibu: Option<&ImageBasedUpgrade>) -> Check {
     match stage_pair {
         Some((in_progress, completed)) => {
             if let Some(c) = cond(ibu, in_progress)
-                && c.reason == reason::INVALID_TRANSITION
                 && ibu.spec.stage == action.spoke_stage()
             {
-                return Check::Failed(c.message.clone());
+                if c.reason == reason::INVALID_TRANSITION {
+                    return Check::Failed(c.message.clone());
+                }
+                // The Lifecycle Agent holds the stage for as long as an IPConfig change runs:
+                // said at once, not found out at the step's timeout.
+                if c.reason == reason::BLOCKED {
+                    return Check::Failed(format!(
+                        "{} blocked by the cluster's Lifecycle Agent: {} (an IPConfig change is \
+                         in progress; the stage can run once it is Idle)",
+                        action.spoke_stage(),
+                        c.message
+                    ));
+                }
             }
             match cond(ibu, completed).map(|c| c.status) {
                 Some(ConditionStatus::True) => Check::Done,

@@ -735,6 +735,19 @@ fn checks_follow_the_action_table() {
         Check::Failed("Previous stage not succeeded".into())
     );
     assert_eq!(check(Prep, None), Check::Waiting);
+    // An IPConfig change holds the stage: a clear failure at once.
+    let blocked = ibu(
+        Stage::Prep,
+        &[(ct::PREP_IN_PROGRESS, false, "Blocked", "IPC is not idle")],
+    );
+    assert_eq!(
+        check(Prep, Some(&blocked)),
+        Check::Failed(
+            "Prep blocked by the cluster's Lifecycle Agent: IPC is not idle (an IPConfig \
+             change is in progress; the stage can run once it is Idle)"
+                .into()
+        )
+    );
 }
 
 #[test]

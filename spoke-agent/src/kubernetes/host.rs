@@ -50,6 +50,44 @@ pub fn phase(obj: &Value) -> Phase {
     }
 }
 
+/// A Velero Restore as `oc get restores` shows it.
+pub fn restore_info(r: DynamicObject) -> RestoreInfo {
+    let v = serde_json::to_value(&r).unwrap_or_default();
+    let text = |pointer: &str| {
+        v.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    RestoreInfo {
+        phase: text("/status/phase"),
+        failure_reason: text("/status/failureReason"),
+        name: r.metadata.name.unwrap_or_default(),
+    }
+}
+
+/// Creates or replaces the ConfigMap's data (server-side apply, as the agent's field manager).
+pub async fn configmap_apply(
+    client: &kube::Client,
+    r: &ConfigMapRef,
+    data: BTreeMap<String, String>,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &r.namespace);
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(r.name.clone()),
+            namespace: Some(r.namespace.clone()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    let pp = kube::api::PatchParams::apply("spoke-agent").force();
+    api.patch(&r.name, &pp, &kube::api::Patch::Apply(&cm))
+        .await
+        .map(|_| ())
+}
+
 pub struct KubeHost<H> {
     inner: H,
     client: kube::Client,
@@ -281,24 +319,7 @@ impl<H: Host> Host for KubeHost<H> {
         );
         let selector = ListParams::default().labels(&format!("{CREATED_BY_LABEL}={CREATED_BY}"));
         match api.list(&selector).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .map(|r| {
-                    let v = serde_json::to_value(&r).unwrap_or_default();
-                    RestoreInfo {
-                        name: r.metadata.name.unwrap_or_default(),
-                        phase: v["status"]["phase"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string(),
-                        failure_reason: v["status"]["failureReason"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string(),
-                    }
-                })
-                .collect(),
+            Ok(list) => list.items.into_iter().map(restore_info).collect(),
             Err(err) => {
                 tracing::warn!(%err, "listing OADP restores failed");
                 Vec::new()
@@ -321,20 +342,8 @@ impl<H: Host> Host for KubeHost<H> {
         r: &ConfigMapRef,
         data: BTreeMap<String, String>,
     ) -> Result<(), HostError> {
-        let api = self.configmaps(&r.namespace);
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(r.name.clone()),
-                namespace: Some(r.namespace.clone()),
-                ..Default::default()
-            },
-            data: Some(data),
-            ..Default::default()
-        };
-        let pp = kube::api::PatchParams::apply("spoke-agent").force();
-        api.patch(&r.name, &pp, &kube::api::Patch::Apply(&cm))
+        configmap_apply(&self.client, r, data)
             .await
-            .map(|_| ())
             .map_err(transient)
     }
 

@@ -154,7 +154,14 @@ pub async fn pass<H: Host>(
     last: &mut Option<Desired>,
 ) -> Result<(), kube::Error> {
     let Ok(local) = agent.visible().await else {
-        // Rebooting: the CR keeps what it showed.
+        if agent.is_rebooting() && api.get_opt(NAME).await?.is_some() {
+            // As the Lifecycle Agent across a reboot: the CR goes, and is created again
+            // from the saved IBU once the node is back (a new UID, the generation
+            // restarting), which `oc get ibu` and a delegate watching it both see.
+            tracing::info!("rebooting: deleting the ImageBasedUpgrade CR until the node is back");
+            api.delete(NAME, &Default::default()).await?;
+            *last = None;
+        }
         return Ok(());
     };
     let mine = Desired::of(&local.ibu);

@@ -2,6 +2,7 @@
 
 mod hub;
 mod kube;
+mod lca;
 mod observability;
 mod rollout;
 mod spoke;

@@ -19,7 +19,7 @@ use spoke_core::runner::Agent;
 use spoke_sim::{Fault, SimConfig, SimHost};
 
 const ADMIN: &str = "admin-token";
-const JOIN: &str = "join-token";
+pub const JOIN: &str = "join-token";
 const DEADLINE: Duration = Duration::from_secs(40);
 
 pub struct ManualClock(Mutex<DateTime<Utc>>);
