@@ -65,7 +65,12 @@ def render_text(chart, values):
 def check_chart(name, update):
     path = os.path.join(HERE, name)
     all_features = yaml.safe_load(open(os.path.join(path, "ci", "all-features-values.yaml")))
-    for label, values in [("default", None), ("all-features", all_features)]:
+    cases = [("default", None), ("all-features", all_features)]
+    for extra in sorted(os.listdir(os.path.join(path, "ci"))):
+        if extra != "all-features-values.yaml" and extra.endswith("-values.yaml"):
+            cases.append((extra[: -len("-values.yaml")],
+                          yaml.safe_load(open(os.path.join(path, "ci", extra)))))
+    for label, values in cases:
         report = helm.lint(path, values, strict=True, kube_version="v" + KUBE_VERSION + ".0")
         problems = [m for m in report.get("messages") or [] if m.get("severity", 0) >= 2]
         problems += report.get("errors") or []
@@ -78,8 +83,10 @@ def check_chart(name, update):
         committed = sorted(os.listdir(crd_dir))
         if shipped != committed or not committed:
             fail(f"{name}: ships CRDs {shipped}, committed {committed}")
-        rbac = yaml.safe_load(open(os.path.join(path, "rbac", "clusterrole.yaml")))
-        for label, values in [("default", None), ("all-features", all_features)]:
+        for label, values in cases:
+            # The ClusterRole's rules are the file the end-to-end tests hold that mode to.
+            role = "clusterrole-lca.yaml" if (values or {}).get("host") == "lca" else "clusterrole.yaml"
+            rbac = yaml.safe_load(open(os.path.join(path, "rbac", role)))
             text, manifests = render_text(chart, values)
             objects = documents(manifests)
             kinds = [d["kind"] for _, d in objects]
@@ -105,7 +112,7 @@ def check_chart(name, update):
                 except Exception as e:  # noqa: BLE001 - report every kind of refusal
                     fail(f"{what}: {type(e).__name__}: {e}")
                 if doc["kind"] == "ClusterRole" and doc.get("rules") != rbac["rules"]:
-                    fail(f"{what}: rules differ from rbac/clusterrole.yaml")
+                    fail(f"{what}: rules differ from rbac/{role}")
             if label == "default":
                 target = os.path.join(HERE, "rendered", name + ".yaml")
                 if update:
