@@ -176,12 +176,23 @@ async fn the_hub_drives_clusters_through_their_own_lifecycle_agent() {
         json!([step(json!(["Prep", "Upgrade"]))]),
     ))
     .await;
-    hub.create(ibgu(
-        "back",
-        &["lca2"],
-        json!([step(json!(["Prep", "Upgrade"]))]),
-    ))
-    .await;
+    // lca2's rollout names extra manifests: the hub's copy of the ConfigMap is written into
+    // the cluster before Prep, where its Lifecycle Agent reads it.
+    let manifest = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: extra\n  namespace: default\ndata:\n  a: b\n";
+    let (code, body) = hub
+        .send(
+            reqwest::Method::PUT,
+            "/v1/configmaps/openshift-lifecycle-agent/extra-manifests",
+            "application/json",
+            json!({"metadata": {"name": "extra-manifests", "namespace": "openshift-lifecycle-agent"},
+                   "data": {"extra.yaml": manifest}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let mut back_ibgu = ibgu("back", &["lca2"], json!([step(json!(["Prep", "Upgrade"]))]));
+    back_ibgu["spec"]["ibuSpec"]["extraManifests"] =
+        json!([{"name": "extra-manifests", "namespace": "openshift-lifecycle-agent"}]);
+    hub.create(back_ibgu).await;
 
     // lca4's Lifecycle Agent holds Prep while an IPConfig change runs, as it does: the
     // in-progress condition False with reason Blocked.
@@ -266,6 +277,16 @@ async fn the_hub_drives_clusters_through_their_own_lifecycle_agent() {
         hub.labels("lca1").await.is_empty(),
         "finalize clears the labels"
     );
+    let copied = back
+        .kube
+        .get(
+            "api/v1",
+            "configmaps",
+            "openshift-lifecycle-agent",
+            "extra-manifests",
+        )
+        .expect("the hub's ConfigMap written into lca2");
+    assert_eq!(copied["data"]["extra.yaml"], manifest);
     let rolled = back.ibu().unwrap();
     assert_eq!(rolled["spec"]["stage"], "Idle");
     let lca2 = g["status"]["clusters"]
