@@ -111,6 +111,40 @@ pub fn check_stage(current: &ImageBasedUpgrade, patch: &Value) -> Result<(), Err
     }
 }
 
+/// The spec fields the Lifecycle Agent takes only while Idle (its CEL rules refuse a change
+/// of them during a stage).
+const IDLE_ONLY: [&str; 4] = [
+    "seedImageRef",
+    "oadpContent",
+    "extraManifests",
+    "autoRollbackOnFailure",
+];
+
+/// The part of a push the IBU takes now: `spec.stage` and the `lca.openshift.io`
+/// annotations always; the seed, the ConfigMaps and the auto-rollback settings only while it
+/// is Idle (the hub sends them with every push; during a stage they could only differ by
+/// the Lifecycle Agent's own defaulting, which the API would refuse as a change).
+pub fn narrow(current: &ImageBasedUpgrade, patch: &Value) -> Value {
+    let idle = current
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(fleet_types::ibu::condition_type::IDLE))
+        .is_some_and(|c| c.status == fleet_types::ibu::ConditionStatus::True);
+    let mut out = patch.clone();
+    if !idle && let Some(spec) = out.get_mut("spec").and_then(Value::as_object_mut) {
+        for field in IDLE_ONLY {
+            spec.remove(field);
+        }
+    }
+    if let Some(annotations) = out
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        annotations.retain(|k, _| k.contains("lca.openshift.io"));
+    }
+    out
+}
+
 impl LcaSpoke {
     pub fn new(name: String, client: kube::Client) -> Arc<LcaSpoke> {
         Arc::new(LcaSpoke {
@@ -229,9 +263,10 @@ impl Spoke for LcaSpoke {
         self.check_reachable()?;
         let current = self.current().await?;
         check_stage(&current, patch)?;
+        let patch = narrow(&current, patch);
         let patched = self
             .api()
-            .patch(NAME, &PatchParams::default(), &Patch::Merge(patch))
+            .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| kube_error("patching the ImageBasedUpgrade", e))?;
         let patched = Arc::new(patched);
@@ -363,6 +398,33 @@ mod tests {
             check_stage(&idle, &json!({"spec": {"stage": "Sideways"}})),
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn seed_and_configmaps_go_only_to_an_idle_ibu() {
+        use fleet_types::ibu::{Condition, ConditionStatus};
+        let push = json!({"spec": {"stage": "Upgrade", "seedImageRef": {"version": "4.16.0"},
+            "oadpContent": [], "extraManifests": [], "autoRollbackOnFailure": {}},
+            "metadata": {"annotations": {"lca.openshift.io/x": "1", "other.io/y": "2"}}});
+        let mut prepped = ibu(Stage::Prep, &[Stage::Idle, Stage::Upgrade]);
+        assert_eq!(
+            narrow(&prepped, &push),
+            json!({"spec": {"stage": "Upgrade"},
+                   "metadata": {"annotations": {"lca.openshift.io/x": "1"}}})
+        );
+        prepped.status.as_mut().unwrap().conditions = vec![Condition {
+            type_: "Idle".into(),
+            status: ConditionStatus::True,
+            reason: "Idle".into(),
+            message: "Idle".into(),
+            last_transition_time: None,
+            observed_generation: None,
+        }];
+        assert_eq!(
+            narrow(&prepped, &push)["spec"],
+            push["spec"],
+            "Idle takes all"
+        );
     }
 
     #[test]
