@@ -43,6 +43,34 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The request's media type when it is one of `accepted`; else a 415 that names them.
+pub fn accept_media_type<'a>(
+    headers: &http::HeaderMap,
+    accepted: &[&'a str],
+    what: &str,
+) -> Result<&'a str, ApiError> {
+    let given = fleet_types::http::media_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    if let Some(found) = accepted.iter().find(|a| a.eq_ignore_ascii_case(given)) {
+        return Ok(*found);
+    }
+    let said = if given.is_empty() {
+        "no Content-Type".to_string()
+    } else {
+        format!("Content-Type {given:?}")
+    };
+    Err(ApiError::new(
+        Reason::UnsupportedMediaType,
+        format!(
+            "{what}: {said} is not accepted; send {}",
+            accepted.join(" or ")
+        ),
+    ))
+}
+
 /// The fallback of both routers: an unknown route is a `Status` 404 naming it.
 pub async fn no_such_endpoint(req: Request) -> ApiError {
     ApiError::new(
@@ -54,6 +82,34 @@ pub async fn no_such_endpoint(req: Request) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_must_say_it_is_one_of_the_accepted_types() {
+        let mut headers = http::HeaderMap::new();
+        let accepted = ["application/json", "application/yaml"];
+        let refused = accept_media_type(&headers, &accepted, "an IBGU").unwrap_err();
+        assert_eq!(refused.status().code, 415);
+        assert_eq!(
+            refused.status().message,
+            "an IBGU: no Content-Type is not accepted; send application/json or application/yaml"
+        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let refused = accept_media_type(&headers, &accepted, "an IBGU").unwrap_err();
+        assert!(
+            refused
+                .status()
+                .message
+                .contains("Content-Type \"text/plain\"")
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/YAML; charset=utf-8"),
+        );
+        assert_eq!(
+            accept_media_type(&headers, &accepted, "x").unwrap(),
+            "application/yaml"
+        );
+    }
 
     #[test]
     fn a_503_says_when_to_retry_and_other_codes_do_not() {

@@ -43,9 +43,12 @@ pub fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
     )
 }
 
-/// The token of an `Authorization: Bearer <token>` header value.
+/// The token of an `Authorization: Bearer <token>` header value; the scheme's name is
+/// matched without case (RFC 9110, section 11.1).
 pub fn bearer(authorization: Option<&str>) -> Option<&str> {
-    authorization.and_then(|v| v.strip_prefix("Bearer "))
+    let (scheme, token) = authorization?.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compares secrets without stopping at the first differing byte.
@@ -70,6 +73,17 @@ pub fn media_type(content_type: Option<&str>) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_case() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("BEARER  abc")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
 
     #[test]
     fn headers() {

@@ -1156,6 +1156,91 @@ async fn a_cluster_is_deleted_unless_a_running_rollout_has_it() {
     assert_eq!(list["items"], serde_json::json!([]));
 }
 
+/// One request with the given Content-Type (none when `None`): the code, the answer's
+/// Content-Type and its body.
+async fn call_as(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> (StatusCode, String, serde_json::Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", "Bearer admin");
+    if let Some(t) = content_type {
+        req = req.header("content-type", t);
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let code = res.status();
+    let answered = res.headers()["content-type"].to_str().unwrap().to_string();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (code, answered, json)
+}
+
+#[tokio::test]
+async fn bodies_of_the_wrong_type_or_size_are_refused_with_a_status() {
+    let db = migrated().await;
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
+    let ibgu = serde_json::json!({"apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "up", "namespace": "default"},
+        "spec": {"clusterLabelSelectors": [{"matchLabels": {"a": "b"}}],
+                 "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+                 "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 10}}]}});
+    // An IBGU as text/plain, form-encoded or untyped is not stored: 415, saying what is taken.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let (code, answered, status) =
+            call_as(&app, "POST", "/v1/rollouts", content_type, ibgu.to_string()).await;
+        assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}");
+        assert_eq!(answered, "application/json");
+        assert_eq!(status["reason"], "UnsupportedMediaType");
+        assert!(
+            status["message"].as_str().unwrap().ends_with(
+                "send application/json or application/yaml or application/x-yaml or text/yaml"
+            ),
+            "{status}"
+        );
+    }
+    let (code, _, list) = call_as(&app, "GET", "/v1/rollouts", None, "").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(list["items"], serde_json::json!([]), "nothing stored");
+    for (method, path) in [
+        ("PATCH", "/v1/clusters/sno1"),
+        ("PUT", "/v1/configmaps/ns/cm"),
+        ("PATCH", "/v1/rollouts/default/up"),
+    ] {
+        let (code, _, status) = call_as(&app, method, path, Some("text/plain"), "{}").await;
+        assert_eq!(
+            code,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{method} {path}: {status}"
+        );
+    }
+    // Too large, an unknown method, an unknown route: Status bodies too.
+    let big = vec![b' '; 3 << 20];
+    let (code, answered, status) =
+        call_as(&app, "POST", "/v1/rollouts", Some("application/json"), big).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(answered, "application/json");
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    let (code, _, status) = call_as(&app, "PUT", "/v1/rollouts", None, "").await;
+    assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(status["reason"], "MethodNotAllowed");
+    let (code, _, status) = call_as(&app, "GET", "/v2/nothing", None, "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(status["message"], "no such endpoint: GET /v2/nothing");
+}
+
 #[tokio::test]
 async fn manifests_are_accepted_as_yaml() {
     let db = migrated().await;

@@ -142,19 +142,11 @@ async fn patch_ibu<S: Spoke>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let content_type = fleet_types::http::media_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    );
-    if content_type != "application/merge-patch+json" && content_type != "application/json" {
-        return Err(ApiError::new(
-            Reason::BadRequest,
-            format!(
-                "content type {content_type:?} not supported; use application/merge-patch+json"
-            ),
-        ));
-    }
+    fleet_server::accept_media_type(
+        &headers,
+        &["application/merge-patch+json", "application/json"],
+        "an IBU patch",
+    )?;
     let patch: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Reason::BadRequest, format!("the body is not JSON: {e}")))?;
     match a.agent.patch(&patch).await {
@@ -218,7 +210,12 @@ async fn cm_get<S: Spoke>(a: Authed<S>) -> Result<Response, ApiError> {
     }
 }
 
-async fn cm_put<S: Spoke>(a: Authed<S>, body: Bytes) -> Result<Response, ApiError> {
+async fn cm_put<S: Spoke>(
+    a: Authed<S>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    fleet_server::accept_media_type(&headers, &["application/json"], "a ConfigMap")?;
     let r = cm_ref(&a.params);
     let cm: ConfigMap = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(Reason::Invalid, format!("not a ConfigMap ({{\"metadata\":{{\"name\",\"namespace\"}},\"data\":{{...}}}}): {e}"))

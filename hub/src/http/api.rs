@@ -29,14 +29,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     )
 }
 
-fn content_type(headers: &HeaderMap) -> &str {
-    fleet_types::http::media_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )
-}
-
 /// The admin token guards the REST API; without one configured the API is open.
 pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = state.admin_token.as_deref() else {
@@ -53,17 +45,22 @@ fn json_body<'a, T: Deserialize<'a>>(body: &'a Bytes, what: &str) -> Result<T, A
     serde_json::from_slice(body).map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}")))
 }
 
-/// A manifest as users of `oc` and `kubectl` write it: YAML when the body says so
-/// (`application/yaml`), JSON otherwise.
+/// A manifest as users of `oc` and `kubectl` write it: JSON or YAML, as the body says.
 fn manifest_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &Bytes,
     what: &str,
 ) -> Result<T, ApiError> {
-    match content_type(headers) {
-        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
+    const MANIFESTS: [&str; 4] = [
+        "application/json",
+        "application/yaml",
+        "application/x-yaml",
+        "text/yaml",
+    ];
+    match fleet_server::accept_media_type(headers, &MANIFESTS, what)? {
+        "application/json" => serde_json::from_slice(body)
             .map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}"))),
-        _ => serde_json::from_slice(body)
+        _ => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::new(Reason::Invalid, format!("{what}: {e}"))),
     }
 }
@@ -248,6 +245,11 @@ pub async fn cluster_patch(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
+    fleet_server::accept_media_type(
+        &headers,
+        &["application/merge-patch+json", "application/json"],
+        "a cluster patch",
+    )?;
     let patch: Value = json_body(&body, "patch")?;
     let labels = patch
         .get("labels")
@@ -415,26 +417,24 @@ pub async fn rollout_patch(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
+    const PATCHES: [&str; 3] = [
+        "application/json-patch+json",
+        "application/merge-patch+json",
+        "application/json",
+    ];
+    let media_type = fleet_server::accept_media_type(&headers, &PATCHES, "a rollout patch")?;
     let row = fetch(&state, &ns, &name).await?;
     let mut doc = serde_json::to_value(&row.object)
         .map_err(|e| ApiError::new(Reason::InternalError, e.to_string()))?;
-    match content_type(&headers) {
+    match media_type {
         "application/json-patch+json" => {
             let patch: json_patch::Patch = json_body(&body, "JSON patch")?;
             json_patch::patch(&mut doc, &patch)
                 .map_err(|e| ApiError::new(Reason::Invalid, format!("JSON patch: {e}")))?;
         }
-        "application/merge-patch+json" | "application/json" => {
+        _ => {
             let patch: Value = json_body(&body, "merge patch")?;
             json_patch::merge(&mut doc, &patch);
-        }
-        other => {
-            return Err(ApiError::new(
-                Reason::BadRequest,
-                format!(
-                    "content type {other:?} not supported; use application/json-patch+json or application/merge-patch+json"
-                ),
-            ));
         }
     }
     let mut new: ImageBasedGroupUpgrade =

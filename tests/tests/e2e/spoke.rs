@@ -164,6 +164,32 @@ async fn stages_over_http_through_a_simulated_reboot() {
         .await;
     assert_eq!(next_stages(&ibu), vec!["Idle", "Upgrade"]);
 
+    // A patch that is not one, or too large for the API: Status bodies, nothing changed.
+    let send = |content_type: &'static str, body: Vec<u8>| {
+        let req = agent
+            .client
+            .patch(format!("{}/v1/ibu", agent.base))
+            .bearer_auth(TOKEN)
+            .header("Content-Type", content_type)
+            .body(body);
+        async move {
+            let res = req.send().await.unwrap();
+            let code = res.status().as_u16();
+            let kind = res.headers()["content-type"].to_str().unwrap().to_string();
+            (code, kind, res.json::<Value>().await.unwrap())
+        }
+    };
+    let stage_upgrade = json!({"spec": {"stage": "Upgrade"}})
+        .to_string()
+        .into_bytes();
+    let (code, kind, status) = send("text/plain", stage_upgrade).await;
+    assert_eq!((code, kind.as_str()), (415, "application/json"));
+    assert_eq!(status["reason"], "UnsupportedMediaType");
+    let (code, _, status) = send("application/merge-patch+json", vec![b' '; 2 << 20]).await;
+    assert_eq!(code, 413);
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    assert_eq!(agent.get().await.unwrap()["spec"]["stage"], "Prep");
+
     // as the hub pushes a stage: the change is answered without the object
     let res = agent
         .client
