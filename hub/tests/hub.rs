@@ -1327,4 +1327,19 @@ async fn a_lost_database_is_answered_503_with_retry_after() {
         assert_eq!(status["reason"], "ServiceUnavailable", "{method} {path}");
         assert_eq!(status["code"], 503);
     }
+    // A readiness probe learns it at once, not after the pool's acquire timeout (a minute
+    // here: the probe answering at all shows it did not wait for it).
+    let patient = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(60))
+        .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+        .unwrap();
+    let app = router(AppState::test(patient));
+    let started = std::time::Instant::now();
+    let req = Request::get("/readyz").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status["message"], "the database did not answer within 1 s");
 }

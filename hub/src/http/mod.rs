@@ -122,9 +122,19 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// How long `/readyz` waits for the database: a probe must learn at once that it is down,
+/// not after the pool has tried to connect for its whole acquire timeout.
+pub const READY_WAIT: Duration = Duration::from_secs(1);
+
 async fn readyz(State(state): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    db::check_ready(&state.pool)
+    tokio::time::timeout(READY_WAIT, db::check_ready(&state.pool))
         .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the database did not answer within {} s",
+                READY_WAIT.as_secs()
+            ))
+        })
         .map_err(|why| ApiError::new(Reason::ServiceUnavailable, why))?;
     Ok(Json(serde_json::json!({"status": "ready"})))
 }
