@@ -1,7 +1,60 @@
-//! How cluster names are ordered for people: `spoke2` before `spoke10`. Batches keep the
-//! plain name order TALM uses (`ibgu-hub.md`); tables and status lists read better this way.
+//! Names: which are valid (Kubernetes' DNS-1123 rules, worded as the API server words
+//! them), and how cluster names are ordered for people: `spoke2` before `spoke10`. Batches
+//! keep the plain name order TALM uses (`ibgu-hub.md`); tables and status lists read better
+//! this way.
 
 use std::cmp::Ordering;
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?` (the length is checked apart: a subdomain's parts have
+/// no limit of their own).
+fn label_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+        && b.iter().all(|c| edge(c) || *c == b'-')
+}
+
+/// A DNS-1123 label (a namespace, a cluster's name as a ManagedCluster has it): `Err` says
+/// what is wrong in the API server's words.
+pub fn dns1123_label(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err(format!(
+            "must be no more than 63 characters, not {}",
+            s.len()
+        ));
+    }
+    if label_ok(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric \
+             characters or '-', and must start and end with an alphanumeric character (e.g. \
+             'my-name', or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+        ))
+    }
+}
+
+/// A DNS-1123 subdomain (an object's name): `Err` says what is wrong.
+pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
+    if s.len() > 253 {
+        return Err(format!(
+            "must be no more than 253 characters, not {}",
+            s.len()
+        ));
+    }
+    if !s.is_empty() && s.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric \
+             characters, '-' or '.', and must start and end with an alphanumeric character \
+             (e.g. 'example.com', regex used for validation is \
+             '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        ))
+    }
+}
 
 /// Compares names with each run of digits taken as a number; names equal that way (`a01`,
 /// `a1`) fall back to the plain order, so the order is total and agrees with `==`.
@@ -48,6 +101,41 @@ fn trim_zeros(s: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_follow_the_dns_1123_rules() {
+        for good in ["sno1", "a", "spoke-10", "0abc"] {
+            assert_eq!(dns1123_label(good), Ok(()), "{good}");
+            assert_eq!(dns1123_subdomain(good), Ok(()), "{good}");
+        }
+        assert_eq!(dns1123_subdomain("upgrade.4-16"), Ok(()));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-a",
+            "a-",
+            "A",
+            "x/../../y",
+            "../x",
+            "%2e%2e",
+            "a'; drop table clusters;--",
+            "a_b",
+            "a b",
+        ] {
+            assert!(dns1123_label(bad).is_err(), "{bad:?}");
+            assert!(dns1123_subdomain(bad).is_err(), "{bad:?}");
+        }
+        assert!(dns1123_label("a.b").is_err(), "a label has no dots");
+        assert!(dns1123_subdomain("a..b").is_err());
+        assert_eq!(
+            dns1123_subdomain(&"x".repeat(229)),
+            Ok(()),
+            "no limit per part"
+        );
+        assert!(dns1123_label(&"a".repeat(64)).unwrap_err().contains("63"));
+        assert_eq!(dns1123_label(&"a".repeat(63)), Ok(()));
+    }
 
     #[test]
     fn numbers_in_names_sort_by_value() {

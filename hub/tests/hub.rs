@@ -342,6 +342,19 @@ async fn registration_reports_and_labels() {
         2,
         "every problem: {body}"
     );
+    // Names a path could be made of, or that Kubernetes would refuse, never register.
+    for bad in [".", "..", "-a", "Sno1", "a.b", "x/../../y", "%2e%2e"] {
+        let (code, body) = call(
+            &app,
+            "POST",
+            "/v1/clusters/register",
+            Some("join"),
+            reg(bad),
+        )
+        .await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert_eq!(body["details"]["causes"][0]["field"], "name", "{bad}");
+    }
     let (code, body) = call(
         &app,
         "POST",

@@ -141,9 +141,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             "the real host backend (--host ostree) is not in this build; use --host sim".into(),
         ));
     }
-    if cluster_name.is_empty() {
-        return Err(Error::Invalid("--cluster-name must not be empty".into()));
-    }
+    // The hub knows clusters by DNS-1123 labels, as ManagedClusters are named.
+    fleet_types::names::dns1123_label(&cluster_name)
+        .map_err(|why| Error::Invalid(format!("--cluster-name {why}")))?;
     let faults = parse_faults(faults.iter().map(String::as_str))?;
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
@@ -240,6 +240,10 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
             .extend(parse_faults([point])?);
     }
     let names: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+    if let Some(last) = names.last() {
+        fleet_types::names::dns1123_label(last)
+            .map_err(|why| Error::Invalid(format!("--prefix makes cluster names such as {why}")))?;
+    }
     if let Some(unknown) = per_cluster.keys().find(|c| !names.contains(c)) {
         return Err(Error::Invalid(format!(
             "--fault names cluster {unknown:?}, which is not in {prefix}1..{prefix}{count}"

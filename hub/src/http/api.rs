@@ -105,25 +105,20 @@ pub async fn register(
     }
     let req: RegisterRequest = json_body(&body, "registration")?;
     let mut problems = Vec::new();
-    if req.name.is_empty()
-        || req.name.len() > 253
-        || !req
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    {
-        problems.push("name must be 1 to 253 characters of letters, digits, '-' and '.'");
+    // A cluster's name is a DNS-1123 label, as a ManagedCluster's is.
+    if let Err(why) = fleet_types::names::dns1123_label(&req.name) {
+        problems.push(("name", why));
     }
     if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
-        problems.push("endpoint must be an http(s) URL");
+        problems.push(("endpoint", "endpoint must be an http(s) URL".into()));
     }
     if !problems.is_empty() {
         return Err(ApiError::from(Status::invalid(
             problems
                 .into_iter()
-                .map(|m| fleet_types::status::StatusCause {
-                    field: String::new(),
-                    message: m.into(),
+                .map(|(field, message)| fleet_types::status::StatusCause {
+                    field: field.into(),
+                    message,
                 })
                 .collect(),
         )));

@@ -83,6 +83,13 @@ pub fn validate(
             "metadata.name",
             format!("name must be shorter than {MAX_NAME_LEN} characters"),
         ));
+    } else if let Err(why) = fleet_types::names::dns1123_subdomain(name) {
+        out.push(cause("metadata.name", why));
+    }
+    if let Some(ns) = new.metadata.namespace.as_deref()
+        && let Err(why) = fleet_types::names::dns1123_label(ns)
+    {
+        out.push(cause("metadata.namespace", why));
     }
     let spec = &new.spec;
     if spec.cluster_label_selectors.is_empty() {

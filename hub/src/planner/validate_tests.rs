@@ -125,6 +125,32 @@ fn name_selectors_concurrency_and_every_problem_at_once() {
 }
 
 #[test]
+fn names_and_namespaces_are_dns_names() {
+    for (name, namespace) in [
+        ("../x", "default"),
+        ("up", "../../etc"),
+        ("a'; drop table clusters;--", "ns"),
+    ] {
+        let mut g = ibgu(&[&[Action::Prep]]);
+        g.metadata.name = Some(name.into());
+        g.metadata.namespace = Some(namespace.into());
+        let causes = validate(&g, None, &none);
+        assert_eq!(causes.len(), 1, "{name} {namespace}: {causes:?}");
+        let field = if name == "up" {
+            "metadata.namespace"
+        } else {
+            "metadata.name"
+        };
+        assert_eq!(causes[0].field, field);
+        assert!(
+            causes[0].message.contains("RFC 1123"),
+            "{}",
+            causes[0].message
+        );
+    }
+}
+
+#[test]
 fn referenced_configmaps_must_exist() {
     let mut g = ibgu(&[&[Action::Prep]]);
     g.spec.ibu_spec.oadp_content = vec![ConfigMapRef {

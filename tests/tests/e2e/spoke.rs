@@ -472,3 +472,23 @@ async fn sim_fleet_serves_each_cluster_under_its_prefix() {
         "each cluster has its own state"
     );
 }
+
+#[test]
+fn a_cluster_name_kubernetes_would_refuse_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["..", "Sno1", "a/b"] {
+        let out = std::process::Command::new(fleet_e2e::binary("spoke-agent"))
+            .args(["serve", "--cluster-name", bad, "--listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .env_remove("SPOKE_HUB_URL")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--cluster-name") && err.contains("RFC 1123 label"),
+            "{err}"
+        );
+    }
+}
