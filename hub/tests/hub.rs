@@ -1255,6 +1255,93 @@ async fn bodies_of_the_wrong_type_or_size_are_refused_with_a_status() {
 }
 
 #[tokio::test]
+async fn unknown_fields_are_refused_unless_asked_otherwise() {
+    let db = migrated().await;
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
+    let ibgu = |name: &str| {
+        serde_json::json!({"apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"bogusField": 1, "clusterLabelSelectors": [{"matchLabels": {"a": "b"}}],
+                 "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+                 "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timout": 10}}]}})
+    };
+    let json = Some("application/json");
+    let (code, _, status) =
+        call_as(&app, "POST", "/v1/rollouts", json, ibgu("a").to_string()).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    let causes: Vec<&str> = status["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            "unknown field \"bogusField\" in spec",
+            "unknown field \"timout\" in spec.plan[0].rolloutStrategy"
+        ]
+    );
+    // Warn: stored without them, and said in Warning headers; Ignore: stored, nothing said.
+    let req = Request::post("/v1/rollouts?fieldValidation=Warn")
+        .header("authorization", "Bearer admin")
+        .header("content-type", "application/json")
+        .body(Body::from(ibgu("b").to_string()))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let warnings: Vec<&str> = res
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "299 - \"unknown field \\\"bogusField\\\" in spec\"",
+            "299 - \"unknown field \\\"timout\\\" in spec.plan[0].rolloutStrategy\""
+        ]
+    );
+    let (code, _, _) = call_as(
+        &app,
+        "POST",
+        "/v1/rollouts?fieldValidation=Ignore",
+        json,
+        ibgu("c").to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, _, status) = call_as(
+        &app,
+        "POST",
+        "/v1/rollouts?fieldValidation=Loose",
+        json,
+        ibgu("d").to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+    // A patch that misspells a field is refused too.
+    let typo = serde_json::json!({"spec": {"plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurency": 2}}]}});
+    let (code, _, status) = call_as(
+        &app,
+        "PATCH",
+        "/v1/rollouts/default/c",
+        Some("application/merge-patch+json"),
+        typo.to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field \"maxConcurency\""),
+        "{status}"
+    );
+}
+
+#[tokio::test]
 async fn manifests_are_accepted_as_yaml() {
     let db = migrated().await;
     let app = router(AppState::test(db.pool.clone()));

@@ -289,6 +289,42 @@ pub async fn cluster_delete(
 pub struct CreateQuery {
     #[serde(rename = "dryRun")]
     dry_run: Option<String>,
+    #[serde(rename = "fieldValidation")]
+    field_validation: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct PatchQuery {
+    #[serde(rename = "fieldValidation")]
+    field_validation: Option<String>,
+}
+
+/// An IBGU document checked for fields its schema does not declare (`?fieldValidation=`),
+/// then read: answers it and the `Warning` headers to answer with.
+fn ibgu_from(
+    doc: Value,
+    field_validation: Option<&str>,
+) -> Result<
+    (
+        ImageBasedGroupUpgrade,
+        Vec<(header::HeaderName, header::HeaderValue)>,
+    ),
+    ApiError,
+> {
+    use super::fields::{FieldValidation, apply, unknown_ibgu_fields};
+    let mode = FieldValidation::parse(field_validation)?;
+    let warnings = apply(mode, unknown_ibgu_fields(&doc))?;
+    let obj = serde_json::from_value(doc)
+        .map_err(|e| ApiError::new(Reason::Invalid, format!("ImageBasedGroupUpgrade: {e}")))?;
+    Ok((obj, warnings))
+}
+
+fn warnings_of(warnings: Vec<(header::HeaderName, header::HeaderValue)>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (k, v) in warnings {
+        headers.append(k, v);
+    }
+    headers
 }
 
 /// The checks of a create, for a dry run (which stores nothing).
@@ -308,14 +344,17 @@ pub async fn rollout_create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
-    let mut obj: ImageBasedGroupUpgrade = manifest_body(&headers, &body, "ImageBasedGroupUpgrade")?;
+    let doc: Value = manifest_body(&headers, &body, "ImageBasedGroupUpgrade")?;
+    let (mut obj, warnings) = ibgu_from(doc, q.field_validation.as_deref())?;
     if obj.metadata.namespace.as_deref().is_none_or(str::is_empty) {
         obj.metadata.namespace = Some("default".into());
     }
     match q.dry_run.as_deref() {
         Some("All") => {
             validation(&state, &obj).await?;
-            return dry_run(&state, &obj).await;
+            let mut answer = dry_run(&state, &obj).await?;
+            answer.headers_mut().extend(warnings_of(warnings));
+            return Ok(answer);
         }
         Some(other) => {
             return Err(ApiError::new(
@@ -326,7 +365,9 @@ pub async fn rollout_create(
         None => {}
     }
     match rollouts::create(&state.pool, &state.engine, &obj).await? {
-        Verdict::Stored(row) => Ok((StatusCode::CREATED, Json(row.object)).into_response()),
+        Verdict::Stored(row) => {
+            Ok((StatusCode::CREATED, warnings_of(warnings), Json(row.object)).into_response())
+        }
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }
 }
@@ -409,6 +450,7 @@ pub async fn rollout_patch(
     State(state): State<Shared>,
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<PatchQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
@@ -432,8 +474,7 @@ pub async fn rollout_patch(
             json_patch::merge(&mut doc, &patch);
         }
     }
-    let mut new: ImageBasedGroupUpgrade =
-        serde_json::from_value(doc).map_err(|e| ApiError::new(Reason::Invalid, e.to_string()))?;
+    let (mut new, warnings) = ibgu_from(doc, q.field_validation.as_deref())?;
     if new.metadata.name != row.object.metadata.name
         || new.metadata.namespace != row.object.metadata.namespace
     {
@@ -444,7 +485,7 @@ pub async fn rollout_patch(
     }
     new.status = row.object.status.clone();
     match rollouts::change(&state.pool, &state.engine, &row, &new).await? {
-        Verdict::Stored(row) => Ok(Json(row.object).into_response()),
+        Verdict::Stored(row) => Ok((warnings_of(warnings), Json(row.object)).into_response()),
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 mod error;
+pub mod fields;
 pub mod listen;
 pub mod openapi;
 

@@ -118,7 +118,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(
         "post",
         "/v1/rollouts",
-        "Create an ImageBasedGroupUpgrade (dryRun=All: answer the plan, store nothing)",
+        "Create an ImageBasedGroupUpgrade (dryRun=All: answer the plan, store nothing; fieldValidation=Strict|Warn|Ignore: unknown fields refused, warned of, or dropped)",
         Auth::Admin,
         Body::Ibgu,
         (201, Body::Ibgu),
@@ -142,7 +142,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(
         "patch",
         "/v1/rollouts/{namespace}/{name}",
-        "JSON patch or merge patch; append-only plan, immutable ibuSpec and selectors",
+        "JSON patch or merge patch; append-only plan, immutable ibuSpec and selectors; fieldValidation as for create",
         Auth::Admin,
         Body::Patch,
         (200, Body::Ibgu),
