@@ -406,6 +406,36 @@ async fn registration_reports_and_labels() {
         StatusCode::FORBIDDEN,
         "a spoke reports only for itself"
     );
+    // Who sends it is checked before what it holds: a body that is not a report, sent with
+    // another cluster's credential or a made-up one, is refused as the sender, not the body.
+    for wrong in [cred2.as_str(), "made-up"] {
+        let (code, body) = call_text(
+            &app,
+            "POST",
+            "/v1/clusters/sno1/status",
+            Some(wrong),
+            "{not a report".into(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(
+            body["message"],
+            "this credential may not report for cluster sno1"
+        );
+    }
+    let (code, _) = call_text(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&cred1),
+        "{not a report".into(),
+    )
+    .await;
+    assert_eq!(
+        code,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "its own sender learns why"
+    );
     let (code, c) = call(
         &app,
         "GET",

@@ -142,6 +142,15 @@ pub async fn report(
         counted("rejected");
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };
+    // Who sends it first: a caller without this cluster's credential costs no parsing and
+    // learns nothing of what a report must hold.
+    if !store::cluster_credential_matches(&state.pool, &name, credential).await? {
+        counted("rejected");
+        return Err(ApiError::new(
+            Reason::Forbidden,
+            format!("this credential may not report for cluster {name}"),
+        ));
+    }
     let report: StatusReport =
         json_body(&body, "status report").inspect_err(|_| counted("rejected"))?;
     let text = report_text(&body, &report).inspect_err(|_| counted("rejected"))?;

@@ -46,7 +46,9 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     .fetch_one(pool)
     .await
     ?;
-    Ok(derive(&key, &req.name, &nonce))
+    let credential = derive(&key, &req.name, &nonce);
+    super::credentials::remember_credential(pool, &req.name, &credential);
+    Ok(credential)
 }
 
 /// The columns of a cluster that [`ClusterRecord`] shows.

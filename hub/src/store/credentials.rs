@@ -59,3 +59,53 @@ pub(super) fn derive(key: &[u8], cluster: &str, nonce: &str) -> String {
 pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
+
+/// The credential hash each cluster last showed that matched its row, by database and
+/// cluster: a report's credential is checked before its body is read, without a query for
+/// every report. Only a first check: the statement that stores the report checks the
+/// credential again (a cluster that registered again meanwhile has another).
+static KNOWN_CREDENTIALS: std::sync::Mutex<BTreeMap<(String, String), String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Notes the credential a cluster was just given at registration.
+pub(super) fn remember_credential(pool: &PgPool, name: &str, credential: &str) {
+    KNOWN_CREDENTIALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            (database_identity(pool), name.to_string()),
+            hash(credential),
+        );
+}
+
+/// Whether `credential` is the one cluster `name` registered with (`false` too when there
+/// is no such cluster).
+pub async fn cluster_credential_matches(
+    pool: &PgPool,
+    name: &str,
+    credential: &str,
+) -> Result<bool, Error> {
+    let presented = hash(credential);
+    let key = (database_identity(pool), name.to_string());
+    let known = KNOWN_CREDENTIALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .is_some_and(|h| *h == presented);
+    if known {
+        return Ok(true);
+    }
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    let Some(stored) = stored else {
+        return Ok(false);
+    };
+    let matched = fleet_types::http::tokens_match(&stored, &presented);
+    if matched {
+        remember_credential(pool, name, credential);
+    }
+    Ok(matched)
+}
