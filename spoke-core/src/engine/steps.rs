@@ -608,35 +608,12 @@ pub fn booted(s: &mut SpokeState, rollback_expiration: Option<DateTime<Utc>>, no
     refresh(s);
 }
 
-/// The agent restarted (not rebooted) with a step in flight. Stateroot setup and precache
-/// cannot resume half-done: Prep fails and the way out is Idle. Other steps are
-/// idempotent and run again.
-pub fn resume(s: &mut SpokeState, now: DateTime<Utc>) {
-    if !s.run.in_flight {
-        return;
-    }
-    let Some(op) = s.run.op.clone() else {
-        s.run.in_flight = false;
-        return;
-    };
-    let step = op.steps()[s.run.step];
-    if op == Op::Prep && matches!(step, Step::Stateroot | Step::Precache) {
-        let what = if step == Step::Stateroot {
-            "stateroot setup"
-        } else {
-            "precaching"
-        };
-        let epoch = s.run.epoch;
-        complete(
-            s,
-            epoch,
-            Outcome::Failed(format!(
-                "{what} was interrupted by an agent restart; move to Idle to clean up and start again"
-            )),
-            now,
-        );
-    } else {
-        s.run.in_flight = false;
-    }
+/// The agent restarted (not rebooted) with a step in flight: every step runs again. Each is
+/// idempotent on the host; stateroot setup and precache resume rather than fail (the host
+/// sets a partial stateroot up again and pulls only the images still missing), so a node
+/// that loses its agent during a long Prep needs nobody. The Lifecycle Agent's setup Job
+/// cannot resume; ours does.
+pub fn resume(s: &mut SpokeState, _now: DateTime<Utc>) {
+    s.run.in_flight = false;
     refresh(s);
 }
