@@ -74,10 +74,19 @@ impl Error {
 
 /// Losing the database (connection refused or dropped, the server shutting down, no
 /// connection free in time) is worth a retry; anything else it says is the hub's fault.
+/// A value the database cannot hold (SQLSTATE class 22, data exception: a NUL byte in a
+/// name, say) came from the request: it is the caller's to fix.
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         if database_unavailable(&err) {
             Error::unavailable("database unavailable", err)
+        } else if let sqlx::Error::Database(db) = &err
+            && db.code().is_some_and(|c| c.starts_with("22"))
+        {
+            Error::Invalid(format!(
+                "a value of the request cannot be stored: {}",
+                db.message()
+            ))
         } else {
             Error::internal("database", err)
         }
