@@ -355,3 +355,36 @@ async fn a_step_ends_and_the_next_begins_in_one_save() {
     let saves = *changes.borrow() - before;
     assert!((2..=7).contains(&saves), "{saves} saves for Prep");
 }
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_status_and_changes_nothing() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
+    let state = spoke_core::api::ApiState {
+        agents: std::collections::HashMap::from([("sno1".to_string(), agent.clone())]),
+        single: Some("sno1".into()),
+        api_token: Some("t".into()),
+        metrics,
+    };
+    let app = spoke_core::api::router(Arc::new(state));
+    let req = axum::http::Request::patch("/v1/ibu")
+        .header("authorization", "Bearer t")
+        .header("content-type", "application/merge-patch+json")
+        .body(axum::body::Body::from(vec![
+            b' ';
+            spoke_core::api::BODY_LIMIT_BYTES
+                + 1
+        ]))
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    assert_eq!(agent.snapshot().await.ibu.spec.stage.to_string(), "Idle");
+}

@@ -164,7 +164,8 @@ async fn stages_over_http_through_a_simulated_reboot() {
         .await;
     assert_eq!(next_stages(&ibu), vec!["Idle", "Upgrade"]);
 
-    // A patch that is not one, or too large for the API: Status bodies, nothing changed.
+    // A patch that is not one: a Status body, nothing changed (too large: `agent.rs`, in
+    // process, where the early 413 cannot race the client's writing).
     let send = |content_type: &'static str, body: Vec<u8>| {
         let req = agent
             .client
@@ -185,9 +186,6 @@ async fn stages_over_http_through_a_simulated_reboot() {
     let (code, kind, status) = send("text/plain", stage_upgrade).await;
     assert_eq!((code, kind.as_str()), (415, "application/json"));
     assert_eq!(status["reason"], "UnsupportedMediaType");
-    let (code, _, status) = send("application/merge-patch+json", vec![b' '; 2 << 20]).await;
-    assert_eq!(code, 413);
-    assert_eq!(status["reason"], "RequestEntityTooLarge");
     assert_eq!(agent.get().await.unwrap()["spec"]["stage"], "Prep");
 
     // as the hub pushes a stage: the change is answered without the object
