@@ -475,3 +475,70 @@ fn a_cluster_name_kubernetes_would_refuse_is_refused_at_start() {
         );
     }
 }
+
+/// The agent SIGKILLed in the middle of a step of each stage, then started again: the stage
+/// goes on from what was saved and ends as it would have (stateroot setup: above).
+#[tokio::test]
+async fn a_sigkill_mid_step_of_each_stage_ends_the_stage_as_without_it() {
+    // (stages completed first, the stage, the message or reason it is killed at)
+    // (at: none = as soon as the stage is accepted; from the pivot on the API is away until
+    // the node is back, so no later point can be seen)
+    let cases: [(&[&str], &str, Option<&str>); 4] = [
+        (&[], "Prep", Some("Precaching release images")),
+        (&["Prep"], "Upgrade", None),
+        (&["Prep", "Upgrade"], "Rollback", None),
+        (&["Prep"], "Idle", Some("Aborting")),
+    ];
+    let ends = |stage: &str| match stage {
+        "Prep" => ("PrepCompleted", "Completed"),
+        "Upgrade" => ("UpgradeCompleted", "Completed"),
+        "Rollback" => ("RollbackCompleted", "Completed"),
+        _ => ("Idle", "Idle"),
+    };
+    let args = ["--sim-step-ms", "300", "--sim-reboot-ms", "300"];
+    for (before, stage, at) in cases {
+        let end = ends(stage);
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = start(dir.path(), port, &args);
+        let agent = Agent::at(port).await;
+        let push = |stage: &str| {
+            let mut spec = json!({"stage": stage});
+            if stage == "Prep" {
+                spec["seedImageRef"] = json!({"version": "4.16.0", "image": "quay.io/seed:4.16.0"});
+            }
+            agent.patch(json!({ "spec": spec }))
+        };
+        for done in before {
+            assert_eq!(push(done).await.0, 200, "{done}");
+            let (t, r) = ends(done);
+            agent.wait_ibu(done, is_last(t, r)).await;
+        }
+        assert_eq!(push(stage).await.0, 200, "{stage}");
+        if let Some(at) = at {
+            agent
+                .wait_ibu(at, |v| {
+                    v["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["message"] == at || c["reason"] == at)
+                })
+                .await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        drop(child);
+        let _again = start(dir.path(), port, &args);
+        let ibu = agent
+            .wait_ibu(
+                &format!("{stage} to end after a kill at {at:?}"),
+                is_last(end.0, end.1),
+            )
+            .await;
+        assert_eq!(ibu["spec"]["stage"], stage, "{at:?}");
+    }
+}
