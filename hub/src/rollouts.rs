@@ -44,7 +44,8 @@ pub async fn create(
 }
 
 /// Stores a stored rollout's new version (spec, labels, annotations) when the change is
-/// valid; a changed spec is planned again by the engine.
+/// valid; a changed spec is planned again by the engine. The row answered is as stored,
+/// without the per-cluster status (the REST API reads that for its answer).
 pub async fn change(
     pool: &PgPool,
     engine: &Engine,
@@ -56,15 +57,16 @@ pub async fn change(
         return Ok(Verdict::Refused(causes));
     }
     let spec_changed = new.spec != stored.object.spec;
-    store::rollout_update(pool, stored.id, new, spec_changed).await?;
-    engine.trigger();
-    let (ns, name) = (
-        new.metadata.namespace.as_deref().unwrap_or_default(),
-        new.metadata.name.as_deref().unwrap_or_default(),
-    );
-    let row = store::rollout_fetch(pool, ns, name)
+    let row = store::rollout_update(pool, stored.id, new, spec_changed)
         .await?
-        .ok_or_else(|| Error::Conflict(format!("rollout {ns}/{name} was deleted meanwhile")))?;
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "rollout {}/{} was deleted meanwhile",
+                new.metadata.namespace.as_deref().unwrap_or_default(),
+                new.metadata.name.as_deref().unwrap_or_default()
+            ))
+        })?;
+    engine.trigger();
     Ok(Verdict::Stored(Box::new(row)))
 }
 

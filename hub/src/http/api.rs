@@ -313,27 +313,13 @@ pub struct PatchQuery {
 fn ibgu_from(
     doc: Value,
     field_validation: Option<&str>,
-) -> Result<
-    (
-        ImageBasedGroupUpgrade,
-        Vec<(header::HeaderName, header::HeaderValue)>,
-    ),
-    ApiError,
-> {
+) -> Result<(ImageBasedGroupUpgrade, HeaderMap), ApiError> {
     use super::fields::{FieldValidation, apply, unknown_ibgu_fields};
     let mode = FieldValidation::parse(field_validation)?;
     let warnings = apply(mode, unknown_ibgu_fields(&doc))?;
     let obj = serde_json::from_value(doc)
         .map_err(|e| ApiError::new(Reason::Invalid, format!("ImageBasedGroupUpgrade: {e}")))?;
     Ok((obj, warnings))
-}
-
-fn warnings_of(warnings: Vec<(header::HeaderName, header::HeaderValue)>) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (k, v) in warnings {
-        headers.append(k, v);
-    }
-    headers
 }
 
 /// The checks of a create, for a dry run (which stores nothing).
@@ -362,7 +348,7 @@ pub async fn rollout_create(
         Some("All") => {
             validation(&state, &obj).await?;
             let mut answer = dry_run(&state, &obj).await?;
-            answer.headers_mut().extend(warnings_of(warnings));
+            answer.headers_mut().extend(warnings);
             return Ok(answer);
         }
         Some(other) => {
@@ -375,7 +361,7 @@ pub async fn rollout_create(
     }
     match rollouts::create(&state.pool, &state.engine, &obj).await? {
         Verdict::Stored(row) => {
-            Ok((StatusCode::CREATED, warnings_of(warnings), Json(row.object)).into_response())
+            Ok((StatusCode::CREATED, warnings, Json(row.object)).into_response())
         }
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }
@@ -494,7 +480,10 @@ pub async fn rollout_patch(
     }
     new.status = row.object.status.clone();
     match rollouts::change(&state.pool, &state.engine, &row, &new).await? {
-        Verdict::Stored(row) => Ok((warnings_of(warnings), Json(row.object)).into_response()),
+        Verdict::Stored(_) => {
+            let answer = fetch(&state, &ns, &name).await?.object;
+            Ok((warnings, Json(answer)).into_response())
+        }
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, header};
 use fleet_types::status::StatusCause;
 use fleet_types::{Reason, Status};
 use serde_json::Value;
@@ -94,12 +94,10 @@ fn walk(schema: &Value, value: &Value, path: &str, out: &mut Vec<(String, String
 
 /// Applies the chosen validation to the unknown fields found: `Err` with a 422 naming every
 /// one (Strict), or the `Warning` headers to answer with (Warn).
-pub fn apply(
-    mode: FieldValidation,
-    unknown: Vec<(String, String)>,
-) -> Result<Vec<(HeaderName, HeaderValue)>, ApiError> {
+pub fn apply(mode: FieldValidation, unknown: Vec<(String, String)>) -> Result<HeaderMap, ApiError> {
+    let mut warnings = HeaderMap::new();
     if unknown.is_empty() || mode == FieldValidation::Ignore {
-        return Ok(Vec::new());
+        return Ok(warnings);
     }
     if mode == FieldValidation::Strict {
         let causes = unknown
@@ -108,15 +106,13 @@ pub fn apply(
             .collect();
         return Err(ApiError::from(Status::invalid(causes)));
     }
-    Ok(unknown
-        .into_iter()
-        .filter_map(|(_, message)| {
-            let text = format!("299 - {}", serde_json::Value::String(message));
-            HeaderValue::from_str(&text)
-                .ok()
-                .map(|v| (axum::http::header::WARNING, v))
-        })
-        .collect())
+    for (_, message) in unknown {
+        let text = format!("299 - {}", serde_json::Value::String(message));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            warnings.append(header::WARNING, v);
+        }
+    }
+    Ok(warnings)
 }
 
 #[cfg(test)]
@@ -167,7 +163,10 @@ mod tests {
             "spec.x: unknown field \"x\" in spec"
         );
         let warnings = apply(FieldValidation::Warn, found()).unwrap();
-        assert_eq!(warnings[0].1, "299 - \"unknown field \\\"x\\\" in spec\"");
+        assert_eq!(
+            warnings[header::WARNING],
+            "299 - \"unknown field \\\"x\\\" in spec\""
+        );
         assert!(apply(FieldValidation::Ignore, found()).unwrap().is_empty());
         assert!(FieldValidation::parse(Some("Loose")).is_err());
     }

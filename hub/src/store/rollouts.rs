@@ -144,14 +144,14 @@ pub async fn rollout_update(
     id: i64,
     obj: &ImageBasedGroupUpgrade,
     spec_changed: bool,
-) -> Result<(), Error> {
-    sqlx::query(
+) -> Result<Option<RolloutRow>, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE rollouts SET spec = $2, labels = $3, annotations = $4,
            generation = generation + CASE WHEN $5 THEN 1 ELSE 0 END,
            phase = CASE WHEN $5 THEN 'Progressing' ELSE phase END,
            completed_at = CASE WHEN $5 THEN NULL ELSE completed_at END, updated_at = now()
-         WHERE id = $1",
-    )
+         WHERE id = $1 RETURNING {ROLLOUT_COLUMNS}"
+    )))
     .bind(id)
     .bind(serde_json::to_value(&obj.spec).map_err(|e| Error::internal("encoding", e))?)
     .bind(serde_json::to_value(obj.metadata.labels.clone().unwrap_or_default()).unwrap_or_default())
@@ -160,9 +160,9 @@ pub async fn rollout_update(
             .unwrap_or_default(),
     )
     .bind(spec_changed)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(())
+    row.as_ref().map(rollout_from_row).transpose()
 }
 
 pub async fn rollout_delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, Error> {
