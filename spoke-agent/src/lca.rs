@@ -9,6 +9,7 @@
 //! "rebooting" while the API is away, and never applies a stage on its own; only a push does.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub const STAGE_NOT_PERMITTED: &str = "the stage transition is not permitted. Pl
 /// What the cluster's API showed last.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Seen {
-    /// Nothing yet (the agent just started).
+    /// No IBU yet: the agent just started, or the Lifecycle Agent has not created it.
     Nothing,
     /// The IBU as last read.
     Ibu(Arc<ImageBasedUpgrade>),
@@ -53,7 +54,10 @@ impl Seen {
             Seen::Recreating => {
                 "rebooting: the Lifecycle Agent is creating the ImageBasedUpgrade again".into()
             }
-            _ => "the ImageBasedUpgrade has not been read yet".into(),
+            _ => format!(
+                "the cluster has no ImageBasedUpgrade {NAME:?} yet (the Lifecycle Agent creates it \
+                 when it starts)"
+            ),
         })
     }
 }
@@ -63,6 +67,8 @@ pub struct LcaSpoke {
     client: kube::Client,
     session: HubSession,
     seen: RwLock<Seen>,
+    /// An IBU was seen once: its absence since means it is being created again.
+    ever: AtomicBool,
 }
 
 fn no_lca(detail: &str) -> String {
@@ -152,6 +158,7 @@ impl LcaSpoke {
             client,
             session: HubSession::default(),
             seen: RwLock::new(Seen::Nothing),
+            ever: AtomicBool::new(false),
         })
     }
 
@@ -164,6 +171,9 @@ impl LcaSpoke {
     }
 
     fn show(&self, next: Seen) {
+        if matches!(next, Seen::Ibu(_)) {
+            self.ever.store(true, Ordering::SeqCst);
+        }
         let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
         if *seen != next {
             match &next {
@@ -194,9 +204,14 @@ impl LcaSpoke {
                     Ok(watcher::Event::Delete(_)) => self.show(Seen::Recreating),
                     Ok(watcher::Event::Init) => {}
                     Ok(watcher::Event::InitDone) => {
-                        // A re-list that found no IBU: it is being created again.
+                        // A list that found no IBU: being created again after a reboot, or
+                        // not created yet (the Lifecycle Agent has not started).
                         if !matches!(self.seen(), Seen::Ibu(_)) {
-                            self.show(Seen::Recreating);
+                            self.show(if self.ever.load(Ordering::SeqCst) {
+                                Seen::Recreating
+                            } else {
+                                Seen::Nothing
+                            });
                         }
                     }
                     Err(err) => {
