@@ -23,8 +23,10 @@ pub struct Kept {
     /// Outcomes of finished pushes until a pass records them (in its own transaction, with
     /// everything else it writes).
     pub results: Vec<PushResult>,
-    /// Clusters with a push on its way or its outcome not yet recorded: a pass that runs
-    /// meanwhile does not push to them again. The flag says a pass has a push for the cluster
+    /// Clusters with a push of this hub's on its way or its outcome not yet recorded. The
+    /// stored claim (`ClusterProgress::push_in_flight`) keeps every hub from pushing to them
+    /// again; this copy also stops a push of this hub's still queued when its claim lapses.
+    /// The flag says a pass has a push for the cluster
     /// waiting on this one (the spoke reported the action done before its answer came): the
     /// answer then triggers a pass, however it went.
     pub in_flight: HashMap<String, bool>,

@@ -235,7 +235,17 @@ impl Engine {
             for r in recorded {
                 k.in_flight.remove(&r.cluster);
             }
+            // The planner held back pushes to clusters with a push still on its way (the
+            // claim is stored, so every hub does); this hub's own such pushes are flagged
+            // so that their answers trigger a pass. The filter below stops a push of this
+            // hub's that is still queued after its claim lapsed.
             let mut blocked = Vec::new();
+            for c in d.awaiting_answers {
+                if let Some(waited_on) = k.in_flight.get_mut(&c) {
+                    *waited_on = true;
+                }
+                blocked.push(c);
+            }
             let pushes: Vec<Push> = d
                 .pushes
                 .into_iter()

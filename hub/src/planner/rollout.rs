@@ -18,7 +18,8 @@ use super::selector;
 pub use super::state::*;
 pub use super::status::*;
 
-/// A push is sent again after this when the spoke still does not show the stage.
+/// A push is sent again after this when the spoke still does not show the stage; a push
+/// whose outcome no pass recorded (the hub that sent it stopped) is taken over after it too.
 pub const PUSH_RESEND: Duration = Duration::seconds(30);
 /// Backoff for pushes to a spoke that did not answer.
 pub const PUSH_BACKOFF_MAX: Duration = Duration::seconds(60);
@@ -108,6 +109,8 @@ struct Pass<'a> {
     needs_fleet: bool,
     /// See [`Decision::reported`].
     reported: Vec<String>,
+    /// See [`Decision::awaiting_answers`].
+    awaiting_answers: Vec<String>,
     touched: Touched,
 }
 
@@ -340,7 +343,15 @@ impl Pass<'_> {
         if shown && p.pushed_stage == Some(stage) {
             return;
         }
-        if due {
+        if due
+            && let Some(since) = p.push_in_flight
+            && self.now < since + PUSH_RESEND
+        {
+            // One push at a time to a spoke, across hubs: its outcome triggers a pass on the
+            // hub that sent it; this wakes another once the claim has lapsed.
+            self.awaiting_answers.push(cluster.to_string());
+            self.wake_at(since + PUSH_RESEND);
+        } else if due {
             let cause = match (p.pushed_at, p.action_index) {
                 (None, 1..) => PushCause::OwnReport,
                 (None, 0) if !self.reported.is_empty() => PushCause::Reports,
@@ -354,6 +365,9 @@ impl Pass<'_> {
                 cause,
                 action_index: p.action_index,
             });
+            let now = self.now;
+            let p = self.touched.progress_mut(step, cluster).expect("present");
+            p.push_in_flight = Some(now);
         } else if let Some(at) = p.pushed_at {
             let next = if p.push_failures > 0 {
                 at + push_backoff(p.push_failures)
@@ -588,6 +602,7 @@ pub fn advance_with(
         complete,
         needs_fleet: false,
         reported: vec![],
+        awaiting_answers: vec![],
         touched: Touched::default(),
     };
     apply_push_results(&mut steps, &mut pass.touched, results.iter().copied());
@@ -648,6 +663,7 @@ pub fn advance_with(
         needs_fleet: pass.needs_fleet,
         reported: pass.reported,
         changed,
+        awaiting_answers: pass.awaiting_answers,
     }
 }
 

@@ -188,11 +188,23 @@ impl World {
                 labels.entry(k.clone()).or_default();
             }
         }
+        // Each push is on its way until its outcome is recorded, as the engine records it.
         for p in &d.pushes {
-            let pr = self.steps[p.step].progress.get_mut(&p.cluster).unwrap();
-            pr.pushed_stage = Some(p.stage);
-            pr.pushed_at = Some(self.now);
+            let pr = &self.steps[p.step].progress[&p.cluster];
+            assert_eq!(pr.push_in_flight, Some(self.now), "{p:?}");
         }
+        let accepted: Vec<PushResult> = d
+            .pushes
+            .iter()
+            .map(|p| PushResult {
+                step: p.step,
+                action_index: p.action_index,
+                cluster: p.cluster.clone(),
+                outcome: PushOutcome::Accepted(p.stage),
+                at: self.now,
+            })
+            .collect();
+        apply_push_results(&mut self.steps, &mut Touched::default(), &accepted);
         self.last = Some(d.clone());
         d
     }
@@ -888,9 +900,83 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
     assert!(d.changes_exactly(&steps));
     // A change the decision does not name is caught by the check every scenario makes.
     let mut unnamed = d.clone();
-    let a = unnamed.steps[0].progress.get_mut("a").unwrap();
-    a.push_failures += 7;
+    unnamed.changed.get_mut(&0).unwrap().retain(|c| c != "c");
     assert!(!unnamed.changes_exactly(&steps));
+}
+
+#[test]
+fn a_push_on_its_way_is_sent_once_until_recorded_or_lapsed() {
+    let spec = ImageBasedGroupUpgradeSpec {
+        cluster_label_selectors: vec![selector_names(&["a", "b"])],
+        plan: vec![item(&[Action::Prep], 2, None)],
+        ..Default::default()
+    };
+    let fleet = World::new(&["a", "b"], &["a", "b"], vec![]).clusters;
+    let d = advance(&spec, &[], &fleet, None, t(0));
+    assert_eq!(
+        pushed(&d),
+        vec![("a".into(), Stage::Prep), ("b".into(), Stage::Prep)]
+    );
+    let claims = |d: &Decision| -> Vec<Option<DateTime<Utc>>> {
+        d.steps[0]
+            .progress
+            .values()
+            .map(|p| p.push_in_flight)
+            .collect()
+    };
+    assert_eq!(claims(&d), vec![Some(t(0)); 2], "stored with the decision");
+    // Another pass (this hub's or another's) before any outcome is recorded sends nothing
+    // and names the clusters whose answers it waits on.
+    let again = advance(
+        &spec,
+        &d.steps,
+        &fleet,
+        Some(t(0)),
+        t(0) + Duration::seconds(5),
+    );
+    assert!(again.pushes.is_empty(), "{:?}", again.pushes);
+    assert_eq!(
+        again.awaiting_answers,
+        vec!["a".to_string(), "b".to_string()]
+    );
+    assert_eq!(again.wake_at, Some(t(0) + PUSH_RESEND));
+    assert!(again.changed.is_empty(), "waiting writes nothing");
+    // An outcome clears the claim of the push it answers, not one made by a later pass.
+    let answer = |cluster: &str, at| PushResult {
+        step: 0,
+        action_index: 0,
+        cluster: cluster.into(),
+        outcome: PushOutcome::Accepted(Stage::Prep),
+        at,
+    };
+    let (a, stale) = (answer("a", t(0)), answer("b", t(0) - Duration::seconds(40)));
+    let later = advance_with(
+        &spec,
+        d.steps.clone(),
+        &[&a, &stale],
+        fleet.clone(),
+        true,
+        Some(t(0)),
+        t(0) + Duration::seconds(5),
+    );
+    let p = &later.steps[0].progress;
+    assert_eq!(
+        (p["a"].push_in_flight, p["a"].pushed_stage),
+        (None, Some(Stage::Prep))
+    );
+    assert_eq!(
+        p["b"].push_in_flight,
+        Some(t(0)),
+        "not the stale answer's claim"
+    );
+    assert_eq!(
+        later.changed,
+        BTreeMap::from([(0, vec!["a".to_string(), "b".to_string()])])
+    );
+    // A claim whose outcome is never recorded (its hub stopped) lapses after PUSH_RESEND.
+    let lapsed = advance(&spec, &d.steps, &fleet, Some(t(0)), t(0) + PUSH_RESEND);
+    assert_eq!(pushed(&lapsed), pushed(&d));
+    assert_eq!(claims(&lapsed), vec![Some(t(0) + PUSH_RESEND); 2]);
 }
 
 #[test]

@@ -31,6 +31,12 @@ pub struct ClusterProgress {
     pub pushed_stage: Option<Stage>,
     pub pushed_at: Option<DateTime<Utc>>,
     pub push_failures: u32,
+    /// When the pass that decided the last push ran, while no pass has recorded that push's
+    /// outcome: the push may still be on its way. No other push goes to the cluster
+    /// meanwhile, from this hub or another on the same database, until the outcome is
+    /// recorded or [`PUSH_RESEND`](super::rollout::PUSH_RESEND) has passed (the hub that
+    /// sent it stopped before recording it).
+    pub push_in_flight: Option<DateTime<Utc>>,
     /// The spoke refused the last push (422): the action fails with this message.
     pub refused: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
@@ -51,6 +57,7 @@ impl ClusterProgress {
             pushed_stage: None,
             pushed_at: None,
             push_failures: 0,
+            push_in_flight: None,
             refused: None,
             started_at: None,
             action_started_at: None,
@@ -304,15 +311,28 @@ pub fn apply_push_results<'a>(
     results: impl IntoIterator<Item = &'a PushResult>,
 ) {
     for r in results {
-        if !awaits_push_result(steps, r) {
-            continue;
-        }
-        let Some(p) = steps
-            .get_mut(r.step)
-            .and_then(|s| touched.progress_mut(s, &r.cluster))
-        else {
+        let waiting = awaits_push_result(steps, r);
+        let Some(step) = steps.get_mut(r.step) else {
             continue;
         };
+        // The push this outcome answers is no longer on its way, whatever the cluster does
+        // now (a claim made since, by a later pass, is not this push's to clear).
+        let answered = step
+            .progress
+            .get(&r.cluster)
+            .is_some_and(|p| p.push_in_flight == Some(r.at));
+        if !waiting && !answered {
+            continue;
+        }
+        let Some(p) = touched.progress_mut(step, &r.cluster) else {
+            continue;
+        };
+        if answered {
+            p.push_in_flight = None;
+        }
+        if !waiting {
+            continue;
+        }
         p.pushed_at = Some(r.at);
         match &r.outcome {
             PushOutcome::Accepted(stage) => {
@@ -372,6 +392,9 @@ pub struct Decision {
     /// By step, the clusters whose progress is to be written: those the pass changed, and
     /// every cluster of a step it started.
     pub changed: BTreeMap<usize, Vec<String>>,
+    /// Clusters the pass would have pushed to but for a push still on its way to them
+    /// ([`ClusterProgress::push_in_flight`]): its outcome is to trigger the next pass.
+    pub awaiting_answers: Vec<String>,
 }
 
 impl Decision {

@@ -78,6 +78,7 @@ struct ProgressRow {
     pushed_stage: Option<String>,
     pushed_at: Option<DateTime<Utc>>,
     push_attempts: i32,
+    push_in_flight_since: Option<DateTime<Utc>>,
     refused: Option<String>,
     started_at: Option<DateTime<Utc>>,
     action_started_at: Option<DateTime<Utc>>,
@@ -107,6 +108,7 @@ impl TryFrom<ProgressRow> for ClusterProgress {
                 .and_then(|s| serde_json::from_value::<Stage>(Value::String(s)).ok()),
             pushed_at: r.pushed_at,
             push_failures: r.push_attempts as u32,
+            push_in_flight: r.push_in_flight_since,
             refused: r.refused,
             started_at: r.started_at,
             action_started_at: r.action_started_at,
@@ -133,7 +135,8 @@ pub async fn rollout_steps_in_txn(
         .collect::<Result<_, _>>()?;
     let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT step, cluster, batch, state, action_index, completed_actions, failed_action, failure_message,
-                timed_out, pushed_stage, pushed_at, push_attempts, refused, started_at, action_started_at, finished_at
+                timed_out, pushed_stage, pushed_at, push_attempts, push_in_flight_since, refused, started_at,
+                action_started_at, finished_at
          FROM rollout_clusters WHERE rollout_id = $1",
     )
     .bind(id)
@@ -223,6 +226,7 @@ pub(super) async fn progress_upsert(
     let mut pushed_stage = Vec::new();
     let mut pushed_at = Vec::new();
     let mut attempts = Vec::new();
+    let mut in_flight = Vec::new();
     let mut refused = Vec::new();
     let mut started = Vec::new();
     let mut action_started = Vec::new();
@@ -245,6 +249,7 @@ pub(super) async fn progress_upsert(
         pushed_stage.push(p.pushed_stage.map(|s| s.as_str().to_string()));
         pushed_at.push(p.pushed_at);
         attempts.push(p.push_failures as i32);
+        in_flight.push(p.push_in_flight);
         refused.push(p.refused.clone());
         started.push(p.started_at);
         action_started.push(p.action_started_at);
@@ -252,22 +257,23 @@ pub(super) async fn progress_upsert(
     }
     sqlx::query(
         "INSERT INTO rollout_clusters (rollout_id, step, cluster, batch, state, action_index, completed_actions,
-           failed_action, failure_message, timed_out, pushed_stage, pushed_at, push_attempts, refused,
-           started_at, action_started_at, finished_at)
+           failed_action, failure_message, timed_out, pushed_stage, pushed_at, push_attempts, push_in_flight_since,
+           refused, started_at, action_started_at, finished_at)
          SELECT $1, $2, u.cluster, u.batch, u.state, u.action_index,
            CASE WHEN u.completed = '' THEN '{}'::text[] ELSE string_to_array(u.completed, ',') END,
-           u.failed_action, u.failure_message, u.timed_out, u.pushed_stage, u.pushed_at, u.attempts, u.refused,
-           u.started, u.action_started, u.finished
+           u.failed_action, u.failure_message, u.timed_out, u.pushed_stage, u.pushed_at, u.attempts, u.in_flight,
+           u.refused, u.started, u.action_started, u.finished
          FROM UNNEST($3::text[], $4::int4[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::text[],
-                     $10::bool[], $11::text[], $12::timestamptz[], $13::int4[], $14::text[],
-                     $15::timestamptz[], $16::timestamptz[], $17::timestamptz[])
+                     $10::bool[], $11::text[], $12::timestamptz[], $13::int4[], $14::timestamptz[], $15::text[],
+                     $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
            AS u(cluster, batch, state, action_index, completed, failed_action, failure_message, timed_out,
-                pushed_stage, pushed_at, attempts, refused, started, action_started, finished)
+                pushed_stage, pushed_at, attempts, in_flight, refused, started, action_started, finished)
          ON CONFLICT (rollout_id, step, cluster) DO UPDATE SET batch = EXCLUDED.batch, state = EXCLUDED.state,
            action_index = EXCLUDED.action_index, completed_actions = EXCLUDED.completed_actions,
            failed_action = EXCLUDED.failed_action, failure_message = EXCLUDED.failure_message,
            timed_out = EXCLUDED.timed_out, pushed_stage = EXCLUDED.pushed_stage, pushed_at = EXCLUDED.pushed_at,
-           push_attempts = EXCLUDED.push_attempts, refused = EXCLUDED.refused, started_at = EXCLUDED.started_at,
+           push_attempts = EXCLUDED.push_attempts, push_in_flight_since = EXCLUDED.push_in_flight_since,
+           refused = EXCLUDED.refused, started_at = EXCLUDED.started_at,
            action_started_at = EXCLUDED.action_started_at, finished_at = EXCLUDED.finished_at",
     )
     .bind(id)
@@ -283,6 +289,7 @@ pub(super) async fn progress_upsert(
     .bind(&pushed_stage)
     .bind(&pushed_at)
     .bind(&attempts)
+    .bind(&in_flight)
     .bind(&refused)
     .bind(&started)
     .bind(&action_started)

@@ -750,6 +750,69 @@ async fn an_accepted_push_is_recorded_with_the_spokes_next_report_or_after_the_h
 }
 
 #[tokio::test]
+async fn two_hubs_on_one_database_send_each_push_once() {
+    let db = TestDb::empty().await;
+    let (one, two) = (start_hub(&db).await, start_hub(&db).await);
+    two.clock.advance(one.clock.now() - two.clock.now());
+    let names = ["q1", "q2"];
+    // q1 answers its pushes only once the gate opens: its Prep push stays on its way.
+    let mut quiet = QuietSpokes::start(&one, &names, &["q1"]).await;
+    // The spokes report to the second hub (both serve one Service).
+    quiet.hub_url = two.url.clone();
+    one.create(ibgu(
+        "pair",
+        &names,
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 60}}]),
+    ))
+    .await;
+    wait_for("both Prep pushes", DEADLINE, || async {
+        one.engine.pass_all().await.unwrap();
+        (quiet.pushes().len() == 2).then_some(())
+    })
+    .await;
+    // The second hub's passes see the first hub's pushes on their way, answered or not,
+    // and send none of their own, until the claim lapses.
+    for _ in 0..3 {
+        two.engine.pass_all().await.unwrap();
+        one.engine.pass_all().await.unwrap();
+    }
+    two.clock
+        .advance(hub::planner::rollout::PUSH_RESEND - chrono::Duration::seconds(1));
+    two.engine.pass_all().await.unwrap();
+    assert_eq!(quiet.pushes().len(), 2, "{:?}", quiet.pushes());
+    // Both spokes report Prep under way; q1's answer is still held back.
+    quiet.report("q1", 1, "Prep", false).await;
+    quiet.report("q2", 1, "Prep", false).await;
+    for _ in 0..3 {
+        two.engine.pass_all().await.unwrap();
+        one.engine.pass_all().await.unwrap();
+    }
+    assert_eq!(quiet.pushes().len(), 2, "{:?}", quiet.pushes());
+    // The first hub stops before q1's answer comes: its claim lapses, and the second
+    // hub sends the push again, once.
+    let _ = one.stop().await;
+    two.clock.advance(chrono::Duration::seconds(1));
+    wait_for("the push taken over", DEADLINE, || async {
+        two.engine.pass_all().await.unwrap();
+        (quiet.pushes().len() == 3).then_some(())
+    })
+    .await;
+    quiet.gate.add_permits(1);
+    quiet.report("q1", 2, "Prep", true).await;
+    quiet.report("q2", 2, "Prep", true).await;
+    two.settle("pair", "Prep done on both", |g| {
+        names
+            .iter()
+            .all(|n| acts(&cluster(g, n)["completedActions"]) == ["Prep"])
+    })
+    .await;
+    let prep = |c: &str| (c.to_string(), "Prep".to_string());
+    let mut pushes = quiet.pushes();
+    pushes.sort();
+    assert_eq!(pushes, [prep("q1"), prep("q1"), prep("q2")]);
+}
+
+#[tokio::test]
 async fn a_push_outcome_that_comes_after_the_spokes_report_of_the_action_is_let_go() {
     let db = TestDb::empty().await;
     let hub = start_hub(&db).await;
