@@ -1,0 +1,232 @@
+//! `fake-node`: one single-node OpenShift host's ostree deployments, container images and
+//! reboots, for testing `spoke-agent --host ostree` without a node. Invoked by its own name
+//! it manages the node; invoked through the links `install-bin` makes (`ostree`,
+//! `rpm-ostree`, `podman`, `skopeo`, `systemctl`, `systemd-run`, `mount`, `tar`, `chcon`,
+//! `unshare`, `crictl`, `nsenter`) it answers as those tools do, and logs every invocation to
+//! `ROOT/.fake-node/commands.log`.
+//!
+//! ```text
+//! fake-node init --root R --version 4.15.0
+//! fake-node add-seed --root R --image IMG --version V
+//! fake-node install-bin --root R --bin-dir B
+//! fake-node reboot --root R
+//! fake-node status --root R
+//! fake-node fail --root R WORD... | fake-node fail --root R --clear
+//! ```
+
+mod node;
+mod seed;
+mod tools;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use node::{Node, Root, STORAGE_UNIT};
+
+/// The tools `install-bin` links to this binary.
+const TOOLS: [&str; 12] = [
+    "ostree",
+    "rpm-ostree",
+    "podman",
+    "skopeo",
+    "systemctl",
+    "systemd-run",
+    "mount",
+    "tar",
+    "chcon",
+    "unshare",
+    "crictl",
+    "nsenter",
+];
+/// Written into the directory of the links: the root they act on.
+const ROOT_FILE: &str = ".fake-node-root";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let called = argv
+        .first()
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        })
+        .unwrap_or_default();
+    let result = if TOOLS.contains(&called.as_str()) {
+        as_tool(&argv[0], &called, &argv[1..])
+    } else {
+        own_command(&argv[1..]).map(|()| 0)
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The root of the links' directory: the directory of `argv0`, or the first directory of
+/// `PATH` holding a link of that name.
+fn tool_root(argv0: &str, name: &str) -> Result<PathBuf, String> {
+    let dir = if argv0.contains('/') {
+        Path::new(argv0).parent().map(Path::to_path_buf)
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .find(|d| d.join(name).exists() && d.join(ROOT_FILE).is_file())
+        })
+    };
+    let file = dir.map(|d| d.join(ROOT_FILE)).ok_or_else(|| {
+        format!("fake-node: {name}: no {ROOT_FILE} beside this link; use `fake-node install-bin`")
+    })?;
+    let root = std::fs::read_to_string(&file)
+        .map_err(|e| format!("fake-node: {}: {e}", file.display()))?;
+    Ok(PathBuf::from(root.trim()))
+}
+
+fn as_tool(argv0: &str, name: &str, args: &[String]) -> Result<i32, String> {
+    let root = Root::new(&tool_root(argv0, name)?);
+    let _lock = root.lock()?;
+    let mut node = root.load()?;
+    let mut argv = vec![name.to_string()];
+    argv.extend(args.iter().cloned());
+    root.log(&argv);
+    let out = tools::run(&root, &mut node, &argv);
+    root.save(&node)?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    let _ = std::io::stdout().flush();
+    Ok(out.code)
+}
+
+/// `--root R` and the remaining words.
+fn root_arg(args: &[String]) -> Result<(Root, Vec<String>), String> {
+    let mut root = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--root" {
+            root = it.next().cloned();
+        } else if let Some(r) = a.strip_prefix("--root=") {
+            root = Some(r.to_string());
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let root = root.ok_or("fake-node: --root R is required")?;
+    let abs = std::path::absolute(&root).map_err(|e| format!("fake-node: --root {root}: {e}"))?;
+    Ok((Root::new(&abs), rest))
+}
+
+/// The value of `--name V` in `rest`.
+fn value(rest: &[String], name: &str) -> Result<String, String> {
+    rest.iter()
+        .position(|a| a == name)
+        .and_then(|i| rest.get(i + 1))
+        .cloned()
+        .ok_or_else(|| format!("fake-node: {name} is required"))
+}
+
+fn own_command(args: &[String]) -> Result<(), String> {
+    let Some((command, args)) = args.split_first() else {
+        return Err(
+            "usage: fake-node init|add-seed|install-bin|reboot|status|fail --root R ...".into(),
+        );
+    };
+    let (root, rest) = root_arg(args)?;
+    match command.as_str() {
+        "init" => root.init(&value(&rest, "--version")?),
+        "add-seed" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            seed::add(
+                &root,
+                &mut node,
+                &value(&rest, "--image")?,
+                &value(&rest, "--version")?,
+            )?;
+            root.save(&node)
+        }
+        "install-bin" => {
+            root.load()?;
+            let bin = PathBuf::from(value(&rest, "--bin-dir")?);
+            std::fs::create_dir_all(&bin).map_err(|e| format!("fake-node: {e}"))?;
+            let me = std::env::current_exe().map_err(|e| format!("fake-node: {e}"))?;
+            for tool in TOOLS {
+                let link = bin.join(tool);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&me, &link).map_err(|e| format!("fake-node: {e}"))?;
+            }
+            std::fs::write(bin.join(ROOT_FILE), root.dir.to_string_lossy().as_bytes())
+                .map_err(|e| format!("fake-node: {e}"))
+        }
+        "reboot" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            reboot(&root, &mut node)?;
+            root.save(&node)
+        }
+        "status" => {
+            let node = root.load()?;
+            let deployments: Vec<serde_json::Value> = node
+                .deployments
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    serde_json::json!({"osname": d.osname, "version": d.version,
+                        "booted": d.booted, "default": i == 0})
+                })
+                .collect();
+            let status = serde_json::json!({
+                "deployments": deployments,
+                "rebootRequested": node.reboot_requested,
+                "images": node.local,
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).unwrap_or_default()
+            );
+            Ok(())
+        }
+        "fail" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            if rest.iter().any(|a| a == "--clear") {
+                node.failures.clear();
+            } else if rest.is_empty() {
+                return Err("fake-node: fail needs the words an invocation starts with".into());
+            } else {
+                node.failures.push(rest);
+            }
+            root.save(&node)
+        }
+        other => Err(format!("fake-node: unknown command {other:?}")),
+    }
+}
+
+/// Boots the default deployment: the node comes back with its `/var` and `/etc`, the units
+/// its `/etc` enables running, and no reboot requested.
+fn reboot(root: &Root, node: &mut Node) -> Result<(), String> {
+    if node.deployments.is_empty() {
+        return Err("fake-node: no deployment to boot".into());
+    }
+    for (i, d) in node.deployments.iter_mut().enumerate() {
+        d.booted = i == 0;
+    }
+    root.point_to_booted(node)?;
+    node.reboot_requested = false;
+    node.mounts.clear();
+    node.failed.clear();
+    node.active = [STORAGE_UNIT.to_string()].into();
+    let wants = root.path("/etc/systemd/system/multi-user.target.wants");
+    if let Ok(entries) = std::fs::read_dir(wants) {
+        for e in entries.flatten() {
+            node.active
+                .insert(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    Ok(())
+}

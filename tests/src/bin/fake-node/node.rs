@@ -1,0 +1,203 @@
+//! The node the fake tools act on: its ostree deployments, container images (pulled, in
+//! the registry, mounted), systemd units and reboot request, kept as JSON in
+//! `ROOT/.fake-node/state.json`. Files live where the real node has them, under ROOT: the
+//! stateroots in `ROOT/ostree/deploy/`, and `ROOT/var` and `ROOT/etc` point to the booted
+//! deployment's, as ostree's bind mounts do.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The mount unit the Lifecycle Agent requires for container storage.
+pub const STORAGE_UNIT: &str = "var-lib-containers.mount";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    pub osname: String,
+    pub checksum: String,
+    pub serial: u32,
+    pub version: String,
+    pub booted: bool,
+    #[serde(default)]
+    pub kargs: Vec<String>,
+}
+
+impl Deployment {
+    /// `<checksum>.<serial>`, the name of its directory under `deploy/`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.checksum, self.serial)
+    }
+
+    /// Its checkout, as a node path.
+    pub fn dir(&self) -> String {
+        format!("/ostree/deploy/{}/deploy/{}", self.osname, self.name())
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Image {
+    pub id: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where its files are kept (a directory under `.fake-node/images`), for images that
+    /// have any.
+    #[serde(default)]
+    pub files: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// In boot order: the first is the default for the next boot.
+    pub deployments: Vec<Deployment>,
+    /// Commits in the ostree repository, by checksum, with their version.
+    pub commits: BTreeMap<String, String>,
+    /// What `podman pull` and `skopeo inspect` can reach.
+    pub registry: BTreeMap<String, Image>,
+    /// Pulled images.
+    pub local: BTreeSet<String>,
+    /// Mounted images and their mount points (node paths).
+    pub mounts: BTreeMap<String, String>,
+    pub reboot_requested: bool,
+    /// Units running now (files of units are in the booted `/etc`).
+    pub active: BTreeSet<String>,
+    /// Units that failed in this boot.
+    #[serde(default)]
+    pub failed: BTreeSet<String>,
+    /// `fake-node fail`: invocations starting with these words fail.
+    pub failures: Vec<Vec<String>>,
+}
+
+/// A node root: ROOT and what is kept of it.
+pub struct Root {
+    pub dir: PathBuf,
+}
+
+impl Root {
+    pub fn new(dir: &Path) -> Root {
+        Root {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn own(&self) -> PathBuf {
+        self.dir.join(".fake-node")
+    }
+
+    /// A node path (absolute, as the tools see it inside the node) under ROOT.
+    pub fn path(&self, node_path: &str) -> PathBuf {
+        self.dir.join(node_path.trim_start_matches('/'))
+    }
+
+    pub fn load(&self) -> Result<Node, String> {
+        let text = fs::read_to_string(self.own().join("state.json")).map_err(|e| {
+            format!(
+                "fake-node: {} is not a fake node ({e}); run `fake-node init` first",
+                self.dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| format!("fake-node: state.json: {e}"))
+    }
+
+    pub fn save(&self, node: &Node) -> Result<(), String> {
+        let tmp = self.own().join("state.json.tmp");
+        let text = serde_json::to_string_pretty(node).map_err(|e| e.to_string())?;
+        fs::write(&tmp, text).map_err(|e| format!("fake-node: {e}"))?;
+        fs::rename(&tmp, self.own().join("state.json")).map_err(|e| format!("fake-node: {e}"))
+    }
+
+    /// Holds the node for one invocation: tools run in parallel (precache pulls do).
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, String> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.own().join("lock"))
+            .map_err(|e| format!("fake-node: lock: {e}"))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| format!("fake-node: lock: {e}"))
+    }
+
+    /// Appends an invocation to `.fake-node/commands.log`, one JSON array a line.
+    pub fn log(&self, argv: &[String]) {
+        let line = serde_json::to_string(argv).unwrap_or_default();
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.own().join("commands.log"))
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.own().join("images")
+    }
+
+    /// Creates a fresh node booted into one deployment of `version`.
+    pub fn init(&self, version: &str) -> Result<(), String> {
+        fs::create_dir_all(self.own()).map_err(|e| e.to_string())?;
+        let checksum = checksum_of(version);
+        let booted = Deployment {
+            osname: "rhcos".into(),
+            checksum: checksum.clone(),
+            serial: 0,
+            version: version.into(),
+            booted: true,
+            kargs: vec![],
+        };
+        let var = self.path("/ostree/deploy/rhcos/var");
+        fs::create_dir_all(var.join("lib/kubelet")).map_err(|e| e.to_string())?;
+        // The cluster's pull secret, which pulls use as their auth file.
+        fs::write(var.join("lib/kubelet/config.json"), "{\"auths\":{}}")
+            .map_err(|e| e.to_string())?;
+        fs::create_dir_all(var.join("tmp")).map_err(|e| e.to_string())?;
+        fs::create_dir_all(self.path(&booted.dir()).join("etc/systemd/system"))
+            .map_err(|e| e.to_string())?;
+        let node = Node {
+            deployments: vec![booted],
+            commits: BTreeMap::from([(checksum, version.to_string())]),
+            active: BTreeSet::from([STORAGE_UNIT.to_string()]),
+            ..Default::default()
+        };
+        self.point_to_booted(&node)?;
+        fs::create_dir_all(self.path("/sysroot")).map_err(|e| e.to_string())?;
+        fs::create_dir_all(self.path("/usr/bin")).map_err(|e| e.to_string())?;
+        self.save(&node)
+    }
+
+    /// Points `ROOT/var` and `ROOT/etc` to the booted deployment's.
+    pub fn point_to_booted(&self, node: &Node) -> Result<(), String> {
+        let Some(b) = node.deployments.iter().find(|d| d.booted) else {
+            return Err("fake-node: no booted deployment".into());
+        };
+        for (link, target) in [
+            ("var", format!("ostree/deploy/{}/var", b.osname)),
+            ("etc", format!("{}/etc", b.dir().trim_start_matches('/'))),
+        ] {
+            let link = self.dir.join(link);
+            if link.is_symlink() || link.exists() {
+                fs::remove_file(&link).map_err(|e| format!("fake-node: {e}"))?;
+            }
+            std::os::unix::fs::symlink(target, &link).map_err(|e| format!("fake-node: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A stable stand-in for an ostree commit checksum (64 hex digits).
+pub fn checksum_of(what: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut out = String::new();
+    for round in 0u8..4 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (what, round).hash(&mut h);
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
