@@ -36,10 +36,30 @@ pub enum HostKind {
     /// ImageBasedUpgrade `upgrade` and mirrors it to the hub (in-cluster service account or
     /// KUBECONFIG; no node access).
     Lca,
-    /// The real host (ostree/rpm-ostree, podman/skopeo, systemctl): not in this build yet,
-    /// so not offered; `--host ostree` is refused with a clear message.
-    #[value(hide = true)]
+    /// The real node: the agent runs the upgrade itself with the Lifecycle Agent's commands
+    /// (ostree, rpm-ostree, podman, skopeo, systemctl), as a privileged pod with the host's
+    /// `/` at `--host-root`, or as a service on the node (`--host-root / --host-exec direct`).
     Ostree,
+}
+
+/// Where the real node is and how its commands run (`--host ostree`).
+#[derive(Args, Debug, Clone)]
+pub struct OstreeArgs {
+    /// ostree: where the node's `/` is (`/host` in a pod, `/` on the node).
+    #[arg(long, env = "SPOKE_HOST_ROOT", default_value = "/host")]
+    pub host_root: PathBuf,
+    /// ostree: run node commands inside `chroot <host-root>` (a pod), or straight from the
+    /// agent's PATH (a service on the node).
+    #[arg(long, env = "SPOKE_HOST_EXEC", value_enum, default_value_t = crate::ostree::runner::Exec::Chroot)]
+    pub host_exec: crate::ostree::runner::Exec,
+    /// ostree: the cluster's OpenShift version (x.y.z), which the node does not record in
+    /// full; required with --host ostree.
+    #[arg(long, env = "SPOKE_CLUSTER_VERSION")]
+    pub cluster_version: Option<String>,
+    /// ostree: seconds to wait for the node to go down after asking it to reboot before
+    /// saying it did not (the Lifecycle Agent waits an hour).
+    #[arg(long, env = "SPOKE_REBOOT_WAIT_SECONDS", default_value_t = 600)]
+    pub reboot_wait_seconds: u64,
 }
 
 /// What the simulated host does and knows.
@@ -101,6 +121,8 @@ pub struct ServeArgs {
     pub host: HostKind,
     #[command(flatten)]
     pub sim: SimArgs,
+    #[command(flatten)]
+    pub ostree: OstreeArgs,
     /// sim: make that fault point fail (repeatable): prep, precache, backup, post-reboot,
     /// init-monitor, restore, rollback, cleanup, unreachable.
     #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]

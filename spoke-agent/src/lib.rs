@@ -6,4 +6,5 @@
 pub mod cli;
 pub mod kubernetes;
 pub mod lca;
+pub mod ostree;
 pub mod run;

@@ -132,15 +132,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         labels,
         host,
         sim,
+        ostree,
         faults,
         endpoint,
         kube,
     } = args;
-    if host == HostKind::Ostree {
-        return Err(Error::Invalid(
-            "the real host backend (--host ostree) is not in this build; use --host sim".into(),
-        ));
-    }
     // The hub knows clusters by DNS-1123 labels, as ManagedClusters are named.
     fleet_types::names::dns1123_label(&cluster_name)
         .map_err(|why| Error::Invalid(format!("--cluster-name {why}")))?;
@@ -169,6 +165,21 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         tracing::info!("driving the cluster's own Lifecycle Agent (ImageBasedUpgrade \"upgrade\")");
         return serve_one(spoke, cluster_name, api_token, metrics, listen).await;
     }
+    if host == HostKind::Ostree {
+        let host = ostree_host(&ostree)?;
+        if !kube {
+            let agent =
+                spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false)
+                    .await?;
+            return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+        }
+        let client = kube_client("--kube").await?;
+        let host = KubeHost::new(host, client.clone());
+        let agent =
+            spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false).await?;
+        tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
+        return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+    }
     let config = sim_config(&sim, faults);
     if !kube {
         let agent = start_agent(cluster_name.clone(), &state_dir, config, &metrics, link).await?;
@@ -183,6 +194,36 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, unreachable).await?;
     tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
     serve_one(agent, cluster_name, api_token, metrics, listen).await
+}
+
+/// The real node's host, checked before anything runs: its root must exist, and the
+/// cluster's version must be given.
+fn ostree_host(args: &crate::cli::OstreeArgs) -> Result<crate::ostree::OstreeHost, Error> {
+    use crate::ostree::{OstreeConfig, OstreeHost, node::NodeOs, runner::Runner};
+    let version = args.cluster_version.clone().ok_or_else(|| {
+        Error::Invalid(
+            "--host ostree needs --cluster-version (the cluster's OpenShift version, x.y.z)".into(),
+        )
+    })?;
+    semver::Version::parse(&version).map_err(|e| {
+        Error::Invalid(format!(
+            "--cluster-version {version:?} is not a version x.y.z: {e}"
+        ))
+    })?;
+    if !args.host_root.is_dir() {
+        return Err(Error::Invalid(format!(
+            "--host-root {}: not a directory (in a pod, mount the host's / there)",
+            args.host_root.display()
+        )));
+    }
+    let runner = Runner::new(args.host_root.clone(), args.host_exec);
+    Ok(OstreeHost::new(
+        NodeOs::new(runner),
+        OstreeConfig {
+            current_version: version,
+            reboot_wait: std::time::Duration::from_secs(args.reboot_wait_seconds),
+        },
+    ))
 }
 
 /// The cluster's API client: the in-cluster service account, or KUBECONFIG.

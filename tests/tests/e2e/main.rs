@@ -5,6 +5,7 @@ mod hub;
 mod kube;
 mod lca;
 mod observability;
+mod ostree;
 mod rollout;
 mod spoke;
 mod spoke_kube;

@@ -12,35 +12,34 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const TOKEN: &str = "test-api-token";
 
 /// The agent's API, by URL: the process behind it may be killed and started again.
-struct Agent {
+pub(crate) struct Agent {
     base: String,
     client: reqwest::Client,
 }
 
 fn start(state_dir: &Path, port: u16, extra: &[&str]) -> ChildGuard {
-    let mut cmd = Command::new(binary("spoke-agent"));
-    cmd.args([
-        "serve",
-        "--cluster-name",
-        "sno1",
-        "--host",
-        "sim",
-        "--api-token",
-        TOKEN,
-    ])
-    .arg("--listen")
-    .arg(format!("127.0.0.1:{port}"))
-    .arg("--state-dir")
-    .arg(state_dir)
-    .args(extra)
-    .env_remove("SPOKE_HUB_URL")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    let mut cmd = agent_command(state_dir, port);
+    cmd.args(["--host", "sim"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     ChildGuard(cmd.spawn().expect("spoke-agent starts"))
 }
 
+/// `spoke-agent serve` of cluster `sno1` on the port, with no hub and no host yet.
+pub(crate) fn agent_command(state_dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(binary("spoke-agent"));
+    cmd.args(["serve", "--cluster-name", "sno1", "--api-token", TOKEN])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env_remove("SPOKE_HUB_URL");
+    cmd
+}
+
 impl Agent {
-    async fn at(port: u16) -> Agent {
+    pub(crate) async fn at(port: u16) -> Agent {
         let agent = Agent {
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
@@ -49,7 +48,7 @@ impl Agent {
         agent
     }
 
-    async fn get(&self) -> Option<Value> {
+    pub(crate) async fn get(&self) -> Option<Value> {
         let res = self
             .client
             .get(format!("{}/v1/ibu", self.base))
@@ -63,7 +62,7 @@ impl Agent {
         res.json().await.ok()
     }
 
-    async fn patch(&self, body: Value) -> (u16, Value) {
+    pub(crate) async fn patch(&self, body: Value) -> (u16, Value) {
         let res = self
             .client
             .patch(format!("{}/v1/ibu", self.base))
@@ -79,13 +78,13 @@ impl Agent {
         )
     }
 
-    async fn stage(&self, stage: &str) {
+    pub(crate) async fn stage(&self, stage: &str) {
         let (code, body) = self.patch(json!({"spec": {"stage": stage}})).await;
         assert_eq!(code, 200, "{stage}: {body}");
     }
 
     /// Waits until the IBU satisfies `pred`, answering it.
-    async fn wait_ibu(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_ibu(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         wait_for(what, DEADLINE, || async {
             self.get().await.filter(|v| pred(v))
         })
@@ -93,7 +92,7 @@ impl Agent {
     }
 }
 
-fn last(ibu: &Value) -> (String, String, String) {
+pub(crate) fn last(ibu: &Value) -> (String, String, String) {
     let c = ibu["status"]["conditions"]
         .as_array()
         .and_then(|a| a.last())
@@ -110,7 +109,7 @@ fn next_stages(ibu: &Value) -> Vec<String> {
     serde_json::from_value(ibu["status"]["validNextStages"].clone()).unwrap_or_default()
 }
 
-fn is_last(type_: &'static str, reason: &'static str) -> impl Fn(&Value) -> bool {
+pub(crate) fn is_last(type_: &'static str, reason: &'static str) -> impl Fn(&Value) -> bool {
     move |v| {
         let (t, r, _) = last(v);
         t == type_ && r == reason

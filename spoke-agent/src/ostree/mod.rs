@@ -1,0 +1,600 @@
+//! `--host ostree`: the image-based upgrade on the node itself, with the commands and files
+//! of the Lifecycle Agent (`ibu-host.md`), over the node-OS layer in `node.rs`. What lives in
+//! the cluster's API (OADP Backups and Restores, ConfigMaps) is `--kube`'s, which wraps this
+//! host; without it those steps have nothing to do.
+//!
+//! Every step can be run again after a restart or a reboot: stateroot setup marks its end
+//! in the new stateroot and, finding a stateroot without the mark, removes it and starts
+//! again; precache pulls only the images not there yet; a pivot already made shows in the
+//! booted deployment.
+
+pub mod node;
+pub mod runner;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgrade, ImageBasedUpgradeSpec, SeedImageRef};
+use futures::StreamExt;
+use serde_json::Value;
+use spoke_core::engine::validate::ClusterFacts;
+use spoke_core::engine::{Root, Run, SpokeState};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+
+use node::NodeOs;
+use runner::NodeError;
+
+/// The IBU, where the Lifecycle Agent keeps it in each stateroot's `/var`.
+pub const IBU_FILE: &str = "/var/lib/lca/ibu.json";
+/// The engine's own state rides in the IBU file as this annotation, so that the file stays
+/// one the Lifecycle Agent can read (and a node can be handed to it).
+pub const RUN_ANNOTATION: &str = "spoke-agent.lca.openshift.io/run";
+/// Written into a new stateroot when its setup has ended: a stateroot without it is partial.
+pub const SETUP_DONE_FILE: &str = "/var/lib/lca/stateroot-setup.done";
+/// The Lifecycle Agent's workspace, removed by cleanup.
+pub const WORKSPACE: &str = "/var/lib/lca/workspace";
+/// The seed's release images, copied there by stateroot setup for precaching.
+pub const CONTAINERS_LIST: &str = "/var/tmp/containers.list";
+/// The seed's post-pivot reconfiguration (network, recert, kubelet).
+pub const POST_PIVOT_UNIT: &str = "installation-configuration.service";
+/// Precache pulls at once, and tries per image (as the Lifecycle Agent's precache job).
+const PRECACHE_PARALLEL: usize = 10;
+const PULL_TRIES: u32 = 5;
+
+/// What the node backend needs besides the node.
+#[derive(Clone, Debug)]
+pub struct OstreeConfig {
+    /// The cluster's OpenShift version, which the node does not record in full.
+    pub current_version: String,
+    /// How long to wait for the node to go down after asking it to reboot before saying
+    /// it did not (the Lifecycle Agent waits 60 minutes).
+    pub reboot_wait: Duration,
+}
+
+pub struct OstreeHost {
+    node: NodeOs,
+    config: OstreeConfig,
+}
+
+fn terminal(e: NodeError) -> HostError {
+    HostError::Terminal(e.to_string())
+}
+
+/// A stateroot's directory: a node path under `/var` (`/var/lib/lca/ibu.json`) is in that
+/// stateroot at `<dir><path>`, its `/var` being `<dir>/var`.
+pub fn stateroot_dir(stateroot: &str) -> String {
+    format!("/ostree/deploy/{stateroot}")
+}
+
+impl OstreeHost {
+    pub fn new(node: NodeOs, config: OstreeConfig) -> OstreeHost {
+        OstreeHost { node, config }
+    }
+
+    /// The IBU file of a stateroot (the booted one: its `/var` is the node's `/var`).
+    async fn ibu_file(&self, root: &Root) -> Result<String, NodeError> {
+        Ok(match root {
+            Root::Booted => IBU_FILE.to_string(),
+            Root::Seed(s) => format!("{}{IBU_FILE}", stateroot_dir(s)),
+            Root::Previous => {
+                let booted = self.node.booted().await?;
+                let previous = self
+                    .node
+                    .deployments()
+                    .await?
+                    .into_iter()
+                    .find(|d| d.osname != booted.osname)
+                    .ok_or_else(|| {
+                        NodeError::Refused("no stateroot besides the booted one".into())
+                    })?;
+                format!("{}{IBU_FILE}", stateroot_dir(&previous.osname))
+            }
+        })
+    }
+
+    /// Sets up the seed's stateroot from its image (`ibu-host.md` section 1, steps 1 to 11).
+    async fn setup(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
+        let node = &self.node;
+        node.pull_seed(&seed.image).await.map_err(terminal)?;
+        node.remount_sysroot_rw().await.map_err(terminal)?;
+        let at = node.mount_image(&seed.image).await.map_err(terminal)?;
+        let ws = format!("/var/tmp/ibu-stateroot-setup-{stateroot}");
+        let result = self.setup_from(stateroot, seed, &at, &ws).await;
+        let _ = tokio::fs::remove_dir_all(node.runner.path(&ws)).await;
+        let removed = node.unmount_remove_image(&seed.image).await;
+        result?;
+        removed.map_err(terminal)
+    }
+
+    async fn setup_from(
+        &self,
+        stateroot: &str,
+        seed: &SeedImageRef,
+        at: &str,
+        ws: &str,
+    ) -> Result<(), HostError> {
+        let (node, runner) = (&self.node, &self.node.runner);
+        let seed_file = |name: &str| format!("{at}/{name}");
+        let read_json = |name: &'static str| async move {
+            let path = seed_file(name);
+            let text = runner
+                .read(&path)
+                .await
+                .map_err(terminal)?
+                .ok_or_else(|| HostError::Terminal(format!("the seed image has no {name}")))?;
+            serde_json::from_str::<Value>(&text)
+                .map_err(|e| HostError::Terminal(format!("the seed's {name}: {e}")))
+        };
+        let _ = tokio::fs::remove_dir_all(runner.path(ws)).await;
+        let repo = format!("{ws}/ostree");
+        tokio::fs::create_dir_all(runner.path(&repo))
+            .await
+            .map_err(|e| terminal(runner::file_error(&repo, e)))?;
+        node.untar(&seed_file("ostree.tgz"), &repo)
+            .await
+            .map_err(terminal)?;
+        let rpm = read_json("rpm-ostree.json").await?;
+        let seed_booted = rpm["deployments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["booted"] == true)
+            .ok_or_else(|| {
+                HostError::Terminal("the seed's rpm-ostree.json has no booted deployment".into())
+            })?;
+        let checksum = seed_booted["checksum"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let seed_id = seed_booted["id"].as_str().unwrap_or_default().to_string();
+        let manifest = read_json("manifest.json").await?;
+        let seed_version = manifest["seed_cluster_ocp_version"]
+            .as_str()
+            .unwrap_or_default();
+        if seed_version != seed.version {
+            return Err(HostError::Terminal(format!(
+                "seed image version mismatch: the image is of {seed_version}, seedImageRef.version says {}",
+                seed.version
+            )));
+        }
+        node.pull_local(&repo).await.map_err(terminal)?;
+        node.os_init(stateroot).await.map_err(terminal)?;
+        let mco = read_json("mco-currentconfig.json").await?;
+        let mut kargs: Vec<String> = mco["spec"]["kernelArguments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.as_str().map(String::from))
+            .collect();
+        kargs.push(format!("ibu={}", seed.version));
+        let not_default = node.supports_set_default().await.map_err(terminal)?;
+        let deployment = node
+            .deploy(stateroot, &checksum, &kargs, not_default)
+            .await
+            .map_err(terminal)?;
+        let dd = deployment.dir();
+        // The seed's origin, its /var and /etc, and the /etc files it deleted.
+        let origin_name = seed_id
+            .strip_prefix("rhcos-")
+            .map(|rest| format!("ostree-{rest}.origin"))
+            .unwrap_or_default();
+        if let Ok(Some(origin)) = runner.read(&seed_file(&origin_name)).await {
+            runner
+                .write(&format!("{dd}.origin"), origin.as_bytes())
+                .await
+                .map_err(terminal)?;
+        }
+        node.untar(&seed_file("var.tgz"), &stateroot_dir(stateroot))
+            .await
+            .map_err(terminal)?;
+        node.untar(&seed_file("etc.tgz"), &dd)
+            .await
+            .map_err(terminal)?;
+        if let Ok(Some(deletions)) = runner.read(&seed_file("etc.deletions")).await {
+            for path in deletions
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with('/'))
+            {
+                let _ = tokio::fs::remove_file(runner.path(&format!("{dd}{path}"))).await;
+            }
+        }
+        for (name, to) in [
+            ("containers.list", CONTAINERS_LIST),
+            ("manifest.json", "/var/tmp/manifest.json"),
+        ] {
+            if let Ok(Some(text)) = runner.read(&seed_file(name)).await {
+                runner.write(to, text.as_bytes()).await.map_err(terminal)?;
+            }
+        }
+        runner
+            .write(
+                &format!("{}{SETUP_DONE_FILE}", stateroot_dir(stateroot)),
+                seed.image.as_bytes(),
+            )
+            .await
+            .map_err(terminal)
+    }
+
+    /// Removes every trace of a stateroot that is not booted: its deployments (the highest
+    /// index first, so the others keep theirs), then its directory.
+    async fn remove_unbooted(&self, stateroot: &str) -> Result<(), NodeError> {
+        let mut found: Vec<usize> = self
+            .node
+            .deployments()
+            .await?
+            .into_iter()
+            .filter(|d| d.osname == stateroot && !d.booted)
+            .map(|d| d.index)
+            .collect();
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        for index in found {
+            self.node.undeploy(index).await?;
+        }
+        if self.node.runner.path(&stateroot_dir(stateroot)).exists() {
+            self.node.remove_stateroot(stateroot).await?;
+        }
+        Ok(())
+    }
+
+    async fn precache_one(&self, image: &str) -> bool {
+        for _ in 0..PULL_TRIES {
+            if self.node.image_exists(image).await.unwrap_or(false) {
+                return true;
+            }
+            match self.node.pull_image(image).await {
+                Ok(()) => return true,
+                Err(NodeError::Command { output, .. }) if output.contains("manifest unknown") => {
+                    return false;
+                }
+                Err(_) => {}
+            }
+        }
+        self.node.image_exists(image).await.unwrap_or(false)
+    }
+}
+
+impl Host for OstreeHost {
+    async fn load_state(&self) -> Result<Option<SpokeState>, HostError> {
+        let Some(text) = self.node.runner.read(IBU_FILE).await.map_err(terminal)? else {
+            return Ok(None);
+        };
+        let mut ibu: ImageBasedUpgrade = serde_json::from_str(&text)
+            .map_err(|e| HostError::Terminal(format!("{IBU_FILE}: {e}")))?;
+        let run = ibu
+            .metadata
+            .annotations
+            .as_mut()
+            .and_then(|a| a.remove(RUN_ANNOTATION))
+            .map(|r| serde_json::from_str::<Run>(&r))
+            .transpose()
+            .map_err(|e| HostError::Terminal(format!("{IBU_FILE}: {RUN_ANNOTATION}: {e}")))?
+            .unwrap_or_default();
+        if ibu
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(BTreeMap::is_empty)
+        {
+            ibu.metadata.annotations = None;
+        }
+        Ok(Some(SpokeState { ibu, run }))
+    }
+
+    async fn save_state(&self, root: &Root, state: &Arc<SpokeState>) -> Result<(), HostError> {
+        let file = self.ibu_file(root).await.map_err(terminal)?;
+        if *root != Root::Booted {
+            self.node.remount_sysroot_rw().await.map_err(terminal)?;
+        }
+        let mut ibu = state.ibu.clone();
+        let run = serde_json::to_string(&state.run)
+            .map_err(|e| HostError::Terminal(format!("the agent's state: {e}")))?;
+        ibu.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(RUN_ANNOTATION.to_string(), run);
+        let text = serde_json::to_vec_pretty(&ibu)
+            .map_err(|e| HostError::Terminal(format!("the IBU: {e}")))?;
+        self.node.runner.write(&file, &text).await.map_err(terminal)
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        match self.node.unit_active(POST_PIVOT_UNIT).await {
+            Ok(true) => Err(format!(
+                "the seed's post-pivot reconfiguration ({POST_PIVOT_UNIT}) is still running"
+            )),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn cluster_facts(
+        &self,
+        _spec: &ImageBasedUpgradeSpec,
+    ) -> Result<ClusterFacts, HostError> {
+        let target = self
+            .node
+            .container_storage_target()
+            .await
+            .map_err(terminal)?
+            .ok_or_else(|| {
+                HostError::Terminal("container storage mountpoint target not found".into())
+            })?;
+        let fips = self
+            .node
+            .runner
+            .read("/proc/sys/crypto/fips_enabled")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.trim() == "1");
+        Ok(ClusterFacts {
+            version: self.config.current_version.clone(),
+            namespaces: BTreeSet::new(),
+            api_versions: BTreeSet::new(),
+            crds: BTreeSet::new(),
+            oadp_installed: false,
+            data_protection_applications: 0,
+            lvms_volumes: false,
+            configmaps: BTreeMap::new(),
+            dry_run_errors: BTreeMap::new(),
+            has_proxy: false,
+            fips,
+            container_storage_mount: target,
+        })
+    }
+
+    async fn inspect_seed(
+        &self,
+        seed: &SeedImageRef,
+    ) -> Result<BTreeMap<String, String>, HostError> {
+        self.node.inspect_labels(&seed.image).await.map_err(|e| {
+            HostError::Terminal(format!(
+                "failed to inspect the seed image {}: {e}",
+                seed.image
+            ))
+        })
+    }
+
+    async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
+        let runner = &self.node.runner;
+        let done = runner
+            .read(&format!("{}{SETUP_DONE_FILE}", stateroot_dir(stateroot)))
+            .await
+            .map_err(terminal)?;
+        let deployed = self
+            .node
+            .deployments()
+            .await
+            .map_err(terminal)?
+            .iter()
+            .any(|d| d.osname == stateroot);
+        if done.as_deref() == Some(seed.image.as_str()) && deployed {
+            return Ok(());
+        }
+        // A setup cut short (a restart, a reboot, a failure) left a partial stateroot.
+        self.remove_unbooted(stateroot).await.map_err(|e| {
+            HostError::Terminal(format!(
+                "failed to remove the partial stateroot {stateroot}: {e}"
+            ))
+        })?;
+        self.setup(stateroot, seed).await.map_err(|e| match e {
+            HostError::Terminal(why) => {
+                HostError::Terminal(format!("failed to setup stateroot {stateroot}: {why}"))
+            }
+            other => other,
+        })
+    }
+
+    async fn precache(
+        &self,
+        _seed: &SeedImageRef,
+        _registry: &str,
+    ) -> Result<PrecacheSummary, HostError> {
+        let list = self
+            .node
+            .runner
+            .read(CONTAINERS_LIST)
+            .await
+            .map_err(terminal)?
+            .ok_or_else(|| {
+                HostError::Terminal(format!(
+                    "{CONTAINERS_LIST} is missing: the stateroot setup did not finish"
+                ))
+            })?;
+        let images: Vec<&str> = list
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let total = images.len() as u32;
+        let pulls: Vec<_> = images.iter().map(|i| self.precache_one(i)).collect();
+        let done: Vec<bool> = futures::stream::iter(pulls)
+            .buffer_unordered(PRECACHE_PARALLEL)
+            .collect()
+            .await;
+        let pulled = done.iter().filter(|ok| **ok).count() as u32;
+        let failed = total - pulled;
+        if failed > 0 {
+            return Err(HostError::Terminal(format!(
+                "failed to precache images: total: {total} (pulled: {pulled}, failed: {failed})"
+            )));
+        }
+        Ok(PrecacheSummary {
+            total,
+            pulled,
+            failed,
+        })
+    }
+
+    async fn backup(&self, _groups: &[Vec<Value>]) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    async fn set_default(&self, root: &Root) -> Result<(), HostError> {
+        let deployments = self.node.deployments().await.map_err(terminal)?;
+        let booted = deployments
+            .iter()
+            .find(|d| d.booted)
+            .map(|d| d.osname.clone())
+            .unwrap_or_default();
+        let target = deployments.iter().find(|d| match root {
+            Root::Booted => d.booted,
+            Root::Seed(s) => d.osname == *s,
+            Root::Previous => d.osname != booted,
+        });
+        let Some(target) = target else {
+            return Err(HostError::Terminal(format!(
+                "no deployment to boot for {root:?}"
+            )));
+        };
+        self.node.remount_sysroot_rw().await.map_err(terminal)?;
+        if target.index != 0 && !self.node.supports_set_default().await.map_err(terminal)? {
+            return Err(HostError::Terminal(
+                "default deployment must be manually set for next boot".into(),
+            ));
+        }
+        self.node.set_default(target.index).await.map_err(terminal)
+    }
+
+    async fn reboot(&self) -> Result<(), HostError> {
+        self.node
+            .reboot("upgrade")
+            .await
+            .map_err(|e| HostError::Transient(e.to_string()))?;
+        // The node goes down with the agent; still here after this, it did not.
+        tokio::time::sleep(self.config.reboot_wait).await;
+        Err(HostError::Transient(format!(
+            "the node did not reboot within {:?} of being asked to",
+            self.config.reboot_wait
+        )))
+    }
+
+    async fn check_dpa(&self) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    async fn apply_extra_manifests(&self, _groups: &[Vec<Value>]) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    async fn restore(&self, _groups: &[Vec<Value>]) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    async fn deferred_health(&self) -> Result<(), String> {
+        self.health().await
+    }
+
+    async fn cleanup(&self, _manual: bool) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        match self.node.booted().await {
+            Ok(booted) => {
+                let others: BTreeSet<String> = match self.node.deployments().await {
+                    Ok(all) => all
+                        .into_iter()
+                        .filter(|d| d.osname != booted.osname)
+                        .map(|d| d.osname)
+                        .collect(),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        BTreeSet::new()
+                    }
+                };
+                for s in &others {
+                    if let Err(e) = self.remove_unbooted(s).await {
+                        errors.push(format!("failed to remove stateroot {s}: {e}"));
+                    }
+                }
+                if let Err(e) = self.node.rpm_ostree_cleanup().await {
+                    errors.push(e.to_string());
+                }
+                // Directories of stateroots with no deployment (a setup that failed early).
+                if let Ok(entries) = std::fs::read_dir(self.node.runner.path("/ostree/deploy")) {
+                    for e in entries.flatten() {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        if name != booted.osname
+                            && let Err(e) = self.node.remove_stateroot(&name).await
+                        {
+                            errors.push(format!("failed to remove stateroot {name}: {e}"));
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        match tokio::fs::remove_dir_all(self.node.runner.path(WORKSPACE)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                errors.push(format!("{WORKSPACE}: {e}"))
+            }
+            _ => {}
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn rollback_availability_expiration(&self, _now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        None
+    }
+
+    async fn restores(&self) -> Vec<RestoreInfo> {
+        Vec::new()
+    }
+
+    async fn configmap_get(&self, r: &ConfigMapRef) -> Option<BTreeMap<String, String>> {
+        let text = self
+            .node
+            .runner
+            .read(&configmap_file(r).ok()?)
+            .await
+            .ok()??;
+        serde_json::from_str(&text).ok()
+    }
+
+    async fn configmap_put(
+        &self,
+        r: &ConfigMapRef,
+        data: BTreeMap<String, String>,
+    ) -> Result<(), HostError> {
+        let text = serde_json::to_vec(&data).map_err(|e| HostError::Terminal(e.to_string()))?;
+        self.node
+            .runner
+            .write(&configmap_file(r)?, &text)
+            .await
+            .map_err(terminal)
+    }
+
+    async fn configmap_delete(&self, r: &ConfigMapRef) -> Result<bool, HostError> {
+        match tokio::fs::remove_file(self.node.runner.path(&configmap_file(r)?)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(HostError::Terminal(e.to_string())),
+        }
+    }
+
+    async fn describe(&self) -> String {
+        match self.node.runner.run(&["ostree", "admin", "status"]).await {
+            Ok(status) => format!("$ ostree admin status\n{status}"),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// The ConfigMaps the hub hands the agent (without `--kube`) live in the booted `/var`;
+/// none whose names Kubernetes would refuse (and which could leave the directory).
+fn configmap_file(r: &ConfigMapRef) -> Result<String, HostError> {
+    fleet_types::names::dns1123_label(&r.namespace)
+        .and_then(|()| fleet_types::names::dns1123_subdomain(&r.name))
+        .map_err(|why| {
+            HostError::Terminal(format!("ConfigMap {}/{}: {why}", r.namespace, r.name))
+        })?;
+    Ok(format!(
+        "/var/lib/lca/spoke-agent/configmaps/{}/{}.json",
+        r.namespace, r.name
+    ))
+}

@@ -1,0 +1,218 @@
+//! `spoke-agent --host ostree` on the fake node: the Lifecycle Agent's commands, in order,
+//! through Prep, the pivot and its reboot, and the cleanup that finalizes the upgrade.
+
+use std::process::Stdio;
+
+use fleet_e2e::{ChildGuard, ChildLog, free_port};
+use serde_json::{Value, json};
+
+use crate::fake_node::FakeNode;
+use crate::spoke::{Agent, agent_command, is_last};
+
+const SEED: &str = "quay.io/seed:4.16.0";
+
+/// The agent on the fake node, as a service on the node runs it.
+fn start(node: &FakeNode, state: &std::path::Path, port: u16, log: &ChildLog) -> ChildGuard {
+    let mut cmd = agent_command(state, port);
+    cmd.args([
+        "--host",
+        "ostree",
+        "--host-exec",
+        "direct",
+        "--cluster-version",
+        "4.15.0",
+    ])
+    .arg("--host-root")
+    .arg(&node.root)
+    .env("PATH", node.path())
+    .env("RUST_LOG", "info,spoke_agent=debug")
+    .stdout(Stdio::null())
+    .stderr(log.stdio());
+    ChildGuard(cmd.spawn().expect("spoke-agent starts"))
+}
+
+/// Whether `want` appears in `log` in this order (other commands between them allowed).
+fn in_order(log: &[Vec<String>], want: &[&str]) -> Result<(), String> {
+    let mut i = 0;
+    for line in log {
+        if i < want.len() && line.join(" ").starts_with(want[i]) {
+            i += 1;
+        }
+    }
+    if i == want.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` not found after `{}`",
+            want[i],
+            want[..i].join("`, `")
+        ))
+    }
+}
+
+fn osnames(node: &FakeNode) -> Vec<(String, bool)> {
+    node.status()["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["osname"].as_str().unwrap().to_string(),
+                d["booted"] == true,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    let (code, body) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    assert_eq!(
+        osnames(&node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    let images: Vec<String> = serde_json::from_value(node.status()["images"].clone()).unwrap();
+    assert_eq!(
+        images.len(),
+        3,
+        "the release images, and not the seed: {images:?}"
+    );
+    let log_now = node.log();
+    let checksum = log_now
+        .iter()
+        .find(|l| l.starts_with(&["ostree".into(), "admin".into(), "deploy".into()]))
+        .and_then(|l| l.iter().rev().nth(1).cloned())
+        .unwrap();
+    in_order(&log_now, &[
+        "systemctl is-active var-lib-containers.mount",
+        "systemctl cat var-lib-containers.mount",
+        &format!("skopeo inspect --retry-times 10 --authfile /var/lib/kubelet/config.json docker://{SEED}"),
+        &format!("podman pull --authfile /var/lib/kubelet/config.json {SEED}"),
+        "mount /sysroot -o remount,rw",
+        &format!("nsenter --target 1 --cgroup --mount --ipc --net --pid -- podman image mount {SEED}"),
+        "tar xzf /var/lib/containers/storage/overlay/",
+        "ostree pull-local /var/tmp/ibu-stateroot-setup-rhcos_4.16.0/ostree",
+        "ostree admin os-init rhcos_4.16.0",
+        "ostree admin --help",
+        &format!("ostree admin deploy --os rhcos_4.16.0 --no-prune --karg-append systemd.unified_cgroup_hierarchy=1 --karg-append rcupdate.rcu_normal_after_boot=0 --karg-append ibu=4.16.0 {checksum} --not-as-default"),
+        "rpm-ostree cleanup -b",
+        &format!("podman image umount {SEED}"),
+        &format!("podman rmi {SEED}"),
+        "podman image exists quay.io/openshift-release-dev/",
+        "podman pull quay.io/openshift-release-dev/",
+    ])
+    .unwrap();
+    let dd = format!("/ostree/deploy/rhcos_4.16.0/deploy/{checksum}.0");
+    assert_eq!(
+        std::fs::read_to_string(node.file(&format!("{dd}/etc/hostname"))).unwrap(),
+        "seed\n"
+    );
+    assert!(
+        !node.file(&format!("{dd}/etc/seed-only.conf")).exists(),
+        "etc.deletions applied"
+    );
+    assert!(
+        node.file("/ostree/deploy/rhcos_4.16.0/var/seed_data/manifest.json")
+            .is_file()
+    );
+    // The IBU is where the Lifecycle Agent keeps it, as an IBU it can read.
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(node.file("/var/lib/lca/ibu.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["kind"], "ImageBasedUpgrade");
+    assert_eq!(saved["spec"]["stage"], "Prep");
+
+    // Upgrade: the pivot, then the agent asks for the reboot and waits for it.
+    agent.stage("Upgrade").await;
+    fleet_e2e::wait_for(
+        "the reboot request",
+        std::time::Duration::from_secs(30),
+        || async { (node.status()["rebootRequested"] == true).then_some(()) },
+    )
+    .await;
+    let status = node.status();
+    assert_eq!(
+        status["deployments"][0]["osname"], "rhcos_4.16.0",
+        "the new default: {status}"
+    );
+    drop(child);
+    node.admin(&["reboot"]);
+    assert_eq!(
+        osnames(&node),
+        [("rhcos_4.16.0".into(), true), ("rhcos".into(), false)]
+    );
+    let _again = start(&node, state.path(), port, &log);
+    agent
+        .wait_ibu(
+            "Upgrade to complete",
+            is_last("UpgradeCompleted", "Completed"),
+        )
+        .await;
+
+    // Finalize: the old stateroot goes.
+    agent.stage("Idle").await;
+    agent
+        .wait_ibu("Idle after finalize", is_last("Idle", "Idle"))
+        .await;
+    assert_eq!(osnames(&node), [("rhcos_4.16.0".into(), true)]);
+    assert!(!node.file("/ostree/deploy/rhcos").exists());
+    in_order(
+        &node.log(),
+        &[
+            "ostree admin undeploy 1",
+            "unshare -m /bin/sh -c mount -o remount,rw /sysroot && rm -rf /ostree/deploy/rhcos",
+            "rpm-ostree cleanup -b",
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_real_node_needs_the_cluster_version_and_a_root() {
+    let node = FakeNode::new("4.15.0", &[]);
+    let state = tempfile::tempdir().unwrap();
+    let root = node.root.to_string_lossy().to_string();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--host-root", &root],
+            "--host ostree needs --cluster-version",
+        ),
+        (
+            &["--host-root", &root, "--cluster-version", "4.15"],
+            "--cluster-version \"4.15\" is not a version x.y.z",
+        ),
+        (
+            &[
+                "--host-root",
+                "/nonexistent/host",
+                "--cluster-version",
+                "4.15.0",
+            ],
+            "--host-root /nonexistent/host: not a directory",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = agent_command(state.path(), free_port())
+            .args(["--host", "ostree"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
