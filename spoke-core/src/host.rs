@@ -84,6 +84,11 @@ pub trait Host: Send + Sync + 'static {
     fn backup(&self, groups: &[Vec<Value>]) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Makes the stateroot's deployment the default one for the next boot.
     fn set_default(&self, root: &Root) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// This boot's identity (`/proc/sys/kernel/random/boot_id`), for hosts that reboot for
+    /// real: it tells the agent whether the node went down since it last saved.
+    fn boot_id(&self) -> impl Future<Output = Option<String>> + Send {
+        std::future::ready(None)
+    }
     /// Reboots into the default deployment. The simulated host returns when the node is
     /// back; the real one never returns.
     fn reboot(&self) -> impl Future<Output = Result<(), HostError>> + Send;

@@ -82,6 +82,9 @@ impl<H: Host> Agent<H> {
         };
         engine::resume(&mut state, now);
         engine::reconcile(&mut state, now);
+        // Saved as the node went down for a pivot, and found in the same boot: it did not.
+        let reboot_pending =
+            state.run.reboot_boot_id.is_some() && host.boot_id().await == state.run.reboot_boot_id;
         let state = Arc::new(state);
         host.save_state(&Root::Booted, &state).await?;
         metrics.observe_change(None, &state);
@@ -92,7 +95,7 @@ impl<H: Host> Agent<H> {
             state: Mutex::new(state),
             wake: Notify::new(),
             session: HubSession::default(),
-            rebooting: AtomicBool::new(false),
+            rebooting: AtomicBool::new(reboot_pending),
             unreachable: AtomicBool::new(false),
             metrics,
             events: std::sync::Mutex::new(VecDeque::new()),
@@ -214,6 +217,10 @@ impl<H: Host> Agent<H> {
 
     /// Runs the engine until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        if self.rebooting.load(Ordering::SeqCst) {
+            tracing::warn!(cluster = %self.name, "the node did not reboot for the pivot: asking again");
+            self.reboot().await;
+        }
         // The step begun, under the same lock, when the last one was completed.
         let mut begun = None;
         loop {
@@ -257,6 +264,7 @@ impl<H: Host> Agent<H> {
                 }
                 let mut next = SpokeState::clone(guard);
                 let begun = engine::begin(&mut next, now);
+                next.run.reboot_boot_id = self.host.boot_id().await;
                 // `next` is what the old stateroot must say if the node ever comes back
                 // there (an uncontrolled rollback): saved there, never shown. The node is
                 // going away; nothing leaves it from now on.

@@ -37,6 +37,8 @@ pub const SETUP_DONE_FILE: &str = "/var/lib/lca/stateroot-setup.done";
 pub const WORKSPACE: &str = "/var/lib/lca/workspace";
 /// The seed's release images, copied there by stateroot setup for precaching.
 pub const CONTAINERS_LIST: &str = "/var/tmp/containers.list";
+/// The kernel's identity of this boot.
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The seed's post-pivot reconfiguration (network, recert, kubelet).
 pub const POST_PIVOT_UNIT: &str = "installation-configuration.service";
 /// Precache pulls at once, and tries per image (as the Lifecycle Agent's precache job).
@@ -372,7 +374,12 @@ impl Host for OstreeHost {
             .iter()
             .any(|d| d.osname == stateroot);
         if done.as_deref() == Some(seed.image.as_str()) && deployed {
-            return Ok(());
+            // Set up, and stopped before (or while) letting go of the seed image.
+            return self
+                .node
+                .unmount_remove_image(&seed.image)
+                .await
+                .map_err(terminal);
         }
         // A setup cut short (a restart, a reboot, a failure) left a partial stateroot.
         self.remove_unbooted(stateroot).await.map_err(|e| {
@@ -457,6 +464,17 @@ impl Host for OstreeHost {
             ));
         }
         self.node.set_default(target.index).await.map_err(terminal)
+    }
+
+    async fn boot_id(&self) -> Option<String> {
+        // The node's (a pod may not see the host's /proc under the root: its own is the
+        // same kernel's).
+        for path in [self.node.runner.path(BOOT_ID), BOOT_ID.into()] {
+            if let Ok(id) = tokio::fs::read_to_string(&path).await {
+                return Some(id.trim().to_string());
+            }
+        }
+        None
     }
 
     async fn reboot(&self) -> Result<(), HostError> {

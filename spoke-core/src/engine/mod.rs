@@ -77,6 +77,12 @@ pub struct Run {
     pub release_registry: String,
     /// What the seed's cluster info must agree with (proxy, FIPS, container storage).
     pub cluster: Option<validate::SeedCompat>,
+    /// On the copy saved on the booted stateroot as the node goes down for a pivot: the boot
+    /// it was saved in (hosts that know it). Found again in the same boot, the node never
+    /// went down (the agent stopped before or while asking it to): the reboot is asked for
+    /// again, and the copy stays what the old stateroot says if the node comes back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_boot_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

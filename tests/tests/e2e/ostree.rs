@@ -216,3 +216,304 @@ fn the_real_node_needs_the_cluster_version_and_a_root() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+fn sigkill(child: ChildGuard) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(child);
+}
+
+/// The node after a Prep that completed: the old deployment booted, one new one beside it,
+/// the release images pulled and not the seed, the stateroot marked complete.
+fn assert_prepared(node: &FakeNode, why: &str) {
+    assert_eq!(
+        osnames(node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)],
+        "{why}"
+    );
+    let images: Vec<String> = serde_json::from_value(node.status()["images"].clone()).unwrap();
+    assert_eq!(images.len(), 3, "{why}: {images:?}");
+    assert!(!images.iter().any(|i| i == SEED), "{why}");
+    assert!(
+        node.file("/ostree/deploy/rhcos_4.16.0/var/lib/lca/stateroot-setup.done")
+            .is_file(),
+        "{why}"
+    );
+    assert_eq!(
+        node.status()["mounts"],
+        json!({}),
+        "{why}: the seed stays mounted"
+    );
+}
+
+/// Starts Prep with the node holding its `k`-th command; answers that command once it is
+/// held, or `None` when Prep ran fewer commands and completed.
+async fn prep_held_at(node: &FakeNode, agent: &Agent, k: usize) -> Option<String> {
+    node.admin(&["hold", "--at", &k.to_string()]);
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    let (code, body) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let done = is_last("PrepCompleted", "Completed");
+    fleet_e2e::wait_for(
+        &format!("command {k} or the end of Prep"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let log = node.log();
+            if log.len() >= k {
+                return Some(Some(log[k - 1].join(" ")));
+            }
+            agent.get().await.filter(|v| done(v)).map(|_| None)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_of_prep_ends_as_without_it() {
+    let mut k = 1;
+    while let Some(killed_at) = {
+        let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+        let state = tempfile::tempdir().unwrap();
+        let log = ChildLog::new(state.path(), "spoke-agent");
+        let port = free_port();
+        let child = start(&node, state.path(), port, &log);
+        let agent = Agent::at(port).await;
+        let held = prep_held_at(&node, &agent, k).await;
+        if let Some(command) = &held {
+            sigkill(child);
+            node.admin(&["hold", "--clear"]);
+            let _again = start(&node, state.path(), port, &log);
+            let ibu = agent
+                .wait_ibu(
+                    "Prep to complete after the restart",
+                    is_last("PrepCompleted", "Completed"),
+                )
+                .await;
+            let why = format!("killed at command {k}, `{command}`");
+            assert_prepared(&node, &why);
+            let history = ibu["status"]["history"].as_array().unwrap();
+            assert_eq!(history.len(), 1, "{why}: {ibu}");
+        }
+        held
+    } {
+        let _ = killed_at;
+        k += 1;
+    }
+    assert!(k > 20, "Prep ran only {} commands", k - 1);
+}
+
+/// Runs `stage` on a prepared node, holding the node's `k`-th command from now on; answers
+/// that command once held, or `None` when the stage ran fewer commands and `done` holds.
+async fn held_at(
+    node: &FakeNode,
+    agent: &Agent,
+    stage: &str,
+    k: usize,
+    done: impl Fn(&Value) -> bool,
+) -> Option<String> {
+    let at = node.log().len() + k;
+    node.admin(&["hold", "--at", &at.to_string()]);
+    agent.stage(stage).await;
+    fleet_e2e::wait_for(
+        &format!("command {k} of {stage} or its end"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let log = node.log();
+            if log.len() >= at {
+                return Some(Some(log[at - 1].join(" ")));
+            }
+            agent.get().await.filter(|v| done(v)).map(|_| None)
+        },
+    )
+    .await
+}
+
+/// A prepared node and its agent.
+async fn prepared() -> (
+    FakeNode,
+    tempfile::TempDir,
+    ChildLog,
+    u16,
+    ChildGuard,
+    Agent,
+) {
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    (node, state, log, port, child, agent)
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_of_an_abort_ends_as_without_it() {
+    let idle = is_last("Idle", "Idle");
+    let mut k = 1;
+    loop {
+        let (node, state, log, port, child, agent) = prepared().await;
+        let Some(command) = held_at(&node, &agent, "Idle", k, &idle).await else {
+            break;
+        };
+        sigkill(child);
+        node.admin(&["hold", "--clear"]);
+        let _again = start(&node, state.path(), port, &log);
+        agent
+            .wait_ibu("the abort to end after the restart", &idle)
+            .await;
+        let why = format!("killed at command {k} of the abort, `{command}`");
+        assert_eq!(osnames(&node), [("rhcos".into(), true)], "{why}");
+        assert!(!node.file("/ostree/deploy/rhcos_4.16.0").exists(), "{why}");
+        assert!(!node.file("/var/lib/lca/workspace").exists(), "{why}");
+        k += 1;
+    }
+    assert!(k > 3, "the abort ran only {} commands", k - 1);
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_before_the_reboot_still_pivots_once() {
+    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
+    let mut k = 1;
+    loop {
+        let (node, state, log, port, child, agent) = prepared().await;
+        let at = node.log().len() + k;
+        node.admin(&["hold", "--at", &at.to_string()]);
+        agent.stage("Upgrade").await;
+        let held = fleet_e2e::wait_for(
+            "the held command or the reboot request",
+            std::time::Duration::from_secs(30),
+            || async {
+                let log = node.log();
+                if log.len() >= at {
+                    Some(Some(log[at - 1].join(" ")))
+                } else {
+                    rebooting(&node).then_some(None)
+                }
+            },
+        )
+        .await;
+        let Some(command) = held else {
+            break;
+        };
+        sigkill(child);
+        node.admin(&["hold", "--clear"]);
+        let again = start(&node, state.path(), port, &log);
+        fleet_e2e::wait_for(
+            "the reboot request after the restart",
+            std::time::Duration::from_secs(30),
+            || async { rebooting(&node).then_some(()) },
+        )
+        .await;
+        sigkill(again);
+        node.admin(&["reboot"]);
+        let _after = start(&node, state.path(), port, &log);
+        let why = format!("killed at command {k} of Upgrade, `{command}`");
+        let ibu = agent
+            .wait_ibu(&why, is_last("UpgradeCompleted", "Completed"))
+            .await;
+        assert_eq!(
+            osnames(&node),
+            [("rhcos_4.16.0".into(), true), ("rhcos".into(), false)],
+            "{why}"
+        );
+        let upgrades = ibu["status"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["stage"] == "Upgrade")
+            .count();
+        assert_eq!(upgrades, 1, "{why}: {ibu}");
+        k += 1;
+    }
+    assert!(
+        k > 3,
+        "Upgrade ran only {} commands before the reboot",
+        k - 1
+    );
+}
+
+#[tokio::test]
+async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
+    // (the command that fails, the words of Prep's failure message; a full disk shows as the
+    // untar failing)
+    let cases = [
+        (
+            vec!["podman", "pull", "--authfile"],
+            "`podman pull --authfile /var/lib/kubelet/config.json quay.io/seed:4.16.0` exited with 1",
+        ),
+        (
+            vec!["ostree", "admin", "deploy"],
+            "`ostree admin deploy --os rhcos_4.16.0",
+        ),
+        (
+            vec!["tar", "xzf"],
+            "`tar xzf /var/lib/containers/storage/overlay/",
+        ),
+    ];
+    for (words, want) in cases {
+        let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+        let mut fail = vec!["fail"];
+        fail.extend(&words);
+        node.admin(&fail);
+        let state = tempfile::tempdir().unwrap();
+        let log = ChildLog::new(state.path(), "spoke-agent");
+        let port = free_port();
+        let _agent_process = start(&node, state.path(), port, &log);
+        let agent = Agent::at(port).await;
+        let seed = json!({"version": "4.16.0", "image": SEED});
+        agent
+            .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+            .await;
+        let failed = |v: &Value| {
+            v["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "PrepCompleted"
+                        && c["status"] == "False"
+                        && c["reason"] == "Failed"
+                })
+        };
+        let ibu = agent.wait_ibu("Prep to fail", failed).await;
+        let message = ibu["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "PrepInProgress")
+            .map(|c| c["message"].as_str().unwrap().to_string())
+            .unwrap();
+        assert!(
+            message.starts_with("failed to setup stateroot rhcos_4.16.0: ")
+                && message.contains(want)
+                && message.contains(&format!(
+                    "fake-node: injected failure of `{}`",
+                    words.join(" ")
+                )),
+            "{words:?}: {message}"
+        );
+        // The way out is Idle: what the failed setup left goes.
+        node.admin(&["fail", "--clear"]);
+        agent.stage("Idle").await;
+        agent
+            .wait_ibu("Idle after the abort", is_last("Idle", "Idle"))
+            .await;
+        assert_eq!(osnames(&node), [("rhcos".into(), true)], "{words:?}");
+        assert!(
+            !node.file("/ostree/deploy/rhcos_4.16.0").exists(),
+            "{words:?}"
+        );
+    }
+}

@@ -12,6 +12,7 @@
 //! fake-node reboot --root R
 //! fake-node status --root R
 //! fake-node fail --root R WORD... | fake-node fail --root R --clear
+//! fake-node hold --root R --at N | fake-node hold --root R --clear
 //! ```
 
 mod node;
@@ -89,13 +90,25 @@ fn tool_root(argv0: &str, name: &str) -> Result<PathBuf, String> {
 
 fn as_tool(argv0: &str, name: &str, args: &[String]) -> Result<i32, String> {
     let root = Root::new(&tool_root(argv0, name)?);
-    let _lock = root.lock()?;
+    let lock = root.lock()?;
     let mut node = root.load()?;
     let mut argv = vec![name.to_string()];
     argv.extend(args.iter().cloned());
     root.log(&argv);
+    let number = root.logged();
+    if node.hold_at == Some(number) {
+        // Held, logged and not run (the node free meanwhile) until the hold is cleared, and
+        // then never run: it ends as a command killed with the agent that ran it (in a pod
+        // or a systemd service, the agent's commands die with it).
+        drop(lock);
+        while root.load()?.hold_at == Some(number) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        return Ok(137);
+    }
     let out = tools::run(&root, &mut node, &argv);
     root.save(&node)?;
+    drop(lock);
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     let _ = std::io::stdout().flush();
@@ -133,7 +146,8 @@ fn value(rest: &[String], name: &str) -> Result<String, String> {
 fn own_command(args: &[String]) -> Result<(), String> {
     let Some((command, args)) = args.split_first() else {
         return Err(
-            "usage: fake-node init|add-seed|install-bin|reboot|status|fail --root R ...".into(),
+            "usage: fake-node init|add-seed|install-bin|reboot|status|fail|hold --root R ..."
+                .into(),
         );
     };
     let (root, rest) = root_arg(args)?;
@@ -184,12 +198,27 @@ fn own_command(args: &[String]) -> Result<(), String> {
                 "deployments": deployments,
                 "rebootRequested": node.reboot_requested,
                 "images": node.local,
+                "mounts": node.mounts,
             });
             println!(
                 "{}",
                 serde_json::to_string_pretty(&status).unwrap_or_default()
             );
             Ok(())
+        }
+        "hold" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            node.hold_at = if rest.iter().any(|a| a == "--clear") {
+                None
+            } else {
+                let n = value(&rest, "--at")?;
+                Some(
+                    n.parse()
+                        .map_err(|_| format!("fake-node: --at {n:?} is not a count"))?,
+                )
+            };
+            root.save(&node)
         }
         "fail" => {
             let _lock = root.lock()?;
@@ -217,6 +246,7 @@ fn reboot(root: &Root, node: &mut Node) -> Result<(), String> {
         d.booted = i == 0;
     }
     root.point_to_booted(node)?;
+    root.new_boot_id()?;
     node.reboot_requested = false;
     node.mounts.clear();
     node.failed.clear();

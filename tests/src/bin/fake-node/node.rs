@@ -71,6 +71,10 @@ pub struct Node {
     pub failed: BTreeSet<String>,
     /// `fake-node fail`: invocations starting with these words fail.
     pub failures: Vec<Vec<String>>,
+    /// `fake-node hold --at N`: the N-th invocation (counted in the log, from 1) waits,
+    /// logged and not run, until the hold is cleared, then exits 137 without running.
+    #[serde(default)]
+    pub hold_at: Option<usize>,
 }
 
 /// A node root: ROOT and what is kept of it.
@@ -123,6 +127,13 @@ impl Root {
             .map_err(|(_, e)| format!("fake-node: lock: {e}"))
     }
 
+    /// How many invocations the log holds.
+    pub fn logged(&self) -> usize {
+        fs::read_to_string(self.own().join("commands.log"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
     /// Appends an invocation to `.fake-node/commands.log`, one JSON array a line.
     pub fn log(&self, argv: &[String]) {
         let line = serde_json::to_string(argv).unwrap_or_default();
@@ -166,9 +177,27 @@ impl Root {
             ..Default::default()
         };
         self.point_to_booted(&node)?;
+        self.new_boot_id()?;
         fs::create_dir_all(self.path("/sysroot")).map_err(|e| e.to_string())?;
         fs::create_dir_all(self.path("/usr/bin")).map_err(|e| e.to_string())?;
         self.save(&node)
+    }
+
+    /// A boot of its own: `/proc/sys/kernel/random/boot_id` changes.
+    pub fn new_boot_id(&self) -> Result<(), String> {
+        let path = self.path("/proc/sys/kernel/random/boot_id");
+        let previous = fs::read_to_string(&path).unwrap_or_default();
+        fs::create_dir_all(path.parent().unwrap_or(&self.dir)).map_err(|e| e.to_string())?;
+        let id = checksum_of(&format!("{previous}{:?}", std::time::SystemTime::now()));
+        let id = format!(
+            "{}-{}-{}-{}-{}",
+            &id[..8],
+            &id[8..12],
+            &id[12..16],
+            &id[16..20],
+            &id[20..32]
+        );
+        fs::write(&path, format!("{id}\n")).map_err(|e| format!("fake-node: {e}"))
     }
 
     /// Points `ROOT/var` and `ROOT/etc` to the booted deployment's.
