@@ -81,10 +81,16 @@ impl<H: Host> Agent<H> {
             None => engine::initial(now),
         };
         engine::resume(&mut state, now);
-        engine::reconcile(&mut state, now);
         // Saved as the node went down for a pivot, and found in the same boot: it did not.
         let reboot_pending =
             state.run.reboot_boot_id.is_some() && host.boot_id().await == state.run.reboot_boot_id;
+        if !reboot_pending {
+            // A real node's agent starts afresh after the reboot of a pivot: what the state
+            // saved for the new boot says is taken up as after a simulated reboot (the
+            // watchdog armed, a rollback completed); after a mere restart it changes nothing.
+            engine::booted(&mut state, host.rollback_availability_expiration(now), now);
+        }
+        engine::reconcile(&mut state, now);
         let state = Arc::new(state);
         host.save_state(&Root::Booted, &state).await?;
         metrics.observe_change(None, &state);

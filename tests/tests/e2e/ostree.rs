@@ -517,3 +517,127 @@ async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
         );
     }
 }
+
+/// Asks for `stage` (a pivot) and plays the node's reboot: waits for the agent to ask for
+/// it, stops the agent, boots the node, starts the agent again.
+async fn through_the_reboot(
+    node: &FakeNode,
+    agent: &Agent,
+    stage: &str,
+    run: (&std::path::Path, u16, &ChildLog),
+    child: ChildGuard,
+) -> ChildGuard {
+    agent.stage(stage).await;
+    fleet_e2e::wait_for(
+        &format!("{stage}'s reboot request"),
+        std::time::Duration::from_secs(30),
+        || async { (node.status()["rebootRequested"] == true).then_some(()) },
+    )
+    .await;
+    sigkill(child);
+    node.admin(&["reboot"]);
+    start(node, run.0, run.1, run.2)
+}
+
+#[tokio::test]
+async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
+    let (node, state, log, port, child, agent) = prepared().await;
+    let child =
+        through_the_reboot(&node, &agent, "Upgrade", (state.path(), port, &log), child).await;
+    agent
+        .wait_ibu(
+            "Upgrade to complete",
+            is_last("UpgradeCompleted", "Completed"),
+        )
+        .await;
+    let _child =
+        through_the_reboot(&node, &agent, "Rollback", (state.path(), port, &log), child).await;
+    let ibu = agent
+        .wait_ibu(
+            "Rollback to complete",
+            is_last("RollbackCompleted", "Completed"),
+        )
+        .await;
+    assert_eq!(ibu["spec"]["stage"], "Rollback");
+    assert_eq!(
+        osnames(&node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    // Finalizing the rollback removes the new stateroot.
+    agent.stage("Idle").await;
+    agent
+        .wait_ibu("Idle after the rollback", is_last("Idle", "Idle"))
+        .await;
+    assert_eq!(osnames(&node), [("rhcos".into(), true)]);
+    assert!(!node.file("/ostree/deploy/rhcos_4.16.0").exists());
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_of_a_rollback_still_rolls_back_once() {
+    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
+    let mut k = 1;
+    loop {
+        let (node, state, log, port, child, agent) = prepared().await;
+        let child =
+            through_the_reboot(&node, &agent, "Upgrade", (state.path(), port, &log), child).await;
+        agent
+            .wait_ibu(
+                "Upgrade to complete",
+                is_last("UpgradeCompleted", "Completed"),
+            )
+            .await;
+        let at = node.log().len() + k;
+        node.admin(&["hold", "--at", &at.to_string()]);
+        agent.stage("Rollback").await;
+        let held = fleet_e2e::wait_for(
+            "the held command or the reboot request",
+            std::time::Duration::from_secs(30),
+            || async {
+                let log = node.log();
+                if log.len() >= at {
+                    Some(Some(log[at - 1].join(" ")))
+                } else {
+                    rebooting(&node).then_some(None)
+                }
+            },
+        )
+        .await;
+        let Some(command) = held else {
+            break;
+        };
+        sigkill(child);
+        node.admin(&["hold", "--clear"]);
+        let again = start(&node, state.path(), port, &log);
+        fleet_e2e::wait_for(
+            "the reboot request after the restart",
+            std::time::Duration::from_secs(30),
+            || async { rebooting(&node).then_some(()) },
+        )
+        .await;
+        sigkill(again);
+        node.admin(&["reboot"]);
+        let _after = start(&node, state.path(), port, &log);
+        let why = format!("killed at command {k} of Rollback, `{command}`");
+        let ibu = agent
+            .wait_ibu(&why, is_last("RollbackCompleted", "Completed"))
+            .await;
+        assert_eq!(
+            osnames(&node),
+            [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)],
+            "{why}"
+        );
+        let rollbacks = ibu["status"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["stage"] == "Rollback")
+            .count();
+        assert_eq!(rollbacks, 1, "{why}: {ibu}");
+        k += 1;
+    }
+    assert!(
+        k > 3,
+        "Rollback ran only {} commands before the reboot",
+        k - 1
+    );
+}
