@@ -641,3 +641,117 @@ async fn a_sigkill_at_every_command_of_a_rollback_still_rolls_back_once() {
         k - 1
     );
 }
+
+/// One cluster of a fleet of real-node agents: its fake node and its agent process.
+struct Sno {
+    name: String,
+    node: FakeNode,
+    state: tempfile::TempDir,
+    log: ChildLog,
+    port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl Sno {
+    fn start(&mut self, hub: &str) {
+        let mut cmd = crate::spoke::agent_command_named(&self.name, self.state.path(), self.port);
+        cmd.args([
+            "--host",
+            "ostree",
+            "--host-exec",
+            "direct",
+            "--cluster-version",
+            "4.15.0",
+        ])
+        .arg("--host-root")
+        .arg(&self.node.root)
+        .args(["--hub-url", hub, "--join-token", crate::rollout::JOIN])
+        .args(["--label", &format!("name={}", self.name)])
+        .env("PATH", self.node.path())
+        .stdout(Stdio::null())
+        .stderr(self.log.stdio());
+        self.child = Some(ChildGuard(cmd.spawn().expect("spoke-agent starts")));
+    }
+}
+
+#[tokio::test]
+async fn the_hub_upgrades_a_fleet_of_real_node_agents() {
+    let db = fleet_e2e::TestDb::empty().await;
+    let hub = crate::rollout::start_hub(&db).await;
+    let mut fleet: Vec<Sno> = ["sno1", "sno2"]
+        .into_iter()
+        .map(|name| {
+            let state = tempfile::tempdir().unwrap();
+            let log = ChildLog::new(state.path(), name);
+            Sno {
+                name: name.into(),
+                node: FakeNode::new("4.15.0", &[(SEED, "4.16.0")]),
+                state,
+                log,
+                port: free_port(),
+                child: None,
+            }
+        })
+        .collect();
+    for sno in &mut fleet {
+        sno.start(&hub.url);
+    }
+    fleet_e2e::wait_for(
+        "both clusters registered",
+        std::time::Duration::from_secs(30),
+        || async {
+            let list = hub.get("/v1/clusters").await;
+            (list["items"].as_array().map_or(0, Vec::len) == 2).then_some(())
+        },
+    )
+    .await;
+    hub.create(crate::rollout::ibgu(
+        "real",
+        &["sno1", "sno2"],
+        json!([{"actions": ["Prep", "Upgrade", "FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 60}}]),
+    ))
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        hub.engine.pass_all().await.unwrap();
+        let g = hub.get("/v1/rollouts/default/real").await;
+        if crate::rollout::done(&g) {
+            for sno in &fleet {
+                let done = crate::rollout::acts(
+                    &crate::rollout::cluster(&g, &sno.name)["completedActions"],
+                );
+                assert_eq!(
+                    done,
+                    ["Prep", "Upgrade", "FinalizeUpgrade"],
+                    "{}: {g}",
+                    sno.name
+                );
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollout did not finish: {g}"
+        );
+        // Each node that asked for its reboot gets it: the agent goes down with the node.
+        for sno in &mut fleet {
+            if sno.node.status()["rebootRequested"] == true {
+                if let Some(child) = sno.child.take() {
+                    sigkill(child);
+                }
+                sno.node.admin(&["reboot"]);
+                sno.start(&hub.url);
+            }
+        }
+        hub.clock.advance(chrono::Duration::seconds(1));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for sno in &fleet {
+        assert_eq!(
+            osnames(&sno.node),
+            [("rhcos_4.16.0".into(), true)],
+            "{}",
+            sno.name
+        );
+    }
+}

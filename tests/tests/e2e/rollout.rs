@@ -31,7 +31,7 @@ impl Clock for ManualClock {
 }
 
 impl ManualClock {
-    fn advance(&self, d: chrono::Duration) {
+    pub fn advance(&self, d: chrono::Duration) {
         *self.0.lock().unwrap() += d;
     }
 }
@@ -312,7 +312,7 @@ pub fn done(g: &Value) -> bool {
     g["status"]["conditions"][0]["reason"] == "Completed"
 }
 
-fn cluster<'a>(g: &'a Value, name: &str) -> &'a Value {
+pub fn cluster<'a>(g: &'a Value, name: &str) -> &'a Value {
     g["status"]["clusters"]
         .as_array()
         .unwrap()
@@ -321,7 +321,7 @@ fn cluster<'a>(g: &'a Value, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-fn acts(v: &Value) -> Vec<String> {
+pub fn acts(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
             a.iter()

@@ -28,8 +28,12 @@ fn start(state_dir: &Path, port: u16, extra: &[&str]) -> ChildGuard {
 
 /// `spoke-agent serve` of cluster `sno1` on the port, with no hub and no host yet.
 pub(crate) fn agent_command(state_dir: &Path, port: u16) -> Command {
+    agent_command_named("sno1", state_dir, port)
+}
+
+pub(crate) fn agent_command_named(name: &str, state_dir: &Path, port: u16) -> Command {
     let mut cmd = Command::new(binary("spoke-agent"));
-    cmd.args(["serve", "--cluster-name", "sno1", "--api-token", TOKEN])
+    cmd.args(["serve", "--cluster-name", name, "--api-token", TOKEN])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--state-dir")
