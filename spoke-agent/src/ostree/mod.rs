@@ -490,7 +490,20 @@ impl Host for OstreeHost {
         )))
     }
 
+    /// The first step after the reboot: the seed's post-pivot reconfiguration must have
+    /// worked (its failure is the upgrade's, an automatic rollback unless disabled).
     async fn check_dpa(&self) -> Result<(), HostError> {
+        let failed = self
+            .node
+            .runner
+            .output(&["systemctl", "is-failed", POST_PIVOT_UNIT])
+            .await
+            .map_err(|e| HostError::Transient(e.to_string()))?;
+        if failed.code == 0 {
+            return Err(HostError::Terminal(format!(
+                "the seed's post-pivot reconfiguration ({POST_PIVOT_UNIT}) failed: see `journalctl -u {POST_PIVOT_UNIT}` on the node"
+            )));
+        }
         Ok(())
     }
 

@@ -755,3 +755,57 @@ async fn the_hub_upgrades_a_fleet_of_real_node_agents() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
+    let (node, state, log, port, child, agent) = prepared().await;
+    agent.stage("Upgrade").await;
+    let rebooting = || async { (node.status()["rebootRequested"] == true).then_some(()) };
+    fleet_e2e::wait_for(
+        "the upgrade's reboot request",
+        std::time::Duration::from_secs(30),
+        rebooting,
+    )
+    .await;
+    sigkill(child);
+    node.admin(&["reboot"]);
+    node.admin(&["unit-failed", "installation-configuration.service"]);
+    let child = start(&node, state.path(), port, &log);
+    fleet_e2e::wait_for(
+        "the rollback's reboot request",
+        std::time::Duration::from_secs(30),
+        rebooting,
+    )
+    .await;
+    sigkill(child);
+    node.admin(&["reboot"]);
+    let _child = start(&node, state.path(), port, &log);
+    let ibu = agent
+        .wait_ibu("the upgrade failed on the old stateroot", |v: &Value| {
+            v["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "UpgradeCompleted"
+                        && c["status"] == "False"
+                        && c["reason"] == "Failed"
+                })
+        })
+        .await;
+    assert_eq!(
+        osnames(&node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    let message = ibu["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "UpgradeInProgress")
+        .map(|c| c["message"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(
+        message.starts_with("Rollback due to post-reboot configuration failure: the seed's post-pivot reconfiguration (installation-configuration.service) failed"),
+        "{message}"
+    );
+}

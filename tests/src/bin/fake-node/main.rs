@@ -13,6 +13,7 @@
 //! fake-node status --root R
 //! fake-node fail --root R WORD... | fake-node fail --root R --clear
 //! fake-node hold --root R --at N | fake-node hold --root R --clear
+//! fake-node unit-failed --root R UNIT...     (failed in this boot)
 //! ```
 
 mod node;
@@ -146,7 +147,7 @@ fn value(rest: &[String], name: &str) -> Result<String, String> {
 fn own_command(args: &[String]) -> Result<(), String> {
     let Some((command, args)) = args.split_first() else {
         return Err(
-            "usage: fake-node init|add-seed|install-bin|reboot|status|fail|hold --root R ..."
+            "usage: fake-node init|add-seed|install-bin|reboot|status|fail|hold|unit-failed --root R ..."
                 .into(),
         );
     };
@@ -205,6 +206,15 @@ fn own_command(args: &[String]) -> Result<(), String> {
                 serde_json::to_string_pretty(&status).unwrap_or_default()
             );
             Ok(())
+        }
+        "unit-failed" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            for unit in &rest {
+                node.active.remove(unit);
+                node.failed.insert(unit.clone());
+            }
+            root.save(&node)
         }
         "hold" => {
             let _lock = root.lock()?;
