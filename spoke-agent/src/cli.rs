@@ -26,6 +26,15 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run many simulated agents in one process on one listener (`/clusters/<name>/...`).
     SimFleet(SimFleetArgs),
+    /// The real node's watchdog, run by its unit on the new stateroot: roll the node back
+    /// when the upgrade has not completed within the IBU's init-monitor timeout.
+    InitMonitor(InitMonitorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitMonitorArgs {
+    #[command(flatten)]
+    pub ostree: OstreeArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run::serve(args).await,
         Command::SimFleet(args) => run::sim_fleet(args).await,
+        Command::InitMonitor(args) => run::init_monitor(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

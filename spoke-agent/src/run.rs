@@ -196,10 +196,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     serve_one(agent, cluster_name, api_token, metrics, listen).await
 }
 
+pub async fn init_monitor(args: crate::cli::InitMonitorArgs) -> Result<(), Error> {
+    let host = node_host(&args.ostree, String::new())?;
+    host.init_monitor()
+        .await
+        .map_err(|e| Error::internal("the init monitor", e))
+}
+
 /// The real node's host, checked before anything runs: its root must exist, and the
 /// cluster's version must be given.
 fn ostree_host(args: &crate::cli::OstreeArgs) -> Result<crate::ostree::OstreeHost, Error> {
-    use crate::ostree::{OstreeConfig, OstreeHost, node::NodeOs, runner::Runner};
     let version = args.cluster_version.clone().ok_or_else(|| {
         Error::Invalid(
             "--host ostree needs --cluster-version (the cluster's OpenShift version, x.y.z)".into(),
@@ -210,6 +216,14 @@ fn ostree_host(args: &crate::cli::OstreeArgs) -> Result<crate::ostree::OstreeHos
             "--cluster-version {version:?} is not a version x.y.z: {e}"
         ))
     })?;
+    node_host(args, version)
+}
+
+fn node_host(
+    args: &crate::cli::OstreeArgs,
+    version: String,
+) -> Result<crate::ostree::OstreeHost, Error> {
+    use crate::ostree::{OstreeConfig, OstreeHost, node::NodeOs, runner::Runner};
     if !args.host_root.is_dir() {
         return Err(Error::Invalid(format!(
             "--host-root {}: not a directory (in a pod, mount the host's / there)",

@@ -37,6 +37,12 @@ pub const SETUP_DONE_FILE: &str = "/var/lib/lca/stateroot-setup.done";
 pub const WORKSPACE: &str = "/var/lib/lca/workspace";
 /// The seed's release images, copied there by stateroot setup for precaching.
 pub const CONTAINERS_LIST: &str = "/var/tmp/containers.list";
+/// The agent's own watchdog on the new stateroot: it rolls the node back when the upgrade
+/// has not completed in time after the reboot, even if the agent never comes up there.
+pub const WATCHDOG_UNIT: &str = "spoke-agent-init-monitor.service";
+/// Where the watchdog's copy of the agent lives on the new stateroot (`/usr/local` is
+/// `/var/usrlocal` on RHCOS).
+pub const WATCHDOG_BIN: &str = "/usr/local/bin/spoke-agent";
 /// The kernel's identity of this boot.
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The seed's post-pivot reconfiguration (network, recert, kubelet).
@@ -211,6 +217,7 @@ impl OstreeHost {
                 runner.write(to, text.as_bytes()).await.map_err(terminal)?;
             }
         }
+        self.install_watchdog(stateroot, &dd).await?;
         runner
             .write(
                 &format!("{}{SETUP_DONE_FILE}", stateroot_dir(stateroot)),
@@ -218,6 +225,131 @@ impl OstreeHost {
             )
             .await
             .map_err(terminal)
+    }
+
+    /// Installs the watchdog into the new deployment: a copy of this agent in its
+    /// `/usr/local/bin` and a unit its `/etc` enables (the Lifecycle Agent's own comes with
+    /// the seed image; ours does not depend on the seed).
+    async fn install_watchdog(&self, stateroot: &str, dd: &str) -> Result<(), HostError> {
+        let runner = &self.node.runner;
+        let bin = format!("{}/var/usrlocal/bin/spoke-agent", stateroot_dir(stateroot));
+        let target = runner.path(&bin);
+        if let Some(dir) = target.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| terminal(runner::file_error(&bin, e)))?;
+        }
+        let me = std::env::current_exe()
+            .map_err(|e| HostError::Terminal(format!("the agent's own binary: {e}")))?;
+        let _ = tokio::fs::remove_file(&target).await;
+        if tokio::fs::hard_link(&me, &target).await.is_err() {
+            tokio::fs::copy(&me, &target)
+                .await
+                .map_err(|e| terminal(runner::file_error(&bin, e)))?;
+        }
+        let unit = format!(
+            "[Unit]\nDescription=spoke-agent: roll back an image-based upgrade that does not complete\n\
+             After=network-online.target\n\n[Service]\nType=simple\n\
+             ExecStart={WATCHDOG_BIN} init-monitor --host-root / --host-exec direct\n\n\
+             [Install]\nWantedBy=multi-user.target\n"
+        );
+        runner
+            .write(
+                &format!("{dd}/etc/systemd/system/{WATCHDOG_UNIT}"),
+                unit.as_bytes(),
+            )
+            .await
+            .map_err(terminal)?;
+        let link = runner.path(&format!(
+            "{dd}/etc/systemd/system/multi-user.target.wants/{WATCHDOG_UNIT}"
+        ));
+        if let Some(dir) = link.parent() {
+            let _ = tokio::fs::create_dir_all(dir).await;
+        }
+        let _ = tokio::fs::remove_file(&link).await;
+        tokio::fs::symlink(format!("/etc/systemd/system/{WATCHDOG_UNIT}"), &link)
+            .await
+            .map_err(|e| HostError::Terminal(format!("enabling {WATCHDOG_UNIT}: {e}")))
+    }
+
+    /// Stops and removes the watchdog (the upgrade completed): each step only if needed.
+    async fn disable_watchdog(&self) -> Result<(), NodeError> {
+        let runner = &self.node.runner;
+        if self.node.unit_active(WATCHDOG_UNIT).await? {
+            runner.run(&["systemctl", "stop", WATCHDOG_UNIT]).await?;
+        }
+        let enabled = runner
+            .output(&["systemctl", "is-enabled", WATCHDOG_UNIT])
+            .await?;
+        if enabled.stdout.trim() == "enabled" {
+            runner.run(&["systemctl", "disable", WATCHDOG_UNIT]).await?;
+        }
+        let file = format!("/etc/systemd/system/{WATCHDOG_UNIT}");
+        if runner.path(&file).exists() {
+            tokio::fs::remove_file(runner.path(&file))
+                .await
+                .map_err(|e| runner::file_error(&file, e))?;
+            runner.run(&["systemctl", "daemon-reload"]).await?;
+        }
+        Ok(())
+    }
+
+    /// `spoke-agent init-monitor`, run by the watchdog unit at the new stateroot's boot:
+    /// waits the IBU's init-monitor timeout; if the upgrade has not completed by then (the
+    /// agent did not come up, or is stuck), rolls the node back as the agent would (the
+    /// failed IBU on the old stateroot, that stateroot the default, a reboot).
+    pub async fn init_monitor(&self) -> Result<(), HostError> {
+        use spoke_core::engine::{self, Op, Outcome, Work};
+        let watching = |s: &Option<SpokeState>| {
+            s.as_ref()
+                .is_some_and(|s| s.run.op == Some(Op::UpgradePost))
+        };
+        let state = self.load_state().await?;
+        if !watching(&state) {
+            tracing::info!("no upgrade to watch on this stateroot");
+            return Ok(());
+        }
+        let secs = state
+            .as_ref()
+            .map(engine::init_monitor_seconds)
+            .unwrap_or_default();
+        tracing::info!(timeout_seconds = secs, "watching the upgrade");
+        tokio::time::sleep(Duration::from_secs(secs.max(0) as u64)).await;
+        let mut state = self.load_state().await?;
+        if !watching(&state) {
+            tracing::info!("the upgrade ended in time");
+            return Ok(());
+        }
+        let Some(s) = state.as_mut() else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        s.run.watchdog_deadline = Some(now);
+        if !engine::tick(s, now) {
+            tracing::info!("automatic rollback on init-monitor timeout is disabled");
+            return Ok(());
+        }
+        while let Some((work, epoch)) = engine::begin(s, now) {
+            match work {
+                Work::Pivot { saves, default } => {
+                    for (root, saved) in saves {
+                        self.save_state(&root, &Arc::new(saved)).await?;
+                    }
+                    self.set_default(&default).await?;
+                    engine::complete(s, epoch, Outcome::Done, now);
+                }
+                Work::Reboot => {
+                    tracing::warn!("the upgrade did not complete in time: rolling back");
+                    return self.node.reboot("rollback").await.map_err(terminal);
+                }
+                other => {
+                    return Err(HostError::Terminal(format!(
+                        "unexpected step of the rollback: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes every trace of a stateroot that is not booted: its deployments (the highest
@@ -515,8 +647,10 @@ impl Host for OstreeHost {
         Ok(())
     }
 
+    /// The upgrade is about to complete: the watchdog goes.
     async fn deferred_health(&self) -> Result<(), String> {
-        self.health().await
+        self.health().await?;
+        self.disable_watchdog().await.map_err(|e| e.to_string())
     }
 
     async fn cleanup(&self, _manual: bool) -> Result<(), Vec<String>> {

@@ -28,7 +28,8 @@ pub fn timer_due(s: &SpokeState, now: DateTime<Utc>) -> bool {
         && !disabled(s, AUTO_ROLLBACK_INIT_MONITOR)
 }
 
-pub(super) fn init_monitor_seconds(s: &SpokeState) -> i64 {
+/// The watchdog's timeout: `spec.autoRollbackOnFailure.initMonitorTimeoutSeconds`, or 1800.
+pub fn init_monitor_seconds(s: &SpokeState) -> i64 {
     s.ibu
         .spec
         .auto_rollback_on_failure

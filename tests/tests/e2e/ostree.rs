@@ -10,6 +10,7 @@ use crate::fake_node::FakeNode;
 use crate::spoke::{Agent, agent_command, is_last};
 
 const SEED: &str = "quay.io/seed:4.16.0";
+const WATCHDOG: &str = "spoke-agent-init-monitor.service";
 
 /// The agent on the fake node, as a service on the node runs it.
 fn start(node: &FakeNode, state: &std::path::Path, port: u16, log: &ChildLog) -> ChildGuard {
@@ -129,6 +130,25 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
         node.file("/ostree/deploy/rhcos_4.16.0/var/seed_data/manifest.json")
             .is_file()
     );
+    // The watchdog: the agent's copy and its unit, enabled in the new deployment.
+    assert!(
+        node.file("/ostree/deploy/rhcos_4.16.0/var/usrlocal/bin/spoke-agent")
+            .is_file()
+    );
+    let unit =
+        std::fs::read_to_string(node.file(&format!("{dd}/etc/systemd/system/{WATCHDOG}"))).unwrap();
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/local/bin/spoke-agent init-monitor --host-root / --host-exec direct"
+        ),
+        "{unit}"
+    );
+    assert!(
+        node.file(&format!(
+            "{dd}/etc/systemd/system/multi-user.target.wants/{WATCHDOG}"
+        ))
+        .is_symlink()
+    );
     // The IBU is where the Lifecycle Agent keeps it, as an IBU it can read.
     let saved: Value =
         serde_json::from_slice(&std::fs::read(node.file("/var/lib/lca/ibu.json")).unwrap())
@@ -162,6 +182,23 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
             is_last("UpgradeCompleted", "Completed"),
         )
         .await;
+    // Completed, the upgrade takes its watchdog away.
+    in_order(
+        &node.log(),
+        &[
+            &format!("systemctl is-active {WATCHDOG}"),
+            &format!("systemctl stop {WATCHDOG}"),
+            &format!("systemctl is-enabled {WATCHDOG}"),
+            &format!("systemctl disable {WATCHDOG}"),
+            "systemctl daemon-reload",
+        ],
+    )
+    .unwrap();
+    assert!(
+        !node
+            .file(&format!("/etc/systemd/system/{WATCHDOG}"))
+            .exists()
+    );
 
     // Finalize: the old stateroot goes.
     agent.stage("Idle").await;
@@ -807,5 +844,75 @@ async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
     assert!(
         message.starts_with("Rollback due to post-reboot configuration failure: the seed's post-pivot reconfiguration (installation-configuration.service) failed"),
         "{message}"
+    );
+}
+
+#[tokio::test]
+async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let spec = json!({"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": SEED},
+        "autoRollbackOnFailure": {"initMonitorTimeoutSeconds": 1}});
+    let (code, body) = agent.patch(json!({ "spec": spec })).await;
+    assert_eq!(code, 200, "{body}");
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    agent.stage("Upgrade").await;
+    let rebooting = || async { (node.status()["rebootRequested"] == true).then_some(()) };
+    fleet_e2e::wait_for(
+        "the upgrade's reboot request",
+        std::time::Duration::from_secs(30),
+        rebooting,
+    )
+    .await;
+    sigkill(child);
+    node.admin(&["reboot"]);
+    // On the new stateroot the agent does not come up; the unit its /etc enables runs.
+    assert_eq!(node.ok(&["systemctl", "is-active", WATCHDOG]), "active\n");
+    let out = std::process::Command::new(fleet_e2e::binary("spoke-agent"))
+        .args(["init-monitor", "--host-exec", "direct", "--host-root"])
+        .arg(&node.root)
+        .env("PATH", node.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.status()["rebootRequested"], true);
+    assert_eq!(
+        node.status()["deployments"][0]["osname"],
+        "rhcos",
+        "the old stateroot is the default"
+    );
+    node.admin(&["reboot"]);
+    let _child = start(&node, state.path(), port, &log);
+    let ibu = agent
+        .wait_ibu("the rolled back upgrade", |v: &Value| {
+            v["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| {
+                    c["type"] == "UpgradeCompleted"
+                        && c["status"] == "False"
+                        && c["reason"] == "Failed"
+                })
+        })
+        .await;
+    assert_eq!(
+        osnames(&node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    let text = ibu.to_string();
+    assert!(
+        text.contains("Rollback due to LCA Init Monitor timeout, after 1s"),
+        "{text}"
     );
 }

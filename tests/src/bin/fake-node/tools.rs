@@ -553,7 +553,7 @@ fn systemctl(root: &Root, node: &mut Node, args: &[&str]) -> Out {
                 )
             } else if *unit == STORAGE_UNIT {
                 Out::ok("generated\n")
-            } else if wants_link(root, unit).exists() {
+            } else if wants_link(root, unit).is_symlink() || wants_link(root, unit).exists() {
                 Out::ok("enabled\n")
             } else {
                 Out {
