@@ -51,6 +51,21 @@ fn in_order(log: &[Vec<String>], want: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Whether the IBU has a condition of this type, status and reason (not only as its last).
+fn has_condition(
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+) -> impl Fn(&Value) -> bool {
+    move |v| {
+        v["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == type_ && c["status"] == status && c["reason"] == reason)
+    }
+}
+
 fn osnames(node: &FakeNode) -> Vec<(String, bool)> {
     node.status()["deployments"]
         .as_array()
@@ -420,68 +435,6 @@ async fn a_sigkill_at_every_command_of_an_abort_ends_as_without_it() {
 }
 
 #[tokio::test]
-async fn a_sigkill_at_every_command_before_the_reboot_still_pivots_once() {
-    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
-    let mut k = 1;
-    loop {
-        let (node, state, log, port, child, agent) = prepared().await;
-        let at = node.log().len() + k;
-        node.admin(&["hold", "--at", &at.to_string()]);
-        agent.stage("Upgrade").await;
-        let held = fleet_e2e::wait_for(
-            "the held command or the reboot request",
-            std::time::Duration::from_secs(30),
-            || async {
-                let log = node.log();
-                if log.len() >= at {
-                    Some(Some(log[at - 1].join(" ")))
-                } else {
-                    rebooting(&node).then_some(None)
-                }
-            },
-        )
-        .await;
-        let Some(command) = held else {
-            break;
-        };
-        sigkill(child);
-        node.admin(&["hold", "--clear"]);
-        let again = start(&node, state.path(), port, &log);
-        fleet_e2e::wait_for(
-            "the reboot request after the restart",
-            std::time::Duration::from_secs(30),
-            || async { rebooting(&node).then_some(()) },
-        )
-        .await;
-        sigkill(again);
-        node.admin(&["reboot"]);
-        let _after = start(&node, state.path(), port, &log);
-        let why = format!("killed at command {k} of Upgrade, `{command}`");
-        let ibu = agent
-            .wait_ibu(&why, is_last("UpgradeCompleted", "Completed"))
-            .await;
-        assert_eq!(
-            osnames(&node),
-            [("rhcos_4.16.0".into(), true), ("rhcos".into(), false)],
-            "{why}"
-        );
-        let upgrades = ibu["status"]["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["stage"] == "Upgrade")
-            .count();
-        assert_eq!(upgrades, 1, "{why}: {ibu}");
-        k += 1;
-    }
-    assert!(
-        k > 3,
-        "Upgrade ran only {} commands before the reboot",
-        k - 1
-    );
-}
-
-#[tokio::test]
 async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
     // (the command that fails, the words of Prep's failure message; a full disk shows as the
     // untar failing)
@@ -513,17 +466,7 @@ async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
         agent
             .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
             .await;
-        let failed = |v: &Value| {
-            v["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "PrepCompleted"
-                        && c["status"] == "False"
-                        && c["reason"] == "Failed"
-                })
-        };
+        let failed = has_condition("PrepCompleted", "False", "Failed");
         let ibu = agent.wait_ibu("Prep to fail", failed).await;
         let message = ibu["status"]["conditions"]
             .as_array()
@@ -607,76 +550,6 @@ async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
         .await;
     assert_eq!(osnames(&node), [("rhcos".into(), true)]);
     assert!(!node.file("/ostree/deploy/rhcos_4.16.0").exists());
-}
-
-#[tokio::test]
-async fn a_sigkill_at_every_command_of_a_rollback_still_rolls_back_once() {
-    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
-    let mut k = 1;
-    loop {
-        let (node, state, log, port, child, agent) = prepared().await;
-        let child =
-            through_the_reboot(&node, &agent, "Upgrade", (state.path(), port, &log), child).await;
-        agent
-            .wait_ibu(
-                "Upgrade to complete",
-                is_last("UpgradeCompleted", "Completed"),
-            )
-            .await;
-        let at = node.log().len() + k;
-        node.admin(&["hold", "--at", &at.to_string()]);
-        agent.stage("Rollback").await;
-        let held = fleet_e2e::wait_for(
-            "the held command or the reboot request",
-            std::time::Duration::from_secs(30),
-            || async {
-                let log = node.log();
-                if log.len() >= at {
-                    Some(Some(log[at - 1].join(" ")))
-                } else {
-                    rebooting(&node).then_some(None)
-                }
-            },
-        )
-        .await;
-        let Some(command) = held else {
-            break;
-        };
-        sigkill(child);
-        node.admin(&["hold", "--clear"]);
-        let again = start(&node, state.path(), port, &log);
-        fleet_e2e::wait_for(
-            "the reboot request after the restart",
-            std::time::Duration::from_secs(30),
-            || async { rebooting(&node).then_some(()) },
-        )
-        .await;
-        sigkill(again);
-        node.admin(&["reboot"]);
-        let _after = start(&node, state.path(), port, &log);
-        let why = format!("killed at command {k} of Rollback, `{command}`");
-        let ibu = agent
-            .wait_ibu(&why, is_last("RollbackCompleted", "Completed"))
-            .await;
-        assert_eq!(
-            osnames(&node),
-            [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)],
-            "{why}"
-        );
-        let rollbacks = ibu["status"]["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["stage"] == "Rollback")
-            .count();
-        assert_eq!(rollbacks, 1, "{why}: {ibu}");
-        k += 1;
-    }
-    assert!(
-        k > 3,
-        "Rollback ran only {} commands before the reboot",
-        k - 1
-    );
 }
 
 /// One cluster of a fleet of real-node agents: its fake node and its agent process.
@@ -818,17 +691,10 @@ async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
     node.admin(&["reboot"]);
     let _child = start(&node, state.path(), port, &log);
     let ibu = agent
-        .wait_ibu("the upgrade failed on the old stateroot", |v: &Value| {
-            v["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "UpgradeCompleted"
-                        && c["status"] == "False"
-                        && c["reason"] == "Failed"
-                })
-        })
+        .wait_ibu(
+            "the upgrade failed on the old stateroot",
+            has_condition("UpgradeCompleted", "False", "Failed"),
+        )
         .await;
     assert_eq!(
         osnames(&node),
@@ -894,17 +760,10 @@ async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
     node.admin(&["reboot"]);
     let _child = start(&node, state.path(), port, &log);
     let ibu = agent
-        .wait_ibu("the rolled back upgrade", |v: &Value| {
-            v["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| {
-                    c["type"] == "UpgradeCompleted"
-                        && c["status"] == "False"
-                        && c["reason"] == "Failed"
-                })
-        })
+        .wait_ibu(
+            "the rolled back upgrade",
+            has_condition("UpgradeCompleted", "False", "Failed"),
+        )
         .await;
     assert_eq!(
         osnames(&node),
@@ -915,4 +774,94 @@ async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
         text.contains("Rollback due to LCA Init Monitor timeout, after 1s"),
         "{text}"
     );
+}
+
+/// Kills the agent at every command a pivot (`stage`, after `before` went through its own
+/// reboot) runs before its reboot, restarts it, plays the reboot, and checks that the stage
+/// ends as without the kill: `end`, the node booted as `booted`, one `stage` in the history.
+async fn sigkill_at_every_command_of_a_pivot(
+    before: Option<&str>,
+    stage: &str,
+    end: (&'static str, &'static str),
+    booted: [&str; 2],
+) {
+    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
+    let mut k = 1;
+    loop {
+        let (node, state, log, port, mut child, agent) = prepared().await;
+        if let Some(first) = before {
+            child =
+                through_the_reboot(&node, &agent, first, (state.path(), port, &log), child).await;
+            // (only Upgrade comes first)
+            assert_eq!(first, "Upgrade");
+            let done = has_condition("UpgradeCompleted", "True", "Completed");
+            agent.wait_ibu(first, done).await;
+        }
+        let at = node.log().len() + k;
+        node.admin(&["hold", "--at", &at.to_string()]);
+        agent.stage(stage).await;
+        let held = fleet_e2e::wait_for(
+            "the held command or the reboot request",
+            std::time::Duration::from_secs(30),
+            || async {
+                let log = node.log();
+                if log.len() >= at {
+                    Some(Some(log[at - 1].join(" ")))
+                } else {
+                    rebooting(&node).then_some(None)
+                }
+            },
+        )
+        .await;
+        let Some(command) = held else {
+            break;
+        };
+        sigkill(child);
+        node.admin(&["hold", "--clear"]);
+        let again = start(&node, state.path(), port, &log);
+        fleet_e2e::wait_for(
+            "the reboot request after the restart",
+            std::time::Duration::from_secs(30),
+            || async { rebooting(&node).then_some(()) },
+        )
+        .await;
+        sigkill(again);
+        node.admin(&["reboot"]);
+        let _after = start(&node, state.path(), port, &log);
+        let why = format!("killed at command {k} of {stage}, `{command}`");
+        let ibu = agent.wait_ibu(&why, is_last(end.0, end.1)).await;
+        let want: Vec<(String, bool)> = vec![(booted[0].into(), true), (booted[1].into(), false)];
+        assert_eq!(osnames(&node), want, "{why}");
+        let runs = ibu["status"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["stage"] == stage)
+            .count();
+        assert_eq!(runs, 1, "{why}: {ibu}");
+        k += 1;
+    }
+    assert!(
+        k > 3,
+        "{stage} ran only {} commands before the reboot",
+        k - 1
+    );
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_before_the_reboot_still_pivots_once() {
+    let end = ("UpgradeCompleted", "Completed");
+    sigkill_at_every_command_of_a_pivot(None, "Upgrade", end, ["rhcos_4.16.0", "rhcos"]).await;
+}
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_of_a_rollback_still_rolls_back_once() {
+    let end = ("RollbackCompleted", "Completed");
+    sigkill_at_every_command_of_a_pivot(
+        Some("Upgrade"),
+        "Rollback",
+        end,
+        ["rhcos", "rhcos_4.16.0"],
+    )
+    .await;
 }
