@@ -865,3 +865,68 @@ async fn a_sigkill_at_every_command_of_a_rollback_still_rolls_back_once() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade() {
+    let completed = is_last("UpgradeCompleted", "Completed");
+    let mut k = 1;
+    loop {
+        let (node, state, log, port, child, agent) = prepared().await;
+        agent.stage("Upgrade").await;
+        fleet_e2e::wait_for(
+            "the reboot request",
+            std::time::Duration::from_secs(30),
+            || async { (node.status()["rebootRequested"] == true).then_some(()) },
+        )
+        .await;
+        sigkill(child);
+        node.admin(&["reboot"]);
+        let at = node.log().len() + k;
+        node.admin(&["hold", "--at", &at.to_string()]);
+        let child = start(&node, state.path(), port, &log);
+        let held = fleet_e2e::wait_for(
+            "the held command or the upgrade's end",
+            std::time::Duration::from_secs(30),
+            || async {
+                let log = node.log();
+                if log.len() >= at {
+                    return Some(Some(log[at - 1].join(" ")));
+                }
+                agent.get().await.filter(|v| completed(v)).map(|_| None)
+            },
+        )
+        .await;
+        let Some(command) = held else {
+            break;
+        };
+        sigkill(child);
+        node.admin(&["hold", "--clear"]);
+        let _again = start(&node, state.path(), port, &log);
+        let why = format!("killed at command {k} after the reboot, `{command}`");
+        let ibu = agent.wait_ibu(&why, &completed).await;
+        assert_eq!(
+            osnames(&node),
+            [("rhcos_4.16.0".into(), true), ("rhcos".into(), false)],
+            "{why}"
+        );
+        assert!(
+            !node
+                .file(&format!("/etc/systemd/system/{WATCHDOG}"))
+                .exists(),
+            "{why}"
+        );
+        let upgrades = ibu["status"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["stage"] == "Upgrade")
+            .count();
+        assert_eq!(upgrades, 1, "{why}: {ibu}");
+        k += 1;
+    }
+    assert!(
+        k > 5,
+        "the upgrade ran only {} commands after the reboot",
+        k - 1
+    );
+}
