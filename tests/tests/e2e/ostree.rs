@@ -51,6 +51,36 @@ fn in_order(log: &[Vec<String>], want: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The node reboots from a rollback the agent or its watchdog asked for: the agent comes up
+/// on the old stateroot, the new one still beside it, and shows the upgrade failed.
+async fn back_on_the_old_stateroot(
+    node: &FakeNode,
+    agent: &Agent,
+    run: (&std::path::Path, u16, &ChildLog),
+) -> (Value, ChildGuard) {
+    node.admin(&["reboot"]);
+    let child = start(node, run.0, run.1, run.2);
+    let failed = has_condition("UpgradeCompleted", "False", "Failed");
+    let ibu = agent
+        .wait_ibu("the upgrade failed on the old stateroot", failed)
+        .await;
+    assert_eq!(
+        osnames(node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    (ibu, child)
+}
+
+/// How many times the IBU's history shows the stage.
+fn runs_of(ibu: &Value, stage: &str) -> usize {
+    ibu["status"]["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["stage"] == stage)
+        .count()
+}
+
 /// Whether the IBU has a condition of this type, status and reason (not only as its last).
 fn has_condition(
     type_: &'static str,
@@ -311,13 +341,25 @@ async fn prep_held_at(node: &FakeNode, agent: &Agent, k: usize) -> Option<String
         .await;
     assert_eq!(code, 200, "{body}");
     let done = is_last("PrepCompleted", "Completed");
+    held_or(node, agent, k, "the end of Prep", done).await
+}
+
+/// Waits for the node's `at`-th command (held), answering it, or for the IBU to satisfy
+/// `done` first (`None`).
+async fn held_or(
+    node: &FakeNode,
+    agent: &Agent,
+    at: usize,
+    end: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Option<String> {
     fleet_e2e::wait_for(
-        &format!("command {k} or the end of Prep"),
+        &format!("command {at} or {end}"),
         std::time::Duration::from_secs(30),
         || async {
             let log = node.log();
-            if log.len() >= k {
-                return Some(Some(log[k - 1].join(" ")));
+            if log.len() >= at {
+                return Some(Some(log[at - 1].join(" ")));
             }
             agent.get().await.filter(|v| done(v)).map(|_| None)
         },
@@ -371,18 +413,7 @@ async fn held_at(
     let at = node.log().len() + k;
     node.admin(&["hold", "--at", &at.to_string()]);
     agent.stage(stage).await;
-    fleet_e2e::wait_for(
-        &format!("command {k} of {stage} or its end"),
-        std::time::Duration::from_secs(30),
-        || async {
-            let log = node.log();
-            if log.len() >= at {
-                return Some(Some(log[at - 1].join(" ")));
-            }
-            agent.get().await.filter(|v| done(v)).map(|_| None)
-        },
-    )
-    .await
+    held_or(node, agent, at, &format!("the end of {stage}"), done).await
 }
 
 /// A prepared node and its agent.
@@ -688,18 +719,7 @@ async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
     )
     .await;
     sigkill(child);
-    node.admin(&["reboot"]);
-    let _child = start(&node, state.path(), port, &log);
-    let ibu = agent
-        .wait_ibu(
-            "the upgrade failed on the old stateroot",
-            has_condition("UpgradeCompleted", "False", "Failed"),
-        )
-        .await;
-    assert_eq!(
-        osnames(&node),
-        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
-    );
+    let (ibu, _child) = back_on_the_old_stateroot(&node, &agent, (state.path(), port, &log)).await;
     let message = ibu["status"]["conditions"]
         .as_array()
         .unwrap()
@@ -757,18 +777,7 @@ async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
         "rhcos",
         "the old stateroot is the default"
     );
-    node.admin(&["reboot"]);
-    let _child = start(&node, state.path(), port, &log);
-    let ibu = agent
-        .wait_ibu(
-            "the rolled back upgrade",
-            has_condition("UpgradeCompleted", "False", "Failed"),
-        )
-        .await;
-    assert_eq!(
-        osnames(&node),
-        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
-    );
+    let (ibu, _child) = back_on_the_old_stateroot(&node, &agent, (state.path(), port, &log)).await;
     let text = ibu.to_string();
     assert!(
         text.contains("Rollback due to LCA Init Monitor timeout, after 1s"),
@@ -832,13 +841,7 @@ async fn sigkill_at_every_command_of_a_pivot(
         let ibu = agent.wait_ibu(&why, is_last(end.0, end.1)).await;
         let want: Vec<(String, bool)> = vec![(booted[0].into(), true), (booted[1].into(), false)];
         assert_eq!(osnames(&node), want, "{why}");
-        let runs = ibu["status"]["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["stage"] == stage)
-            .count();
-        assert_eq!(runs, 1, "{why}: {ibu}");
+        assert_eq!(runs_of(&ibu, stage), 1, "{why}: {ibu}");
         k += 1;
     }
     assert!(
@@ -884,18 +887,7 @@ async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade
         let at = node.log().len() + k;
         node.admin(&["hold", "--at", &at.to_string()]);
         let child = start(&node, state.path(), port, &log);
-        let held = fleet_e2e::wait_for(
-            "the held command or the upgrade's end",
-            std::time::Duration::from_secs(30),
-            || async {
-                let log = node.log();
-                if log.len() >= at {
-                    return Some(Some(log[at - 1].join(" ")));
-                }
-                agent.get().await.filter(|v| completed(v)).map(|_| None)
-            },
-        )
-        .await;
+        let held = held_or(&node, &agent, at, "the upgrade's end", &completed).await;
         let Some(command) = held else {
             break;
         };
@@ -915,13 +907,7 @@ async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade
                 .exists(),
             "{why}"
         );
-        let upgrades = ibu["status"]["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["stage"] == "Upgrade")
-            .count();
-        assert_eq!(upgrades, 1, "{why}: {ibu}");
+        assert_eq!(runs_of(&ibu, "Upgrade"), 1, "{why}: {ibu}");
         k += 1;
     }
     assert!(
