@@ -347,8 +347,14 @@ impl<H: Host> Agent<H> {
     async fn reboot(&self) {
         self.rebooting.store(true, Ordering::SeqCst);
         tracing::info!(cluster = %self.name, "rebooting");
-        if let Err(err) = self.host.reboot().await {
+        let boot = self.host.boot_id().await;
+        while let Err(err) = self.host.reboot().await {
             tracing::error!(cluster = %self.name, %err, "reboot failed");
+            // Still the same boot: the node is not going anywhere. Showing what the old
+            // stateroot says (an uncontrolled rollback) would be false; ask again.
+            if boot.is_none() || self.host.boot_id().await != boot {
+                break;
+            }
         }
         let now = self.clock.now();
         let mut guard = self.state.lock().await;

@@ -916,3 +916,53 @@ async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade
         k - 1
     );
 }
+
+#[tokio::test]
+async fn a_node_that_does_not_go_down_is_asked_again_not_called_rolled_back() {
+    let (node, state, log, port, child, agent) = prepared().await;
+    sigkill(child);
+    let mut cmd = agent_command(state.path(), port);
+    cmd.args([
+        "--host",
+        "ostree",
+        "--host-exec",
+        "direct",
+        "--cluster-version",
+        "4.15.0",
+    ])
+    .args(["--reboot-wait-seconds", "1", "--host-root"])
+    .arg(&node.root)
+    .env("PATH", node.path())
+    .stdout(Stdio::null())
+    .stderr(log.stdio());
+    let _child = ChildGuard(cmd.spawn().unwrap());
+    agent
+        .wait_ibu("the agent back", is_last("PrepCompleted", "Completed"))
+        .await;
+    agent.stage("Upgrade").await;
+    let asked = |node: &FakeNode| {
+        node.log()
+            .iter()
+            .filter(|l| l.first().is_some_and(|c| c == "systemd-run"))
+            .count()
+    };
+    fleet_e2e::wait_for(
+        "the reboot asked for twice",
+        std::time::Duration::from_secs(30),
+        || async { (asked(&node) >= 2).then_some(()) },
+    )
+    .await;
+    // Meanwhile the agent says it is rebooting, never that the upgrade failed.
+    let res = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/ibu"))
+        .bearer_auth(crate::spoke::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("rebooting"),
+        "{body}"
+    );
+}

@@ -9,7 +9,7 @@ use fleet_e2e::{ChildGuard, binary, free_port, wait_for};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const TOKEN: &str = "test-api-token";
+pub(crate) const TOKEN: &str = "test-api-token";
 
 /// The agent's API, by URL: the process behind it may be killed and started again.
 pub(crate) struct Agent {
