@@ -93,6 +93,62 @@ pub struct KubeHost<H> {
     client: kube::Client,
 }
 
+/// Whether the condition `type_` of an object's `status.conditions` is `"True"`.
+fn condition_true(obj: &Value, type_: &str) -> Option<bool> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| c["status"] == "True")
+}
+
+/// The cluster's health as the Lifecycle Agent checks it before a stage goes on: its API
+/// answers, every node is Ready, every ClusterOperator is Available and not Degraded (a
+/// cluster without ClusterOperators, not OpenShift, has none to check). `Err` says what to
+/// wait for.
+pub async fn cluster_health(client: &kube::Client) -> Result<(), String> {
+    let nodes: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Node"), "nodes"),
+    );
+    let list = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("the cluster's API: listing nodes: {e}"))?;
+    for node in list {
+        let value = serde_json::to_value(&node).unwrap_or_default();
+        if condition_true(&value, "Ready") != Some(true) {
+            return Err(format!(
+                "node {} is not Ready",
+                node.metadata.name.unwrap_or_default()
+            ));
+        }
+    }
+    let operators: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("config.openshift.io", "v1", "ClusterOperator"),
+            "clusteroperators",
+        ),
+    );
+    let list = match operators.list(&ListParams::default()).await {
+        Ok(list) => list,
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(format!("the cluster's API: listing ClusterOperators: {e}")),
+    };
+    for co in list {
+        let value = serde_json::to_value(&co).unwrap_or_default();
+        let name = co.metadata.name.unwrap_or_default();
+        if condition_true(&value, "Available") != Some(true) {
+            return Err(format!("ClusterOperator {name} is not Available"));
+        }
+        if condition_true(&value, "Degraded") == Some(true) {
+            return Err(format!("ClusterOperator {name} is Degraded"));
+        }
+    }
+    Ok(())
+}
+
 impl<H: Host> KubeHost<H> {
     pub fn new(inner: H, client: kube::Client) -> Self {
         KubeHost { inner, client }
@@ -229,7 +285,8 @@ impl<H: Host> Host for KubeHost<H> {
     }
 
     async fn health(&self) -> Result<(), String> {
-        self.inner.health().await
+        self.inner.health().await?;
+        cluster_health(&self.client).await
     }
 
     async fn cluster_facts(&self, spec: &ImageBasedUpgradeSpec) -> Result<ClusterFacts, HostError> {
@@ -289,6 +346,7 @@ impl<H: Host> Host for KubeHost<H> {
     }
 
     async fn deferred_health(&self) -> Result<(), String> {
+        cluster_health(&self.client).await?;
         self.inner.deferred_health().await
     }
 

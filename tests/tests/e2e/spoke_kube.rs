@@ -123,12 +123,43 @@ async fn oc_patch_drives_the_agent_and_oadp_runs_through_velero_objects() {
             .contains("the stage transition is not permitted")
     );
 
+    // The cluster is not healthy yet: its node is not Ready, then an operator is degraded.
+    let node = |ready: &str| {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sno1"},
+        "status": {"conditions": [{"type": "Ready", "status": ready}]}})
+    };
+    kube.seed("api/v1", "nodes", node("False"));
+    let co = |degraded: &str| {
+        json!({"apiVersion": "config.openshift.io/v1", "kind": "ClusterOperator",
+        "metadata": {"name": "etcd"}, "status": {"conditions": [
+            {"type": "Available", "status": "True"}, {"type": "Degraded", "status": degraded}]}})
+    };
+    kube.seed(
+        "apis/config.openshift.io/v1",
+        "clusteroperators",
+        co("True"),
+    );
     // oc patch ibu upgrade: seed, OADP ConfigMap (read from the cluster), Prep.
     let prep = oc_patch(json!({"spec": {"stage": "Prep",
         "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"},
         "oadpContent": [{"name": "oadp-cm", "namespace": "openshift-adp"}]}}))
     .await;
     assert_eq!(prep.status(), 200);
+    let waiting = |what: &'static str| async move {
+        wait_for(what, DEADLINE, || async {
+            let ibu = get()?;
+            state(&ibu).1.ends_with(what).then_some(())
+        })
+        .await
+    };
+    waiting("node sno1 is not Ready").await;
+    kube.seed("api/v1", "nodes", node("True"));
+    waiting("ClusterOperator etcd is Degraded").await;
+    kube.seed(
+        "apis/config.openshift.io/v1",
+        "clusteroperators",
+        co("False"),
+    );
     let done = wait_state("Prep to complete", "PrepCompleted/Completed").await;
     assert_eq!(
         done["status"]["validNextStages"],
