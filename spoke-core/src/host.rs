@@ -102,6 +102,12 @@ pub trait Host: Send + Sync + 'static {
     fn restore(&self, groups: &[Vec<Value>]) -> impl Future<Output = Result<(), HostError>> + Send;
     /// The deferred health checks that end an upgrade; `Err(why)` waits.
     fn deferred_health(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// The upgrade has passed its deferred health checks: a host that watches it from
+    /// outside the agent (the real node's init-monitor unit) stops and removes that watch.
+    /// Errors are worth retrying: a completed upgrade is not rolled back for them.
+    fn disarm_watchdog(&self) -> impl Future<Output = Result<(), HostError>> + Send {
+        std::future::ready(Ok(()))
+    }
     /// Every cleanup step of abort and finalize, collecting errors.
     fn cleanup(&self, manual: bool) -> impl Future<Output = Result<(), Vec<String>>> + Send;
 

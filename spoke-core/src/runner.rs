@@ -432,6 +432,7 @@ async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
         Work::ApplyExtraManifests(groups) => done(host.apply_extra_manifests(&groups).await),
         Work::Restore(groups) => done(host.restore(&groups).await),
         Work::DeferredHealth => waited(host.deferred_health().await),
+        Work::DisarmWatchdog => done(host.disarm_watchdog().await),
         Work::Cleanup { manual } => match host.cleanup(manual).await {
             Ok(()) => Outcome::Done,
             Err(errors) => Outcome::CleanupFailed(errors),

@@ -139,6 +139,7 @@ impl Node {
             }
             Work::ApplyExtraManifests(_) => host(self.sim.apply_extra_manifests()),
             Work::Restore(g) => host(self.sim.restore(&g)),
+            Work::DisarmWatchdog => Outcome::Done,
             Work::DeferredHealth => match self.sim.deferred_health() {
                 Ok(()) => Outcome::Done,
                 Err(why) => Outcome::Waiting(why),

@@ -350,6 +350,10 @@ impl<H: Host> Host for KubeHost<H> {
         self.inner.deferred_health().await
     }
 
+    async fn disarm_watchdog(&self) -> Result<(), HostError> {
+        self.inner.disarm_watchdog().await
+    }
+
     async fn cleanup(&self, manual: bool) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         if let Err(e) = self.delete_oadp_objects().await {

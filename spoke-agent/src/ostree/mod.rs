@@ -647,10 +647,14 @@ impl Host for OstreeHost {
         Ok(())
     }
 
-    /// The upgrade is about to complete: the watchdog goes.
     async fn deferred_health(&self) -> Result<(), String> {
-        self.health().await?;
-        self.disable_watchdog().await.map_err(|e| e.to_string())
+        self.health().await
+    }
+
+    async fn disarm_watchdog(&self) -> Result<(), HostError> {
+        self.disable_watchdog()
+            .await
+            .map_err(|e| HostError::Transient(format!("removing {WATCHDOG_UNIT}: {e}")))
     }
 
     async fn cleanup(&self, _manual: bool) -> Result<(), Vec<String>> {

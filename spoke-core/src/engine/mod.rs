@@ -115,6 +115,7 @@ pub enum Step {
     ApplyExtraManifests,
     Restore,
     DeferredHealth,
+    DisarmWatchdog,
     Cleanup,
 }
 
@@ -130,6 +131,7 @@ impl Op {
                 ApplyExtraManifests,
                 Restore,
                 DeferredHealth,
+                DisarmWatchdog,
             ],
             Op::Rollback | Op::AutoRollback(_) => &[Pivot, Reboot],
             Op::RollbackPost => &[],
@@ -176,6 +178,8 @@ pub enum Work {
     ApplyExtraManifests(Vec<Vec<Value>>),
     Restore(Vec<Vec<Value>>),
     DeferredHealth,
+    /// The upgrade is about to complete: the host's own watchdog (if it has one) goes.
+    DisarmWatchdog,
     /// Remove every stateroot not booted, precache leftovers, this cluster's Backups and the
     /// workspace. `manual` after `lca.openshift.io/manual-cleanup-done`.
     Cleanup {

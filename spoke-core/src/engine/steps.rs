@@ -84,6 +84,7 @@ pub(super) fn work_for(s: &SpokeState, step: Step, now: DateTime<Utc>) -> Work {
         Step::ApplyExtraManifests => Work::ApplyExtraManifests(groups(&s.run.extra_manifests)),
         Step::Restore => Work::Restore(groups(&s.run.restores)),
         Step::DeferredHealth => Work::DeferredHealth,
+        Step::DisarmWatchdog => Work::DisarmWatchdog,
         Step::Cleanup => Work::Cleanup {
             manual: s.run.manual_cleanup,
         },
