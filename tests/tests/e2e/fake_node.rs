@@ -81,6 +81,11 @@ impl FakeNode {
         serde_json::from_str(&self.admin(&["status"])).unwrap()
     }
 
+    /// Whether the agent has asked the node to reboot (and it has not yet).
+    pub fn reboot_requested(&self) -> bool {
+        self.status()["rebootRequested"] == true
+    }
+
     /// Every tool invocation so far, in order.
     pub fn log(&self) -> Vec<Vec<String>> {
         std::fs::read_to_string(self.root.join(".fake-node/commands.log"))

@@ -51,14 +51,13 @@ fn in_order(log: &[Vec<String>], want: &[&str]) -> Result<(), String> {
     }
 }
 
-/// The node reboots from a rollback the agent or its watchdog asked for: the agent comes up
-/// on the old stateroot, the new one still beside it, and shows the upgrade failed.
+/// After the reboot of a rollback the agent or its watchdog asked for: the agent comes up on
+/// the old stateroot, the new one still beside it, and shows the upgrade failed.
 async fn back_on_the_old_stateroot(
     node: &FakeNode,
     agent: &Agent,
     run: (&std::path::Path, u16, &ChildLog),
 ) -> (Value, ChildGuard) {
-    node.admin(&["reboot"]);
     let child = start(node, run.0, run.1, run.2);
     let failed = has_condition("UpgradeCompleted", "False", "Failed");
     let ibu = agent
@@ -203,12 +202,7 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
 
     // Upgrade: the pivot, then the agent asks for the reboot and waits for it.
     agent.stage("Upgrade").await;
-    fleet_e2e::wait_for(
-        "the reboot request",
-        std::time::Duration::from_secs(30),
-        || async { (node.status()["rebootRequested"] == true).then_some(()) },
-    )
-    .await;
+    reboot_requested(&node, "the reboot request").await;
     let status = node.status();
     assert_eq!(
         status["deployments"][0]["osname"], "rhcos_4.16.0",
@@ -417,24 +411,33 @@ async fn held_at(
 }
 
 /// A prepared node and its agent.
-async fn prepared() -> (
+async fn prepared() -> Prepared {
+    prepared_with(json!({})).await
+}
+
+type Prepared = (
     FakeNode,
     tempfile::TempDir,
     ChildLog,
     u16,
     ChildGuard,
     Agent,
-) {
+);
+
+/// A prepared node and its agent, Prep's spec completed with the fields of `extra`.
+async fn prepared_with(extra: Value) -> Prepared {
     let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
     let state = tempfile::tempdir().unwrap();
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
     let child = start(&node, state.path(), port, &log);
     let agent = Agent::at(port).await;
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
+    let mut spec = json!({"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": SEED}});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    let (code, body) = agent.patch(json!({ "spec": spec })).await;
+    assert_eq!(code, 200, "{body}");
     agent
         .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
         .await;
@@ -529,6 +532,22 @@ async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
     }
 }
 
+/// Waits for the agent to ask the node to reboot.
+async fn reboot_requested(node: &FakeNode, what: &str) {
+    fleet_e2e::wait_for(what, std::time::Duration::from_secs(30), || async {
+        node.reboot_requested().then_some(())
+    })
+    .await;
+}
+
+/// Plays the reboot the agent asks for: the agent goes down with the node, which comes back
+/// on its default deployment.
+async fn reboot_when_asked(node: &FakeNode, child: ChildGuard, what: &str) {
+    reboot_requested(node, what).await;
+    sigkill(child);
+    node.admin(&["reboot"]);
+}
+
 /// Asks for `stage` (a pivot) and plays the node's reboot: waits for the agent to ask for
 /// it, stops the agent, boots the node, starts the agent again.
 async fn through_the_reboot(
@@ -539,14 +558,7 @@ async fn through_the_reboot(
     child: ChildGuard,
 ) -> ChildGuard {
     agent.stage(stage).await;
-    fleet_e2e::wait_for(
-        &format!("{stage}'s reboot request"),
-        std::time::Duration::from_secs(30),
-        || async { (node.status()["rebootRequested"] == true).then_some(()) },
-    )
-    .await;
-    sigkill(child);
-    node.admin(&["reboot"]);
+    reboot_when_asked(node, child, &format!("{stage}'s reboot request")).await;
     start(node, run.0, run.1, run.2)
 }
 
@@ -676,7 +688,7 @@ async fn the_hub_upgrades_a_fleet_of_real_node_agents() {
         );
         // Each node that asked for its reboot gets it: the agent goes down with the node.
         for sno in &mut fleet {
-            if sno.node.status()["rebootRequested"] == true {
+            if sno.node.reboot_requested() {
                 if let Some(child) = sno.child.take() {
                     sigkill(child);
                 }
@@ -701,24 +713,10 @@ async fn the_hub_upgrades_a_fleet_of_real_node_agents() {
 async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
     let (node, state, log, port, child, agent) = prepared().await;
     agent.stage("Upgrade").await;
-    let rebooting = || async { (node.status()["rebootRequested"] == true).then_some(()) };
-    fleet_e2e::wait_for(
-        "the upgrade's reboot request",
-        std::time::Duration::from_secs(30),
-        rebooting,
-    )
-    .await;
-    sigkill(child);
-    node.admin(&["reboot"]);
+    reboot_when_asked(&node, child, "the upgrade's reboot request").await;
     node.admin(&["unit-failed", "installation-configuration.service"]);
     let child = start(&node, state.path(), port, &log);
-    fleet_e2e::wait_for(
-        "the rollback's reboot request",
-        std::time::Duration::from_secs(30),
-        rebooting,
-    )
-    .await;
-    sigkill(child);
+    reboot_when_asked(&node, child, "the rollback's reboot request").await;
     let (ibu, _child) = back_on_the_old_stateroot(&node, &agent, (state.path(), port, &log)).await;
     let message = ibu["status"]["conditions"]
         .as_array()
@@ -735,29 +733,10 @@ async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
 
 #[tokio::test]
 async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
-    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
-    let spec = json!({"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": SEED},
-        "autoRollbackOnFailure": {"initMonitorTimeoutSeconds": 1}});
-    let (code, body) = agent.patch(json!({ "spec": spec })).await;
-    assert_eq!(code, 200, "{body}");
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    let timeout = json!({"autoRollbackOnFailure": {"initMonitorTimeoutSeconds": 1}});
+    let (node, state, log, port, child, agent) = prepared_with(timeout).await;
     agent.stage("Upgrade").await;
-    let rebooting = || async { (node.status()["rebootRequested"] == true).then_some(()) };
-    fleet_e2e::wait_for(
-        "the upgrade's reboot request",
-        std::time::Duration::from_secs(30),
-        rebooting,
-    )
-    .await;
-    sigkill(child);
-    node.admin(&["reboot"]);
+    reboot_when_asked(&node, child, "the upgrade's reboot request").await;
     // On the new stateroot the agent does not come up; the unit its /etc enables runs.
     assert_eq!(node.ok(&["systemctl", "is-active", WATCHDOG]), "active\n");
     let out = std::process::Command::new(fleet_e2e::binary("spoke-agent"))
@@ -771,12 +750,13 @@ async fn the_watchdog_rolls_back_an_upgrade_whose_agent_never_comes_up() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(node.status()["rebootRequested"], true);
+    assert!(node.reboot_requested());
     assert_eq!(
         node.status()["deployments"][0]["osname"],
         "rhcos",
         "the old stateroot is the default"
     );
+    node.admin(&["reboot"]);
     let (ibu, _child) = back_on_the_old_stateroot(&node, &agent, (state.path(), port, &log)).await;
     let text = ibu.to_string();
     assert!(
@@ -794,7 +774,6 @@ async fn sigkill_at_every_command_of_a_pivot(
     end: (&'static str, &'static str),
     booted: [&str; 2],
 ) {
-    let rebooting = |node: &FakeNode| node.status()["rebootRequested"] == true;
     let mut k = 1;
     loop {
         let (node, state, log, port, mut child, agent) = prepared().await;
@@ -817,7 +796,7 @@ async fn sigkill_at_every_command_of_a_pivot(
                 if log.len() >= at {
                     Some(Some(log[at - 1].join(" ")))
                 } else {
-                    rebooting(&node).then_some(None)
+                    node.reboot_requested().then_some(None)
                 }
             },
         )
@@ -828,14 +807,7 @@ async fn sigkill_at_every_command_of_a_pivot(
         sigkill(child);
         node.admin(&["hold", "--clear"]);
         let again = start(&node, state.path(), port, &log);
-        fleet_e2e::wait_for(
-            "the reboot request after the restart",
-            std::time::Duration::from_secs(30),
-            || async { rebooting(&node).then_some(()) },
-        )
-        .await;
-        sigkill(again);
-        node.admin(&["reboot"]);
+        reboot_when_asked(&node, again, "the reboot request after the restart").await;
         let _after = start(&node, state.path(), port, &log);
         let why = format!("killed at command {k} of {stage}, `{command}`");
         let ibu = agent.wait_ibu(&why, is_last(end.0, end.1)).await;
@@ -876,14 +848,7 @@ async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade
     loop {
         let (node, state, log, port, child, agent) = prepared().await;
         agent.stage("Upgrade").await;
-        fleet_e2e::wait_for(
-            "the reboot request",
-            std::time::Duration::from_secs(30),
-            || async { (node.status()["rebootRequested"] == true).then_some(()) },
-        )
-        .await;
-        sigkill(child);
-        node.admin(&["reboot"]);
+        reboot_when_asked(&node, child, "the reboot request").await;
         let at = node.log().len() + k;
         node.admin(&["hold", "--at", &at.to_string()]);
         let child = start(&node, state.path(), port, &log);
