@@ -87,13 +87,11 @@ impl OstreeHost {
             Root::Booted => IBU_FILE.to_string(),
             Root::Seed(s) => format!("{}{IBU_FILE}", stateroot_dir(s)),
             Root::Previous => {
-                let booted = self.node.booted().await?;
-                let previous = self
-                    .node
-                    .deployments()
-                    .await?
-                    .into_iter()
-                    .find(|d| d.osname != booted.osname)
+                let all = self.node.deployments().await?;
+                let booted = all.iter().find(|d| d.booted).map(|d| d.osname.as_str());
+                let previous = all
+                    .iter()
+                    .find(|d| Some(d.osname.as_str()) != booted)
                     .ok_or_else(|| {
                         NodeError::Refused("no stateroot besides the booted one".into())
                     })?;
@@ -681,8 +679,10 @@ impl Host for OstreeHost {
                     errors.push(e.to_string());
                 }
                 // Directories of stateroots with no deployment (a setup that failed early).
-                if let Ok(entries) = std::fs::read_dir(self.node.runner.path("/ostree/deploy")) {
-                    for e in entries.flatten() {
+                if let Ok(mut entries) =
+                    tokio::fs::read_dir(self.node.runner.path("/ostree/deploy")).await
+                {
+                    while let Ok(Some(e)) = entries.next_entry().await {
                         let name = e.file_name().to_string_lossy().to_string();
                         if name != booted.osname
                             && let Err(e) = self.node.remove_stateroot(&name).await
