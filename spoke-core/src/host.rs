@@ -42,6 +42,25 @@ pub struct RestoreInfo {
     pub failure_reason: String,
 }
 
+/// What a reboot is for, said in its description (`lifecycle-agent: upgrade`) as the
+/// Lifecycle Agent says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebootFor {
+    /// Into the new stateroot.
+    Upgrade,
+    /// Back to the old stateroot, asked for or automatic.
+    Rollback,
+}
+
+impl RebootFor {
+    pub fn word(self) -> &'static str {
+        match self {
+            RebootFor::Upgrade => "upgrade",
+            RebootFor::Rollback => "rollback",
+        }
+    }
+}
+
 /// The node's side of an image-based upgrade. Methods are the steps of `ibu-spoke.md`
 /// section 4; each is idempotent, because a restarted agent runs an interrupted step again.
 pub trait Host: Send + Sync + 'static {
@@ -91,7 +110,7 @@ pub trait Host: Send + Sync + 'static {
     }
     /// Reboots into the default deployment. The simulated host returns when the node is
     /// back; the real one never returns.
-    fn reboot(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn reboot(&self, why: RebootFor) -> impl Future<Output = Result<(), HostError>> + Send;
     /// The DataProtectionApplication saved before the reboot exists again.
     fn check_dpa(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     fn apply_extra_manifests(

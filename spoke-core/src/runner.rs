@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::Error;
 use crate::engine::{self, Next, Outcome, Root, SpokeState, Work};
-use crate::host::{Host, HostError};
+use crate::host::{Host, HostError, RebootFor};
 use crate::metrics::AgentMetrics;
 use crate::spoke::HubSession;
 
@@ -348,7 +348,11 @@ impl<H: Host> Agent<H> {
         self.rebooting.store(true, Ordering::SeqCst);
         tracing::info!(cluster = %self.name, "rebooting");
         let boot = self.host.boot_id().await;
-        while let Err(err) = self.host.reboot().await {
+        let why = match self.state.lock().await.run.op {
+            Some(engine::Op::UpgradePre) => RebootFor::Upgrade,
+            _ => RebootFor::Rollback,
+        };
+        while let Err(err) = self.host.reboot(why).await {
             tracing::error!(cluster = %self.name, %err, "reboot failed");
             // Still the same boot: the node is not going anywhere. Showing what the old
             // stateroot says (an uncontrolled rollback) would be false; ask again.

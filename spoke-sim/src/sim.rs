@@ -19,7 +19,7 @@ use spoke_core::engine::validate::{
     ClusterFacts, SEED_CLUSTER_INFO_LABEL, SEED_FORMAT_LABEL, SEED_FORMAT_VERSION,
 };
 use spoke_core::engine::{Root, SpokeState};
-use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 /// The fault points of the contract.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -552,7 +552,7 @@ impl Host for SimHost {
         self.with(|c| c.set_default(root))?
     }
 
-    async fn reboot(&self) -> Result<(), HostError> {
+    async fn reboot(&self, _why: RebootFor) -> Result<(), HostError> {
         self.with(|c| c.reboot())?;
         if !self.reboot.is_zero() {
             tokio::time::sleep(self.reboot).await;

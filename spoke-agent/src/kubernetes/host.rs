@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use spoke_core::engine::validate::ClusterFacts;
 use spoke_core::engine::{Root, SpokeState};
-use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 pub const OADP_NAMESPACE: &str = "openshift-adp";
 /// Put on every Backup and Restore the agent creates, so cleanup finds exactly those.
@@ -328,8 +328,8 @@ impl<H: Host> Host for KubeHost<H> {
         self.inner.set_default(root).await
     }
 
-    async fn reboot(&self) -> Result<(), HostError> {
-        self.inner.reboot().await
+    async fn reboot(&self, why: RebootFor) -> Result<(), HostError> {
+        self.inner.reboot(why).await
     }
 
     async fn check_dpa(&self) -> Result<(), HostError> {

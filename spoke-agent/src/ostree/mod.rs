@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use spoke_core::engine::validate::ClusterFacts;
 use spoke_core::engine::{Root, Run, SpokeState};
-use spoke_core::host::{Host, HostError, PrecacheSummary, RestoreInfo};
+use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 use node::NodeOs;
 use runner::NodeError;
@@ -338,7 +338,11 @@ impl OstreeHost {
                 }
                 Work::Reboot => {
                     tracing::warn!("the upgrade did not complete in time: rolling back");
-                    return self.node.reboot("rollback").await.map_err(terminal);
+                    return self
+                        .node
+                        .reboot(RebootFor::Rollback.word())
+                        .await
+                        .map_err(terminal);
                 }
                 other => {
                     return Err(HostError::Terminal(format!(
@@ -607,9 +611,9 @@ impl Host for OstreeHost {
         None
     }
 
-    async fn reboot(&self) -> Result<(), HostError> {
+    async fn reboot(&self, why: RebootFor) -> Result<(), HostError> {
         self.node
-            .reboot("upgrade")
+            .reboot(why.word())
             .await
             .map_err(|e| HostError::Transient(e.to_string()))?;
         // The node goes down with the agent; still here after this, it did not.

@@ -562,6 +562,18 @@ async fn through_the_reboot(
     start(node, run.0, run.1, run.2)
 }
 
+/// The descriptions of the reboots asked for, in order (`"lifecycle-agent: upgrade"`).
+fn reboot_descriptions(node: &FakeNode) -> Vec<String> {
+    node.log()
+        .iter()
+        .filter(|l| l.first().is_some_and(|c| c == "systemd-run"))
+        .filter_map(|l| {
+            let at = l.iter().position(|a| a == "--description")?;
+            l.get(at + 1).cloned()
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
     let (node, state, log, port, child, agent) = prepared().await;
@@ -585,6 +597,13 @@ async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
     assert_eq!(
         osnames(&node),
         [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
+    assert_eq!(
+        reboot_descriptions(&node),
+        [
+            "\"lifecycle-agent: upgrade\"",
+            "\"lifecycle-agent: rollback\""
+        ]
     );
     // Finalizing the rollback removes the new stateroot.
     agent.stage("Idle").await;
@@ -728,6 +747,10 @@ async fn a_failed_post_pivot_reconfiguration_rolls_the_node_back() {
     assert!(
         message.starts_with("Rollback due to post-reboot configuration failure: the seed's post-pivot reconfiguration (installation-configuration.service) failed"),
         "{message}"
+    );
+    assert_eq!(
+        reboot_descriptions(&node).last().map(String::as_str),
+        Some("\"lifecycle-agent: rollback\"")
     );
 }
 
