@@ -113,6 +113,12 @@ def check_chart(name, update):
                     fail(f"{what}: {type(e).__name__}: {e}")
                 if doc["kind"] == "ClusterRole" and doc.get("rules") != rbac["rules"]:
                     fail(f"{what}: rules differ from rbac/{role}")
+                if doc["kind"] == "Role":
+                    namespaced = yaml.safe_load(open(os.path.join(path, "rbac", "role-ostree.yaml")))
+                    if doc.get("rules") != namespaced["rules"]:
+                        fail(f"{what}: rules differ from rbac/role-ostree.yaml")
+            if name == "spoke-agent" and ((values or {}).get("host") == "ostree") != ("Role" in kinds):
+                fail(f"{name} ({label}): a Role for the seed's pull secret exactly with host: ostree")
             if label == "default":
                 target = os.path.join(HERE, "rendered", name + ".yaml")
                 if update:

@@ -86,6 +86,16 @@ pub trait Host: Send + Sync + 'static {
         &self,
         seed: &SeedImageRef,
     ) -> impl Future<Output = Result<BTreeMap<String, String>, HostError>> + Send;
+    /// Registry credentials for the seed image (the `.dockerconfigjson` of the Secret
+    /// `seedImageRef.pullSecretRef` names) that the seed's inspect and pull use instead of
+    /// the cluster's pull secret, until called again with `None`. A host that does not read
+    /// the cluster's API gets them from one that does (`--kube`).
+    fn seed_pull_secret(
+        &self,
+        _auth: Option<&[u8]>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send {
+        std::future::ready(Ok(()))
+    }
     /// Pulls the seed, creates and deploys the stateroot (not as default), writes the
     /// auto-rollback configuration into it.
     fn setup_stateroot(

@@ -51,6 +51,8 @@ pub struct Rule {
     pub groups: Vec<String>,
     pub resources: Vec<String>,
     pub verbs: Vec<String>,
+    /// A Role's rule holds only in its namespace; a ClusterRole's everywhere.
+    pub namespace: Option<String>,
 }
 
 #[derive(Clone)]
@@ -267,11 +269,12 @@ impl FakeKube {
         let _ = self.changes.send(change);
     }
 
-    fn allowed(&self, group: &str, resource: &str, verb: &str) -> bool {
+    fn allowed(&self, group: &str, resource: &str, namespace: &str, verb: &str) -> bool {
         match self.rules.as_ref() {
             None => true,
             Some(rules) => rules.iter().any(|r| {
-                r.groups.iter().any(|g| g == group || g == "*")
+                r.namespace.as_deref().is_none_or(|ns| ns == namespace)
+                    && r.groups.iter().any(|g| g == group || g == "*")
                     && r.resources.iter().any(|x| x == resource || x == "*")
                     && r.verbs.iter().any(|v| v == verb || v == "*")
             }),
@@ -357,7 +360,7 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
                 "the server could not find the requested resource",
             );
         }
-        if !admin && !fake.allowed(&t.group, &resource, verb) {
+        if !admin && !fake.allowed(&t.group, &resource, &t.namespace, verb) {
             let what = format!("{verb} {}/{resource}", t.group);
             inner.denied.push(what.clone());
             return status(403, "Forbidden", format!("RBAC: {what} is not allowed"));
@@ -647,12 +650,21 @@ fn watch(fake: &FakeKube, t: &Target, query: &str) -> Response {
 
 /// The rules of the ClusterRoles in a YAML file of several documents.
 pub fn cluster_role_rules(yaml: &str) -> Vec<Rule> {
+    rules_of(yaml, "ClusterRole", None)
+}
+
+/// The rules of the Roles in a YAML file, bound in `namespace`.
+pub fn role_rules(yaml: &str, namespace: &str) -> Vec<Rule> {
+    rules_of(yaml, "Role", Some(namespace))
+}
+
+fn rules_of(yaml: &str, kind: &str, namespace: Option<&str>) -> Vec<Rule> {
     let mut rules = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
         let Ok(v) = <Value as serde::Deserialize>::deserialize(doc) else {
             continue;
         };
-        if v["kind"] != "ClusterRole" {
+        if v["kind"] != kind {
             continue;
         }
         for r in v["rules"].as_array().into_iter().flatten() {
@@ -667,6 +679,7 @@ pub fn cluster_role_rules(yaml: &str) -> Vec<Rule> {
                 groups: list("apiGroups"),
                 resources: list("resources"),
                 verbs: list("verbs"),
+                namespace: namespace.map(str::to_string),
             });
         }
     }

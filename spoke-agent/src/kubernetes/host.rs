@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fleet_types::ibu::{ConfigMapRef, ImageBasedUpgradeSpec, SeedImageRef};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams,
 };
@@ -20,6 +20,8 @@ use spoke_core::engine::{Root, SpokeState};
 use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 pub const OADP_NAMESPACE: &str = "openshift-adp";
+/// The key of a `kubernetes.io/dockerconfigjson` Secret.
+const DOCKER_CONFIG_JSON: &str = ".dockerconfigjson";
 /// Put on every Backup and Restore the agent creates, so cleanup finds exactly those.
 pub const CREATED_BY_LABEL: &str = "lca.openshift.io/created-by";
 pub const CREATED_BY: &str = "spoke-agent";
@@ -152,6 +154,49 @@ pub async fn cluster_health(client: &kube::Client) -> Result<(), String> {
 impl<H: Host> KubeHost<H> {
     pub fn new(inner: H, client: kube::Client) -> Self {
         KubeHost { inner, client }
+    }
+
+    /// Hands the node the seed's registry credentials, when the IBU names a Secret (in the
+    /// agent's namespace) for them, as the Lifecycle Agent does for each inspect and pull.
+    async fn lend_seed_pull_secret(&self, seed: &SeedImageRef) -> Result<(), HostError> {
+        let Some(r) = &seed.pull_secret_ref else {
+            return Ok(());
+        };
+        let namespace = self.client.default_namespace();
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let refused = |why: String| {
+            HostError::Terminal(format!(
+                "failed to retrieve pull-secret from secret {}, err: {why}",
+                r.name
+            ))
+        };
+        let secret = match secrets.get_opt(&r.name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
+                return Err(refused(format!(
+                    "secrets \"{}\" not found in namespace {namespace}",
+                    r.name
+                )));
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 => return Err(refused(e.message)),
+            Err(e) => return Err(transient(e)),
+        };
+        let auth = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(DOCKER_CONFIG_JSON))
+            .ok_or_else(|| refused(format!("the secret has no {DOCKER_CONFIG_JSON}")))?;
+        self.inner.seed_pull_secret(Some(&auth.0)).await
+    }
+
+    /// The node forgets the seed's credentials once they were used (failures are logged: the
+    /// file is in the workspace, which cleanup removes).
+    async fn take_back_seed_pull_secret(&self, seed: &SeedImageRef) {
+        if seed.pull_secret_ref.is_some()
+            && let Err(err) = self.inner.seed_pull_secret(None).await
+        {
+            tracing::warn!(%err, "removing the seed's pull secret from the node");
+        }
     }
 
     fn configmaps(&self, namespace: &str) -> Api<ConfigMap> {
@@ -304,11 +349,17 @@ impl<H: Host> Host for KubeHost<H> {
         &self,
         seed: &SeedImageRef,
     ) -> Result<BTreeMap<String, String>, HostError> {
-        self.inner.inspect_seed(seed).await
+        self.lend_seed_pull_secret(seed).await?;
+        let labels = self.inner.inspect_seed(seed).await;
+        self.take_back_seed_pull_secret(seed).await;
+        labels
     }
 
     async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
-        self.inner.setup_stateroot(stateroot, seed).await
+        self.lend_seed_pull_secret(seed).await?;
+        let done = self.inner.setup_stateroot(stateroot, seed).await;
+        self.take_back_seed_pull_secret(seed).await;
+        done
     }
 
     async fn precache(

@@ -35,6 +35,8 @@ pub const RUN_ANNOTATION: &str = "spoke-agent.lca.openshift.io/run";
 pub const SETUP_DONE_FILE: &str = "/var/lib/lca/stateroot-setup.done";
 /// The Lifecycle Agent's workspace, removed by cleanup.
 pub const WORKSPACE: &str = "/var/lib/lca/workspace";
+/// The seed's own registry credentials (`seedImageRef.pullSecretRef`), while they are used.
+pub const SEED_PULL_SECRET: &str = "/var/lib/lca/workspace/seed-pull-secret";
 /// The seed's release images, copied there by stateroot setup for precaching.
 pub const CONTAINERS_LIST: &str = "/var/tmp/containers.list";
 /// The agent's own watchdog on the new stateroot: it rolls the node back when the upgrade
@@ -100,10 +102,28 @@ impl OstreeHost {
         })
     }
 
+    /// The credentials the seed is inspected and pulled with: its own Secret's when the IBU
+    /// names one (lent by `--kube`), else the cluster's pull secret.
+    fn seed_auth(&self, seed: &SeedImageRef) -> Result<&'static str, HostError> {
+        let Some(secret) = &seed.pull_secret_ref else {
+            return Ok(node::AUTH_FILE);
+        };
+        if self.node.runner.path(SEED_PULL_SECRET).is_file() {
+            Ok(SEED_PULL_SECRET)
+        } else {
+            Err(HostError::Terminal(format!(
+                "seedImageRef.pullSecretRef {:?}: the agent reads pull secrets from the cluster's API: run it with --kube",
+                secret.name
+            )))
+        }
+    }
+
     /// Sets up the seed's stateroot from its image (`ibu-host.md` section 1, steps 1 to 11).
     async fn setup(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
         let node = &self.node;
-        node.pull_seed(&seed.image).await.map_err(terminal)?;
+        node.pull_seed(&seed.image, self.seed_auth(seed)?)
+            .await
+            .map_err(terminal)?;
         node.remount_sysroot_rw().await.map_err(terminal)?;
         let at = node.mount_image(&seed.image).await.map_err(terminal)?;
         let ws = format!("/var/tmp/ibu-stateroot-setup-{stateroot}");
@@ -486,12 +506,32 @@ impl Host for OstreeHost {
         &self,
         seed: &SeedImageRef,
     ) -> Result<BTreeMap<String, String>, HostError> {
-        self.node.inspect_labels(&seed.image).await.map_err(|e| {
-            HostError::Terminal(format!(
-                "failed to inspect the seed image {}: {e}",
-                seed.image
-            ))
-        })
+        let auth = self.seed_auth(seed)?;
+        self.node
+            .inspect_labels(&seed.image, auth)
+            .await
+            .map_err(|e| {
+                HostError::Terminal(format!(
+                    "failed to inspect the seed image {}: {e}",
+                    seed.image
+                ))
+            })
+    }
+
+    async fn seed_pull_secret(&self, auth: Option<&[u8]>) -> Result<(), HostError> {
+        let runner = &self.node.runner;
+        match auth {
+            Some(auth) => runner
+                .write_private(SEED_PULL_SECRET, auth)
+                .await
+                .map_err(terminal),
+            None => match tokio::fs::remove_file(runner.path(SEED_PULL_SECRET)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(terminal(runner::file_error(SEED_PULL_SECRET, e)))
+                }
+                _ => Ok(()),
+            },
+        }
     }
 
     async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {

@@ -121,7 +121,11 @@ impl NodeOs {
     }
 
     /// The image's labels, without pulling it.
-    pub async fn inspect_labels(&self, image: &str) -> Result<BTreeMap<String, String>, NodeError> {
+    pub async fn inspect_labels(
+        &self,
+        image: &str,
+        auth: &str,
+    ) -> Result<BTreeMap<String, String>, NodeError> {
         let target = format!("docker://{image}");
         let argv = [
             "skopeo",
@@ -129,7 +133,7 @@ impl NodeOs {
             "--retry-times",
             "10",
             "--authfile",
-            AUTH_FILE,
+            auth,
             &target,
         ];
         let inspect: SkopeoInspect = self.runner.json(&argv).await?;
@@ -137,9 +141,9 @@ impl NodeOs {
     }
 
     /// `podman pull --authfile AUTH IMAGE` (the seed).
-    pub async fn pull_seed(&self, image: &str) -> Result<(), NodeError> {
+    pub async fn pull_seed(&self, image: &str, auth: &str) -> Result<(), NodeError> {
         self.runner
-            .run(&["podman", "pull", "--authfile", AUTH_FILE, image])
+            .run(&["podman", "pull", "--authfile", auth, image])
             .await
             .map(drop)
     }

@@ -154,6 +154,39 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// Writes a file only root may read (0600, in a directory only root may enter, 0700 when
+    /// created here), atomically: credentials.
+    pub async fn write_private(&self, node_path: &str, contents: &[u8]) -> Result<(), NodeError> {
+        use tokio::io::AsyncWriteExt;
+        let path = self.path(node_path);
+        let fail = |e| file_error(node_path, e);
+        if let Some(dir) = path.parent()
+            && !dir.is_dir()
+        {
+            tokio::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .await
+                .map_err(fail)?;
+        }
+        let tmp = tmp_beside(&path);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .await
+            .map_err(fail)?;
+        file.write_all(contents).await.map_err(fail)?;
+        file.sync_all().await.map_err(fail)?;
+        drop(file);
+        tokio::fs::rename(&tmp, &path).await.map_err(fail)
+    }
+}
+
 pub fn file_error(node_path: &str, e: std::io::Error) -> NodeError {
     NodeError::File {
         path: node_path.to_string(),
@@ -165,4 +198,31 @@ fn tmp_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn credentials_are_written_for_root_only_and_replaced_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let runner = Runner::new(root.path().to_path_buf(), Exec::Direct);
+        let file = "/var/lib/lca/workspace/seed-pull-secret";
+        runner.write_private(file, b"first, longer").await.unwrap();
+        runner.write_private(file, b"second").await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = runner.path(file);
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        // Nothing else is left beside it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["seed-pull-secret"]);
+    }
 }

@@ -954,3 +954,152 @@ async fn a_node_that_does_not_go_down_is_asked_again_not_called_rolled_back() {
         "{body}"
     );
 }
+
+/// A seed in a private registry, the credentials it needs (`seed:s3cret`, base64) and the
+/// `.dockerconfigjson` of a Secret holding them (base64, as the API serves Secret data).
+const PRIVATE_SEED: &str = "registry.example.com:5000/seed:4.16.0";
+const PRIVATE_AUTH: &str = "c2VlZDpzM2NyZXQ=";
+const PRIVATE_DOCKERCONFIGJSON: &str =
+    "eyJhdXRocyI6eyJyZWdpc3RyeS5leGFtcGxlLmNvbTo1MDAwIjp7ImF1dGgiOiJjMlZsWkRwek0yTnlaWFE9In19fQ==";
+const SEED_PULL_SECRET: &str = "/var/lib/lca/workspace/seed-pull-secret";
+
+/// Asks for Prep of `seed` and waits for it to fail: answers PrepInProgress's message.
+async fn prep_fails(agent: &Agent, seed: Value) -> String {
+    let (code, body) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let ibu = agent
+        .wait_ibu(
+            "Prep to fail",
+            has_condition("PrepCompleted", "False", "Failed"),
+        )
+        .await;
+    ibu["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PrepInProgress")
+        .map(|c| c["message"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+async fn back_to_idle(agent: &Agent) {
+    agent.stage("Idle").await;
+    agent.wait_ibu("Idle", is_last("Idle", "Idle")).await;
+}
+
+#[tokio::test]
+async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
+    let node = FakeNode::new("4.15.0", &[]);
+    node.admin(&[
+        "add-seed",
+        "--image",
+        PRIVATE_SEED,
+        "--version",
+        "4.16.0",
+        "--auth",
+        PRIVATE_AUTH,
+    ]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let _child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    // With the cluster's pull secret the registry refuses.
+    let message = prep_fails(&agent, json!({"version": "4.16.0", "image": PRIVATE_SEED})).await;
+    assert!(
+        message.contains("unauthorized: access to the requested resource is not authorized"),
+        "{message}"
+    );
+    back_to_idle(&agent).await;
+    // The Secret lives in the cluster's API, which the agent reads only with --kube.
+    let seed = json!({"version": "4.16.0", "image": PRIVATE_SEED,
+        "pullSecretRef": {"name": "seed-pull-secret"}});
+    let message = prep_fails(&agent, seed).await;
+    assert!(
+        message.contains(
+            "seedImageRef.pullSecretRef \"seed-pull-secret\": the agent reads pull secrets from the cluster's API: run it with --kube"
+        ),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn kube_mode_inspects_and_pulls_a_private_seed_with_its_secret_then_forgets_it() {
+    use fleet_e2e::fake_kube::{FakeKube, cluster_role_rules, role_rules};
+    let rbac = |file: &str| {
+        let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        std::fs::read_to_string(repo.join("charts/spoke-agent/rbac").join(file)).unwrap()
+    };
+    // The chart's rules: the ClusterRole, and the Role in the agent's namespace.
+    let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
+    rules.extend(role_rules(&rbac("role-ostree.yaml"), "default"));
+    let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
+    kube.seed(
+        "api/v1",
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sno1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let node = FakeNode::new("4.15.0", &[]);
+    node.admin(&[
+        "add-seed",
+        "--image",
+        PRIVATE_SEED,
+        "--version",
+        "4.16.0",
+        "--auth",
+        PRIVATE_AUTH,
+    ]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let mut cmd = agent_command(&state.path().join("state"), port);
+    cmd.args(["--kube", "--host", "ostree", "--host-exec", "direct"])
+        .args(["--cluster-version", "4.15.0", "--host-root"])
+        .arg(&node.root)
+        .env("KUBECONFIG", kube.write_kubeconfig(state.path()))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("PATH", node.path())
+        .stdout(Stdio::null())
+        .stderr(log.stdio());
+    let _child = ChildGuard(cmd.spawn().expect("spoke-agent starts"));
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": PRIVATE_SEED,
+        "pullSecretRef": {"name": "seed-pull-secret"}});
+    // No such Secret yet: Prep says so, as the Lifecycle Agent does.
+    let message = prep_fails(&agent, seed.clone()).await;
+    assert!(
+        message.contains("failed to retrieve pull-secret from secret seed-pull-secret, err: secrets \"seed-pull-secret\" not found in namespace default"),
+        "{message}"
+    );
+    back_to_idle(&agent).await;
+    kube.seed(
+        "api/v1",
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": "seed-pull-secret", "namespace": "default"},
+            "data": {".dockerconfigjson": PRIVATE_DOCKERCONFIGJSON}}),
+    );
+    let from = node.log().len();
+    let (code, body) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    let lines: Vec<String> = node.log()[from..].iter().map(|l| l.join(" ")).collect();
+    assert!(
+        lines.contains(&format!(
+            "skopeo inspect --retry-times 10 --authfile {SEED_PULL_SECRET} docker://{PRIVATE_SEED}"
+        )) && lines.contains(&format!(
+            "podman pull --authfile {SEED_PULL_SECRET} {PRIVATE_SEED}"
+        )),
+        "{lines:#?}"
+    );
+    // Used, then gone from the node.
+    assert!(!node.file(SEED_PULL_SECRET).exists());
+    assert_eq!(kube.denied(), Vec::<String>::new());
+}

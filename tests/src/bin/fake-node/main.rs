@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! fake-node init --root R --version 4.15.0
-//! fake-node add-seed --root R --image IMG --version V
+//! fake-node add-seed --root R --image IMG --version V [--auth BASE64]   (private: needs
+//!     an authfile whose `auths` entry for the image's registry has that `auth`)
 //! fake-node install-bin --root R --bin-dir B
 //! fake-node reboot --root R
 //! fake-node status --root R
@@ -162,6 +163,7 @@ fn own_command(args: &[String]) -> Result<(), String> {
                 &mut node,
                 &value(&rest, "--image")?,
                 &value(&rest, "--version")?,
+                value(&rest, "--auth").ok(),
             )?;
             root.save(&node)
         }

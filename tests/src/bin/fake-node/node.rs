@@ -48,6 +48,25 @@ pub struct Image {
     /// have any.
     #[serde(default)]
     pub files: Option<PathBuf>,
+    /// In a private registry: the `auth` an authfile's entry for its registry must hold
+    /// (`base64(user:password)`, as in a `.dockerconfigjson`).
+    #[serde(default)]
+    pub auth: Option<String>,
+}
+
+impl Image {
+    /// Whether `authfile` (a node path, as `--authfile` names it) lets one read the image
+    /// `name`: its `auths` entry for the image's registry holds the image's `auth`.
+    pub fn readable_with(&self, root: &Root, name: &str, authfile: Option<&str>) -> bool {
+        let Some(want) = &self.auth else {
+            return true;
+        };
+        let registry = name.split('/').next().unwrap_or_default();
+        authfile
+            .and_then(|f| fs::read_to_string(root.path(f)).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|auths| auths["auths"][registry]["auth"] == want.as_str())
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]

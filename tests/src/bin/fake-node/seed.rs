@@ -34,7 +34,14 @@ fn tgz(path: &Path, files: &[(&str, &str)]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-pub fn add(root: &Root, node: &mut Node, image: &str, version: &str) -> Result<(), String> {
+/// Adds the seed `image` of `version`; with `auth`, in a private registry that needs it.
+pub fn add(
+    root: &Root,
+    node: &mut Node,
+    image: &str,
+    version: &str,
+    auth: Option<String>,
+) -> Result<(), String> {
     let id = checksum_of(image);
     let checksum = checksum_of(&format!("rhcos-{version}"));
     let dir = root.images_dir().join(&id);
@@ -106,6 +113,7 @@ pub fn add(root: &Root, node: &mut Node, image: &str, version: &str) -> Result<(
             id,
             labels,
             files: Some(dir),
+            auth,
         },
     );
     for r in release {

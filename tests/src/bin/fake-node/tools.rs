@@ -61,7 +61,7 @@ pub fn run(root: &Root, node: &mut Node, argv: &[String]) -> Out {
         "ostree" => ostree(root, node, &args),
         "rpm-ostree" => rpm_ostree(node, &args),
         "podman" => podman(root, node, &args),
-        "skopeo" => skopeo(node, &args),
+        "skopeo" => skopeo(root, node, &args),
         "systemctl" => systemctl(root, node, &args),
         "systemd-run" => systemd_run(root, node, &args),
         "mount" => mount(&args),
@@ -334,6 +334,13 @@ fn podman(root: &Root, node: &mut Node, args: &[&str]) -> Out {
             "Client:       Podman Engine\nVersion:      4.9.4-rhel\nAPI Version:  4.9.4-rhel\nGo Version:   go1.21.11 (Red Hat 1.21.11-1.el9_4)\nOS/Arch:      linux/amd64\n",
         ),
         ["pull", image] => match node.registry.get(*image) {
+            Some(img) if !img.readable_with(root, image, authfile) => Out::err(
+                125,
+                format!(
+                    "Trying to pull {image}...\nError: initializing source docker://{image}: {}",
+                    unauthorized(image)
+                ),
+            ),
             Some(img) => {
                 node.local.insert(image.to_string());
                 Out {
@@ -447,7 +454,15 @@ fn podman(root: &Root, node: &mut Node, args: &[&str]) -> Out {
     }
 }
 
-fn skopeo(node: &Node, args: &[&str]) -> Out {
+/// The registry's answer to a read without the right credentials.
+fn unauthorized(image: &str) -> String {
+    let (repo, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
+    format!(
+        "reading manifest {tag} in {repo}: unauthorized: access to the requested resource is not authorized"
+    )
+}
+
+fn skopeo(root: &Root, node: &Node, args: &[&str]) -> Out {
     let ["inspect", rest @ ..] = args else {
         return Out::err(
             1,
@@ -459,9 +474,11 @@ fn skopeo(node: &Node, args: &[&str]) -> Out {
     };
     let mut it = rest.iter();
     let mut target = None;
+    let mut authfile = None;
     while let Some(a) = it.next() {
         match *a {
-            "--retry-times" | "--authfile" | "--format" => {
+            "--authfile" => authfile = it.next().copied(),
+            "--retry-times" | "--format" => {
                 it.next();
             }
             a if a.starts_with("docker://") => target = Some(&a["docker://".len()..]),
@@ -471,7 +488,24 @@ fn skopeo(node: &Node, args: &[&str]) -> Out {
     let Some(image) = target else {
         return Out::err(1, "Error: Exactly one argument expected");
     };
+    if let Some(auth) = authfile
+        && !root.path(auth).is_file()
+    {
+        return Out::err(
+            1,
+            format!(
+                "time=\"2026-12-04T00:00:00Z\" level=fatal msg=\"credential file is not accessible: stat {auth}: no such file or directory\""
+            ),
+        );
+    }
     match node.registry.get(image) {
+        Some(img) if !img.readable_with(root, image, authfile) => Out::err(
+            1,
+            format!(
+                "time=\"2026-12-04T00:00:00Z\" level=fatal msg=\"Error parsing image name \\\"docker://{image}\\\": {}\"",
+                unauthorized(image)
+            ),
+        ),
         Some(img) => Out::json(&json!({
             "Name": image.split(['@', ':']).next().unwrap_or(image),
             "Digest": format!("sha256:{}", img.id),
