@@ -20,6 +20,13 @@ pub const AUTO_ROLLBACK_POST_REBOOT_CONFIG: &str =
 /// On the IBU: `Disabled` turns off rollback on failures of the final upgrade steps.
 pub const AUTO_ROLLBACK_UPGRADE_COMPLETION: &str =
     "auto-rollback-on-failure.lca.openshift.io/upgrade-completion";
+/// On the IBU: `Disabled` turns off the removal of unused images before Prep pulls.
+pub const IMAGE_CLEANUP_ON_PREP: &str = "image-cleanup.lca.openshift.io/on-prep";
+/// On the IBU: the container storage usage, in percent, above which Prep removes unused
+/// images (default [`IMAGE_CLEANUP_THRESHOLD_DEFAULT`]).
+pub const IMAGE_CLEANUP_THRESHOLD: &str =
+    "image-cleanup.lca.openshift.io/disk-usage-threshold-percent";
+pub const IMAGE_CLEANUP_THRESHOLD_DEFAULT: u8 = 50;
 /// The value of the auto-rollback annotations that turns a part off.
 pub const DISABLED: &str = "Disabled";
 

@@ -96,6 +96,14 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HostError>> + Send {
         std::future::ready(Ok(()))
     }
+    /// Removes unused images while container storage is fuller than `threshold_percent`
+    /// (before the seed's pull). Errors are reported, never the stage's failure.
+    fn free_container_storage(
+        &self,
+        _threshold_percent: u8,
+    ) -> impl Future<Output = Result<(), HostError>> + Send {
+        std::future::ready(Ok(()))
+    }
     /// Pulls the seed, creates and deploys the stateroot (not as default), writes the
     /// auto-rollback configuration into it.
     fn setup_stateroot(

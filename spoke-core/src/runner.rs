@@ -408,7 +408,17 @@ async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
             Ok(labels) => Outcome::SeedLabels(labels),
             Err(e) => done(Err(e)),
         },
-        Work::SetupStateroot { stateroot, seed } => {
+        Work::SetupStateroot {
+            stateroot,
+            seed,
+            image_cleanup,
+        } => {
+            if let Some(threshold) = image_cleanup
+                && let Err(err) = host.free_container_storage(threshold).await
+            {
+                // Never the stage's failure: what could not be freed shows in the pull.
+                tracing::warn!(%err, "freeing container storage before the seed's pull");
+            }
             done(host.setup_stateroot(&stateroot, &seed).await)
         }
         Work::Precache {

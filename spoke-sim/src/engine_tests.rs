@@ -117,9 +117,9 @@ impl Node {
             Work::Health | Work::CheckDpa | Work::Reboot => Outcome::Done,
             Work::GatherFacts(spec) => Outcome::Facts(Box::new(self.sim.cluster_facts(&spec))),
             Work::InspectSeed(seed) => Outcome::SeedLabels(self.sim.inspect_seed(&seed)),
-            Work::SetupStateroot { stateroot, seed } => {
-                host(self.sim.setup_stateroot(&stateroot, &seed))
-            }
+            Work::SetupStateroot {
+                stateroot, seed, ..
+            } => host(self.sim.setup_stateroot(&stateroot, &seed)),
             Work::Precache { .. } => match self.sim.precache() {
                 Ok(p) => Outcome::Precached {
                     total: p.total,
@@ -1016,4 +1016,40 @@ fn metrics_see_stages_and_phases_end_with_their_durations() {
             .iter()
             .any(|(e, _)| *e == stage("Prep", "completed"))
     );
+}
+
+#[test]
+fn prep_frees_container_storage_above_the_annotated_threshold_unless_disabled() {
+    use fleet_types::labels::{IMAGE_CLEANUP_ON_PREP, IMAGE_CLEANUP_THRESHOLD};
+    let cleanup_of = |annotations: &[(&str, &str)]| {
+        let mut n = Node::new(&[]);
+        n.seed("4.16.0");
+        let mut s = n.state();
+        s.ibu.metadata.annotations = (!annotations.is_empty()).then(|| {
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
+        n.put(&s);
+        n.stage(Stage::Prep).unwrap();
+        loop {
+            let mut s = n.state();
+            let (w, e) = begin(&mut s, n.now).unwrap();
+            if let Work::SetupStateroot { image_cleanup, .. } = w {
+                return image_cleanup;
+            }
+            n.put(&s);
+            let out = n.exec(w);
+            let mut s = n.state();
+            complete(&mut s, e, out, n.now);
+            n.put(&s);
+        }
+    };
+    assert_eq!(cleanup_of(&[]), Some(50));
+    assert_eq!(cleanup_of(&[(IMAGE_CLEANUP_THRESHOLD, "75")]), Some(75));
+    assert_eq!(cleanup_of(&[(IMAGE_CLEANUP_ON_PREP, "Disabled")]), None);
+    // Not a percentage: off, as in the Lifecycle Agent.
+    assert_eq!(cleanup_of(&[(IMAGE_CLEANUP_THRESHOLD, "lots")]), None);
+    assert_eq!(cleanup_of(&[(IMAGE_CLEANUP_THRESHOLD, "101")]), None);
 }

@@ -355,6 +355,10 @@ impl<H: Host> Host for KubeHost<H> {
         labels
     }
 
+    async fn free_container_storage(&self, threshold_percent: u8) -> Result<(), HostError> {
+        self.inner.free_container_storage(threshold_percent).await
+    }
+
     async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
         self.lend_seed_pull_secret(seed).await?;
         let done = self.inner.setup_stateroot(stateroot, seed).await;

@@ -534,6 +534,63 @@ impl Host for OstreeHost {
         }
     }
 
+    /// As the Lifecycle Agent before Prep pulls: unused, unpinned images go, dangling ones
+    /// first, then the oldest, five at a time, until container storage is under the
+    /// threshold or nothing is left to remove.
+    async fn free_container_storage(&self, threshold: u8) -> Result<(), HostError> {
+        let node = &self.node;
+        let used = node
+            .container_storage_used_percent()
+            .await
+            .map_err(terminal)?;
+        if used <= u64::from(threshold) {
+            return Ok(());
+        }
+        tracing::info!(
+            used_percent = used,
+            threshold_percent = threshold,
+            "container storage is above the threshold: removing unused images"
+        );
+        let in_use = node.images_in_use().await.map_err(terminal)?;
+        let pinned = node.pinned_images().await.map_err(terminal)?;
+        let mut images = node.images().await.map_err(terminal)?;
+        images.sort_by_key(|i| (!i.dangling, i.created));
+        let candidates: Vec<_> = images
+            .iter()
+            .filter(|i| !pinned.contains(&i.id) && !i.refs().any(|r| in_use.contains(r)))
+            .collect();
+        for batch in candidates.chunks(5) {
+            let refs: Vec<&str> = batch
+                .iter()
+                .flat_map(|i| {
+                    std::iter::once(i.id.as_str()).chain(
+                        [&i.repo_tags, &i.repo_digests]
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .map(String::as_str),
+                    )
+                })
+                .collect();
+            let said = node.remove_images(&refs).await.map_err(terminal)?;
+            tracing::info!(output = %said.trim(), "removed unused images");
+            let used = node
+                .container_storage_used_percent()
+                .await
+                .map_err(terminal)?;
+            if used <= u64::from(threshold) {
+                tracing::info!(
+                    used_percent = used,
+                    "container storage is under the threshold"
+                );
+                return Ok(());
+            }
+        }
+        Err(HostError::Terminal(format!(
+            "container storage is still above {threshold}% with every unused image removed"
+        )))
+    }
+
     async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {
         let runner = &self.node.runner;
         let done = runner

@@ -3,7 +3,7 @@
 //! machine formats (`rpm-ostree status --json`, `skopeo inspect`, `podman ... --format
 //! json`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
@@ -13,6 +13,81 @@ use super::runner::{Exec, NodeError, Runner};
 pub const AUTH_FILE: &str = "/var/lib/kubelet/config.json";
 /// The unit the Lifecycle Agent requires container storage to be mounted by.
 pub const STORAGE_UNIT: &str = "var-lib-containers.mount";
+
+/// Where container storage is mounted (its own partition, shared by the stateroots).
+pub const CONTAINER_STORAGE: &str = "/var/lib/containers";
+
+/// One image as `podman images --format json` lists it.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct PodmanImage {
+    pub id: String,
+    #[serde(default)]
+    pub repo_tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub repo_digests: Option<Vec<String>>,
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: i64,
+    #[serde(default)]
+    pub dangling: bool,
+}
+
+impl PodmanImage {
+    /// Every name it is known by: its ID, tags, digests and names.
+    pub fn refs(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(
+            [&self.repo_tags, &self.repo_digests, &self.names]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(String::as_str),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct CrictlContainers {
+    #[serde(default)]
+    containers: Vec<CrictlContainer>,
+}
+
+#[derive(Deserialize)]
+struct CrictlContainer {
+    image: CrictlImageSpec,
+}
+
+#[derive(Deserialize)]
+struct CrictlImageSpec {
+    image: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PodmanContainer {
+    #[serde(rename = "ImageID", default)]
+    image_id: String,
+}
+
+#[derive(Deserialize)]
+struct CrictlImages {
+    #[serde(default)]
+    images: Vec<CrictlImage>,
+}
+
+#[derive(Deserialize)]
+struct CrictlImage {
+    id: String,
+    #[serde(default)]
+    pinned: bool,
+}
+
+/// An image ID without its `sha256:` prefix, as podman lists IDs.
+fn bare_id(id: &str) -> &str {
+    id.strip_prefix("sha256:").unwrap_or(id)
+}
 
 /// One deployment, as `rpm-ostree status --json` lists it, in boot order.
 #[derive(Clone, Debug, PartialEq)]
@@ -193,6 +268,90 @@ impl NodeOs {
             self.runner.run(&["podman", "rmi", image]).await?;
         }
         Ok(())
+    }
+
+    /// How full container storage is, in percent, reckoned as the Lifecycle Agent does from
+    /// `statfs`: `(blocks - available) * 100 / blocks` (`stat --file-system`).
+    pub async fn container_storage_used_percent(&self) -> Result<u64, NodeError> {
+        let argv = ["stat", "--file-system", "--format=%b %a", CONTAINER_STORAGE];
+        let out = self.runner.run(&argv).await?;
+        let parsed: Vec<u64> = out
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        match parsed[..] {
+            [blocks, available] if blocks > 0 => {
+                Ok(blocks.saturating_sub(available) * 100 / blocks)
+            }
+            _ => Err(NodeError::Parse {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                why: format!("not \"<blocks> <available>\": {:?}", out.trim()),
+            }),
+        }
+    }
+
+    /// The images containers use (CRI-O's, then podman's): IDs or names.
+    pub async fn images_in_use(&self) -> Result<BTreeSet<String>, NodeError> {
+        let cri: CrictlContainers = self
+            .runner
+            .json(&["crictl", "ps", "-a", "-o", "json"])
+            .await?;
+        let podman: Vec<PodmanContainer> = self
+            .runner
+            .json(&[
+                "podman",
+                "ps",
+                "-a",
+                "--format",
+                "json",
+                "--log-level",
+                "error",
+            ])
+            .await?;
+        Ok(cri
+            .containers
+            .into_iter()
+            .map(|c| c.image.image)
+            .chain(podman.into_iter().map(|c| c.image_id))
+            .map(|i| bare_id(&i).to_string())
+            .collect())
+    }
+
+    /// The IDs of the images CRI-O keeps pinned.
+    pub async fn pinned_images(&self) -> Result<BTreeSet<String>, NodeError> {
+        let images: CrictlImages = self
+            .runner
+            .json(&["crictl", "images", "-o", "json"])
+            .await?;
+        Ok(images
+            .images
+            .into_iter()
+            .filter(|i| i.pinned)
+            .map(|i| bare_id(&i.id).to_string())
+            .collect())
+    }
+
+    /// `podman images`.
+    pub async fn images(&self) -> Result<Vec<PodmanImage>, NodeError> {
+        self.runner
+            .json(&[
+                "podman",
+                "images",
+                "--format",
+                "json",
+                "--log-level",
+                "error",
+            ])
+            .await
+    }
+
+    /// `podman rmi REF...`; some refs naming an image already gone is no failure here
+    /// (answers what podman said).
+    pub async fn remove_images(&self, refs: &[&str]) -> Result<String, NodeError> {
+        let mut argv = vec!["podman", "rmi"];
+        argv.extend_from_slice(refs);
+        let out = self.runner.output(&argv).await?;
+        Ok(format!("{}{}", out.stdout, out.stderr))
     }
 
     pub async fn remount_sysroot_rw(&self) -> Result<(), NodeError> {

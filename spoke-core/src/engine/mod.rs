@@ -158,9 +158,12 @@ pub enum Work {
     Health,
     GatherFacts(ImageBasedUpgradeSpec),
     InspectSeed(SeedImageRef),
+    /// With `image_cleanup`, unused images go first while container storage is fuller than
+    /// that percentage.
     SetupStateroot {
         stateroot: String,
         seed: SeedImageRef,
+        image_cleanup: Option<u8>,
     },
     Precache {
         seed: SeedImageRef,
@@ -297,6 +300,22 @@ fn set_annotation(s: &mut SpokeState, key: &str, value: Option<String>) {
     }
     if annotations.is_empty() {
         s.ibu.metadata.annotations = None;
+    }
+}
+
+/// The container storage usage above which Prep removes unused images, unless turned off
+/// by the annotations (a threshold that is not a percentage turns it off, as in the
+/// Lifecycle Agent).
+pub fn image_cleanup_threshold(s: &SpokeState) -> Option<u8> {
+    use fleet_types::labels::{
+        IMAGE_CLEANUP_ON_PREP, IMAGE_CLEANUP_THRESHOLD, IMAGE_CLEANUP_THRESHOLD_DEFAULT,
+    };
+    if disabled(s, IMAGE_CLEANUP_ON_PREP) {
+        return None;
+    }
+    match annotation(s, IMAGE_CLEANUP_THRESHOLD) {
+        None => Some(IMAGE_CLEANUP_THRESHOLD_DEFAULT),
+        Some(v) => v.trim().parse::<u8>().ok().filter(|p| *p <= 100),
     }
 }
 

@@ -72,6 +72,7 @@ pub(super) fn work_for(s: &SpokeState, step: Step, now: DateTime<Utc>) -> Work {
         Step::Stateroot => Work::SetupStateroot {
             stateroot: stateroot_name(&seed(s).version),
             seed: seed(s),
+            image_cleanup: super::image_cleanup_threshold(s),
         },
         Step::Precache => Work::Precache {
             seed: seed(s),

@@ -322,3 +322,97 @@ fn the_tools_find_their_node_from_path_alone() {
     assert_eq!(v["deployments"][0]["version"], "4.14.7");
     assert!(Path::new(&node.bin).join(".fake-node-root").is_file());
 }
+
+#[test]
+fn container_storage_fills_with_pulls_and_empties_with_rmi_as_statfs_shows() {
+    let node = FakeNode::new("4.15.0", &[("quay.io/seed:4.16.0", "4.16.0")]);
+    node.admin(&["disk", "--size", "10G", "--used", "6G"]);
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/old:1",
+        "--size",
+        "1G",
+        "--created",
+        "100",
+    ]);
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/app:1",
+        "--size",
+        "1G",
+        "--in-use",
+    ]);
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/infra:1",
+        "--size",
+        "1G",
+        "--pinned",
+    ]);
+    let used = |node: &FakeNode| {
+        let out = node.ok(&[
+            "stat",
+            "--file-system",
+            "--format=%b %a",
+            "/var/lib/containers",
+        ]);
+        let n: Vec<u64> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+        (n[0] - n[1]) * 100 / n[0]
+    };
+    assert_eq!(used(&node), 90);
+    // The seed (2 GiB) does not fit: the pull fails as podman's does on a full disk.
+    let (code, _, err) = node.tool(&[
+        "podman",
+        "pull",
+        "--authfile",
+        "/var/lib/kubelet/config.json",
+        "quay.io/seed:4.16.0",
+    ]);
+    assert_eq!(code, 125);
+    assert!(err.contains("no space left on device"), "{err}");
+    // What CRI-O and podman say of the images, in their JSON.
+    let cri: Value = serde_json::from_str(&node.ok(&["crictl", "images", "-o", "json"])).unwrap();
+    let pinned: Vec<&Value> = cri["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["pinned"] == true)
+        .collect();
+    assert_eq!(pinned.len(), 1);
+    let ps: Value = serde_json::from_str(&node.ok(&["crictl", "ps", "-a", "-o", "json"])).unwrap();
+    assert_eq!(ps["containers"].as_array().unwrap().len(), 1);
+    let images: Value = serde_json::from_str(&node.ok(&[
+        "podman",
+        "images",
+        "--format",
+        "json",
+        "--log-level",
+        "error",
+    ]))
+    .unwrap();
+    let old = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["RepoTags"][0] == "quay.io/old:1")
+        .unwrap();
+    assert_eq!(old["Created"], 100);
+    // rmi by ID and name at once removes the image once; an image in use stays.
+    let id = old["Id"].as_str().unwrap();
+    node.ok(&["podman", "rmi", id, "quay.io/old:1"]);
+    let (code, _, err) = node.tool(&["podman", "rmi", "quay.io/app:1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("image is in use by a container"), "{err}");
+    assert_eq!(used(&node), 80);
+    node.ok(&[
+        "podman",
+        "pull",
+        "--authfile",
+        "/var/lib/kubelet/config.json",
+        "quay.io/seed:4.16.0",
+    ]);
+    assert_eq!(used(&node), 100);
+}

@@ -470,8 +470,7 @@ async fn a_sigkill_at_every_command_of_an_abort_ends_as_without_it() {
 
 #[tokio::test]
 async fn a_failing_pull_deploy_or_untar_fails_prep_and_idle_cleans_up() {
-    // (the command that fails, the words of Prep's failure message; a full disk shows as the
-    // untar failing)
+    // (the command that fails, the words of Prep's failure message)
     let cases = [
         (
             vec!["podman", "pull", "--authfile"],
@@ -1102,4 +1101,166 @@ async fn kube_mode_inspects_and_pulls_a_private_seed_with_its_secret_then_forget
     // Used, then gone from the node.
     assert!(!node.file(SEED_PULL_SECRET).exists());
     assert_eq!(kube.denied(), Vec::<String>::new());
+}
+
+/// A node whose container storage (20 GiB, 6 used besides images) holds seven old images of
+/// 1 GiB, one pinned by CRI-O and one run by a container: 65 % full.
+fn node_with_old_images() -> FakeNode {
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    node.admin(&["disk", "--size", "20G", "--used", "6G"]);
+    for i in 1..=5 {
+        let image = format!("quay.io/old:{i}");
+        let created = (1000 * i).to_string();
+        node.admin(&[
+            "add-image",
+            "--image",
+            &image,
+            "--size",
+            "1G",
+            "--created",
+            &created,
+        ]);
+    }
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/newer:1",
+        "--size",
+        "1G",
+        "--created",
+        "9000",
+    ]);
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/app:1",
+        "--size",
+        "1G",
+        "--created",
+        "1",
+        "--in-use",
+    ]);
+    node.admin(&[
+        "add-image",
+        "--image",
+        "quay.io/infra:1",
+        "--size",
+        "1G",
+        "--created",
+        "2",
+        "--pinned",
+    ]);
+    node
+}
+
+fn local_images(node: &FakeNode) -> Vec<String> {
+    node.status()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .filter(|i| !i.contains("ocp-v4.0-art-dev"))
+        .collect()
+}
+
+#[tokio::test]
+async fn prep_removes_unused_images_oldest_first_until_storage_is_under_the_threshold() {
+    let node = node_with_old_images();
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let _child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    // The five oldest unused images went in one `podman rmi`, which brought storage to 40 %:
+    // the newer one stays, as do the pinned one and the one a container runs.
+    assert_eq!(
+        local_images(&node),
+        ["quay.io/app:1", "quay.io/infra:1", "quay.io/newer:1"]
+    );
+    let rmi: Vec<Vec<String>> = node
+        .log()
+        .into_iter()
+        .filter(|l| l.len() > 2 && l[0] == "podman" && l[1] == "rmi" && l[2] != SEED)
+        .collect();
+    assert_eq!(rmi.len(), 1, "{rmi:?}");
+    let named: Vec<&String> = rmi[0]
+        .iter()
+        .filter(|a| a.starts_with("quay.io/"))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            "quay.io/old:1",
+            "quay.io/old:2",
+            "quay.io/old:3",
+            "quay.io/old:4",
+            "quay.io/old:5"
+        ]
+    );
+    in_order(
+        &node.log(),
+        &[
+            "stat --file-system --format=%b %a /var/lib/containers",
+            "crictl ps -a -o json",
+            "podman ps -a --format json --log-level error",
+            "crictl images -o json",
+            "podman images --format json --log-level error",
+            "podman rmi",
+            "stat --file-system --format=%b %a /var/lib/containers",
+            &format!("podman pull --authfile /var/lib/kubelet/config.json {SEED}"),
+        ],
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_prep_with_the_pulls_error_and_disabled_cleanup_removes_nothing() {
+    // Image cleanup turned off: nothing is removed, and the seed no longer fits.
+    let node = node_with_old_images();
+    node.admin(&["disk", "--size", "20G", "--used", "11G"]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let _child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let (code, body) = agent
+        .patch(json!({"metadata": {"annotations": {"image-cleanup.lca.openshift.io/on-prep": "Disabled"}}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let message = prep_fails(&agent, json!({"version": "4.16.0", "image": SEED})).await;
+    assert!(
+        message.starts_with("failed to setup stateroot rhcos_4.16.0: ")
+            && message.contains("no space left on device"),
+        "{message}"
+    );
+    assert_eq!(local_images(&node).len(), 8);
+    assert!(
+        !node
+            .log()
+            .iter()
+            .any(|l| l.first().is_some_and(|c| c == "stat"))
+    );
+    // Idle cleans up what the failed setup left; with cleanup on, the next Prep frees room.
+    back_to_idle(&agent).await;
+    assert_eq!(osnames(&node), [("rhcos".into(), true)]);
+    let (code, body) = agent
+        .patch(
+            json!({"metadata": {"annotations": {"image-cleanup.lca.openshift.io/on-prep": null}}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
 }

@@ -2,7 +2,7 @@
 //! reboots, for testing `spoke-agent --host ostree` without a node. Invoked by its own name
 //! it manages the node; invoked through the links `install-bin` makes (`ostree`,
 //! `rpm-ostree`, `podman`, `skopeo`, `systemctl`, `systemd-run`, `mount`, `tar`, `chcon`,
-//! `unshare`, `crictl`, `nsenter`) it answers as those tools do, and logs every invocation to
+//! `unshare`, `crictl`, `nsenter`, `stat`) it answers as those tools do, and logs every invocation to
 //! `ROOT/.fake-node/commands.log`.
 //!
 //! ```text
@@ -15,6 +15,9 @@
 //! fake-node fail --root R WORD... | fake-node fail --root R --clear
 //! fake-node hold --root R --at N | fake-node hold --root R --clear
 //! fake-node unit-failed --root R UNIT...     (failed in this boot)
+//! fake-node disk --root R --size 100G --used 10G   (container storage; used besides images)
+//! fake-node add-image --root R --image IMG --size 5G [--created UNIX] [--pinned] [--in-use]
+//!     (an image already pulled; pinned by CRI-O, or run by a container)
 //! ```
 
 mod node;
@@ -28,7 +31,7 @@ use std::process::ExitCode;
 use node::{Node, Root, STORAGE_UNIT};
 
 /// The tools `install-bin` links to this binary.
-const TOOLS: [&str; 12] = [
+const TOOLS: [&str; 13] = [
     "ostree",
     "rpm-ostree",
     "podman",
@@ -41,6 +44,7 @@ const TOOLS: [&str; 12] = [
     "unshare",
     "crictl",
     "nsenter",
+    "stat",
 ];
 /// Written into the directory of the links: the root they act on.
 const ROOT_FILE: &str = ".fake-node-root";
@@ -136,6 +140,20 @@ fn root_arg(args: &[String]) -> Result<(Root, Vec<String>), String> {
     Ok((Root::new(&abs), rest))
 }
 
+/// A size: bytes, or with a `K`, `M` or `G` suffix (binary units).
+fn bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, 'K')) => (&text[..i], 1u64 << 10),
+        Some((i, 'M')) => (&text[..i], 1 << 20),
+        Some((i, 'G')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    digits
+        .parse::<u64>()
+        .map(|n| n * unit)
+        .map_err(|_| format!("fake-node: {text:?} is not a size (bytes, or 10K, 5M, 2G)"))
+}
+
 /// The value of `--name V` in `rest`.
 fn value(rest: &[String], name: &str) -> Result<String, String> {
     rest.iter()
@@ -148,7 +166,7 @@ fn value(rest: &[String], name: &str) -> Result<String, String> {
 fn own_command(args: &[String]) -> Result<(), String> {
     let Some((command, args)) = args.split_first() else {
         return Err(
-            "usage: fake-node init|add-seed|install-bin|reboot|status|fail|hold|unit-failed --root R ..."
+            "usage: fake-node init|add-seed|add-image|disk|install-bin|reboot|status|fail|hold|unit-failed --root R ..."
                 .into(),
         );
     };
@@ -202,12 +220,47 @@ fn own_command(args: &[String]) -> Result<(), String> {
                 "rebootRequested": node.reboot_requested,
                 "images": node.local,
                 "mounts": node.mounts,
+                "disk": {"size": node.disk.size, "used": node.disk_used()},
             });
             println!(
                 "{}",
                 serde_json::to_string_pretty(&status).unwrap_or_default()
             );
             Ok(())
+        }
+        "disk" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            node.disk = node::Disk {
+                size: bytes(&value(&rest, "--size")?)?,
+                other: bytes(&value(&rest, "--used")?)?,
+            };
+            root.save(&node)
+        }
+        "add-image" => {
+            let _lock = root.lock()?;
+            let mut node = root.load()?;
+            let image = value(&rest, "--image")?;
+            let flag = |f: &str| rest.iter().any(|a| a == f);
+            let created = match value(&rest, "--created") {
+                Ok(t) => t
+                    .parse()
+                    .map_err(|_| format!("fake-node: --created {t:?} is not Unix seconds"))?,
+                Err(_) => 0,
+            };
+            node.registry.insert(
+                image.clone(),
+                node::Image {
+                    id: node::checksum_of(&image),
+                    size: bytes(&value(&rest, "--size")?)?,
+                    created,
+                    pinned: flag("--pinned"),
+                    in_use: flag("--in-use"),
+                    ..Default::default()
+                },
+            );
+            node.local.insert(image);
+            root.save(&node)
         }
         "unit-failed" => {
             let _lock = root.lock()?;

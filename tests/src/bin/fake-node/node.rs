@@ -52,6 +52,18 @@ pub struct Image {
     /// (`base64(user:password)`, as in a `.dockerconfigjson`).
     #[serde(default)]
     pub auth: Option<String>,
+    /// Bytes it takes in container storage once pulled.
+    #[serde(default)]
+    pub size: u64,
+    /// When it was built, Unix seconds.
+    #[serde(default)]
+    pub created: i64,
+    /// CRI-O keeps it (`crictl images` says `pinned`).
+    #[serde(default)]
+    pub pinned: bool,
+    /// A CRI-O container runs it (`crictl ps -a` lists it).
+    #[serde(default)]
+    pub in_use: bool,
 }
 
 impl Image {
@@ -94,6 +106,42 @@ pub struct Node {
     /// logged and not run, until the hold is cleared, then exits 137 without running.
     #[serde(default)]
     pub hold_at: Option<usize>,
+    /// Container storage, its own partition.
+    #[serde(default)]
+    pub disk: Disk,
+}
+
+/// `/var/lib/containers`: its size, and what is used on it besides the images, in bytes.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Disk {
+    pub size: u64,
+    pub other: u64,
+}
+
+pub const GIB: u64 = 1 << 30;
+/// The block size `stat --file-system` reports.
+pub const BLOCK: u64 = 4096;
+
+impl Default for Disk {
+    fn default() -> Disk {
+        Disk {
+            size: 100 * GIB,
+            other: 10 * GIB,
+        }
+    }
+}
+
+impl Node {
+    /// Bytes used on container storage: the pulled images and the rest.
+    pub fn disk_used(&self) -> u64 {
+        self.disk.other
+            + self
+                .local
+                .iter()
+                .filter_map(|name| self.registry.get(name))
+                .map(|i| i.size)
+                .sum::<u64>()
+    }
 }
 
 /// A node root: ROOT and what is kept of it.

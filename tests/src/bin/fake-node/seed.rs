@@ -12,6 +12,11 @@ use crate::node::{Image, Node, Root, checksum_of};
 
 /// Release images each seed lists for precaching.
 pub const RELEASE_IMAGES: usize = 3;
+/// What a seed image and a release image take in container storage once pulled.
+pub const SEED_SIZE: u64 = 2 * crate::node::GIB;
+pub const RELEASE_IMAGE_SIZE: u64 = crate::node::GIB / 2;
+/// When the seed images were built (2026-11-30, Unix seconds).
+pub const SEED_CREATED: i64 = 1_764_460_800;
 
 /// A `.tgz` of `files` (path inside the archive, contents).
 fn tgz(path: &Path, files: &[(&str, &str)]) -> Result<(), String> {
@@ -114,6 +119,9 @@ pub fn add(
             labels,
             files: Some(dir),
             auth,
+            size: SEED_SIZE,
+            created: SEED_CREATED,
+            ..Default::default()
         },
     );
     for r in release {
@@ -122,6 +130,8 @@ pub fn add(
             r,
             Image {
                 id,
+                size: RELEASE_IMAGE_SIZE,
+                created: SEED_CREATED,
                 ..Default::default()
             },
         );

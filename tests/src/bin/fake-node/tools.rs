@@ -6,7 +6,7 @@ use std::fs;
 
 use serde_json::{Value, json};
 
-use crate::node::{Deployment, Node, Root, STORAGE_UNIT};
+use crate::node::{BLOCK, Deployment, Node, Root, STORAGE_UNIT, checksum_of};
 
 /// What an invocation printed and its exit code.
 pub struct Out {
@@ -69,6 +69,7 @@ pub fn run(root: &Root, node: &mut Node, argv: &[String]) -> Out {
         "chcon" => chcon(root, &args),
         "unshare" => unshare(root, node, &args),
         "crictl" => crictl(node, &args),
+        "stat" => stat(node, &args),
         "nsenter" => match args.iter().position(|a| *a == "--") {
             Some(i) if i + 1 < args.len() => {
                 let inner: Vec<String> = args[i + 1..].iter().map(|s| s.to_string()).collect();
@@ -297,6 +298,54 @@ fn rpm_ostree(node: &Node, args: &[&str]) -> Out {
     }
 }
 
+/// `podman rmi REF...`: every local image a ref names (by name or ID) goes, once; refs
+/// naming nothing are reported and the rest still removed, as podman does.
+fn rmi(node: &mut Node, refs: &[&str]) -> Out {
+    let mut out = String::new();
+    let mut errors = Vec::new();
+    let mut code = 0;
+    let mut gone = Vec::new();
+    for r in refs {
+        let named: Vec<String> = node
+            .local
+            .iter()
+            .filter(|name| {
+                name.as_str() == *r || node.registry.get(*name).is_some_and(|i| i.id == *r)
+            })
+            .cloned()
+            .collect();
+        if named.is_empty() {
+            if !gone
+                .iter()
+                .any(|(name, id): &(String, String)| name == r || id == r)
+            {
+                errors.push(format!("Error: {r}: image not known"));
+                code = code.max(1);
+            }
+            continue;
+        }
+        for name in named {
+            let img = node.registry.get(&name).cloned().unwrap_or_default();
+            if node.mounts.contains_key(&name) || img.in_use {
+                errors.push(format!(
+                    "Error: image used by {}: image is in use by a container",
+                    checksum_of(&format!("{name}-container"))
+                ));
+                code = 2;
+                continue;
+            }
+            node.local.remove(&name);
+            out.push_str(&format!("Untagged: {name}\nDeleted: {}\n", img.id));
+            gone.push((name, img.id));
+        }
+    }
+    Out {
+        stdout: out,
+        stderr: errors.join("\n") + if errors.is_empty() { "" } else { "\n" },
+        code,
+    }
+}
+
 /// The image name a podman argument names (`localhost/x` and `x` are taken alike).
 fn known<'a>(names: impl Iterator<Item = &'a String>, name: &str) -> Option<String> {
     names.into_iter().find(|n| *n == name).cloned()
@@ -341,6 +390,17 @@ fn podman(root: &Root, node: &mut Node, args: &[&str]) -> Out {
                     unauthorized(image)
                 ),
             ),
+            Some(img)
+                if !node.local.contains(*image) && node.disk_used() + img.size > node.disk.size =>
+            {
+                Out::err(
+                    125,
+                    format!(
+                        "Trying to pull {image}...\nGetting image source signatures\nCopying blob sha256:{id}\nError: copying system image from manifest list: writing blob: adding layer with blob \"sha256:{id}\": processing tar file(write /usr/share/{id}: no space left on device): exit status 1",
+                        id = &img.id[..12]
+                    ),
+                )
+            }
             Some(img) => {
                 node.local.insert(image.to_string());
                 Out {
@@ -412,36 +472,23 @@ fn podman(root: &Root, node: &mut Node, args: &[&str]) -> Out {
             None if node.local.contains(*image) => Out::ok(""),
             None => Out::err(125, format!("Error: {image}: image not known")),
         },
-        ["rmi", images @ ..] if !images.is_empty() => {
-            let mut out = String::new();
-            for image in images {
-                if node.mounts.contains_key(*image) {
-                    return Out::err(
-                        2,
-                        format!(
-                            "Error: image used by mount: {image}: image is in use by a container"
-                        ),
-                    );
-                }
-                if !node.local.remove(*image) {
-                    return Out::err(1, format!("Error: {image}: image not known"));
-                }
-                let id = node
-                    .registry
-                    .get(*image)
-                    .map(|i| i.id.clone())
-                    .unwrap_or_default();
-                out.push_str(&format!("Untagged: {image}\nDeleted: {id}\n"));
-            }
-            Out::ok(out)
-        }
+        ["rmi", refs @ ..] if !refs.is_empty() => rmi(node, refs),
         ["images"] if format_json => {
             let list: Vec<Value> = node
                 .local
                 .iter()
-                .map(|name| {
-                    let id = node.registry.get(name).map(|i| i.id.clone()).unwrap_or_default();
-                    json!({"Id": id, "Names": [name], "Size": 1_000_000, "Dangling": false, "Containers": 0})
+                .filter_map(|name| node.registry.get(name).map(|i| (name, i)))
+                .map(|(name, i)| {
+                    let (tags, digests): (Vec<&String>, Vec<&String>) = if name.contains('@') {
+                        (vec![], vec![name])
+                    } else {
+                        (vec![name], vec![])
+                    };
+                    json!({"Id": i.id, "ParentId": "", "RepoTags": tags, "RepoDigests": digests,
+                        "Size": i.size, "SharedSize": 0, "VirtualSize": i.size,
+                        "Labels": i.labels, "Containers": 0, "Names": [name],
+                        "Digest": format!("sha256:{}", i.id), "History": [],
+                        "Created": i.created, "CreatedAt": "", "Dangling": false})
                 })
                 .collect();
             Out::json(&Value::Array(list))
@@ -788,16 +835,79 @@ fn unshare(root: &Root, node: &mut Node, args: &[&str]) -> Out {
     Out::ok("")
 }
 
+/// `stat --file-system --format=FORMAT PATH` (also `-f`, `-c FORMAT`): every path is on
+/// container storage's partition, the only one the node models.
+fn stat(node: &Node, args: &[&str]) -> Out {
+    let mut file_system = false;
+    let mut format = None;
+    let mut paths = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "-f" | "--file-system" => file_system = true,
+            "-c" | "--format" => format = it.next().copied(),
+            a if a.starts_with("--format=") => format = Some(&a["--format=".len()..]),
+            a if a.starts_with('-') => {
+                return Out::err(
+                    1,
+                    format!(
+                        "stat: unrecognized option '{a}'\nTry 'stat --help' for more information."
+                    ),
+                );
+            }
+            a => paths.push(a),
+        }
+    }
+    if !file_system || paths.is_empty() {
+        return Out::err(
+            1,
+            "fake-node: stat: only `stat --file-system --format=... PATH`",
+        );
+    }
+    let blocks = node.disk.size / BLOCK;
+    let available = node.disk.size.saturating_sub(node.disk_used()) / BLOCK;
+    let format = format.unwrap_or("%b %a");
+    let line = format
+        .replace("%b", &blocks.to_string())
+        .replace("%a", &available.to_string())
+        .replace("%f", &available.to_string())
+        .replace("%S", &BLOCK.to_string())
+        .replace("%s", &BLOCK.to_string());
+    Out::ok(
+        paths
+            .iter()
+            .map(|_| format!("{line}\n"))
+            .collect::<String>(),
+    )
+}
+
 fn crictl(node: &Node, args: &[&str]) -> Out {
+    let local = || {
+        node.local
+            .iter()
+            .filter_map(|name| node.registry.get(name).map(|i| (name, i)))
+    };
     match args {
-        ["ps", "-a", "-o", "json"] => Out::json(&json!({"containers": []})),
+        ["ps", "-a", "-o", "json"] => {
+            let containers: Vec<Value> = local()
+                .filter(|(_, i)| i.in_use)
+                .map(|(name, i)| {
+                    json!({"id": checksum_of(&format!("{name}-container")),
+                        "podSandboxId": checksum_of(&format!("{name}-pod")),
+                        "metadata": {"name": "workload", "attempt": 0},
+                        "image": {"image": i.id, "annotations": {}}, "imageRef": i.id,
+                        "state": "CONTAINER_RUNNING", "createdAt": "1764460800000000000",
+                        "labels": {}, "annotations": {}})
+                })
+                .collect();
+            Out::json(&json!({ "containers": containers }))
+        }
         ["images", "-o", "json"] => {
-            let images: Vec<Value> = node
-                .local
-                .iter()
-                .map(|name| {
-                    let id = node.registry.get(name).map(|i| i.id.clone()).unwrap_or_default();
-                    json!({"id": format!("sha256:{id}"), "repoTags": [name], "repoDigests": [], "size": "1000000", "pinned": false})
+            let images: Vec<Value> = local()
+                .map(|(name, i)| {
+                    json!({"id": i.id, "repoTags": [name], "repoDigests": [],
+                        "size": i.size.to_string(), "uid": null, "username": "",
+                        "spec": null, "pinned": i.pinned})
                 })
                 .collect();
             Out::json(&json!({"images": images}))
