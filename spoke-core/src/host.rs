@@ -149,7 +149,10 @@ pub trait Host: Send + Sync + 'static {
     fn cleanup(&self, manual: bool) -> impl Future<Output = Result<(), Vec<String>>> + Send;
 
     /// When rollback to the old stateroot stops being possible.
-    fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>>;
+    fn rollback_availability_expiration(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Option<DateTime<Utc>>> + Send;
     fn restores(&self) -> impl Future<Output = Vec<RestoreInfo>> + Send;
     fn configmap_get(
         &self,

@@ -88,7 +88,11 @@ impl<H: Host> Agent<H> {
             // A real node's agent starts afresh after the reboot of a pivot: what the state
             // saved for the new boot says is taken up as after a simulated reboot (the
             // watchdog armed, a rollback completed); after a mere restart it changes nothing.
-            engine::booted(&mut state, host.rollback_availability_expiration(now), now);
+            engine::booted(
+                &mut state,
+                host.rollback_availability_expiration(now).await,
+                now,
+            );
         }
         engine::reconcile(&mut state, now);
         let state = Arc::new(state);
@@ -365,7 +369,11 @@ impl<H: Host> Agent<H> {
         match self.host.load_state().await {
             Ok(Some(mut s)) => {
                 engine::resume(&mut s, now);
-                engine::booted(&mut s, self.host.rollback_availability_expiration(now), now);
+                engine::booted(
+                    &mut s,
+                    self.host.rollback_availability_expiration(now).await,
+                    now,
+                );
                 engine::reconcile(&mut s, now);
                 let s = Arc::new(s);
                 if let Err(err) = self.host.save_state(&Root::Booted, &s).await {

@@ -458,7 +458,10 @@ fn backup_failure_fails_upgrade_before_the_reboot_and_idle_aborts() {
 fn manual_rollback_returns_to_the_old_stateroot_then_finalizes() {
     let mut n = Node::new(&[]);
     n.upgrade();
+    assert!(n.status().rollback_availability_expiration.is_some());
     n.stage(Stage::Rollback).unwrap();
+    // Used up, as the Lifecycle Agent says by clearing it.
+    assert!(n.status().rollback_availability_expiration.is_none());
     assert_eq!(
         n.cond(ct::UPGRADE_IN_PROGRESS),
         c(False, "Failed", "Rollback requested")

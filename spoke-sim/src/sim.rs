@@ -585,7 +585,7 @@ impl Host for SimHost {
             .map_err(|e| vec![e.to_string()])?
     }
 
-    fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    async fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         Some(now + chrono::Duration::days(ROLLBACK_WINDOW_DAYS))
     }
 

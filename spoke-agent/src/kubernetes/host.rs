@@ -424,8 +424,8 @@ impl<H: Host> Host for KubeHost<H> {
         }
     }
 
-    fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.inner.rollback_availability_expiration(now)
+    async fn rollback_availability_expiration(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.inner.rollback_availability_expiration(now).await
     }
 
     async fn restores(&self) -> Vec<RestoreInfo> {

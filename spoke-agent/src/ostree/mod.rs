@@ -49,6 +49,11 @@ pub const WATCHDOG_BIN: &str = "/usr/local/bin/spoke-agent";
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// The seed's post-pivot reconfiguration (network, recert, kubelet).
 pub const POST_PIVOT_UNIT: &str = "installation-configuration.service";
+/// The kubelet's certificates in a stateroot's `/var/lib/kubelet/pki`: rolling back to a
+/// stateroot whose certificates expired leaves a cluster that cannot start.
+const KUBELET_CERTS: [&str; 2] = ["kubelet-client-current.pem", "kubelet-server-current.pem"];
+/// Rollback is said to end this long before the first of them expires.
+const ROLLBACK_EXPIRY_MARGIN: chrono::Duration = chrono::Duration::minutes(30);
 /// Precache pulls at once, and tries per image (as the Lifecycle Agent's precache job).
 const PRECACHE_PARALLEL: usize = 10;
 const PULL_TRIES: u32 = 5;
@@ -808,8 +813,24 @@ impl Host for OstreeHost {
         }
     }
 
-    fn rollback_availability_expiration(&self, _now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        None
+    /// The old stateroot's kubelet certificates must still be valid to roll back to it:
+    /// the earliest of their expiries, less a margin (as the Lifecycle Agent reckons it).
+    async fn rollback_availability_expiration(&self, _now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let deployments = self.node.deployments().await.ok()?;
+        let old = deployments.iter().find(|d| !d.booted)?;
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for name in KUBELET_CERTS {
+            let file = format!("{}/var/lib/kubelet/pki/{name}", stateroot_dir(&old.osname));
+            match self.node.runner.read(&file).await {
+                Ok(Some(pem)) => match certificate_not_after(pem.as_bytes()) {
+                    Ok(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+                    Err(why) => tracing::warn!(%file, %why, "reading a kubelet certificate"),
+                },
+                Ok(None) => tracing::warn!(%file, "no kubelet certificate"),
+                Err(e) => tracing::warn!(%file, %e, "reading a kubelet certificate"),
+            }
+        }
+        earliest.map(|t| t - ROLLBACK_EXPIRY_MARGIN)
     }
 
     async fn restores(&self) -> Vec<RestoreInfo> {
@@ -853,6 +874,19 @@ impl Host for OstreeHost {
             Err(e) => e.to_string(),
         }
     }
+}
+
+/// The `notAfter` of the first certificate in a PEM file (the kubelet's hold its key too).
+fn certificate_not_after(pem: &[u8]) -> Result<DateTime<Utc>, String> {
+    let pem = x509_parser::pem::Pem::iter_from_buffer(pem)
+        .map_while(Result::ok)
+        .find(|p| p.label == "CERTIFICATE")
+        .ok_or("no CERTIFICATE in the PEM")?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+        .ok_or_else(|| "notAfter out of range".to_string())
 }
 
 /// The ConfigMaps the hub hands the agent (without `--kube`) live in the booted `/var`;

@@ -258,6 +258,8 @@ pub(super) fn start(s: &mut SpokeState, op: Op, now: DateTime<Utc>) {
                 now,
             );
             s.run.watchdog_deadline = None;
+            // Rolling back uses up the possibility (the Lifecycle Agent clears it too).
+            status(s).rollback_availability_expiration = None;
             Some(Stage::Rollback)
         }
         Op::Abort => {

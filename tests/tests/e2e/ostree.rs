@@ -576,14 +576,27 @@ fn reboot_descriptions(node: &FakeNode) -> Vec<String> {
 #[tokio::test]
 async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
     let (node, state, log, port, child, agent) = prepared().await;
+    // The old stateroot's kubelet certificates: the first expires 2027-03-04T23:10:14Z.
+    let pki = node.file("/ostree/deploy/rhcos/var/lib/kubelet/pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let fixtures =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/kubelet-pki"));
+    for name in ["kubelet-client-current.pem", "kubelet-server-current.pem"] {
+        std::fs::copy(fixtures.join(name), pki.join(name)).unwrap();
+    }
     let child =
         through_the_reboot(&node, &agent, "Upgrade", (state.path(), port, &log), child).await;
-    agent
+    let upgraded = agent
         .wait_ibu(
             "Upgrade to complete",
             is_last("UpgradeCompleted", "Completed"),
         )
         .await;
+    // Rollback is possible until half an hour before the first of them expires.
+    assert_eq!(
+        upgraded["status"]["rollbackAvailabilityExpiration"],
+        "2027-03-04T22:40:14Z"
+    );
     let _child =
         through_the_reboot(&node, &agent, "Rollback", (state.path(), port, &log), child).await;
     let ibu = agent
@@ -593,6 +606,7 @@ async fn a_manual_rollback_boots_the_old_stateroot_and_keeps_both() {
         )
         .await;
     assert_eq!(ibu["spec"]["stage"], "Rollback");
+    assert_eq!(ibu["status"]["rollbackAvailabilityExpiration"], Value::Null);
     assert_eq!(
         osnames(&node),
         [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
