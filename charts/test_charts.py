@@ -114,11 +114,15 @@ def check_chart(name, update):
                 if doc["kind"] == "ClusterRole" and doc.get("rules") != rbac["rules"]:
                     fail(f"{what}: rules differ from rbac/{role}")
                 if doc["kind"] == "Role":
-                    namespaced = yaml.safe_load(open(os.path.join(path, "rbac", "role-ostree.yaml")))
-                    if doc.get("rules") != namespaced["rules"]:
-                        fail(f"{what}: rules differ from rbac/role-ostree.yaml")
-            if name == "spoke-agent" and ((values or {}).get("host") == "ostree") != ("Role" in kinds):
-                fail(f"{name} ({label}): a Role for the seed's pull secret exactly with host: ostree")
+                    # Each Role is the file's Role of its namespace (none: the release's).
+                    roles = list(yaml.safe_load_all(open(os.path.join(path, "rbac", "roles-ostree.yaml"))))
+                    want = {(r["metadata"].get("namespace") or RELEASE["namespace"]): r["rules"] for r in roles}
+                    if doc.get("rules") != want.get(doc["metadata"].get("namespace")):
+                        fail(f"{what}: rules differ from rbac/roles-ostree.yaml")
+            if name == "spoke-agent":
+                roles = sorted(d["metadata"].get("namespace") for _, d in objects if d["kind"] == "Role")
+                if ((values or {}).get("host") == "ostree") != (len(roles) == 6):
+                    fail(f"{name} ({label}): the six Roles of rbac/roles-ostree.yaml exactly with host: ostree, not {roles}")
             if label == "default":
                 target = os.path.join(HERE, "rendered", name + ".yaml")
                 if update:

@@ -42,6 +42,16 @@ pub struct RestoreInfo {
     pub failure_reason: String,
 }
 
+/// A cluster's configuration as its API tells it, for the seed's post-pivot
+/// reconfiguration: the fields of the Lifecycle Agent's `SeedReconfiguration`
+/// (`cluster-configuration/manifest.json`) and the manifests it applies
+/// (`cluster-configuration/manifests/<file>`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterConfig {
+    pub reconfiguration: serde_json::Map<String, Value>,
+    pub manifests: Vec<(String, Value)>,
+}
+
 /// What a reboot is for, said in its description (`lifecycle-agent: upgrade`) as the
 /// Lifecycle Agent says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +129,28 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<PrecacheSummary, HostError>> + Send;
     /// Runs Velero Backups group by group; a failed group is terminal (`Failed backup CRs: ...`).
     fn backup(&self, groups: &[Vec<Value>]) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Gives the seed's stateroot what its post-pivot reconfiguration needs from this
+    /// cluster (the Lifecycle Agent's `cluster-configuration`), before the pivot.
+    fn cluster_config(
+        &self,
+        _stateroot: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send {
+        std::future::ready(Ok(()))
+    }
+    /// Whether the host's new stateroot needs the cluster configuration from the cluster's
+    /// API (the real node does; a simulated one does not).
+    fn needs_cluster_config(&self) -> bool {
+        false
+    }
+    /// Writes into the seed's stateroot the cluster configuration gathered from the
+    /// cluster's API (by `--kube`), completed with what the node itself holds.
+    fn write_cluster_config(
+        &self,
+        _stateroot: &str,
+        _from_api: ClusterConfig,
+    ) -> impl Future<Output = Result<(), HostError>> + Send {
+        std::future::ready(Ok(()))
+    }
     /// Makes the stateroot's deployment the default one for the next boot.
     fn set_default(&self, root: &Root) -> impl Future<Output = Result<(), HostError>> + Send;
     /// This boot's identity (`/proc/sys/kernel/random/boot_id`), for hosts that reboot for

@@ -441,6 +441,7 @@ async fn dispatch<H: Host>(host: &H, work: Work) -> Outcome {
             Err(e) => done(Err(e)),
         },
         Work::Backup(groups) => done(host.backup(&groups).await),
+        Work::ClusterConfig { stateroot } => done(host.cluster_config(&stateroot).await),
         Work::Pivot { saves, default } => {
             for (root, state) in saves {
                 if let Err(e) = host.save_state(&root, &Arc::new(state)).await {

@@ -114,7 +114,9 @@ impl Node {
         self.log
             .push(name.split(['(', ' ', '{']).next().unwrap().to_string());
         match work {
-            Work::Health | Work::CheckDpa | Work::Reboot => Outcome::Done,
+            Work::Health | Work::CheckDpa | Work::Reboot | Work::ClusterConfig { .. } => {
+                Outcome::Done
+            }
             Work::GatherFacts(spec) => Outcome::Facts(Box::new(self.sim.cluster_facts(&spec))),
             Work::InspectSeed(seed) => Outcome::SeedLabels(self.sim.inspect_seed(&seed)),
             Work::SetupStateroot {

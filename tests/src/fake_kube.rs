@@ -53,6 +53,8 @@ pub struct Rule {
     pub verbs: Vec<String>,
     /// A Role's rule holds only in its namespace; a ClusterRole's everywhere.
     pub namespace: Option<String>,
+    /// `resourceNames`: when given, the rule holds for those objects only.
+    pub names: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -269,11 +271,13 @@ impl FakeKube {
         let _ = self.changes.send(change);
     }
 
-    fn allowed(&self, group: &str, resource: &str, namespace: &str, verb: &str) -> bool {
+    fn allowed(&self, t: &Target, resource: &str, verb: &str) -> bool {
+        let (group, namespace) = (t.group.as_str(), t.namespace.as_str());
         match self.rules.as_ref() {
             None => true,
             Some(rules) => rules.iter().any(|r| {
                 r.namespace.as_deref().is_none_or(|ns| ns == namespace)
+                    && (r.names.is_empty() || t.name.as_ref().is_some_and(|n| r.names.contains(n)))
                     && r.groups.iter().any(|g| g == group || g == "*")
                     && r.resources.iter().any(|x| x == resource || x == "*")
                     && r.verbs.iter().any(|v| v == verb || v == "*")
@@ -360,7 +364,7 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
                 "the server could not find the requested resource",
             );
         }
-        if !admin && !fake.allowed(&t.group, &resource, &t.namespace, verb) {
+        if !admin && !fake.allowed(&t, &resource, verb) {
             let what = format!("{verb} {}/{resource}", t.group);
             inner.denied.push(what.clone());
             return status(403, "Forbidden", format!("RBAC: {what} is not allowed"));
@@ -653,7 +657,8 @@ pub fn cluster_role_rules(yaml: &str) -> Vec<Rule> {
     rules_of(yaml, "ClusterRole", None)
 }
 
-/// The rules of the Roles in a YAML file, bound in `namespace`.
+/// The rules of the Roles in a YAML file, each bound in its namespace (`namespace`, the
+/// agent's, for a Role that names none).
 pub fn role_rules(yaml: &str, namespace: &str) -> Vec<Rule> {
     rules_of(yaml, "Role", Some(namespace))
 }
@@ -667,6 +672,7 @@ fn rules_of(yaml: &str, kind: &str, namespace: Option<&str>) -> Vec<Rule> {
         if v["kind"] != kind {
             continue;
         }
+        let namespace = v["metadata"]["namespace"].as_str().or(namespace);
         for r in v["rules"].as_array().into_iter().flatten() {
             let list = |k: &str| -> Vec<String> {
                 r[k].as_array()
@@ -680,6 +686,7 @@ fn rules_of(yaml: &str, kind: &str, namespace: Option<&str>) -> Vec<Rule> {
                 resources: list("resources"),
                 verbs: list("verbs"),
                 namespace: namespace.map(str::to_string),
+                names: list("resourceNames"),
             });
         }
     }
@@ -695,4 +702,139 @@ pub fn oadp_configmap(namespace: &str, name: &str) -> Value {
         "backup.yaml": "apiVersion: velero.io/v1\nkind: Backup\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  includedNamespaces: [app]\n",
         "restore.yaml": "apiVersion: velero.io/v1\nkind: Restore\nmetadata:\n  name: apps\n  namespace: openshift-adp\nspec:\n  backupName: apps\n"
     }})
+}
+
+/// A Secret with `data` (base64, as the API serves Secrets).
+pub fn secret(namespace: &str, name: &str, type_: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(v.as_bytes());
+            (k.to_string(), Value::String(encoded))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
+        "metadata": {"name": name, "namespace": namespace}, "data": data})
+}
+
+impl FakeKube {
+    /// The objects of a healthy single-node OpenShift cluster `sno1` that the real-node agent
+    /// reads before a pivot (`ibu-host.md` section 2, cluster-configuration): its node, the
+    /// ClusterVersion, Infrastructure, Proxy, install-config, pull secret, kubeadmin hash,
+    /// serving signers, ingress CA and the cluster-version-operator.
+    pub fn seed_openshift_sno(&self) {
+        let fixture = |name: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/cluster");
+            std::fs::read_to_string(dir.join(name)).expect("a cluster fixture")
+        };
+        let config = "apis/config.openshift.io/v1";
+        self.seed(
+            "api/v1",
+            "nodes",
+            json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "sno1", "labels": {"node-role.kubernetes.io/master": "",
+                "kubernetes.io/hostname": "sno1"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                "addresses": [{"type": "InternalIP", "address": "192.168.122.10"},
+                    {"type": "Hostname", "address": "sno1"}]}}),
+        );
+        self.seed(
+            config,
+            "clusterversions",
+            json!({"apiVersion": "config.openshift.io/v1",
+            "kind": "ClusterVersion", "metadata": {"name": "version"},
+            "spec": {"clusterID": "6a0cd8a9-3e5b-4a4b-9a54-0a5ab1e8f3a2"}}),
+        );
+        self.seed(
+            config,
+            "infrastructures",
+            json!({"apiVersion": "config.openshift.io/v1",
+            "kind": "Infrastructure", "metadata": {"name": "cluster"},
+            "status": {"infrastructureName": "sno1-x7k2p"}}),
+        );
+        self.seed(
+            config,
+            "proxies",
+            json!({"apiVersion": "config.openshift.io/v1",
+            "kind": "Proxy", "metadata": {"name": "cluster"}, "spec": {"trustedCA": {"name": ""}},
+            "status": {}}),
+        );
+        let install_config = "apiVersion: v1\nbaseDomain: example.com\nmetadata:\n  name: sno1\nnetworking:\n  machineNetwork:\n  - cidr: 192.168.122.0/24\n  networkType: OVNKubernetes\n";
+        self.seed(
+            "api/v1",
+            "configmaps",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cluster-config-v1", "namespace": "kube-system"},
+            "data": {"install-config": install_config}}),
+        );
+        self.seed(
+            "api/v1",
+            "configmaps",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "admin-kubeconfig-client-ca", "namespace": "openshift-config"},
+            "data": {"ca-bundle.crt": fixture("admin-kubeconfig-client-ca.crt")}}),
+        );
+        self.seed(
+            "api/v1",
+            "secrets",
+            secret(
+                "openshift-config",
+                "pull-secret",
+                "kubernetes.io/dockerconfigjson",
+                &[(
+                    ".dockerconfigjson",
+                    "{\"auths\":{\"quay.io\":{\"auth\":\"c25vMTpwdWxs\"}}}",
+                )],
+            ),
+        );
+        self.seed(
+            "api/v1",
+            "secrets",
+            secret(
+                "kube-system",
+                "kubeadmin",
+                "Opaque",
+                &[(
+                    "kubeadmin",
+                    "$2a$10$fakeKubeadminPasswordHashForTheSno1Cluster0123456789",
+                )],
+            ),
+        );
+        let key = fixture("serving-signer.key");
+        for name in [
+            "localhost-serving-signer",
+            "service-network-serving-signer",
+            "loadbalancer-serving-signer",
+        ] {
+            self.seed(
+                "api/v1",
+                "secrets",
+                secret(
+                    "openshift-kube-apiserver-operator",
+                    name,
+                    "kubernetes.io/tls",
+                    &[("tls.key", &key), ("tls.crt", "")],
+                ),
+            );
+        }
+        self.seed(
+            "api/v1",
+            "secrets",
+            secret(
+                "openshift-ingress-operator",
+                "router-ca",
+                "kubernetes.io/tls",
+                &[
+                    ("tls.key", &fixture("router-ca.key")),
+                    ("tls.crt", &fixture("router-ca.crt")),
+                ],
+            ),
+        );
+        self.seed("apis/apps/v1", "deployments", json!({"apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "cluster-version-operator", "namespace": "openshift-cluster-version"},
+            "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "cluster-version-operator",
+                "image": "quay.io/openshift-release-dev/ocp-release@sha256:4d5c7a1e"}]}}}}));
+    }
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use spoke_core::engine::validate::ClusterFacts;
 use spoke_core::engine::{Root, SpokeState};
-use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
+use spoke_core::host::{ClusterConfig, Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 pub const OADP_NAMESPACE: &str = "openshift-adp";
 /// The key of a `kubernetes.io/dockerconfigjson` Secret.
@@ -379,8 +379,36 @@ impl<H: Host> Host for KubeHost<H> {
         self.run_groups("Backup", "backups", groups).await
     }
 
+    async fn cluster_config(&self, stateroot: &str) -> Result<(), HostError> {
+        if !self.inner.needs_cluster_config() {
+            return self.inner.cluster_config(stateroot).await;
+        }
+        let from_api = super::cluster_config::gather(&self.client).await?;
+        self.inner.write_cluster_config(stateroot, from_api).await
+    }
+
+    fn needs_cluster_config(&self) -> bool {
+        self.inner.needs_cluster_config()
+    }
+
+    async fn write_cluster_config(
+        &self,
+        stateroot: &str,
+        from_api: ClusterConfig,
+    ) -> Result<(), HostError> {
+        self.inner.write_cluster_config(stateroot, from_api).await
+    }
+
     async fn set_default(&self, root: &Root) -> Result<(), HostError> {
         self.inner.set_default(root).await
+    }
+
+    async fn seed_pull_secret(&self, auth: Option<&[u8]>) -> Result<(), HostError> {
+        self.inner.seed_pull_secret(auth).await
+    }
+
+    async fn boot_id(&self) -> Option<String> {
+        self.inner.boot_id().await
     }
 
     async fn reboot(&self, why: RebootFor) -> Result<(), HostError> {

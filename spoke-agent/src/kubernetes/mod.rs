@@ -2,5 +2,6 @@
 //! its own cluster mirrors the agent (and `oc patch` drives it), ConfigMaps are the
 //! cluster's, OADP runs through Velero's objects.
 
+pub mod cluster_config;
 pub mod host;
 pub mod ibu;

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use spoke_core::engine::validate::ClusterFacts;
 use spoke_core::engine::{Root, Run, SpokeState};
-use spoke_core::host::{Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
+use spoke_core::host::{ClusterConfig, Host, HostError, PrecacheSummary, RebootFor, RestoreInfo};
 
 use node::NodeOs;
 use runner::NodeError;
@@ -47,6 +47,11 @@ pub const WATCHDOG_UNIT: &str = "spoke-agent-init-monitor.service";
 pub const WATCHDOG_BIN: &str = "/usr/local/bin/spoke-agent";
 /// The kernel's identity of this boot.
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// Where the seed's post-pivot reconfiguration finds its input (`/var/opt/openshift` on
+/// RHCOS), in the new stateroot.
+pub const OPT_OPENSHIFT: &str = "/opt/openshift";
+/// The node's authorized SSH key, as Ignition wrote it.
+pub const SSH_AUTHORIZED_KEY: &str = "/home/core/.ssh/authorized_keys.d/ignition";
 /// The seed's post-pivot reconfiguration (network, recert, kubelet).
 pub const POST_PIVOT_UNIT: &str = "installation-configuration.service";
 /// The kubelet's certificates in a stateroot's `/var/lib/kubelet/pki`: rolling back to a
@@ -379,6 +384,74 @@ impl OstreeHost {
         Ok(())
     }
 
+    /// The Lifecycle Agent's `cluster-configuration` in the new stateroot's `/var/opt/openshift`
+    /// (its `/opt/openshift`): `manifest.json`, the API's part completed with the node's SSH
+    /// keys and chrony configuration, the manifests, and the node's network connections.
+    async fn write_reconfiguration(
+        &self,
+        stateroot: &str,
+        from_api: ClusterConfig,
+    ) -> Result<(), NodeError> {
+        let runner = &self.node.runner;
+        self.node.remount_sysroot_rw().await?;
+        let opt = format!("{}/var{OPT_OPENSHIFT}", stateroot_dir(stateroot));
+        let mut c = from_api.reconfiguration;
+        let ssh_key = runner.read(SSH_AUTHORIZED_KEY).await?.ok_or_else(|| {
+            NodeError::Refused(format!(
+                "failed to read sshKey: {SSH_AUTHORIZED_KEY} is missing"
+            ))
+        })?;
+        c.insert("ssh_key".into(), Value::String(ssh_key));
+        let mut server_keys = Vec::new();
+        if let Ok(mut entries) = tokio::fs::read_dir(runner.path("/etc/ssh")).await {
+            while let Ok(Some(e)) = entries.next_entry().await {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("ssh_host_") && name.contains("_key") {
+                    let content = runner.read(&format!("/etc/ssh/{name}")).await?;
+                    server_keys.push((name, content.unwrap_or_default()));
+                }
+            }
+        }
+        server_keys.sort();
+        c.insert(
+            "server_ssh_keys".into(),
+            server_keys
+                .into_iter()
+                .map(|(name, content)| serde_json::json!({"file_name": name, "file_content": content}))
+                .collect(),
+        );
+        if let Some(chrony) = runner.read("/etc/chrony.conf").await? {
+            c.insert("chrony_config".into(), Value::String(chrony));
+        }
+        let text = serde_json::to_vec_pretty(&c)
+            .map_err(|e| NodeError::Refused(format!("the cluster configuration: {e}")))?;
+        let dir = format!("{opt}/cluster-configuration");
+        runner
+            .write_private(&format!("{dir}/manifest.json"), &text)
+            .await?;
+        for (file, manifest) in &from_api.manifests {
+            let text = serde_json::to_vec_pretty(manifest)
+                .map_err(|e| NodeError::Refused(format!("{file}: {e}")))?;
+            runner
+                .write_private(&format!("{dir}/manifests/{file}"), &text)
+                .await?;
+        }
+        // The network connections, as files (NetworkManager's keyfiles).
+        let connections = "/etc/NetworkManager/system-connections";
+        let to = format!("{opt}/network-configuration/system-connections");
+        if let Ok(mut entries) = tokio::fs::read_dir(runner.path(connections)).await {
+            while let Ok(Some(e)) = entries.next_entry().await {
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some(content) = runner.read(&format!("{connections}/{name}")).await? {
+                    runner
+                        .write_private(&format!("{to}/{name}"), content.as_bytes())
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every trace of a stateroot that is not booted: its deployments (the highest
     /// index first, so the others keep theirs), then its directory.
     async fn remove_unbooted(&self, stateroot: &str) -> Result<(), NodeError> {
@@ -674,6 +747,30 @@ impl Host for OstreeHost {
 
     async fn backup(&self, _groups: &[Vec<Value>]) -> Result<(), HostError> {
         Ok(())
+    }
+
+    fn needs_cluster_config(&self) -> bool {
+        true
+    }
+
+    async fn cluster_config(&self, _stateroot: &str) -> Result<(), HostError> {
+        Err(HostError::Terminal(
+            "the seed's post-pivot reconfiguration needs this cluster's configuration from its API: run the agent with --kube".into(),
+        ))
+    }
+
+    async fn write_cluster_config(
+        &self,
+        stateroot: &str,
+        from_api: ClusterConfig,
+    ) -> Result<(), HostError> {
+        self.write_reconfiguration(stateroot, from_api)
+            .await
+            .map_err(|e| {
+                HostError::Terminal(format!(
+                    "failed to write the cluster configuration into {stateroot}: {e}"
+                ))
+            })
     }
 
     async fn set_default(&self, root: &Root) -> Result<(), HostError> {

@@ -109,6 +109,8 @@ pub enum Step {
     Stateroot,
     Precache,
     Backup,
+    /// What the new stateroot's own reconfiguration needs from this cluster.
+    ClusterConfig,
     Pivot,
     Reboot,
     CheckDpa,
@@ -124,7 +126,7 @@ impl Op {
         use Step::*;
         match self {
             Op::Prep => &[Health, Validate, InspectSeed, Stateroot, Precache],
-            Op::UpgradePre => &[Health, Backup, Pivot, Reboot],
+            Op::UpgradePre => &[Health, Backup, ClusterConfig, Pivot, Reboot],
             Op::UpgradePost => &[
                 Health,
                 CheckDpa,
@@ -171,6 +173,11 @@ pub enum Work {
     },
     /// Velero Backups, in apply-wave groups.
     Backup(Vec<Vec<Value>>),
+    /// Hand the seed's stateroot this cluster's configuration for its post-pivot
+    /// reconfiguration.
+    ClusterConfig {
+        stateroot: String,
+    },
     /// Save these states into these stateroots, then make `default` the default deployment.
     Pivot {
         saves: Vec<(Root, SpokeState)>,

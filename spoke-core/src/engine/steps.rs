@@ -79,6 +79,9 @@ pub(super) fn work_for(s: &SpokeState, step: Step, now: DateTime<Utc>) -> Work {
             release_registry: s.run.release_registry.clone(),
         },
         Step::Backup => Work::Backup(groups(&s.run.backups)),
+        Step::ClusterConfig => Work::ClusterConfig {
+            stateroot: stateroot_name(&seed(s).version),
+        },
         Step::Pivot => pivot_work(s, now),
         Step::Reboot => Work::Reboot,
         Step::CheckDpa => Work::CheckDpa,

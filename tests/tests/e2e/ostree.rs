@@ -6,15 +6,44 @@ use std::process::Stdio;
 use fleet_e2e::{ChildGuard, ChildLog, free_port};
 use serde_json::{Value, json};
 
+use fleet_e2e::fake_kube::{FakeKube, cluster_role_rules, role_rules};
+
 use crate::fake_node::FakeNode;
 use crate::spoke::{Agent, agent_command, is_last};
 
 const SEED: &str = "quay.io/seed:4.16.0";
 const WATCHDOG: &str = "spoke-agent-init-monitor.service";
 
+/// The cluster's API for the agent whose state is in `state`: a fake API server holding
+/// a single-node OpenShift cluster, the chart's RBAC enforced; its kubeconfig in `state`
+/// makes `start` run the agent with `--kube`, as the chart does.
+async fn with_cluster_api(state: &std::path::Path) -> FakeKube {
+    let rbac = |file: &str| {
+        let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        std::fs::read_to_string(repo.join("charts/spoke-agent/rbac").join(file)).unwrap()
+    };
+    let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
+    rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
+    let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
+    kube.seed_openshift_sno();
+    kube.write_kubeconfig(state);
+    kube
+}
+
+/// `--kube` with the kubeconfig `with_cluster_api` left in `state`, if any.
+fn kube_mode(cmd: &mut std::process::Command, state: &std::path::Path) {
+    let kubeconfig = state.join("kubeconfig");
+    if kubeconfig.exists() {
+        cmd.arg("--kube")
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+    }
+}
+
 /// The agent on the fake node, as a service on the node runs it.
 fn start(node: &FakeNode, state: &std::path::Path, port: u16, log: &ChildLog) -> ChildGuard {
     let mut cmd = agent_command(state, port);
+    kube_mode(&mut cmd, state);
     cmd.args([
         "--host",
         "ostree",
@@ -113,6 +142,7 @@ fn osnames(node: &FakeNode) -> Vec<(String, bool)> {
 async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
     let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
     let state = tempfile::tempdir().unwrap();
+    let api = with_cluster_api(state.path()).await;
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
     let child = start(&node, state.path(), port, &log);
@@ -208,12 +238,66 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
         status["deployments"][0]["osname"], "rhcos_4.16.0",
         "the new default: {status}"
     );
+    // What the seed's post-pivot reconfiguration needs, from the cluster's API and the node,
+    // where it looks for it (the Lifecycle Agent's SeedReconfiguration), for root only.
+    let config_file = node
+        .file("/ostree/deploy/rhcos_4.16.0/var/opt/openshift/cluster-configuration/manifest.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&config_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let config: Value = serde_json::from_slice(&std::fs::read(&config_file).unwrap()).unwrap();
+    for (field, want) in [
+        ("api_version", json!(1)),
+        ("cluster_id", json!("6a0cd8a9-3e5b-4a4b-9a54-0a5ab1e8f3a2")),
+        ("cluster_name", json!("sno1")),
+        ("base_domain", json!("example.com")),
+        ("infra_id", json!("sno1-x7k2p")),
+        ("hostname", json!("sno1")),
+        ("node_ips", json!(["192.168.122.10"])),
+        ("machine_networks", json!(["192.168.122.0/24"])),
+        ("release_registry", json!("quay.io")),
+        (
+            "pull_secret",
+            json!("{\"auths\":{\"quay.io\":{\"auth\":\"c25vMTpwdWxs\"}}}"),
+        ),
+        ("chrony_config", json!("pool 2.rhel.pool.ntp.org iburst\n")),
+    ] {
+        assert_eq!(config[field], want, "{field}: {config:#}");
+    }
+    assert_eq!(
+        config["KubeconfigCryptoRetention"]["IngresssCrypto"]["ingress_certificate_cn"],
+        "ingress-operator@1764460800"
+    );
+    let signer = &config["KubeconfigCryptoRetention"]["KubeAPICrypto"]["ServingCrypto"];
+    assert!(
+        signer["localhost_signer_private_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert!(
+        config["ssh_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("ssh-ed25519 ")
+    );
+    assert_eq!(config["server_ssh_keys"].as_array().unwrap().len(), 2);
+    assert!(config.get("proxy").is_none(), "no proxy configured");
+    assert!(
+        node.file("/ostree/deploy/rhcos_4.16.0/var/opt/openshift/network-configuration/system-connections/ens3.nmconnection")
+            .is_file()
+    );
     drop(child);
     node.admin(&["reboot"]);
     assert_eq!(
         osnames(&node),
         [("rhcos_4.16.0".into(), true), ("rhcos".into(), false)]
     );
+    // Given its configuration, the seed's reconfiguration ran and removed its input.
+    assert!(!node.file("/var/opt/openshift").exists());
+    // Everything the agent read, the chart's RBAC allows.
+    assert_eq!(api.denied(), Vec::<String>::new());
     let _again = start(&node, state.path(), port, &log);
     agent
         .wait_ibu(
@@ -428,6 +512,7 @@ type Prepared = (
 async fn prepared_with(extra: Value) -> Prepared {
     let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
     let state = tempfile::tempdir().unwrap();
+    with_cluster_api(state.path()).await;
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
     let child = start(&node, state.path(), port, &log);
@@ -640,6 +725,7 @@ struct Sno {
 impl Sno {
     fn start(&mut self, hub: &str) {
         let mut cmd = crate::spoke::agent_command_named(&self.name, self.state.path(), self.port);
+        kube_mode(&mut cmd, self.state.path());
         cmd.args([
             "--host",
             "ostree",
@@ -679,6 +765,7 @@ async fn the_hub_upgrades_a_fleet_of_real_node_agents() {
         })
         .collect();
     for sno in &mut fleet {
+        with_cluster_api(sno.state.path()).await;
         sno.start(&hub.url);
     }
     fleet_e2e::wait_for(
@@ -923,6 +1010,7 @@ async fn a_node_that_does_not_go_down_is_asked_again_not_called_rolled_back() {
     let (node, state, log, port, child, agent) = prepared().await;
     sigkill(child);
     let mut cmd = agent_command(state.path(), port);
+    kube_mode(&mut cmd, state.path());
     cmd.args([
         "--host",
         "ostree",
@@ -1047,7 +1135,7 @@ async fn kube_mode_inspects_and_pulls_a_private_seed_with_its_secret_then_forget
     };
     // The chart's rules: the ClusterRole, and the Role in the agent's namespace.
     let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
-    rules.extend(role_rules(&rbac("role-ostree.yaml"), "default"));
+    rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
     let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
     kube.seed(
         "api/v1",
@@ -1277,4 +1365,41 @@ async fn a_full_disk_fails_prep_with_the_pulls_error_and_disabled_cleanup_remove
     agent
         .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
         .await;
+}
+
+#[tokio::test]
+async fn without_the_clusters_api_an_upgrade_stops_before_the_pivot() {
+    // Prepared without --kube: the seed's reconfiguration would wait for ever on the new
+    // stateroot, so the agent refuses before making it the default.
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let _child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    agent.stage("Upgrade").await;
+    let ibu = agent
+        .wait_ibu(
+            "Upgrade to fail",
+            has_condition("UpgradeCompleted", "False", "Failed"),
+        )
+        .await;
+    assert!(
+        ibu.to_string().contains(
+            "the seed's post-pivot reconfiguration needs this cluster's configuration from its API: run the agent with --kube"
+        ),
+        "{ibu}"
+    );
+    assert!(!node.reboot_requested());
+    assert_eq!(
+        osnames(&node),
+        [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
+    );
 }

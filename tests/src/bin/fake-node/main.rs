@@ -317,11 +317,39 @@ fn reboot(root: &Root, node: &mut Node) -> Result<(), String> {
     node.failed.clear();
     node.active = [STORAGE_UNIT.to_string()].into();
     let wants = root.path("/etc/systemd/system/multi-user.target.wants");
-    if let Ok(entries) = std::fs::read_dir(wants) {
+    if let Ok(entries) = std::fs::read_dir(&wants) {
         for e in entries.flatten() {
             node.active
                 .insert(e.file_name().to_string_lossy().to_string());
         }
     }
+    if node.active.contains(node::POST_PIVOT_UNIT) {
+        post_pivot(root, node, &wants);
+    }
     Ok(())
+}
+
+/// The seed's `lca-cli post-pivot`: it waits for its cluster configuration; given one, it
+/// reconfigures the node, disables itself and removes its input (`ibu-host.md` section 2).
+fn post_pivot(root: &Root, node: &mut Node, wants: &Path) {
+    let given = std::fs::read_to_string(root.path(node::CLUSTER_CONFIGURATION))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|c| {
+            ["cluster_id", "pull_secret", "hostname", "ssh_key"]
+                .iter()
+                .all(|k| c[k].as_str().is_some_and(|v| !v.is_empty()))
+                && c["KubeconfigCryptoRetention"]["KubeAPICrypto"]["ServingCrypto"]
+                    ["localhost_signer_private_key"]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty())
+        });
+    if !given {
+        // Still waiting for /opt/openshift/cluster-configuration.
+        return;
+    }
+    node.active.remove(node::POST_PIVOT_UNIT);
+    let _ = std::fs::remove_file(wants.join(node::POST_PIVOT_UNIT));
+    let _ = std::fs::remove_dir_all(root.path("/var/opt/openshift"));
+    let _ = std::fs::remove_dir_all(root.path("/var/seed_data"));
 }

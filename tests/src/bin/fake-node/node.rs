@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The node's authorized SSH key, as Ignition writes it.
+pub const SSH_AUTHORIZED_KEY: &str = "/home/core/.ssh/authorized_keys.d/ignition";
+/// The seed's post-pivot reconfiguration, and where it finds its input.
+pub const POST_PIVOT_UNIT: &str = "installation-configuration.service";
+pub const CLUSTER_CONFIGURATION: &str = "/var/opt/openshift/cluster-configuration/manifest.json";
 /// The mount unit the Lifecycle Agent requires for container storage.
 pub const STORAGE_UNIT: &str = "var-lib-containers.mount";
 
@@ -244,6 +249,31 @@ impl Root {
             ..Default::default()
         };
         self.point_to_booted(&node)?;
+        // What the node holds of its own configuration: the SSH keys Ignition and sshd
+        // wrote, chrony's and NetworkManager's configuration.
+        for (path, text) in [
+            (
+                SSH_AUTHORIZED_KEY,
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeNodeKey core@sno1\n",
+            ),
+            (
+                "/etc/ssh/ssh_host_ed25519_key",
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n-----END OPENSSH PRIVATE KEY-----\n",
+            ),
+            (
+                "/etc/ssh/ssh_host_ed25519_key.pub",
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKey root@sno1\n",
+            ),
+            ("/etc/chrony.conf", "pool 2.rhel.pool.ntp.org iburst\n"),
+            (
+                "/etc/NetworkManager/system-connections/ens3.nmconnection",
+                "[connection]\nid=ens3\ntype=ethernet\ninterface-name=ens3\n",
+            ),
+        ] {
+            let file = self.path(path);
+            fs::create_dir_all(file.parent().unwrap_or(&self.dir)).map_err(|e| e.to_string())?;
+            fs::write(file, text).map_err(|e| e.to_string())?;
+        }
         self.new_boot_id()?;
         fs::create_dir_all(self.path("/sysroot")).map_err(|e| e.to_string())?;
         fs::create_dir_all(self.path("/usr/bin")).map_err(|e| e.to_string())?;

@@ -87,6 +87,15 @@ pub fn add(
         &[
             ("etc/hostname", "seed\n"),
             ("etc/seed-only.conf", "from the seed\n"),
+            // The seed's post-pivot reconfiguration, enabled (a file stands for the link).
+            (
+                "etc/systemd/system/installation-configuration.service",
+                "[Unit]\nDescription=Reconfiguration of SNO\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/lca-cli post-pivot\nRestart=on-failure\n[Install]\nWantedBy=multi-user.target\n",
+            ),
+            (
+                "etc/systemd/system/multi-user.target.wants/installation-configuration.service",
+                "",
+            ),
         ],
     )?;
     write("etc.deletions", "/etc/seed-only.conf\n".into())?;
