@@ -204,10 +204,15 @@ impl OstreeHost {
             .flatten()
             .filter_map(|k| k.as_str().map(String::from))
             .collect();
-        kargs.push(format!("ibu={}", seed.version));
+        // A FIPS seed boots in FIPS mode, from the boot partition by label.
+        if mco["spec"]["fips"] == true {
+            kargs.extend(["fips=1".to_string(), "boot=LABEL=boot".to_string()]);
+        }
+        // The mark of a deployment made by an image-based upgrade.
+        let ibu_karg = [format!("ibu={}", seed.version)];
         let not_default = node.supports_set_default().await.map_err(terminal)?;
         let deployment = node
-            .deploy(stateroot, &checksum, &kargs, not_default)
+            .deploy(stateroot, &checksum, &kargs, &ibu_karg, not_default)
             .await
             .map_err(terminal)?;
         let dd = deployment.dir();

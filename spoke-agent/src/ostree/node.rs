@@ -412,12 +412,16 @@ impl NodeOs {
         &self,
         stateroot: &str,
         commit: &str,
-        kargs: &[String],
+        append: &[String],
+        set: &[String],
         not_as_default: bool,
     ) -> Result<Deployment, NodeError> {
         let mut argv = vec!["ostree", "admin", "deploy", "--os", stateroot, "--no-prune"];
-        for k in kargs {
+        for k in append {
             argv.extend(["--karg-append", k.as_str()]);
+        }
+        for k in set {
+            argv.extend(["--karg", k.as_str()]);
         }
         argv.push(commit);
         if not_as_default {

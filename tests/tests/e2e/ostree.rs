@@ -183,7 +183,7 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
         "ostree pull-local /var/tmp/ibu-stateroot-setup-rhcos_4.16.0/ostree",
         "ostree admin os-init rhcos_4.16.0",
         "ostree admin --help",
-        &format!("ostree admin deploy --os rhcos_4.16.0 --no-prune --karg-append systemd.unified_cgroup_hierarchy=1 --karg-append rcupdate.rcu_normal_after_boot=0 --karg-append ibu=4.16.0 {checksum} --not-as-default"),
+        &format!("ostree admin deploy --os rhcos_4.16.0 --no-prune --karg-append systemd.unified_cgroup_hierarchy=1 --karg-append rcupdate.rcu_normal_after_boot=0 --karg ibu=4.16.0 {checksum} --not-as-default"),
         "rpm-ostree cleanup -b",
         &format!("podman image umount {SEED}"),
         &format!("podman rmi {SEED}"),
@@ -1402,4 +1402,38 @@ async fn without_the_clusters_api_an_upgrade_stops_before_the_pivot() {
         osnames(&node),
         [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
     );
+}
+
+#[tokio::test]
+async fn a_fips_seed_on_a_fips_node_deploys_with_the_fips_kernel_arguments() {
+    const FIPS_SEED: &str = "quay.io/seed-fips:4.16.0";
+    let node = FakeNode::new("4.15.0", &[]);
+    node.admin(&[
+        "add-seed",
+        "--image",
+        FIPS_SEED,
+        "--version",
+        "4.16.0",
+        "--fips",
+    ]);
+    let fips = node.file("/proc/sys/crypto/fips_enabled");
+    std::fs::create_dir_all(fips.parent().unwrap()).unwrap();
+    std::fs::write(&fips, "1\n").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let _child = start(&node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": FIPS_SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    in_order(
+        &node.log(),
+        &["ostree admin deploy --os rhcos_4.16.0 --no-prune --karg-append systemd.unified_cgroup_hierarchy=1 --karg-append rcupdate.rcu_normal_after_boot=0 --karg-append fips=1 --karg-append boot=LABEL=boot --karg ibu=4.16.0 "],
+    )
+    .unwrap();
 }

@@ -7,8 +7,9 @@
 //!
 //! ```text
 //! fake-node init --root R --version 4.15.0
-//! fake-node add-seed --root R --image IMG --version V [--auth BASE64]   (private: needs
-//!     an authfile whose `auths` entry for the image's registry has that `auth`)
+//! fake-node add-seed --root R --image IMG --version V [--auth BASE64] [--fips]   (private:
+//!     needs an authfile whose `auths` entry for the image's registry has that `auth`;
+//!     FIPS: made from a cluster in FIPS mode)
 //! fake-node install-bin --root R --bin-dir B
 //! fake-node reboot --root R
 //! fake-node status --root R
@@ -181,7 +182,10 @@ fn own_command(args: &[String]) -> Result<(), String> {
                 &mut node,
                 &value(&rest, "--image")?,
                 &value(&rest, "--version")?,
-                value(&rest, "--auth").ok(),
+                seed::SeedOptions {
+                    auth: value(&rest, "--auth").ok(),
+                    fips: rest.iter().any(|a| a == "--fips"),
+                },
             )?;
             root.save(&node)
         }

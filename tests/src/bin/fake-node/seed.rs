@@ -39,13 +39,20 @@ fn tgz(path: &Path, files: &[(&str, &str)]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Adds the seed `image` of `version`; with `auth`, in a private registry that needs it.
+/// How a seed was made: in a private registry that needs `auth`, from a FIPS cluster.
+#[derive(Default)]
+pub struct SeedOptions {
+    pub auth: Option<String>,
+    pub fips: bool,
+}
+
+/// Adds the seed `image` of `version`.
 pub fn add(
     root: &Root,
     node: &mut Node,
     image: &str,
     version: &str,
-    auth: Option<String>,
+    options: SeedOptions,
 ) -> Result<(), String> {
     let id = checksum_of(image);
     let checksum = checksum_of(&format!("rhcos-{version}"));
@@ -73,7 +80,8 @@ pub fn add(
     let manifest = json!({"seed_cluster_ocp_version": version, "seed_cluster_os_version": version,
         "recert_image_pull_spec": "quay.io/edge-infrastructure/recert:v0"});
     write("manifest.json", manifest.to_string())?;
-    let mco = json!({"spec": {"kernelArguments": ["systemd.unified_cgroup_hierarchy=1", "rcupdate.rcu_normal_after_boot=0"]}});
+    let mco = json!({"spec": {"kernelArguments": ["systemd.unified_cgroup_hierarchy=1", "rcupdate.rcu_normal_after_boot=0"],
+        "fips": options.fips}});
     write("mco-currentconfig.json", mco.to_string())?;
     tgz(
         &dir.join("var.tgz"),
@@ -108,7 +116,7 @@ pub fn add(
         "seed_cluster_ocp_version": version,
         "release_registry": "quay.io",
         "has_proxy": false,
-        "has_fips": false,
+        "has_fips": options.fips,
         "container_storage_mountpoint_target": "/dev/disk/by-partlabel/varlibcontainers",
     });
     let labels = BTreeMap::from([
@@ -127,7 +135,7 @@ pub fn add(
             id,
             labels,
             files: Some(dir),
-            auth,
+            auth: options.auth,
             size: SEED_SIZE,
             created: SEED_CREATED,
             ..Default::default()
