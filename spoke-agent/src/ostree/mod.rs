@@ -441,6 +441,15 @@ impl OstreeHost {
                 .write_private(&format!("{dir}/manifests/{file}"), &text)
                 .await?;
         }
+        // LVM's devices file, so that LVM storage finds its volumes again.
+        if let Some(devices) = runner.read("/etc/lvm/devices/system.devices").await? {
+            runner
+                .write_private(
+                    &format!("{opt}/lvm-configuration/system.devices"),
+                    devices.as_bytes(),
+                )
+                .await?;
+        }
         // The network connections, as files (NetworkManager's keyfiles).
         let connections = "/etc/NetworkManager/system-connections";
         let to = format!("{opt}/network-configuration/system-connections");

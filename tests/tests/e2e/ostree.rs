@@ -143,6 +143,13 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
     let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
     let state = tempfile::tempdir().unwrap();
     let api = with_cluster_api(state.path()).await;
+    let lvm = node.file("/etc/lvm/devices/system.devices");
+    std::fs::create_dir_all(lvm.parent().unwrap()).unwrap();
+    std::fs::write(
+        &lvm,
+        "VERSION=1.1.1\nIDTYPE=sys_wwid IDNAME=naa.6001 DEVNAME=/dev/sdb PVID=abc\n",
+    )
+    .unwrap();
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
     let child = start(&node, state.path(), port, &log);
@@ -287,6 +294,13 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
     assert!(
         node.file("/ostree/deploy/rhcos_4.16.0/var/opt/openshift/network-configuration/system-connections/ens3.nmconnection")
             .is_file()
+    );
+    assert_eq!(
+        std::fs::read(node.file(
+            "/ostree/deploy/rhcos_4.16.0/var/opt/openshift/lvm-configuration/system.devices"
+        ))
+        .unwrap(),
+        std::fs::read(&lvm).unwrap()
     );
     drop(child);
     node.admin(&["reboot"]);
