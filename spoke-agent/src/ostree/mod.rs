@@ -434,6 +434,13 @@ impl OstreeHost {
         runner
             .write_private(&format!("{dir}/manifest.json"), &text)
             .await?;
+        // The post-pivot reads this directory even when there is nothing to apply.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(runner.path(&format!("{dir}/manifests")))
+            .await
+            .map_err(|e| runner::file_error(&format!("{dir}/manifests"), e))?;
         for (file, manifest) in &from_api.manifests {
             let text = serde_json::to_vec_pretty(manifest)
                 .map_err(|e| NodeError::Refused(format!("{file}: {e}")))?;

@@ -352,6 +352,15 @@ fn post_pivot(root: &Root, node: &mut Node, wants: &Path) {
         // Still waiting for /opt/openshift/cluster-configuration.
         return;
     }
+    if !root
+        .path("/var/opt/openshift/cluster-configuration/manifests")
+        .is_dir()
+    {
+        // `failed apply manifests: failed to read dir for extra manifests in ...`
+        node.active.remove(node::POST_PIVOT_UNIT);
+        node.failed.insert(node::POST_PIVOT_UNIT.to_string());
+        return;
+    }
     node.active.remove(node::POST_PIVOT_UNIT);
     let _ = std::fs::remove_file(wants.join(node::POST_PIVOT_UNIT));
     let _ = std::fs::remove_dir_all(root.path("/var/opt/openshift"));
