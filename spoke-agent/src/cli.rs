@@ -69,6 +69,11 @@ pub struct OstreeArgs {
     /// saying it did not (the Lifecycle Agent waits an hour).
     #[arg(long, env = "SPOKE_REBOOT_WAIT_SECONDS", default_value_t = 600)]
     pub reboot_wait_seconds: u64,
+    /// ostree with --kube: the label selector of the agent's own Kubernetes objects (the
+    /// chart sets it). Before the pivot they are handed to the seed's reconfiguration, which
+    /// creates them on the upgraded cluster, so that the agent comes up there to finish.
+    #[arg(long, env = "SPOKE_CARRY_SELECTOR")]
+    pub carry_selector: Option<String>,
 }
 
 /// What the simulated host does and knows.

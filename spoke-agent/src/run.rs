@@ -174,7 +174,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             return serve_one(agent, cluster_name, api_token, metrics, listen).await;
         }
         let client = kube_client("--kube").await?;
-        let host = KubeHost::new(host, client.clone());
+        let host = KubeHost::new(host, client.clone()).carrying(ostree.carry_selector.clone());
         let agent =
             spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false).await?;
         tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));

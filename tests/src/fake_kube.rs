@@ -381,10 +381,11 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
             let items: Vec<Value> = inner
                 .objects
                 .iter()
-                .filter(|((p, r, ns, _), _)| {
+                .filter(|((p, r, ns, _), obj)| {
                     *p == t.prefix
                         && *r == t.plural
                         && (t.namespace.is_empty() || *ns == t.namespace)
+                        && selects(&query, obj)
                 })
                 .map(|(_, v)| v.clone())
                 .collect();
@@ -394,6 +395,51 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         }
         _ => write(&fake, &t, verb, &content_type, &body),
     }
+}
+
+/// Whether the `labelSelector` of a list's query (equality and existence terms) selects
+/// `obj`; no selector selects everything.
+fn selects(query: &str, obj: &Value) -> bool {
+    let Some(selector) = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("labelSelector="))
+        .map(percent_decode)
+    else {
+        return true;
+    };
+    let labels = &obj["metadata"]["labels"];
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        match term.split_once("!=").or_else(|| term.split_once('=')) {
+            Some((k, v)) if term.contains("!=") => labels[k.trim()] != v.trim(),
+            Some((k, v)) => labels[k.trim()] == v.trim_start_matches('=').trim(),
+            None => !labels[term.trim()].is_null(),
+        }
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A new object (create, or server-side apply of a missing one): checked against its CRD,

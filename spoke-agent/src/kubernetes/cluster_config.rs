@@ -385,3 +385,94 @@ pub async fn gather(client: &kube::Client) -> Result<ClusterConfig, HostError> {
         manifests,
     })
 }
+
+/// What of an object is carried: what its owner wrote, none of what the server set.
+fn carried(r: &ApiResource, o: DynamicObject) -> Value {
+    let mut annotations = o.metadata.annotations.unwrap_or_default();
+    annotations.retain(|k, _| {
+        k != "kubectl.kubernetes.io/last-applied-configuration"
+            && k != "deployment.kubernetes.io/revision"
+    });
+    let mut obj = json!({"apiVersion": r.api_version, "kind": r.kind,
+        "metadata": {"name": o.metadata.name}});
+    if let Some(labels) = o.metadata.labels {
+        obj["metadata"]["labels"] = json!(labels);
+    }
+    if let Some(ns) = o.metadata.namespace {
+        obj["metadata"]["namespace"] = json!(ns);
+    }
+    if !annotations.is_empty() {
+        obj["metadata"]["annotations"] = json!(annotations);
+    }
+    for (k, v) in o.data.as_object().into_iter().flatten() {
+        if k == "status" || k == "secrets" {
+            continue;
+        }
+        obj[k] = v.clone();
+    }
+    // A Service gets its addresses on the cluster it is created on.
+    if r.kind == "Service"
+        && let Some(spec) = obj["spec"].as_object_mut()
+    {
+        spec.remove("clusterIP");
+        spec.remove("clusterIPs");
+    }
+    obj
+}
+
+/// The agent's own objects (labelled `selector`: its namespace's ServiceAccount, Secrets,
+/// Service and Deployment, its RBAC wherever it is, the namespace and the IBU CRD), as a List
+/// the seed's reconfiguration applies on the upgraded cluster, in an order that works.
+pub async fn own_objects(
+    client: &kube::Client,
+    selector: &str,
+) -> Result<(String, Value), HostError> {
+    let namespace = client.default_namespace().to_string();
+    let params = ListParams::default().labels(selector);
+    let core = |kind: &str, plural: &str| openshift("", "v1", kind, plural);
+    let rbac =
+        |kind: &str, plural: &str| openshift("rbac.authorization.k8s.io", "v1", kind, plural);
+    let mut items = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": namespace}})];
+    let crds = openshift(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+    );
+    let crd_api: Api<DynamicObject> = Api::all_with(client.clone(), &crds);
+    if let Some(crd) = crd_api
+        .get_opt("imagebasedupgrades.lca.openshift.io")
+        .await
+        .map_err(|e| failed("the ImageBasedUpgrade CRD", e))?
+    {
+        items.push(carried(&crds, crd));
+    }
+    // (resource, in the agent's namespace only)
+    let kinds = [
+        (core("ServiceAccount", "serviceaccounts"), true),
+        (rbac("ClusterRole", "clusterroles"), false),
+        (rbac("ClusterRoleBinding", "clusterrolebindings"), false),
+        (rbac("Role", "roles"), false),
+        (rbac("RoleBinding", "rolebindings"), false),
+        (core("Secret", "secrets"), true),
+        (core("Service", "services"), true),
+        (openshift("apps", "v1", "Deployment", "deployments"), true),
+    ];
+    for (r, own_namespace) in kinds {
+        let api: Api<DynamicObject> = if own_namespace {
+            Api::namespaced_with(client.clone(), &namespace, &r)
+        } else {
+            Api::all_with(client.clone(), &r)
+        };
+        let list = api
+            .list(&params)
+            .await
+            .map_err(|e| failed(&format!("the agent's own {}", r.plural), e))?;
+        items.extend(list.items.into_iter().map(|o| carried(&r, o)));
+    }
+    Ok((
+        "spoke-agent.json".to_string(),
+        json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    ))
+}

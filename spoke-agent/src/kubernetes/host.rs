@@ -93,6 +93,8 @@ pub async fn configmap_apply(
 pub struct KubeHost<H> {
     inner: H,
     client: kube::Client,
+    /// The label selector of the agent's own objects, carried across the pivot.
+    carry: Option<String>,
 }
 
 /// Whether the condition `type_` of an object's `status.conditions` is `"True"`.
@@ -153,7 +155,17 @@ pub async fn cluster_health(client: &kube::Client) -> Result<(), String> {
 
 impl<H: Host> KubeHost<H> {
     pub fn new(inner: H, client: kube::Client) -> Self {
-        KubeHost { inner, client }
+        KubeHost {
+            inner,
+            client,
+            carry: None,
+        }
+    }
+
+    /// Carries the agent's own objects (this label selector) across the pivot.
+    pub fn carrying(mut self, selector: Option<String>) -> Self {
+        self.carry = selector;
+        self
     }
 
     /// Hands the node the seed's registry credentials, when the IBU names a Secret (in the
@@ -383,7 +395,11 @@ impl<H: Host> Host for KubeHost<H> {
         if !self.inner.needs_cluster_config() {
             return self.inner.cluster_config(stateroot).await;
         }
-        let from_api = super::cluster_config::gather(&self.client).await?;
+        let mut from_api = super::cluster_config::gather(&self.client).await?;
+        if let Some(selector) = &self.carry {
+            let own = super::cluster_config::own_objects(&self.client, selector).await?;
+            from_api.manifests.push(own);
+        }
         self.inner.write_cluster_config(stateroot, from_api).await
     }
 

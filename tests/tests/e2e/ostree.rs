@@ -26,9 +26,67 @@ async fn with_cluster_api(state: &std::path::Path) -> FakeKube {
     rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
     let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
     kube.seed_openshift_sno();
+    kube.seed(
+        "apis/apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        hub::crd::ibu(),
+    );
+    // What the chart made for the agent (labelled as the chart labels), and a Secret of
+    // someone else's in its namespace.
+    let labels = json!({"app.kubernetes.io/instance": "spoke-agent", "app.kubernetes.io/name": "spoke-agent"});
+    let meta = |name: &str, ns: Option<&str>| {
+        let mut m = json!({"name": name, "labels": labels});
+        if let Some(ns) = ns {
+            m["namespace"] = json!(ns);
+        }
+        m
+    };
+    kube.seed(
+        "api/v1",
+        "serviceaccounts",
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": meta("spoke-agent", Some("default"))}),
+    );
+    kube.seed(
+        "api/v1",
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": meta("spoke-agent-api", Some("default")), "data": {"token": "czNjcmV0"}}),
+    );
+    kube.seed(
+        "api/v1",
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "someone-elses", "namespace": "default"}, "data": {"x": "eA=="}}),
+    );
+    kube.seed("api/v1", "services", json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": meta("spoke-agent", Some("default")),
+        "spec": {"clusterIP": "172.30.4.5", "clusterIPs": ["172.30.4.5"], "ports": [{"port": 9090}]}}));
+    kube.seed("apis/apps/v1", "deployments", json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": meta("spoke-agent", Some("default")),
+        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "spoke-agent", "image": "quay.io/fleet/spoke-agent:1"}]}}},
+        "status": {"readyReplicas": 1}}));
+    kube.seed(
+        "apis/rbac.authorization.k8s.io/v1",
+        "clusterroles",
+        json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": meta("spoke-agent", None), "rules": []}),
+    );
+    kube.seed(
+        "apis/rbac.authorization.k8s.io/v1",
+        "roles",
+        json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": meta("spoke-agent", Some("openshift-config")), "rules": []}),
+    );
     kube.write_kubeconfig(state);
     kube
 }
+
+/// The labels the chart puts on the agent's objects, as `--carry-selector` selects them.
+const CHART_LABELS: &str =
+    "app.kubernetes.io/instance=spoke-agent,app.kubernetes.io/name=spoke-agent";
 
 /// `--kube` with the kubeconfig `with_cluster_api` left in `state`, if any.
 fn kube_mode(cmd: &mut std::process::Command, state: &std::path::Path) {
@@ -36,6 +94,7 @@ fn kube_mode(cmd: &mut std::process::Command, state: &std::path::Path) {
     if kubeconfig.exists() {
         cmd.arg("--kube")
             .env("KUBECONFIG", kubeconfig)
+            .env("SPOKE_CARRY_SELECTOR", CHART_LABELS)
             .env_remove("KUBERNETES_SERVICE_HOST");
     }
 }
@@ -291,6 +350,48 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
     );
     assert_eq!(config["server_ssh_keys"].as_array().unwrap().len(), 2);
     assert!(config.get("proxy").is_none(), "no proxy configured");
+    // The agent's own objects, for the seed's reconfiguration to create on the new cluster:
+    // the chart's, without what the server set, and nothing else.
+    let own: Value = serde_json::from_slice(
+        &std::fs::read(node.file("/ostree/deploy/rhcos_4.16.0/var/opt/openshift/cluster-configuration/manifests/spoke-agent.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let kinds: Vec<String> = own["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace/default",
+            "CustomResourceDefinition/imagebasedupgrades.lca.openshift.io",
+            "ServiceAccount/spoke-agent",
+            "ClusterRole/spoke-agent",
+            "Role/spoke-agent",
+            "Secret/spoke-agent-api",
+            "Service/spoke-agent",
+            "Deployment/spoke-agent",
+        ]
+    );
+    for item in own["items"].as_array().unwrap() {
+        let meta: Vec<&String> = item["metadata"].as_object().unwrap().keys().collect();
+        assert!(
+            meta.iter()
+                .all(|k| ["name", "namespace", "labels", "annotations"].contains(&k.as_str())),
+            "server-set metadata carried: {item}"
+        );
+        assert!(item.get("status").is_none(), "status carried: {item}");
+        assert!(item["spec"].get("clusterIP").is_none(), "{item}");
+    }
     assert!(
         node.file("/ostree/deploy/rhcos_4.16.0/var/opt/openshift/network-configuration/system-connections/ens3.nmconnection")
             .is_file()
