@@ -74,6 +74,11 @@ pub struct OstreeArgs {
     /// creates them on the upgraded cluster, so that the agent comes up there to finish.
     #[arg(long, env = "SPOKE_CARRY_SELECTOR")]
     pub carry_selector: Option<String>,
+    /// ostree, as a service on the node: the systemd unit that runs this agent. Prep enables
+    /// it in the new deployment (with the files under /etc it names as EnvironmentFile), so
+    /// that the agent comes up there to finish the upgrade.
+    #[arg(long, env = "SPOKE_SERVICE_UNIT")]
+    pub service_unit: Option<String>,
 }
 
 /// What the simulated host does and knows.

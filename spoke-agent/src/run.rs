@@ -236,6 +236,7 @@ fn node_host(
         OstreeConfig {
             current_version: version,
             reboot_wait: std::time::Duration::from_secs(args.reboot_wait_seconds),
+            service_unit: args.service_unit.clone(),
         },
     ))
 }

@@ -71,6 +71,8 @@ pub struct OstreeConfig {
     /// How long to wait for the node to go down after asking it to reboot before saying
     /// it did not (the Lifecycle Agent waits 60 minutes).
     pub reboot_wait: Duration,
+    /// The systemd unit that runs the agent on the node, enabled in the new deployment.
+    pub service_unit: Option<String>,
 }
 
 pub struct OstreeHost {
@@ -251,6 +253,9 @@ impl OstreeHost {
             }
         }
         self.install_watchdog(stateroot, &dd).await?;
+        if let Some(unit) = &self.config.service_unit {
+            self.carry_service(unit, &dd).await?;
+        }
         runner
             .write(
                 &format!("{}{SETUP_DONE_FILE}", stateroot_dir(stateroot)),
@@ -303,6 +308,60 @@ impl OstreeHost {
         tokio::fs::symlink(format!("/etc/systemd/system/{WATCHDOG_UNIT}"), &link)
             .await
             .map_err(|e| HostError::Terminal(format!("enabling {WATCHDOG_UNIT}: {e}")))
+    }
+
+    /// Enables the agent's own unit in the new deployment `dd`: its unit file, the files under
+    /// `/etc` it reads as `EnvironmentFile`, and the link its `WantedBy` target wants (the
+    /// agent's binary is the watchdog's copy in the new `/usr/local/bin`).
+    async fn carry_service(&self, unit: &str, dd: &str) -> Result<(), HostError> {
+        let runner = &self.node.runner;
+        let file = format!("/etc/systemd/system/{unit}");
+        let text = runner.read(&file).await.map_err(terminal)?.ok_or_else(|| {
+            HostError::Terminal(format!(
+                "--service-unit {unit}: {file} not found: the agent's unit must be there to be enabled in the new stateroot"
+            ))
+        })?;
+        runner
+            .write(&format!("{dd}{file}"), text.as_bytes())
+            .await
+            .map_err(terminal)?;
+        let value = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(key))
+                .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .collect::<Vec<String>>()
+        };
+        for env in value("EnvironmentFile=") {
+            let env = env.trim_start_matches('-');
+            if env.starts_with("/etc/")
+                && let Some(content) = runner.read(env).await.map_err(terminal)?
+            {
+                runner
+                    .write(&format!("{dd}{env}"), content.as_bytes())
+                    .await
+                    .map_err(terminal)?;
+            }
+        }
+        if let Some(exec) = value("ExecStart=").first()
+            && exec.trim_start_matches(['-', '@', '+', '!']) != WATCHDOG_BIN
+        {
+            tracing::warn!(unit, exec = %exec, "the agent's unit does not run {WATCHDOG_BIN}, the copy the new stateroot has");
+        }
+        let mut targets = value("WantedBy=");
+        if targets.is_empty() {
+            targets.push("multi-user.target".into());
+        }
+        for target in targets {
+            let link = runner.path(&format!("{dd}/etc/systemd/system/{target}.wants/{unit}"));
+            if let Some(dir) = link.parent() {
+                let _ = tokio::fs::create_dir_all(dir).await;
+            }
+            let _ = tokio::fs::remove_file(&link).await;
+            tokio::fs::symlink(&file, &link)
+                .await
+                .map_err(|e| HostError::Terminal(format!("enabling {unit}: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Stops and removes the watchdog (the upgrade completed): each step only if needed.

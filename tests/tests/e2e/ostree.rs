@@ -1552,3 +1552,63 @@ async fn a_fips_seed_on_a_fips_node_deploys_with_the_fips_kernel_arguments() {
     )
     .unwrap();
 }
+
+#[tokio::test]
+async fn prep_enables_the_agents_own_service_in_the_new_deployment() {
+    let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
+    let unit = "[Unit]\nDescription=spoke-agent\n[Service]\nEnvironmentFile=-/etc/spoke-agent/env\nExecStart=/usr/local/bin/spoke-agent serve --host ostree --host-root / --host-exec direct\n[Install]\nWantedBy=multi-user.target\n";
+    for (path, text) in [
+        ("/etc/systemd/system/spoke-agent.service", unit),
+        ("/etc/spoke-agent/env", "SPOKE_CLUSTER_VERSION=4.15.0\n"),
+    ] {
+        let file = node.file(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let mut cmd = agent_command(state.path(), port);
+    cmd.args([
+        "--host",
+        "ostree",
+        "--host-exec",
+        "direct",
+        "--cluster-version",
+        "4.15.0",
+    ])
+    .args(["--service-unit", "spoke-agent.service", "--host-root"])
+    .arg(&node.root)
+    .env("PATH", node.path())
+    .stdout(Stdio::null())
+    .stderr(log.stdio());
+    let _child = ChildGuard(cmd.spawn().expect("spoke-agent starts"));
+    let agent = Agent::at(port).await;
+    let seed = json!({"version": "4.16.0", "image": SEED});
+    agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+    // The new deployment's /etc: the unit, its environment and the link that enables it.
+    let dd = std::fs::read_dir(node.file("/ostree/deploy/rhcos_4.16.0/deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let etc = dd.join("etc");
+    assert_eq!(
+        std::fs::read_to_string(etc.join("systemd/system/spoke-agent.service")).unwrap(),
+        unit
+    );
+    assert_eq!(
+        std::fs::read_to_string(etc.join("spoke-agent/env")).unwrap(),
+        "SPOKE_CLUSTER_VERSION=4.15.0\n"
+    );
+    let link = etc.join("systemd/system/multi-user.target.wants/spoke-agent.service");
+    assert_eq!(
+        std::fs::read_link(link).unwrap(),
+        std::path::Path::new("/etc/systemd/system/spoke-agent.service")
+    );
+}
