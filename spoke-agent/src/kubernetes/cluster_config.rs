@@ -121,18 +121,13 @@ impl Reader {
 
 /// The subject's common name of the first certificate in a PEM text.
 fn common_name(pem: &str) -> Result<String, String> {
-    let pem = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-        .map_while(Result::ok)
-        .find(|p| p.label == "CERTIFICATE")
-        .ok_or("no CERTIFICATE in the PEM")?;
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    cert.subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok().map(str::to_string))
-        .ok_or_else(|| "the certificate has no common name".to_string())
+    crate::ostree::first_certificate(pem.as_bytes(), |cert| {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok().map(str::to_string))
+            .ok_or_else(|| "the certificate has no common name".to_string())
+    })
 }
 
 /// Reads everything the seed's reconfiguration needs from the cluster's API.

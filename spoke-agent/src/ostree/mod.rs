@@ -1053,8 +1053,12 @@ impl Host for OstreeHost {
     }
 }
 
-/// The `notAfter` of the first certificate in a PEM file (the kubelet's hold its key too).
-fn certificate_not_after(pem: &[u8]) -> Result<DateTime<Utc>, String> {
+/// What `read` finds in the first certificate of a PEM text (other blocks, such as the key
+/// the kubelet keeps with its certificate, are passed over).
+pub(crate) fn first_certificate<T>(
+    pem: &[u8],
+    read: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>) -> Result<T, String>,
+) -> Result<T, String> {
     let pem = x509_parser::pem::Pem::iter_from_buffer(pem)
         .map_while(Result::ok)
         .find(|p| p.label == "CERTIFICATE")
@@ -1062,8 +1066,15 @@ fn certificate_not_after(pem: &[u8]) -> Result<DateTime<Utc>, String> {
     let cert = pem
         .parse_x509()
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
-        .ok_or_else(|| "notAfter out of range".to_string())
+    read(&cert)
+}
+
+/// The `notAfter` of the first certificate in a PEM file.
+fn certificate_not_after(pem: &[u8]) -> Result<DateTime<Utc>, String> {
+    first_certificate(pem, |cert| {
+        DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+            .ok_or_else(|| "notAfter out of range".to_string())
+    })
 }
 
 /// The ConfigMaps the hub hands the agent (without `--kube`) live in the booted `/var`;

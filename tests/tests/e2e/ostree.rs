@@ -101,6 +101,15 @@ fn kube_mode(cmd: &mut std::process::Command, state: &std::path::Path) {
 
 /// The agent on the fake node, as a service on the node runs it.
 fn start(node: &FakeNode, state: &std::path::Path, port: u16, log: &ChildLog) -> ChildGuard {
+    start_with(node, (state, port, log), &[])
+}
+
+/// `start`, with these flags added.
+fn start_with(
+    node: &FakeNode,
+    (state, port, log): (&std::path::Path, u16, &ChildLog),
+    extra: &[&str],
+) -> ChildGuard {
     let mut cmd = agent_command(state, port);
     kube_mode(&mut cmd, state);
     cmd.args([
@@ -111,6 +120,7 @@ fn start(node: &FakeNode, state: &std::path::Path, port: u16, log: &ChildLog) ->
         "--cluster-version",
         "4.15.0",
     ])
+    .args(extra)
     .arg("--host-root")
     .arg(&node.root)
     .env("PATH", node.path())
@@ -1124,22 +1134,11 @@ async fn a_sigkill_at_every_command_after_the_reboot_still_completes_the_upgrade
 async fn a_node_that_does_not_go_down_is_asked_again_not_called_rolled_back() {
     let (node, state, log, port, child, agent) = prepared().await;
     sigkill(child);
-    let mut cmd = agent_command(state.path(), port);
-    kube_mode(&mut cmd, state.path());
-    cmd.args([
-        "--host",
-        "ostree",
-        "--host-exec",
-        "direct",
-        "--cluster-version",
-        "4.15.0",
-    ])
-    .args(["--reboot-wait-seconds", "1", "--host-root"])
-    .arg(&node.root)
-    .env("PATH", node.path())
-    .stdout(Stdio::null())
-    .stderr(log.stdio());
-    let _child = ChildGuard(cmd.spawn().unwrap());
+    let _child = start_with(
+        &node,
+        (state.path(), port, &log),
+        &["--reboot-wait-seconds", "1"],
+    );
     agent
         .wait_ibu("the agent back", is_last("PrepCompleted", "Completed"))
         .await;
@@ -1200,6 +1199,42 @@ async fn prep_fails(agent: &Agent, seed: Value) -> String {
         .unwrap()
 }
 
+/// What keeps an agent started by `running` going: its process, state and log.
+struct AgentProcess {
+    _child: ChildGuard,
+    _log: ChildLog,
+    _state: tempfile::TempDir,
+}
+
+/// An agent started on `node` as `start` starts it, answering.
+async fn running(node: &FakeNode) -> (AgentProcess, Agent) {
+    let state = tempfile::tempdir().unwrap();
+    let log = ChildLog::new(state.path(), "spoke-agent");
+    let port = free_port();
+    let child = start(node, state.path(), port, &log);
+    let agent = Agent::at(port).await;
+    (
+        AgentProcess {
+            _child: child,
+            _log: log,
+            _state: state,
+        },
+        agent,
+    )
+}
+
+/// Asks for Prep of the seed `image` (of 4.16.0) and waits for it to complete.
+async fn prep_completes(agent: &Agent, image: &str) {
+    let seed = json!({"version": "4.16.0", "image": image});
+    let (code, body) = agent
+        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    agent
+        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
+        .await;
+}
+
 async fn back_to_idle(agent: &Agent) {
     agent.stage("Idle").await;
     agent.wait_ibu("Idle", is_last("Idle", "Idle")).await;
@@ -1217,11 +1252,7 @@ async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
         "--auth",
         PRIVATE_AUTH,
     ]);
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let _child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
+    let (_agent_process, agent) = running(&node).await;
     // With the cluster's pull secret the registry refuses.
     let message = prep_fails(&agent, json!({"version": "4.16.0", "image": PRIVATE_SEED})).await;
     assert!(
@@ -1383,18 +1414,8 @@ fn local_images(node: &FakeNode) -> Vec<String> {
 #[tokio::test]
 async fn prep_removes_unused_images_oldest_first_until_storage_is_under_the_threshold() {
     let node = node_with_old_images();
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let _child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    let (_agent_process, agent) = running(&node).await;
+    prep_completes(&agent, SEED).await;
     // The five oldest unused images went in one `podman rmi`, which brought storage to 40 %:
     // the newer one stays, as do the pinned one and the one a container runs.
     assert_eq!(
@@ -1442,11 +1463,7 @@ async fn a_full_disk_fails_prep_with_the_pulls_error_and_disabled_cleanup_remove
     // Image cleanup turned off: nothing is removed, and the seed no longer fits.
     let node = node_with_old_images();
     node.admin(&["disk", "--size", "20G", "--used", "11G"]);
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let _child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
+    let (_agent_process, agent) = running(&node).await;
     let (code, body) = agent
         .patch(json!({"metadata": {"annotations": {"image-cleanup.lca.openshift.io/on-prep": "Disabled"}}}))
         .await;
@@ -1473,13 +1490,7 @@ async fn a_full_disk_fails_prep_with_the_pulls_error_and_disabled_cleanup_remove
         )
         .await;
     assert_eq!(code, 200, "{body}");
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    prep_completes(&agent, SEED).await;
 }
 
 #[tokio::test]
@@ -1487,18 +1498,8 @@ async fn without_the_clusters_api_an_upgrade_stops_before_the_pivot() {
     // Prepared without --kube: the seed's reconfiguration would wait for ever on the new
     // stateroot, so the agent refuses before making it the default.
     let node = FakeNode::new("4.15.0", &[(SEED, "4.16.0")]);
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let _child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    let (_agent_process, agent) = running(&node).await;
+    prep_completes(&agent, SEED).await;
     agent.stage("Upgrade").await;
     let ibu = agent
         .wait_ibu(
@@ -1534,18 +1535,8 @@ async fn a_fips_seed_on_a_fips_node_deploys_with_the_fips_kernel_arguments() {
     let fips = node.file("/proc/sys/crypto/fips_enabled");
     std::fs::create_dir_all(fips.parent().unwrap()).unwrap();
     std::fs::write(&fips, "1\n").unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let log = ChildLog::new(state.path(), "spoke-agent");
-    let port = free_port();
-    let _child = start(&node, state.path(), port, &log);
-    let agent = Agent::at(port).await;
-    let seed = json!({"version": "4.16.0", "image": FIPS_SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    let (_agent_process, agent) = running(&node).await;
+    prep_completes(&agent, FIPS_SEED).await;
     in_order(
         &node.log(),
         &["ostree admin deploy --os rhcos_4.16.0 --no-prune --karg-append systemd.unified_cgroup_hierarchy=1 --karg-append rcupdate.rcu_normal_after_boot=0 --karg-append fips=1 --karg-append boot=LABEL=boot --karg ibu=4.16.0 "],
@@ -1568,29 +1559,13 @@ async fn prep_enables_the_agents_own_service_in_the_new_deployment() {
     let state = tempfile::tempdir().unwrap();
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
-    let mut cmd = agent_command(state.path(), port);
-    cmd.args([
-        "--host",
-        "ostree",
-        "--host-exec",
-        "direct",
-        "--cluster-version",
-        "4.15.0",
-    ])
-    .args(["--service-unit", "spoke-agent.service", "--host-root"])
-    .arg(&node.root)
-    .env("PATH", node.path())
-    .stdout(Stdio::null())
-    .stderr(log.stdio());
-    let _child = ChildGuard(cmd.spawn().expect("spoke-agent starts"));
+    let _child = start_with(
+        &node,
+        (state.path(), port, &log),
+        &["--service-unit", "spoke-agent.service"],
+    );
     let agent = Agent::at(port).await;
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    prep_completes(&agent, SEED).await;
     // The new deployment's /etc: the unit, its environment and the link that enables it.
     let dd = std::fs::read_dir(node.file("/ostree/deploy/rhcos_4.16.0/deploy"))
         .unwrap()
