@@ -1235,13 +1235,8 @@ async fn prep_completes(agent: &Agent, image: &str) {
         .await;
 }
 
-async fn back_to_idle(agent: &Agent) {
-    agent.stage("Idle").await;
-    agent.wait_ibu("Idle", is_last("Idle", "Idle")).await;
-}
-
-#[tokio::test]
-async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
+/// A node whose seed is in a private registry (`PRIVATE_SEED`, needing `PRIVATE_AUTH`).
+fn node_with_private_seed() -> FakeNode {
     let node = FakeNode::new("4.15.0", &[]);
     node.admin(&[
         "add-seed",
@@ -1252,6 +1247,17 @@ async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
         "--auth",
         PRIVATE_AUTH,
     ]);
+    node
+}
+
+async fn back_to_idle(agent: &Agent) {
+    agent.stage("Idle").await;
+    agent.wait_ibu("Idle", is_last("Idle", "Idle")).await;
+}
+
+#[tokio::test]
+async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
+    let node = node_with_private_seed();
     let (_agent_process, agent) = running(&node).await;
     // With the cluster's pull secret the registry refuses.
     let message = prep_fails(&agent, json!({"version": "4.16.0", "image": PRIVATE_SEED})).await;
@@ -1289,16 +1295,7 @@ async fn kube_mode_inspects_and_pulls_a_private_seed_with_its_secret_then_forget
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sno1"},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
     );
-    let node = FakeNode::new("4.15.0", &[]);
-    node.admin(&[
-        "add-seed",
-        "--image",
-        PRIVATE_SEED,
-        "--version",
-        "4.16.0",
-        "--auth",
-        PRIVATE_AUTH,
-    ]);
+    let node = node_with_private_seed();
     let state = tempfile::tempdir().unwrap();
     let log = ChildLog::new(state.path(), "spoke-agent");
     let port = free_port();
