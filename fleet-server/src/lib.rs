@@ -1,10 +1,13 @@
 //! What the hub's and the agent's HTTP servers share, so that both answer and log alike:
 //! errors as Kubernetes `Status` bodies ([`ApiError`]), the request-id and trace layers
-//! ([`traced`]), the fallback for unknown routes, and the log set-up ([`init_logs`]).
+//! ([`traced`]), the fallback for unknown routes, the log set-up ([`init_logs`]), the accept
+//! loop ([`listen`]) and TLS ([`tls`]).
 
 mod bodies;
 mod error;
+pub mod listen;
 mod logs;
+pub mod tls;
 
 pub use error::{ApiError, RETRY_AFTER_SECONDS, accept_media_type, no_such_endpoint};
 pub use logs::{LogFormat, init_logs};

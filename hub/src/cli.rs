@@ -50,11 +50,27 @@ pub struct DatabaseArgs {
 /// inventory of a hub served from the default one.
 pub const DEMO_DATA_DIR: &str = "./.fleet-hub/demo/pgdata";
 
+/// TLS on the listener (the kube-apiserver's flag names).
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Serving certificate (PEM, the chain after it); read again when it changes.
+    #[arg(long, env = "FLEET_HUB_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "FLEET_HUB_TLS_PRIVATE_KEY_FILE")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// Serve plain HTTP on an address other hosts reach (refused without it).
+    #[arg(long, env = "FLEET_HUB_INSECURE_HTTP")]
+    pub insecure_http: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address the HTTP API listens on.
     #[arg(long, env = "FLEET_HUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Token with full access to the REST API (rollouts, clusters, history, configmaps).

@@ -17,6 +17,7 @@ use crate::shutdown::Shutdown;
 pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let ServeArgs {
         listen,
+        tls,
         database,
         admin_token,
         join_token,
@@ -30,6 +31,16 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
                 lease_name,
             },
     } = args;
+    let tls_files =
+        fleet_server::tls::TlsFiles::from_flags(tls.tls_cert_file, tls.tls_private_key_file)
+            .map_err(Error::Invalid)?;
+    fleet_server::tls::check_plain_http(listen, &tls_files, tls.insecure_http)
+        .map_err(Error::Invalid)?;
+    let acceptor = tls_files
+        .as_ref()
+        .map(fleet_server::tls::acceptor)
+        .transpose()
+        .map_err(Error::Invalid)?;
     if kube_qps <= 0.0 || kube_burst == 0 {
         return Err(Error::Invalid(
             "--kube-qps must be above 0 and --kube-burst at least 1".into(),
@@ -102,11 +113,18 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let local = listener
         .local_addr()
         .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;
-    tracing::info!(address = %local, "fleet-hub listening");
+    tracing::info!(address = %local, tls = acceptor.is_some(), "fleet-hub listening");
     let stop = async move {
         shutdown.wait().await;
     };
-    let served = http::listen::serve(listener, http::router(state), stop).await;
+    let served = http::listen::serve_tls(
+        listener,
+        http::router(state),
+        http::listen::Limits::default(),
+        acceptor,
+        stop,
+    )
+    .await;
     tracing::info!("draining done, shutting down");
     driver.abort();
     if let Some(task) = kube_task {

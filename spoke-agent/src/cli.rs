@@ -112,6 +112,20 @@ pub struct SimArgs {
     pub sim_in_memory: bool,
 }
 
+/// TLS on the listener (the kube-apiserver's flag names).
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Serving certificate (PEM, the chain after it); read again when it changes.
+    #[arg(long, env = "SPOKE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "SPOKE_TLS_PRIVATE_KEY_FILE")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// Serve plain HTTP on an address other hosts reach (refused without it).
+    #[arg(long, env = "SPOKE_INSECURE_HTTP")]
+    pub insecure_http: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Name of this cluster, as the hub knows it.
@@ -120,6 +134,8 @@ pub struct ServeArgs {
     /// Address the agent's HTTP API listens on.
     #[arg(long, env = "SPOKE_LISTEN", default_value = "127.0.0.1:9090")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Directory holding the persisted IBU and the agent's state.
     #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-agent")]
     pub state_dir: PathBuf,
@@ -167,6 +183,8 @@ pub struct SimFleetArgs {
     /// Address of the one listener; each cluster is served under /clusters/<name>.
     #[arg(long, env = "SPOKE_LISTEN", default_value = "127.0.0.1:9090")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Directory holding one sub-directory of state per cluster.
     #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-fleet")]
     pub state_dir: PathBuf,

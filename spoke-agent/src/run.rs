@@ -17,7 +17,7 @@ use spoke_core::runner::Agent;
 use spoke_core::spoke::Spoke;
 use spoke_sim::{Fault, SimConfig, SimHost, start_agent};
 
-use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs};
+use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs, TlsArgs};
 use crate::kubernetes::host::KubeHost;
 
 fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
@@ -107,24 +107,56 @@ fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Er
     Ok(token)
 }
 
-async fn serve_http(listen: SocketAddr, app: axum::Router) -> Result<(), Error> {
+/// The listener's TLS, checked before anything starts.
+fn listener_tls(
+    listen: SocketAddr,
+    tls: TlsArgs,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, Error> {
+    use fleet_server::tls;
+    let files = tls::TlsFiles::from_flags(tls.tls_cert_file, tls.tls_private_key_file)
+        .map_err(Error::Invalid)?;
+    tls::check_plain_http(listen, &files, tls.insecure_http).map_err(Error::Invalid)?;
+    files
+        .as_ref()
+        .map(tls::acceptor)
+        .transpose()
+        .map_err(Error::Invalid)
+}
+
+async fn serve_http(
+    listen: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+) -> Result<(), Error> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::internal(format!("listening on {listen}"), e))?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::internal("the listener's address", e))?;
-    tracing::info!(address = %local, "spoke-agent listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    tracing::info!(address = %local, tls = tls.is_some(), "spoke-agent listening");
+    match tls {
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::internal("serving HTTP", e)),
+        Some(acceptor) => fleet_server::listen::serve_tls(
+            listener,
+            app,
+            fleet_server::listen::Limits::default(),
+            Some(acceptor),
+            shutdown_signal(),
+        )
         .await
-        .map_err(|e| Error::internal("serving HTTP", e))
+        .map_err(|e| Error::internal("serving HTTPS", e)),
+    }
 }
 
 pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let ServeArgs {
         cluster_name,
         listen,
+        tls,
         state_dir,
         hub_url,
         join_token,
@@ -141,6 +173,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     fleet_types::names::dns1123_label(&cluster_name)
         .map_err(|why| Error::Invalid(format!("--cluster-name {why}")))?;
     let faults = parse_faults(faults.iter().map(String::as_str))?;
+    let tls = listener_tls(listen, tls)?;
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
@@ -163,7 +196,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             ));
         }
         tracing::info!("driving the cluster's own Lifecycle Agent (ImageBasedUpgrade \"upgrade\")");
-        return serve_one(spoke, cluster_name, api_token, metrics, listen).await;
+        return serve_one(spoke, cluster_name, api_token, metrics, (listen, tls)).await;
     }
     if host == HostKind::Ostree {
         let host = ostree_host(&ostree)?;
@@ -171,19 +204,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             let agent =
                 spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false)
                     .await?;
-            return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+            return serve_one(agent, cluster_name, api_token, metrics, (listen, tls)).await;
         }
         let client = kube_client("--kube").await?;
         let host = KubeHost::new(host, client.clone()).carrying(ostree.carry_selector.clone());
         let agent =
             spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false).await?;
         tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
-        return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+        return serve_one(agent, cluster_name, api_token, metrics, (listen, tls)).await;
     }
     let config = sim_config(&sim, faults);
     if !kube {
         let agent = start_agent(cluster_name.clone(), &state_dir, config, &metrics, link).await?;
-        return serve_one(agent, cluster_name, api_token, metrics, listen).await;
+        return serve_one(agent, cluster_name, api_token, metrics, (listen, tls)).await;
     }
     let client = kube_client("--kube").await?;
     let unreachable = config.faults.contains(&Fault::Unreachable);
@@ -193,7 +226,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let agent =
         spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, unreachable).await?;
     tokio::spawn(crate::kubernetes::ibu::run(agent.clone(), client));
-    serve_one(agent, cluster_name, api_token, metrics, listen).await
+    serve_one(agent, cluster_name, api_token, metrics, (listen, tls)).await
 }
 
 pub async fn init_monitor(args: crate::cli::InitMonitorArgs) -> Result<(), Error> {
@@ -257,7 +290,7 @@ async fn serve_one<S: Spoke>(
     cluster_name: String,
     api_token: Option<String>,
     metrics: AgentMetrics,
-    listen: SocketAddr,
+    (listen, tls): (SocketAddr, Option<tokio_rustls::TlsAcceptor>),
 ) -> Result<(), Error> {
     let state = ApiState {
         agents: HashMap::from([(cluster_name.clone(), agent)]),
@@ -265,7 +298,7 @@ async fn serve_one<S: Spoke>(
         api_token,
         metrics,
     };
-    serve_http(listen, api::router(Arc::new(state))).await
+    serve_http(listen, tls, api::router(Arc::new(state))).await
 }
 
 /// How many simulated agents open their state at once at start.
@@ -276,6 +309,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         count,
         prefix,
         listen,
+        tls,
         state_dir,
         hub_url,
         join_token,
@@ -285,6 +319,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         faults,
         endpoint,
     } = args;
+    let tls = listener_tls(listen, tls)?;
     let mut per_cluster: HashMap<String, BTreeSet<Fault>> = HashMap::new();
     for f in &faults {
         let (cluster, point) = f.split_once('=').ok_or_else(|| {
@@ -345,7 +380,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         api_token,
         metrics,
     };
-    serve_http(listen, api::router(Arc::new(state))).await
+    serve_http(listen, tls, api::router(Arc::new(state))).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

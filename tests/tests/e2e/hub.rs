@@ -226,6 +226,9 @@ async fn help_documents_every_contract_flag() {
         "FLEET_HUB_JOIN_TOKEN",
         "--kube",
         "--data-dir",
+        "--tls-cert-file",
+        "--tls-private-key-file",
+        "--insecure-http",
     ] {
         assert!(serve.contains(flag), "fleet-hub serve --help lacks {flag}");
     }
@@ -238,6 +241,9 @@ async fn help_documents_every_contract_flag() {
         "SPOKE_LISTEN",
         "--state-dir",
         "SPOKE_STATE_DIR",
+        "--tls-cert-file",
+        "SPOKE_TLS_CERT_FILE",
+        "--insecure-http",
         "--hub-url",
         "SPOKE_HUB_URL",
         "--join-token",

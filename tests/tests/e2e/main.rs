@@ -9,3 +9,4 @@ mod ostree;
 mod rollout;
 mod spoke;
 mod spoke_kube;
+mod tls;

@@ -1,0 +1,191 @@
+//! TLS on the listeners: a hub and an agent given a certificate speak only TLS, take a
+//! renewed certificate without a restart, and nothing serves plain HTTP on an address other
+//! hosts reach unless told to. The certificates are test-only, in `tests/fixtures/tls`
+//! (`ca.crt` signed `server.crt` and `renewed.crt`, for 127.0.0.1 and localhost).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use fleet_e2e::{ChildGuard, ChildLog, binary, free_port, wait_for};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tls")
+        .join(name)
+}
+
+/// A client that trusts only the CA in `ca` and records the certificate each answer came with.
+fn client(ca: &str) -> reqwest::Client {
+    let pem = std::fs::read(fixture(ca)).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// The DER of the first certificate in a PEM file.
+fn der(name: &str) -> Vec<u8> {
+    let pem = std::fs::read_to_string(fixture(name)).unwrap();
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+/// Puts the certificate and key `name` where the server reads them, each replaced whole.
+fn install(dir: &Path, name: &str) {
+    for (ext, to) in [("key", "tls.key"), ("crt", "tls.crt")] {
+        let tmp = dir.join(format!("{to}.tmp"));
+        std::fs::copy(fixture(&format!("{name}.{ext}")), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join(to)).unwrap();
+    }
+}
+
+/// The certificate an HTTPS GET of `url` was answered with, once it answers 200 (a new
+/// client each time: a resumed TLS session would not show a renewed certificate).
+async fn served_certificate(ca: &str, url: &str) -> Vec<u8> {
+    wait_for("an HTTPS answer", Duration::from_secs(30), || async {
+        let res = client(ca).get(url).send().await.ok()?;
+        (res.status() == 200).then_some(())?;
+        res.extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate().map(<[u8]>::to_vec))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_tls_hub_speaks_only_tls_and_takes_a_renewed_certificate_without_a_restart() {
+    let db = fleet_e2e::TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "server");
+    let port = free_port();
+    let log = ChildLog::new(dir.path(), "fleet-hub");
+    let _hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url(), "--admin-token", "s3cret"])
+            .arg("--tls-cert-file")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-private-key-file")
+            .arg(dir.path().join("tls.key"))
+            .stdout(Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    assert_eq!(served_certificate("ca.crt", &url).await, der("server.crt"));
+    // Plain HTTP gets no answer; a client that does not trust the CA refuses the hub.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+    let stranger = client("other-ca.crt").get(&url).send().await;
+    let err = format!("{:?}", stranger.unwrap_err());
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("certificate"),
+        "{err}"
+    );
+    // cert-manager renews the files in place: the next handshake presents the new one.
+    install(dir.path(), "renewed");
+    wait_for(
+        "the renewed certificate",
+        Duration::from_secs(30),
+        || async { (served_certificate("ca.crt", &url).await == der("renewed.crt")).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_agent_serves_its_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = ChildLog::new(dir.path(), "spoke-agent");
+    let mut cmd = crate::spoke::agent_command(&dir.path().join("state"), port);
+    cmd.arg("--tls-cert-file")
+        .arg(fixture("server.crt"))
+        .arg("--tls-private-key-file")
+        .arg(fixture("server.key"))
+        .stdout(Stdio::null())
+        .stderr(log.stdio());
+    let _agent = ChildGuard(cmd.spawn().unwrap());
+    let client = client("ca.crt");
+    let ibu = wait_for(
+        "the agent's API over TLS",
+        Duration::from_secs(30),
+        || async {
+            let res = client
+                .get(format!("https://127.0.0.1:{port}/v1/ibu"))
+                .bearer_auth(crate::spoke::TOKEN)
+                .send()
+                .await
+                .ok()?;
+            (res.status() == 200).then_some(res.json::<serde_json::Value>().await.ok()?)
+        },
+    )
+    .await;
+    assert_eq!(ibu["kind"], "ImageBasedUpgrade");
+}
+
+#[test]
+fn plain_http_where_other_hosts_reach_is_refused_unless_asked_for() {
+    let run = |bin: &str, args: &[&str]| {
+        let out = Command::new(binary(bin))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("SPOKE_HUB_URL")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let refused = "--listen 0.0.0.0:0 is reachable from other hosts: give --tls-cert-file and --tls-private-key-file, or --insecure-http to serve plain HTTP there";
+    for (bin, args) in [
+        ("fleet-hub", vec!["serve", "--listen", "0.0.0.0:0"]),
+        (
+            "spoke-agent",
+            vec!["serve", "--cluster-name", "sno1", "--listen", "0.0.0.0:0"],
+        ),
+    ] {
+        let (code, err) = run(bin, &args);
+        assert_eq!(code, Some(2), "{bin}: {err}");
+        assert!(err.contains(refused), "{bin}: {err}");
+    }
+    let key = fixture("server.key");
+    let (code, err) = run(
+        "fleet-hub",
+        &["serve", "--tls-private-key-file", key.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--tls-private-key-file needs --tls-cert-file"),
+        "{err}"
+    );
+    // A key that is not the certificate's is named as such.
+    let other = fixture("renewed.key");
+    let (code, err) = run(
+        "spoke-agent",
+        &[
+            "serve",
+            "--cluster-name",
+            "sno1",
+            "--tls-cert-file",
+            fixture("server.crt").to_str().unwrap(),
+            "--tls-private-key-file",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not the key of --tls-cert-file"), "{err}");
+}
