@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// Hub base URL. Absent: no hub, local API only.
     #[arg(long, env = "SPOKE_HUB_URL")]
     pub hub_url: Option<String>,
+    /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
+    /// untrusted hub stops the agent at start, before anything is sent.
+    #[arg(long, env = "SPOKE_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
     /// Token presented to the hub to register.
     #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
@@ -191,6 +195,10 @@ pub struct SimFleetArgs {
     /// Hub base URL. Absent: no hub, local API only.
     #[arg(long, env = "SPOKE_HUB_URL")]
     pub hub_url: Option<String>,
+    /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
+    /// untrusted hub stops the agent at start, before anything is sent.
+    #[arg(long, env = "SPOKE_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
     /// Token presented to the hub to register.
     #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,

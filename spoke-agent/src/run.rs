@@ -107,6 +107,55 @@ fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Er
     Ok(token)
 }
 
+/// The client for the hub: trusting `--hub-ca-file` when given; with an `https` hub, its
+/// certificate is checked now, so an untrusted hub stops the agent before anything is sent.
+async fn hub_client(
+    hub_url: Option<&str>,
+    ca_file: Option<std::path::PathBuf>,
+) -> Result<reqwest::Client, Error> {
+    let client = match &ca_file {
+        None => HubLink::client(),
+        Some(file) => {
+            let pem = std::fs::read(file)
+                .map_err(|e| Error::Invalid(format!("--hub-ca-file {}: {e}", file.display())))?;
+            HubLink::client_trusting(&pem)
+                .map_err(|why| Error::Invalid(format!("--hub-ca-file {}: {why}", file.display())))?
+        }
+    };
+    if let Some(url) = hub_url.filter(|u| u.starts_with("https://"))
+        && let Err(err) = client
+            .get(format!("{}/healthz", url.trim_end_matches('/')))
+            .send()
+            .await
+        && let Some(why) = tls_refusal(&err)
+    {
+        return Err(Error::Invalid(format!(
+            "hub certificate not trusted: {why}"
+        )));
+    }
+    Ok(client)
+}
+
+/// The TLS refusal behind a request's failure, if that is what it was (an unreachable hub is
+/// not: the agent keeps trying it).
+fn tls_refusal(err: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // An I/O error's `source` skips the error it wraps (the connector nests two).
+        source = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 /// The listener's TLS, checked before anything starts.
 fn listener_tls(
     listen: SocketAddr,
@@ -159,6 +208,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         tls,
         state_dir,
         hub_url,
+        hub_ca_file,
         join_token,
         api_token,
         labels,
@@ -177,12 +227,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
+    let hub = hub_client(hub_url.as_deref(), hub_ca_file).await?;
     let link = hub_link(
         hub_url,
         join_token,
         endpoint,
         labels.into_iter().collect(),
-        HubLink::client(),
+        hub,
     )?;
     if host == HostKind::Lca {
         let client = kube_client("--host lca").await?;
@@ -312,6 +363,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         tls,
         state_dir,
         hub_url,
+        hub_ca_file,
         join_token,
         api_token,
         labels,
@@ -343,7 +395,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let base = endpoint.unwrap_or_else(|| format!("http://{listen}"));
-    let client = HubLink::client();
+    let client = hub_client(hub_url.as_deref(), hub_ca_file).await?;
     let common: BTreeMap<String, String> = labels.into_iter().collect();
     let mut agents = HashMap::new();
     let mut pending = tokio::task::JoinSet::new();

@@ -34,13 +34,29 @@ pub struct HubLink {
 
 impl HubLink {
     pub fn client() -> reqwest::Client {
+        Self::builder().build().unwrap_or_default()
+    }
+
+    /// A client that trusts only the CAs of this PEM bundle for the hub's certificate
+    /// (`--hub-ca-file`; without it, the usual roots).
+    pub fn client_trusting(pem: &[u8]) -> Result<reqwest::Client, String> {
+        let cas = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+        if cas.is_empty() {
+            return Err("no CERTIFICATE in it".into());
+        }
+        let mut builder = Self::builder().tls_built_in_root_certs(false);
+        for ca in cas {
+            builder = builder.add_root_certificate(ca);
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             // Below the hub's idle timeout (10 s): a connection is not reused just as the
             // hub closes it, and a quiet spoke holds no connection at the hub.
             .pool_idle_timeout(POOL_IDLE)
             .timeout(REQUEST_TIMEOUT)
-            .build()
-            .unwrap_or_default()
     }
 }
 

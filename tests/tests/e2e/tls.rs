@@ -189,3 +189,89 @@ fn plain_http_where_other_hosts_reach_is_refused_unless_asked_for() {
     assert_eq!(code, Some(2));
     assert!(err.contains("is not the key of --tls-cert-file"), "{err}");
 }
+
+/// A hub serving `server.crt` (signed by `ca.crt`) on a loopback port, with its database.
+async fn tls_hub(dir: &Path) -> (ChildGuard, u16, fleet_e2e::TestDb) {
+    let db = fleet_e2e::TestDb::empty().await;
+    install(dir, "server");
+    let port = free_port();
+    let log = ChildLog::new(dir, "fleet-hub");
+    let hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url(), "--admin-token", "s3cret"])
+            .args(["--join-token", "j0in"])
+            .arg("--tls-cert-file")
+            .arg(dir.join("tls.crt"))
+            .arg("--tls-private-key-file")
+            .arg(dir.join("tls.key"))
+            .stdout(Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap(),
+    );
+    served_certificate("ca.crt", &format!("https://127.0.0.1:{port}/healthz")).await;
+    (hub, port, db)
+}
+
+#[tokio::test]
+async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_hub, hub_port, _db) = tls_hub(dir.path()).await;
+    let hub_url = format!("https://127.0.0.1:{hub_port}");
+    let agent = |ca: &str, state: &str| {
+        let mut cmd = crate::spoke::agent_command(&dir.path().join(state), free_port());
+        cmd.args([
+            "--hub-url",
+            &hub_url,
+            "--join-token",
+            "j0in",
+            "--hub-ca-file",
+        ])
+        .arg(fixture(ca));
+        cmd
+    };
+    // Another CA: the agent stops at start, saying why, and the hub never hears of it.
+    let err_file = dir.path().join("wrong-ca.log");
+    let mut wrong = agent("other-ca.crt", "wrong");
+    wrong
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap());
+    let mut wrong = ChildGuard(wrong.spawn().unwrap());
+    let status = wait_for("the agent to stop", Duration::from_secs(30), || {
+        let exited = wrong.0.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(2));
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert!(
+        err.contains("hub certificate not trusted: invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
+    // The hub's CA: the agent registers over TLS.
+    let log = ChildLog::new(dir.path(), "spoke-agent");
+    let mut cmd = agent("ca.crt", "right");
+    cmd.stdout(Stdio::null()).stderr(log.stdio());
+    let _agent = ChildGuard(cmd.spawn().unwrap());
+    let admin = client("ca.crt");
+    let names = wait_for("the agent registered", Duration::from_secs(30), || async {
+        let list: serde_json::Value = admin
+            .get(format!("{hub_url}/v1/clusters"))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let names: Vec<String> = list["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect();
+        (!names.is_empty()).then_some(names)
+    })
+    .await;
+    assert_eq!(names, ["sno1"]);
+}
