@@ -76,6 +76,17 @@ pub struct ServeArgs {
     /// Token with full access to the REST API (rollouts, clusters, history, configmaps).
     #[arg(long, env = "FLEET_HUB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Token that reads every GET of the REST API and changes nothing (repeatable).
+    #[arg(
+        long = "viewer-token",
+        env = "FLEET_HUB_VIEWER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub viewer_tokens: Vec<String>,
+    /// File of viewer tokens, one per line (as a mounted Secret holds them).
+    #[arg(long, env = "FLEET_HUB_VIEWER_TOKEN_FILE")]
+    pub viewer_token_file: Option<PathBuf>,
     /// Token a spoke agent presents to register.
     #[arg(long, env = "FLEET_HUB_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,

@@ -142,6 +142,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         metrics,
         engine: engine.clone(),
         admin_token: None,
+        viewer_tokens: Vec::new(),
         join_token: Some(join_token.clone()),
     };
     let listener = match listen {

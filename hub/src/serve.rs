@@ -20,6 +20,8 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         tls,
         database,
         admin_token,
+        viewer_tokens,
+        viewer_token_file,
         join_token,
         kube,
         kube_options:
@@ -41,6 +43,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         .map(fleet_server::tls::acceptor)
         .transpose()
         .map_err(Error::Invalid)?;
+    let viewer_tokens = viewers(
+        viewer_tokens,
+        viewer_token_file.as_deref(),
+        admin_token.is_some(),
+    )?;
     if kube_qps <= 0.0 || kube_burst == 0 {
         return Err(Error::Invalid(
             "--kube-qps must be above 0 and --kube-burst at least 1".into(),
@@ -106,6 +113,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         metrics,
         engine,
         admin_token,
+        viewer_tokens,
         join_token,
     };
     let listener = bind(listen)
@@ -148,4 +156,30 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// The viewer tokens of the flags and the file; they need an admin token (without one the API
+/// is open, and a read-only token would be a promise the hub does not keep).
+fn viewers(
+    mut tokens: Vec<String>,
+    file: Option<&std::path::Path>,
+    admin: bool,
+) -> Result<Vec<String>, Error> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::Invalid(format!("--viewer-token-file {}: {e}", file.display())))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    tokens.retain(|t| !t.is_empty());
+    if !tokens.is_empty() && !admin {
+        return Err(Error::Invalid(
+            "--viewer-token needs --admin-token: without it the API is open to everyone".into(),
+        ));
+    }
+    Ok(tokens)
 }

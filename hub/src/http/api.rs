@@ -29,16 +29,47 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     )
 }
 
-/// The admin token guards the REST API; without one configured the API is open.
-pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = state.admin_token.as_deref() else {
-        return Ok(());
+/// Who a request's bearer token says it is.
+enum Caller {
+    Admin,
+    Viewer,
+}
+
+/// The admin token guards the REST API, viewer tokens read it; without an admin token
+/// configured the API is open.
+fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(admin) = state.admin_token.as_deref() else {
+        return Ok(Caller::Admin);
     };
     match bearer(headers) {
-        Some(t) if fleet_types::http::tokens_match(t, token) => Ok(()),
+        Some(t) if fleet_types::http::tokens_match(t, admin) => Ok(Caller::Admin),
+        Some(t)
+            if state
+                .viewer_tokens
+                .iter()
+                .any(|v| fleet_types::http::tokens_match(t, v)) =>
+        {
+            Ok(Caller::Viewer)
+        }
         Some(_) => Err(ApiError::new(Reason::Unauthorized, "invalid bearer token")),
         None => Err(ApiError::new(Reason::Unauthorized, "missing bearer token")),
     }
+}
+
+/// A change: the admin token only (a viewer token is answered 403, naming what it lacks).
+pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(state, headers)? {
+        Caller::Admin => Ok(()),
+        Caller::Viewer => Err(ApiError::new(
+            Reason::Forbidden,
+            "a viewer token may only read: this change needs the admin token",
+        )),
+    }
+}
+
+/// A read: the admin token or a viewer token.
+pub fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    caller(state, headers).map(drop)
 }
 
 fn json_body<'a, T: Deserialize<'a>>(body: &'a Bytes, what: &str) -> Result<T, ApiError> {
@@ -210,7 +241,7 @@ pub async fn cluster_list(
     headers: HeaderMap,
     Query(q): Query<ClusterQuery>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     let sel = match q.label_selector.as_deref() {
         Some(s) => Some(
             selector::parse(s)
@@ -235,7 +266,7 @@ pub async fn cluster_get(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     match store::cluster_fetch(&state.pool, &name).await? {
         Some(c) => Ok(Json(c).into_response()),
         None => Err(cluster_not_found(&name)),
@@ -417,7 +448,7 @@ pub async fn rollout_list(
     State(state): State<Shared>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     let items: Vec<ImageBasedGroupUpgrade> = store::rollout_list(&state.pool)
         .await?
         .into_iter()
@@ -437,7 +468,7 @@ pub async fn rollout_get(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     Ok(Json(fetch(&state, &ns, &name).await?.object).into_response())
 }
 
@@ -518,7 +549,7 @@ pub async fn history(
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     let row = fetch(&state, &ns, &name).await?;
     let items = store::history_list(&state.pool, row.id, q.cluster.as_deref()).await?;
     Ok(Json(Items { items }).into_response())
@@ -536,7 +567,7 @@ pub async fn configmap_get(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_reader(&state, &headers)?;
     match store::configmap_fetch(&state.pool, &ns, &name).await? {
         Some(data) => Ok(Json(ConfigMap {
             metadata: ConfigMapRef {

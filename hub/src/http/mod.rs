@@ -40,6 +40,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub engine: Arc<Engine>,
     pub admin_token: Option<String>,
+    /// Tokens that read every GET of the API and change nothing.
+    pub viewer_tokens: Vec<String>,
     pub join_token: Option<String>,
 }
 
@@ -58,6 +60,7 @@ impl AppState {
             metrics,
             engine,
             admin_token: None,
+            viewer_tokens: Vec::new(),
             join_token: None,
         }
     }

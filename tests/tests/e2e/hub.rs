@@ -487,3 +487,19 @@ async fn the_demo_runs_as_root_from_a_private_directory() {
     );
     assert!(text.contains("All plan steps are completed"), "{text}");
 }
+
+#[test]
+fn a_viewer_token_without_an_admin_token_is_refused() {
+    let out = Command::new(binary("fleet-hub"))
+        .args(["serve", "--viewer-token", "v"])
+        .env_remove("DATABASE_URL")
+        .env_remove("FLEET_HUB_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--viewer-token needs --admin-token: without it the API is open to everyone"),
+        "{err}"
+    );
+}

@@ -19,6 +19,8 @@ use spoke_core::runner::Agent;
 use spoke_sim::{Fault, SimConfig, SimHost};
 
 const ADMIN: &str = "admin-token";
+/// Reads everything, changes nothing.
+const VIEWER: &str = "viewer-token";
 pub const JOIN: &str = "join-token";
 const DEADLINE: Duration = Duration::from_secs(40);
 
@@ -70,6 +72,7 @@ pub async fn start_hub_on(db: &TestDb, addr: &str) -> Hub {
         metrics,
         engine: engine.clone(),
         admin_token: Some(ADMIN.into()),
+        viewer_tokens: vec![VIEWER.into()],
         join_token: Some(JOIN.into()),
     };
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -1023,4 +1026,54 @@ async fn the_api_refuses_bad_input_with_every_problem() {
         )
         .await;
     assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
+}
+
+#[tokio::test]
+async fn a_viewer_token_reads_everything_and_changes_nothing() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let call = |method: reqwest::Method, path: &str, token: Option<&str>| {
+        let mut req = hub
+            .client
+            .request(method, format!("{}{path}", hub.url))
+            .header("Content-Type", "application/json")
+            .body(
+                ibgu(
+                    "viewed",
+                    &["sno1"],
+                    json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 5}}]),
+                )
+                .to_string(),
+            );
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let code = res.status().as_u16();
+            (code, res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for path in ["/v1/clusters", "/v1/rollouts"] {
+        assert_eq!(
+            call(reqwest::Method::GET, path, Some(VIEWER)).await.0,
+            200,
+            "{path}"
+        );
+    }
+    let (code, body) = call(reqwest::Method::POST, "/v1/rollouts", Some(VIEWER)).await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["reason"], "Forbidden");
+    assert_eq!(
+        body["message"],
+        "a viewer token may only read: this change needs the admin token"
+    );
+    let (code, body) = call(reqwest::Method::DELETE, "/v1/clusters/sno1", Some(VIEWER)).await;
+    assert_eq!(code, 403, "{body}");
+    // Nothing was created; no token at all is still 401.
+    assert_eq!(hub.get("/v1/rollouts").await["items"], json!([]));
+    assert_eq!(
+        call(reqwest::Method::GET, "/v1/rollouts", None).await.0,
+        401
+    );
 }
