@@ -24,7 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve the REST API and drive rollouts (migrates the database at start; SIGTERM drains
     /// and exits 0).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The guided demo: a private database, a simulated fleet and a sample rollout.
     Demo(DemoArgs),
     /// Print the OpenAPI document of the REST API (also served at /openapi.json).
@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// Token a spoke agent presents to register.
     #[arg(long, env = "FLEET_HUB_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// The join token in a file, read again when it changes (replace it without a restart).
+    #[arg(long, env = "FLEET_HUB_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster
     /// (the in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "FLEET_HUB_KUBE")]

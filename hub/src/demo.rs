@@ -144,6 +144,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         admin_token: None,
         viewer_tokens: Vec::new(),
         join_token: Some(join_token.clone()),
+        join_token_file: None,
     };
     let listener = match listen {
         Some(listen) => TcpListener::bind(listen).await.map_err(|source| {

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => hub::serve::run(args, shutdown).await,
+        Command::Serve(args) => hub::serve::run(*args, shutdown).await,
         Command::Demo(args) => hub::demo::run(args, shutdown).await,
         Command::Openapi => {
             let doc = hub::http::openapi::document();

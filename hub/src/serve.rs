@@ -23,6 +23,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         viewer_tokens,
         viewer_token_file,
         join_token,
+        join_token_file,
         kube,
         kube_options:
             KubeArgs {
@@ -66,7 +67,14 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     if admin_token.is_none() {
         tracing::warn!("no --admin-token: the REST API is open to anyone who can reach it");
     }
-    if join_token.is_none() {
+    let join_token_file = join_token_file
+        .map(|f| {
+            crate::http::TokenFile::open(f)
+                .map(std::sync::Arc::new)
+                .map_err(|why| Error::Invalid(format!("--join-token-file {why}")))
+        })
+        .transpose()?;
+    if join_token.is_none() && join_token_file.is_none() {
         tracing::warn!("no --join-token: any spoke that can reach the hub may register");
     }
 
@@ -115,6 +123,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         admin_token,
         viewer_tokens,
         join_token,
+        join_token_file,
     };
     let listener = bind(listen)
         .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;

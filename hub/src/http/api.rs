@@ -123,7 +123,11 @@ pub async fn register(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    if let Some(join) = state.join_token.as_deref() {
+    let join = match &state.join_token_file {
+        Some(file) => Some(file.current()),
+        None => state.join_token.clone(),
+    };
+    if let Some(join) = join.as_deref() {
         match bearer(&headers) {
             Some(t) if fleet_types::http::tokens_match(t, join) => {}
             _ => {

@@ -43,6 +43,60 @@ pub struct AppState {
     /// Tokens that read every GET of the API and change nothing.
     pub viewer_tokens: Vec<String>,
     pub join_token: Option<String>,
+    /// `--join-token-file`: the join token, read again when the file changes (it replaces
+    /// `join_token`).
+    pub join_token_file: Option<Arc<TokenFile>>,
+}
+
+/// A token kept in a file (a mounted Secret), read again when the file changes, so that it
+/// can be replaced without a restart. A change that cannot be read keeps the token in use.
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<(Option<std::time::SystemTime>, String)>,
+}
+
+impl TokenFile {
+    /// Reads it now: a missing or empty file is an error naming it.
+    pub fn open(path: std::path::PathBuf) -> Result<TokenFile, String> {
+        let stamp = Self::stamp(&path);
+        let token = Self::read(&path)?;
+        Ok(TokenFile {
+            path,
+            cached: std::sync::Mutex::new((stamp, token)),
+        })
+    }
+
+    fn stamp(path: &std::path::Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    fn read(path: &std::path::Path) -> Result<String, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(format!("{}: empty", path.display()));
+        }
+        Ok(token)
+    }
+
+    /// The token as the file holds it now.
+    pub fn current(&self) -> String {
+        let stamp = Self::stamp(&self.path);
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != stamp {
+            cached.0 = stamp;
+            match Self::read(&self.path) {
+                Ok(token) => {
+                    tracing::info!(file = %self.path.display(), "join token replaced");
+                    cached.1 = token;
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "the changed join token file cannot be used; keeping the token")
+                }
+            }
+        }
+        cached.1.clone()
+    }
 }
 
 impl AppState {
@@ -62,6 +116,7 @@ impl AppState {
             admin_token: None,
             viewer_tokens: Vec::new(),
             join_token: None,
+            join_token_file: None,
         }
     }
 

@@ -503,3 +503,42 @@ fn a_viewer_token_without_an_admin_token_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_join_token_file_is_read_again_when_it_changes() {
+    let db = fleet_e2e::TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("join-token");
+    std::fs::write(&file, "first-token\n").unwrap();
+    let port = free_port();
+    let _hub = fleet_e2e::ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url(), "--admin-token", "s3cret"])
+            .arg("--join-token-file")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(port).await;
+    let register = |token: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/v1/clusters/register"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"name": "sno1", "endpoint": "http://127.0.0.1:1"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(register("first-token").await, 200);
+    // Replaced (as a Secret's file is): the old token is refused at once, the new one taken.
+    let tmp = dir.path().join("join-token.tmp");
+    std::fs::write(&tmp, "second-token\n").unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    assert_eq!(register("first-token").await, 401);
+    assert_eq!(register("second-token").await, 200);
+}

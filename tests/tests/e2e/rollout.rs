@@ -74,6 +74,7 @@ pub async fn start_hub_on(db: &TestDb, addr: &str) -> Hub {
         admin_token: Some(ADMIN.into()),
         viewer_tokens: vec![VIEWER.into()],
         join_token: Some(JOIN.into()),
+        join_token_file: None,
     };
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
