@@ -18,13 +18,7 @@ const WATCHDOG: &str = "spoke-agent-init-monitor.service";
 /// a single-node OpenShift cluster, the chart's RBAC enforced; its kubeconfig in `state`
 /// makes `start` run the agent with `--kube`, as the chart does.
 async fn with_cluster_api(state: &std::path::Path) -> FakeKube {
-    let rbac = |file: &str| {
-        let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        std::fs::read_to_string(repo.join("charts/spoke-agent/rbac").join(file)).unwrap()
-    };
-    let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
-    rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
-    let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
+    let kube = chart_api().await;
     kube.seed_openshift_sno();
     kube.seed(
         "apis/apiextensions.k8s.io/v1",
@@ -87,6 +81,18 @@ async fn with_cluster_api(state: &std::path::Path) -> FakeKube {
 /// The labels the chart puts on the agent's objects, as `--carry-selector` selects them.
 const CHART_LABELS: &str =
     "app.kubernetes.io/instance=spoke-agent,app.kubernetes.io/name=spoke-agent";
+
+/// A fake API server that holds the agent to the chart's RBAC for `host: ostree` (the
+/// ClusterRole, and the Roles, the agent's namespace being `default`).
+async fn chart_api() -> FakeKube {
+    let rbac = |file: &str| {
+        let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        std::fs::read_to_string(repo.join("charts/spoke-agent/rbac").join(file)).unwrap()
+    };
+    let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
+    rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
+    FakeKube::start(&[hub::crd::ibu()], Some(rules)).await
+}
 
 /// `--kube` with the kubeconfig `with_cluster_api` left in `state`, if any.
 fn kube_mode(cmd: &mut std::process::Command, state: &std::path::Path) {
@@ -224,14 +230,7 @@ async fn prep_upgrade_through_a_reboot_and_finalize_on_the_fake_node() {
     let child = start(&node, state.path(), port, &log);
     let agent = Agent::at(port).await;
 
-    let seed = json!({"version": "4.16.0", "image": SEED});
-    let (code, body) = agent
-        .patch(json!({"spec": {"stage": "Prep", "seedImageRef": seed}}))
-        .await;
-    assert_eq!(code, 200, "{body}");
-    agent
-        .wait_ibu("Prep to complete", is_last("PrepCompleted", "Completed"))
-        .await;
+    prep_completes(&agent, SEED).await;
     assert_eq!(
         osnames(&node),
         [("rhcos".into(), true), ("rhcos_4.16.0".into(), false)]
@@ -1280,15 +1279,7 @@ async fn a_private_seed_needs_its_pull_secret_which_only_kube_mode_reads() {
 
 #[tokio::test]
 async fn kube_mode_inspects_and_pulls_a_private_seed_with_its_secret_then_forgets_it() {
-    use fleet_e2e::fake_kube::{FakeKube, cluster_role_rules, role_rules};
-    let rbac = |file: &str| {
-        let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        std::fs::read_to_string(repo.join("charts/spoke-agent/rbac").join(file)).unwrap()
-    };
-    // The chart's rules: the ClusterRole, and the Role in the agent's namespace.
-    let mut rules = cluster_role_rules(&rbac("clusterrole.yaml"));
-    rules.extend(role_rules(&rbac("roles-ostree.yaml"), "default"));
-    let kube = FakeKube::start(&[hub::crd::ibu()], Some(rules)).await;
+    let kube = chart_api().await;
     kube.seed(
         "api/v1",
         "nodes",
