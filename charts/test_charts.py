@@ -22,7 +22,7 @@ CHARTS = ["fleet-hub", "spoke-agent"]
 KUBE_VERSION = "1.33"
 RELEASE = {"name": "fleet", "namespace": "fleet-system"}
 # Kinds of other operators' CRDs: checked for structure here, not by the Kubernetes schemas.
-FOREIGN_KINDS = {"ServiceMonitor"}
+FOREIGN_KINDS = {"ServiceMonitor", "Certificate"}
 STANDARD_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance",
                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by"]
 
@@ -60,6 +60,34 @@ def render_text(chart, values):
     for path, doc in documents(manifests):
         parts.append(f"# Source: {path}\n" + yaml.safe_dump(mask(doc), sort_keys=True))
     return "---\n".join(parts), manifests
+
+
+def check_hub_tls(what, deployment, values):
+    """With a certificate the hub serves TLS only (probes over HTTPS); without one it says
+    plainly that it serves HTTP."""
+    tls = values.get("tls", {})
+    wanted = bool(tls.get("existingSecret") or tls.get("certManager", {}).get("issuerRef", {}).get("name"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"] for e in container.get("env", [])}
+    schemes = {p["httpGet"].get("scheme") for p in
+               (container.get(k) for k in ("livenessProbe", "readinessProbe", "startupProbe")) if p}
+    if wanted and not ({"FLEET_HUB_TLS_CERT_FILE", "FLEET_HUB_TLS_PRIVATE_KEY_FILE"} <= env
+                       and "FLEET_HUB_INSECURE_HTTP" not in env and schemes == {"HTTPS"}):
+        fail(f"{what}: TLS configured, but the hub is not given its certificate or probed over HTTPS")
+    if not wanted and ("FLEET_HUB_INSECURE_HTTP" not in env or schemes != {"HTTP"}):
+        fail(f"{what}: no TLS configured, but the hub is not told to serve plain HTTP")
+
+
+def check_hub_ca(what, deployment, values):
+    """hub.caSecret reaches the agent as the file --hub-ca-file names, from that Secret."""
+    ca = values.get("hub", {}).get("caSecret")
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+    secrets = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    if ca and not (env.get("SPOKE_HUB_CA_FILE", "").endswith("/ca.crt") and ca in secrets):
+        fail(f"{what}: hub.caSecret {ca} is not mounted for --hub-ca-file")
+    if not ca and "SPOKE_HUB_CA_FILE" in env:
+        fail(f"{what}: SPOKE_HUB_CA_FILE without hub.caSecret")
 
 
 def check_chart(name, update):
@@ -102,9 +130,18 @@ def check_chart(name, update):
                 if missing:
                     fail(f"{what}: missing labels {missing}")
                 if doc["kind"] in FOREIGN_KINDS:
-                    if not doc.get("spec", {}).get("endpoints"):
+                    spec = doc.get("spec", {})
+                    if doc["kind"] == "ServiceMonitor" and not spec.get("endpoints"):
                         fail(f"{what}: no endpoints")
+                    if doc["kind"] == "Certificate" and not (
+                            spec.get("secretName") and spec.get("dnsNames")
+                            and spec.get("issuerRef", {}).get("name")):
+                        fail(f"{what}: a Certificate needs secretName, dnsNames and issuerRef.name")
                     continue
+                if doc["kind"] == "Deployment" and name == "fleet-hub":
+                    check_hub_tls(what, doc, values or {})
+                if doc["kind"] == "Deployment" and name == "spoke-agent":
+                    check_hub_ca(what, doc, values or {})
                 try:
                     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
                 except kubernetes_validate.ValidationError as e:

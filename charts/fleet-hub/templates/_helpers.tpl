@@ -38,3 +38,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "fleet-hub.externalDatabase" -}}
 {{- if or .Values.database.url .Values.database.existingSecret -}}true{{- end -}}
 {{- end -}}
+
+{{/* The Secret holding the hub's serving certificate, if TLS is configured. */}}
+{{- define "fleet-hub.tlsSecret" -}}
+{{- if .Values.tls.existingSecret -}}
+{{ .Values.tls.existingSecret }}
+{{- else if .Values.tls.certManager.issuerRef.name -}}
+{{ include "fleet-hub.fullname" . }}-tls
+{{- end -}}
+{{- end -}}
+
+{{- define "fleet-hub.scheme" -}}
+{{ if include "fleet-hub.tlsSecret" . }}HTTPS{{ else }}HTTP{{ end }}
+{{- end -}}
