@@ -15,6 +15,8 @@ use crate::store::FleetSnapshot;
 
 /// Every state a cluster's action can be in (the `state` label of `fleet_hub_cluster_actions`).
 pub const ACTION_STATES: [&str; 5] = ["pending", "running", "completed", "failed", "timed_out"];
+/// How a cluster's action ends, as `fleet_hub_action_duration_seconds` labels it.
+pub const ACTION_RESULTS: [&str; 3] = ["completed", "failed", "timed_out"];
 /// Rollout phases (the `phase` label of `fleet_hub_rollouts`).
 pub const PHASES: [&str; 3] = ["Pending", "Progressing", "Completed"];
 /// Kubernetes verbs the hub's client is counted by.
@@ -265,6 +267,13 @@ impl Metrics {
         for phase in PHASES {
             rollouts.with_label_values(&[phase]);
         }
+        // Born at 0, not at their first sample: increase() and rate() then see the first
+        // failure of an action (a series first seen at 1 shows no increase).
+        for action in fleet_types::ibgu::Action::ALL {
+            for result in ACTION_RESULTS {
+                action_duration.with_label_values(&[action.as_str(), result]);
+            }
+        }
         for verb in KUBE_VERBS {
             kube_request_duration.with_label_values(&[verb]);
             for result in KUBE_RESULTS {
@@ -383,6 +392,20 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::store::StepSnapshot;
+
+    #[test]
+    fn every_action_and_result_is_counted_from_zero() {
+        let text = Metrics::new().unwrap().render();
+        for action in fleet_types::ibgu::Action::ALL {
+            for result in ACTION_RESULTS {
+                let series = format!(
+                    "fleet_hub_action_duration_seconds_count{{action=\"{}\",result=\"{result}\"}} 0",
+                    action.as_str()
+                );
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
+        }
+    }
 
     #[test]
     fn fleet_gauges_drop_rollouts_that_are_no_longer_active() {

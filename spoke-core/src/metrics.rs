@@ -83,6 +83,12 @@ impl AgentMetrics {
         for result in ["sent", "failed"] {
             reports.with_label_values(&[result]);
         }
+        // Born at 0 (see the hub's action durations): the first failed stage counts.
+        for stage in ["Prep", "Upgrade", "Rollback"] {
+            for result in ["completed", "failed"] {
+                stage_duration.with_label_values(&[stage, result]);
+            }
+        }
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(reports.clone()))?;
         registry.register(Box::new(auto_rollbacks.clone()))?;
@@ -228,4 +234,22 @@ pub fn ended(old: &ImageBasedUpgrade, new: &ImageBasedUpgrade) -> Vec<(Ended, f6
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_and_result_is_counted_from_zero() {
+        let text = AgentMetrics::new().unwrap().render();
+        for stage in ["Prep", "Upgrade", "Rollback"] {
+            for result in ["completed", "failed"] {
+                let series = format!(
+                    "spoke_stage_duration_seconds_count{{result=\"{result}\",stage=\"{stage}\"}} 0"
+                );
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
+        }
+    }
 }
