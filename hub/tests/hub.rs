@@ -1615,3 +1615,61 @@ async fn garbage_against_every_route_is_refused_cleanly_and_stores_nothing() {
         assert_eq!(n, 0, "nothing stored in {table}");
     }
 }
+
+#[tokio::test]
+async fn deleting_a_cluster_revokes_its_credential_at_once() {
+    let db = migrated().await;
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
+    let reg = serde_json::json!({"name": "sno1", "endpoint": "http://127.0.0.1:1", "labels": {}, "agentId": "run-1"});
+    let (code, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
+    assert_eq!(code, StatusCode::OK);
+    let credential = body["credential"].as_str().unwrap().to_string();
+    let report = |seq: u64| {
+        serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": {"apiVersion": "lca.openshift.io/v1",
+            "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": "Idle"}}})
+    };
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&credential),
+        report(1),
+    )
+    .await;
+    assert_eq!(
+        (code, body["accepted"].clone()),
+        (StatusCode::OK, serde_json::json!(true))
+    );
+    let (code, _) = call(
+        &app,
+        "DELETE",
+        "/v1/clusters/sno1",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    // The next report with that credential is refused, and stores nothing.
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&credential),
+        report(2),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["message"],
+        "this credential may not report for cluster sno1"
+    );
+    let (code, _) = call(
+        &app,
+        "GET",
+        "/v1/clusters/sno1",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+}
