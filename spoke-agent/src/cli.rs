@@ -166,7 +166,7 @@ pub struct ServeArgs {
     /// init-monitor, restore, rollback, cleanup, unreachable.
     #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
-    /// URL the hub uses to reach this agent's API (default: http://<listen>).
+    /// URL the hub uses to reach this agent's API (default: http://<listen>, https:// with TLS).
     #[arg(long, env = "SPOKE_ENDPOINT")]
     pub endpoint: Option<String>,
     /// Kubernetes mode: mirror the cluster's ImageBasedUpgrade `upgrade` (oc get/patch ibu),
@@ -213,7 +213,7 @@ pub struct SimFleetArgs {
     /// Make POINT fail on CLUSTER, as CLUSTER=POINT (repeatable).
     #[arg(long = "fault", env = "SPOKE_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
-    /// Base URL the hub uses to reach the listener (default: http://<listen>); each cluster
+    /// Base URL the hub uses to reach the listener (default: http://<listen>, https:// with TLS); each cluster
     /// is <endpoint>/clusters/<name>.
     #[arg(long, env = "SPOKE_ENDPOINT")]
     pub endpoint: Option<String>,

@@ -156,6 +156,13 @@ fn tls_refusal(err: &reqwest::Error) -> Option<String> {
     None
 }
 
+/// How the hub reaches the listener when `--endpoint` does not say: its address, over TLS
+/// when the listener speaks it.
+fn default_endpoint(listen: SocketAddr, tls: &Option<tokio_rustls::TlsAcceptor>) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{listen}")
+}
+
 /// The listener's TLS, checked before anything starts.
 fn listener_tls(
     listen: SocketAddr,
@@ -226,7 +233,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let tls = listener_tls(listen, tls)?;
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
-    let endpoint = endpoint.unwrap_or_else(|| format!("http://{listen}"));
+    let endpoint = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
     let hub = hub_client(hub_url.as_deref(), hub_ca_file).await?;
     let link = hub_link(
         hub_url,
@@ -258,6 +265,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             return serve_one(agent, cluster_name, api_token, metrics, (listen, tls)).await;
         }
         let client = kube_client("--kube").await?;
+        if ostree.carry_selector.is_none() && ostree.service_unit.is_none() {
+            tracing::warn!(
+                "neither --carry-selector nor --service-unit: after an upgrade's reboot the cluster is the seed's, and only a seed that has this agent brings it back to finish"
+            );
+        }
         let host = KubeHost::new(host, client.clone()).carrying(ostree.carry_selector.clone());
         let agent =
             spoke_core::runner::start(cluster_name.clone(), host, &metrics, link, false).await?;
@@ -394,7 +406,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     }
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
-    let base = endpoint.unwrap_or_else(|| format!("http://{listen}"));
+    let base = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
     let client = hub_client(hub_url.as_deref(), hub_ca_file).await?;
     let common: BTreeMap<String, String> = labels.into_iter().collect();
     let mut agents = HashMap::new();

@@ -219,8 +219,8 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
     let dir = tempfile::tempdir().unwrap();
     let (_hub, hub_port, _db) = tls_hub(dir.path()).await;
     let hub_url = format!("https://127.0.0.1:{hub_port}");
-    let agent = |ca: &str, state: &str| {
-        let mut cmd = crate::spoke::agent_command(&dir.path().join(state), free_port());
+    let agent = |ca: &str, state: &str, port: u16| {
+        let mut cmd = crate::spoke::agent_command(&dir.path().join(state), port);
         cmd.args([
             "--hub-url",
             &hub_url,
@@ -233,7 +233,7 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
     };
     // Another CA: the agent stops at start, saying why, and the hub never hears of it.
     let err_file = dir.path().join("wrong-ca.log");
-    let mut wrong = agent("other-ca.crt", "wrong");
+    let mut wrong = agent("other-ca.crt", "wrong", free_port());
     wrong
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err_file).unwrap());
@@ -249,10 +249,17 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
         err.contains("hub certificate not trusted: invalid peer certificate: UnknownIssuer"),
         "{err}"
     );
-    // The hub's CA: the agent registers over TLS.
+    // The hub's CA: the agent registers over TLS, and, serving TLS itself, gives the hub an
+    // https endpoint.
     let log = ChildLog::new(dir.path(), "spoke-agent");
-    let mut cmd = agent("ca.crt", "right");
-    cmd.stdout(Stdio::null()).stderr(log.stdio());
+    let port = free_port();
+    let mut cmd = agent("ca.crt", "right", port);
+    cmd.arg("--tls-cert-file")
+        .arg(fixture("server.crt"))
+        .arg("--tls-private-key-file")
+        .arg(fixture("server.key"))
+        .stdout(Stdio::null())
+        .stderr(log.stdio());
     let _agent = ChildGuard(cmd.spawn().unwrap());
     let admin = client("ca.crt");
     let names = wait_for("the agent registered", Duration::from_secs(30), || async {
@@ -265,13 +272,19 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
             .json()
             .await
             .ok()?;
-        let names: Vec<String> = list["items"]
+        let names: Vec<(String, String)> = list["items"]
             .as_array()?
             .iter()
-            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .map(|c| (c["name"].to_string(), c["endpoint"].to_string()))
             .collect();
         (!names.is_empty()).then_some(names)
     })
     .await;
-    assert_eq!(names, ["sno1"]);
+    assert_eq!(
+        names,
+        [(
+            "\"sno1\"".to_string(),
+            format!("\"https://127.0.0.1:{port}\"")
+        )]
+    );
 }
