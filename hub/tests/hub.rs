@@ -314,6 +314,12 @@ async fn call_text(
     )
 }
 
+/// Run `run-1`'s status report number `seq`, its IBU at `stage`.
+fn status_report(seq: u64, stage: &str) -> serde_json::Value {
+    serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": {"apiVersion": "lca.openshift.io/v1",
+        "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}}})
+}
+
 #[tokio::test]
 async fn registration_reports_and_labels() {
     let db = migrated().await;
@@ -376,8 +382,7 @@ async fn registration_reports_and_labels() {
     let cred2 = body["credential"].as_str().unwrap().to_string();
     assert_ne!(cred1, cred2);
 
-    let ibu = |stage: &str| serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": stage}});
-    let report = |seq: u64, stage: &str| serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": ibu(stage)});
+    let report = status_report;
     let sno1_reports = |credential: &str, report: serde_json::Value| {
         let (app, credential) = (app.clone(), credential.to_string());
         async move {
@@ -510,7 +515,11 @@ async fn registration_reports_and_labels() {
     let (_, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), run2).await;
     let cred1b = body["credential"].as_str().unwrap().to_string();
     assert_ne!(cred1b, cred1);
-    let report = |seq: u64, stage: &str| serde_json::json!({"sequence": seq, "agentId": "run-2", "ibu": ibu(stage)});
+    let report = |seq: u64, stage: &str| {
+        let mut r = status_report(seq, stage);
+        r["agentId"] = "run-2".into();
+        r
+    };
     let (_, c) = call(
         &app,
         "GET",
@@ -1624,16 +1633,12 @@ async fn deleting_a_cluster_revokes_its_credential_at_once() {
     let (code, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
     assert_eq!(code, StatusCode::OK);
     let credential = body["credential"].as_str().unwrap().to_string();
-    let report = |seq: u64| {
-        serde_json::json!({"sequence": seq, "agentId": "run-1", "ibu": {"apiVersion": "lca.openshift.io/v1",
-            "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": "Idle"}}})
-    };
     let (code, body) = call(
         &app,
         "POST",
         "/v1/clusters/sno1/status",
         Some(&credential),
-        report(1),
+        status_report(1, "Idle"),
     )
     .await;
     assert_eq!(
@@ -1655,7 +1660,7 @@ async fn deleting_a_cluster_revokes_its_credential_at_once() {
         "POST",
         "/v1/clusters/sno1/status",
         Some(&credential),
-        report(2),
+        status_report(2, "Idle"),
     )
     .await;
     assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
