@@ -28,6 +28,14 @@ fn client(ca: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// A program serving `server.crt` (signed by `ca.crt`).
+fn serving_tls(cmd: &mut Command) -> &mut Command {
+    cmd.arg("--tls-cert-file")
+        .arg(fixture("server.crt"))
+        .arg("--tls-private-key-file")
+        .arg(fixture("server.key"))
+}
+
 /// The DER of the first certificate in a PEM file.
 fn der(name: &str) -> Vec<u8> {
     let pem = std::fs::read_to_string(fixture(name)).unwrap();
@@ -111,10 +119,7 @@ async fn the_agent_serves_its_api_over_tls() {
     let port = free_port();
     let log = ChildLog::new(dir.path(), "spoke-agent");
     let mut cmd = crate::spoke::agent_command(&dir.path().join("state"), port);
-    cmd.arg("--tls-cert-file")
-        .arg(fixture("server.crt"))
-        .arg("--tls-private-key-file")
-        .arg(fixture("server.key"))
+    serving_tls(&mut cmd)
         .stdout(Stdio::null())
         .stderr(log.stdio());
     let _agent = ChildGuard(cmd.spawn().unwrap());
@@ -254,10 +259,7 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
     let log = ChildLog::new(dir.path(), "spoke-agent");
     let port = free_port();
     let mut cmd = agent("ca.crt", "right", port);
-    cmd.arg("--tls-cert-file")
-        .arg(fixture("server.crt"))
-        .arg("--tls-private-key-file")
-        .arg(fixture("server.key"))
+    serving_tls(&mut cmd)
         .stdout(Stdio::null())
         .stderr(log.stdio());
     let _agent = ChildGuard(cmd.spawn().unwrap());
