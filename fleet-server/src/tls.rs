@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
 /// The serving certificate's files.
@@ -75,8 +78,9 @@ struct Reloading {
     current: Mutex<(Option<SystemTime>, Option<SystemTime>, Arc<CertifiedKey>)>,
 }
 
-impl ResolvesServerCert for Reloading {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl Reloading {
+    /// The certificate to serve now: read again first when its files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
         let stamps = (modified(&self.files.cert), modified(&self.files.key));
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if (current.0, current.1) != stamps {
@@ -93,26 +97,166 @@ impl ResolvesServerCert for Reloading {
                 }
             }
         }
-        Some(current.2.clone())
+        current.2.clone()
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The lowercase hex SHA-256 of a certificate's DER: what a spoke registers and the hub pins.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Whether `text` has the shape of a [`fingerprint`].
+pub fn is_fingerprint(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A listener's certificate as it is served now (renewals included).
+#[derive(Clone, Debug)]
+pub struct ServingCert(Arc<Reloading>);
+
+impl ServingCert {
+    /// The [`fingerprint`] of the certificate the next handshake presents.
+    pub fn fingerprint(&self) -> String {
+        let key = self.0.current();
+        key.cert.first().map(|c| fingerprint(c)).unwrap_or_default()
     }
 }
 
 /// An acceptor serving `files`, which must be readable now.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    serving(files).map(|(acceptor, _)| acceptor)
+}
+
+/// An acceptor serving `files`, and the handle that tells which certificate it serves.
+pub fn serving(files: &TlsFiles) -> Result<(TlsAcceptor, ServingCert), String> {
     let stamps = (modified(&files.cert), modified(&files.key));
     let key = load(files)?;
-    let resolver = Reloading {
+    let resolver = Arc::new(Reloading {
         files: files.clone(),
         current: Mutex::new((stamps.0, stamps.1, Arc::new(key))),
-    };
+    });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), ServingCert(resolver)))
+}
+
+/// Trusts exactly one certificate, by its [`fingerprint`], whoever signed it and whatever
+/// name it carries: how the hub reaches a spoke whose certificate it pinned at registration
+/// (as SSH trusts a known host key). The handshake's signatures are still checked, so only
+/// the holder of that certificate's key gets through.
+#[derive(Debug)]
+pub struct Pinned {
+    sha256: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = fingerprint(end_entity);
+        if presented == self.sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the spoke presented certificate sha256:{presented}, not the one it registered (sha256:{}); pushes wait until the agent registers its current certificate",
+                self.sha256
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The TLS refusal behind a failed request, if that is what it was, in words: a refused pin
+/// says why, other refusals as rustls puts them ("invalid peer certificate: UnknownIssuer").
+pub fn refusal(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        match e.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::General(why)) => return Some(why.clone()),
+            Some(other) => return Some(other.to_string()),
+            None => {}
+        }
+        // An I/O error's `source` skips the error it wraps (connectors nest two).
+        source = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// A client configuration that trusts only the certificate of this [`fingerprint`].
+pub fn pinned_client(sha256: &str) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Pinned {
+        sha256: sha256.to_ascii_lowercase(),
+        provider: provider.clone(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// A listener without TLS on an address other hosts reach is refused unless asked for: the

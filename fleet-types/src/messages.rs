@@ -21,6 +21,10 @@ pub struct RegisterRequest {
     /// sequence on the hub side.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_id: String,
+    /// The lowercase hex SHA-256 of the agent's serving certificate (DER) when it serves
+    /// TLS: the hub pushes only to an endpoint presenting this certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
 }
 
 /// Answer to a registration: the credential the agent presents on its reports, and the hub

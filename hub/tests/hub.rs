@@ -535,6 +535,112 @@ async fn registration_reports_and_labels() {
     assert_eq!(code, StatusCode::FORBIDDEN, "the old credential is gone");
 }
 
+/// A spoke serving TLS registers its certificate's SHA-256, which the hub shows and pins; to
+/// register a renewed one it may present its own credential instead of the join token, but
+/// not another cluster's.
+#[tokio::test]
+async fn registration_pins_the_certificate_and_takes_the_cluster_credential() {
+    let db = migrated().await;
+    let app = router(AppState::test(db.pool.clone()).with_tokens("admin", "join"));
+    let first = "ab".repeat(32);
+    let renewed = "cd".repeat(32);
+    let reg = |name: &str, pin: &str| serde_json::json!({"name": name, "endpoint": format!("https://10.0.0.1:9443/{name}"), "agentId": "run-1", "certificateSha256": pin});
+    for (bad, message) in [
+        (
+            "AB".repeat(32),
+            "certificateSha256 must be the 64 lowercase hex digits of the certificate's SHA-256",
+        ),
+        (
+            "ab".repeat(31),
+            "certificateSha256 must be the 64 lowercase hex digits of the certificate's SHA-256",
+        ),
+    ] {
+        let (code, body) = call(
+            &app,
+            "POST",
+            "/v1/clusters/register",
+            Some("join"),
+            reg("sno1", &bad),
+        )
+        .await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["details"]["causes"][0]["field"], "certificateSha256");
+        assert_eq!(body["details"]["causes"][0]["message"], message);
+    }
+    let mut plain = reg("sno1", &first);
+    plain["endpoint"] = "http://10.0.0.1:9090".into();
+    let (code, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), plain).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["details"]["causes"][0]["message"],
+        "certificateSha256 is for an https endpoint"
+    );
+
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg("sno1", &first),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let cred1 = body["credential"].as_str().unwrap().to_string();
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg("sno2", &first),
+    )
+    .await;
+    let cred2 = body["credential"].as_str().unwrap().to_string();
+    let pinned = |name: &'static str| {
+        let app = app.clone();
+        async move {
+            let (_, c) = call(
+                &app,
+                "GET",
+                &format!("/v1/clusters/{name}"),
+                Some("admin"),
+                serde_json::Value::Null,
+            )
+            .await;
+            c["certificateSha256"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    assert_eq!(pinned("sno1").await, first);
+    // Renewed: registered with the cluster's own credential, which stays the same.
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some(&cred1),
+        reg("sno1", &renewed),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["credential"], cred1.as_str());
+    assert_eq!(pinned("sno1").await, renewed);
+    // Another cluster's credential, or none, registers nothing.
+    for bearer in [Some(cred2.as_str()), Some("nonsense"), None] {
+        let (code, body) = call(
+            &app,
+            "POST",
+            "/v1/clusters/register",
+            bearer,
+            reg("sno1", &first),
+        )
+        .await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{bearer:?}: {body}");
+        assert_eq!(body["message"], "registration needs the join token");
+    }
+    assert_eq!(pinned("sno1").await, renewed);
+}
+
 /// A report is stored as the spoke wrote it, not written out again (fields this hub does not
 /// know, a newer agent's, are kept in the row), and a cluster's row is not compressed on
 /// every report. One whose text could not be read back (a lone surrogate escape in such a

@@ -46,6 +46,7 @@ fn hub_link(
     endpoint: String,
     labels: BTreeMap<String, String>,
     client: reqwest::Client,
+    tls: &Option<Tls>,
 ) -> Result<Option<HubLink>, Error> {
     let Some(hub_url) = hub_url else {
         return Ok(None);
@@ -59,6 +60,7 @@ fn hub_link(
         labels,
         agent_id: uuid::Uuid::new_v4().to_string(),
         client,
+        certificate: tls.as_ref().map(|(_, cert)| cert.clone()),
     }))
 }
 
@@ -127,7 +129,7 @@ async fn hub_client(
             .get(format!("{}/healthz", url.trim_end_matches('/')))
             .send()
             .await
-        && let Some(why) = tls_refusal(&err)
+        && let Some(why) = fleet_server::tls::refusal(&err)
     {
         return Err(Error::Invalid(format!(
             "hub certificate not trusted: {why}"
@@ -136,54 +138,31 @@ async fn hub_client(
     Ok(client)
 }
 
-/// The TLS refusal behind a request's failure, if that is what it was (an unreachable hub is
-/// not: the agent keeps trying it).
-fn tls_refusal(err: &reqwest::Error) -> Option<String> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
-        // An I/O error's `source` skips the error it wraps (the connector nests two).
-        source = match e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => e.source(),
-        };
-    }
-    None
-}
-
 /// How the hub reaches the listener when `--endpoint` does not say: its address, over TLS
 /// when the listener speaks it.
-fn default_endpoint(listen: SocketAddr, tls: &Option<tokio_rustls::TlsAcceptor>) -> String {
+fn default_endpoint(listen: SocketAddr, tls: &Option<Tls>) -> String {
     let scheme = if tls.is_some() { "https" } else { "http" };
     format!("{scheme}://{listen}")
 }
 
+/// The listener's TLS: what accepts connections, and the certificate it serves (which the
+/// agent registers with the hub).
+type Tls = (tokio_rustls::TlsAcceptor, fleet_server::tls::ServingCert);
+
 /// The listener's TLS, checked before anything starts.
-fn listener_tls(
-    listen: SocketAddr,
-    tls: TlsArgs,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, Error> {
+fn listener_tls(listen: SocketAddr, tls: TlsArgs) -> Result<Option<Tls>, Error> {
     use fleet_server::tls;
     let files = tls::TlsFiles::from_flags(tls.tls_cert_file, tls.tls_private_key_file)
         .map_err(Error::Invalid)?;
     tls::check_plain_http(listen, &files, tls.insecure_http).map_err(Error::Invalid)?;
     files
         .as_ref()
-        .map(tls::acceptor)
+        .map(tls::serving)
         .transpose()
         .map_err(Error::Invalid)
 }
 
-async fn serve_http(
-    listen: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    app: axum::Router,
-) -> Result<(), Error> {
+async fn serve_http(listen: SocketAddr, tls: Option<Tls>, app: axum::Router) -> Result<(), Error> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::internal(format!("listening on {listen}"), e))?;
@@ -196,7 +175,7 @@ async fn serve_http(
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| Error::internal("serving HTTP", e)),
-        Some(acceptor) => fleet_server::listen::serve_tls(
+        Some((acceptor, _)) => fleet_server::listen::serve_tls(
             listener,
             app,
             fleet_server::listen::Limits::default(),
@@ -241,6 +220,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         endpoint,
         labels.into_iter().collect(),
         hub,
+        &tls,
     )?;
     if host == HostKind::Lca {
         let client = kube_client("--host lca").await?;
@@ -353,7 +333,7 @@ async fn serve_one<S: Spoke>(
     cluster_name: String,
     api_token: Option<String>,
     metrics: AgentMetrics,
-    (listen, tls): (SocketAddr, Option<tokio_rustls::TlsAcceptor>),
+    (listen, tls): (SocketAddr, Option<Tls>),
 ) -> Result<(), Error> {
     let state = ApiState {
         agents: HashMap::from([(cluster_name.clone(), agent)]),
@@ -427,6 +407,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
             format!("{base}/clusters/{name}"),
             labels,
             client.clone(),
+            &tls,
         )?;
         let config = sim_config(&sim, per_cluster.get(&name).cloned().unwrap_or_default());
         let dir = state_dir.join(&name);

@@ -135,6 +135,7 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
         labels: BTreeMap::from([("site".to_string(), "edge-1".to_string())]),
         agent_id: "run-1".into(),
         client: HubLink::client(),
+        certificate: None,
     };
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
 
@@ -258,6 +259,7 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         labels: BTreeMap::new(),
         agent_id: "run-1".into(),
         client: HubLink::client(),
+        certificate: None,
     };
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
     // An observer that looks at the agent's state at every change.

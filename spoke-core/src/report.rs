@@ -19,6 +19,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections to the hub are dropped after this long.
 const POOL_IDLE: Duration = Duration::from_secs(5);
+/// How often a quiet agent looks whether its serving certificate was renewed.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct HubLink {
@@ -30,6 +32,9 @@ pub struct HubLink {
     /// Identifies this run of the agent: a new one restarts the hub's sequence check.
     pub agent_id: String,
     pub client: reqwest::Client,
+    /// The certificate the agent's API serves, when it serves TLS: registered with the hub,
+    /// which pushes only to that certificate, and registered again when it is renewed.
+    pub certificate: Option<fleet_server::tls::ServingCert>,
 }
 
 impl HubLink {
@@ -78,30 +83,55 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
     .map_err(|e| format!("the hub URL {:?}: {e}", link.hub_url));
     let mut changes = agent.session().subscribe();
     let mut backoff = BACKOFF_MIN;
+    // The certificate the hub pinned at the last registration.
+    let mut pinned: Option<String> = None;
+    // Whether the hub has yet to hear the current state.
+    let mut owed = true;
     loop {
         if agent.check_reachable().is_err() {
             // Rebooting or simulated unreachable: nothing leaves the node.
             if changes.changed().await.is_err() {
                 return;
             }
+            owed = true;
             continue;
         }
-        changes.borrow_and_update();
+        let serving = link.certificate.as_ref().map(|c| c.fingerprint());
         let result = match agent.session().credential() {
-            None => register(&*agent, &link).await,
-            Some(credential) => send(&*agent, &link, &status_url, &credential).await,
+            None => register(&*agent, &link, &link.join_token, &serving).await,
+            // A renewed certificate: registered again, as the cluster, so that the hub
+            // pins it before it pushes again.
+            Some(credential) if serving.is_some() && serving != pinned => {
+                register(&*agent, &link, &credential, &serving).await
+            }
+            Some(credential) if owed => {
+                changes.borrow_and_update();
+                send(&*agent, &link, &status_url, &credential).await
+            }
+            Some(_) => {
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        owed = true;
+                    }
+                    _ = tokio::time::sleep(CERTIFICATE_CHECK), if link.certificate.is_some() => {}
+                }
+                continue;
+            }
         };
         match result {
-            Ok(registered) => {
+            Ok(Done::Registered) => {
                 backoff = BACKOFF_MIN;
-                if registered {
-                    // Registered just now: report the current state at once.
-                    continue;
-                }
+                pinned = serving;
+                // Registered just now: report the current state at once.
+                owed = true;
+            }
+            Ok(Done::Reported) => {
+                backoff = BACKOFF_MIN;
                 metrics.report("sent");
-                if changes.changed().await.is_err() {
-                    return;
-                }
+                owed = false;
             }
             Err(Failure::Away) => {}
             Err(Failure::Unauthorized) => {
@@ -121,8 +151,20 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
     }
 }
 
-/// Answers `Ok(true)` once registered.
-async fn register<S: Spoke>(agent: &S, link: &HubLink) -> Result<bool, Failure> {
+/// What a round with the hub achieved.
+enum Done {
+    Registered,
+    Reported,
+}
+
+/// Registers as `bearer` (the join token, or the cluster's credential to register a renewed
+/// certificate), with the certificate the API serves.
+async fn register<S: Spoke>(
+    agent: &S,
+    link: &HubLink,
+    bearer: &str,
+    certificate: &Option<String>,
+) -> Result<Done, Failure> {
     let url = format!(
         "{}/v1/clusters/register",
         link.hub_url.trim_end_matches('/')
@@ -132,11 +174,12 @@ async fn register<S: Spoke>(agent: &S, link: &HubLink) -> Result<bool, Failure> 
         endpoint: link.endpoint.clone(),
         labels: link.labels.clone(),
         agent_id: link.agent_id.clone(),
+        certificate_sha256: certificate.clone(),
     };
     let res = link
         .client
         .post(&url)
-        .bearer_auth(&link.join_token)
+        .bearer_auth(bearer)
         .json(&body)
         .send()
         .await
@@ -145,6 +188,10 @@ async fn register<S: Spoke>(agent: &S, link: &HubLink) -> Result<bool, Failure> 
         let code = res.status();
         let text = res.text().await.unwrap_or_default();
         tracing::warn!(cluster = %agent.name(), %code, %text, "registration refused");
+        if bearer != link.join_token && code == StatusCode::UNAUTHORIZED {
+            // The credential is no longer the cluster's: the join token next.
+            return Err(Failure::Unauthorized);
+        }
         return Err(Failure::Other(format!("registration answered {code}")));
     }
     let reg: RegisterResponse = res
@@ -152,8 +199,8 @@ async fn register<S: Spoke>(agent: &S, link: &HubLink) -> Result<bool, Failure> 
         .await
         .map_err(|e| Failure::Other(format!("registration answer: {e}")))?;
     agent.session().set_credential(reg.credential);
-    tracing::info!(cluster = %agent.name(), hub = %link.hub_url, "registered with the hub");
-    Ok(true)
+    tracing::info!(cluster = %agent.name(), hub = %link.hub_url, certificate = certificate.as_deref().unwrap_or(""), "registered with the hub");
+    Ok(Done::Registered)
 }
 
 async fn send<S: Spoke>(
@@ -161,7 +208,7 @@ async fn send<S: Spoke>(
     link: &HubLink,
     url: &Result<reqwest::Url, String>,
     credential: &str,
-) -> Result<bool, Failure> {
+) -> Result<Done, Failure> {
     let url = url.clone().map_err(Failure::Other)?;
     let Ok(ibu) = agent.ibu().await else {
         return Err(Failure::Away);
@@ -184,7 +231,7 @@ async fn send<S: Spoke>(
         .await
         .map_err(|e| Failure::Other(e.to_string()))?;
     match res.status() {
-        s if s.is_success() => Ok(false),
+        s if s.is_success() => Ok(Done::Reported),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Unauthorized),
         s => Err(Failure::Other(format!("report answered {s}"))),
     }

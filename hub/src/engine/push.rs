@@ -36,6 +36,10 @@ pub struct SpokeClient {
     /// Each cluster's endpoint and the IBU URL parsed from it: parsing it for every push was
     /// about 2 % of the hub's CPU at fleet scale. One entry per cluster pushed to.
     ibu_urls: Arc<Mutex<HashMap<String, (String, reqwest::Url)>>>,
+    /// The client of each spoke whose certificate is pinned, with the pin it trusts: a
+    /// TLS verifier sees only the host name, which simulated spokes and spokes behind one
+    /// address share, so each pin gets its own client (and connections).
+    pinned: Arc<Mutex<HashMap<String, (String, reqwest::Client)>>>,
 }
 
 impl SpokeClient {
@@ -47,7 +51,30 @@ impl SpokeClient {
                 .unwrap_or_default(),
             slots: Arc::new(Semaphore::new(PUSH_CONCURRENCY)),
             ibu_urls: Arc::new(Mutex::new(HashMap::new())),
+            pinned: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The client for a cluster: the shared one, or, when its certificate is pinned, one
+    /// that trusts that certificate only (made again when the pin changes).
+    pub fn client_for(&self, cluster: &str, pin: Option<&str>) -> Result<reqwest::Client, String> {
+        let Some(pin) = pin else {
+            locked(&self.pinned).remove(cluster);
+            return Ok(self.client.clone());
+        };
+        let mut pinned = locked(&self.pinned);
+        if let Some((known, client)) = pinned.get(cluster)
+            && known == pin
+        {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .timeout(PUSH_TIMEOUT)
+            .use_preconfigured_tls(fleet_server::tls::pinned_client(pin)?)
+            .build()
+            .map_err(|e| format!("a client for the pinned certificate: {e}"))?;
+        pinned.insert(cluster.to_string(), (pin.to_string(), client.clone()));
+        Ok(client)
     }
 
     /// `<endpoint>/v1/ibu` of the cluster, parsed again only when its endpoint changed.
@@ -73,8 +100,12 @@ impl SpokeClient {
         body: Bytes,
         configmaps: &[(String, String, BTreeMap<String, String>)],
     ) -> PushOutcome {
+        let client = match self.client_for(&push.cluster, target.certificate_sha256) {
+            Ok(c) => c,
+            Err(why) => return PushOutcome::Unreachable(why),
+        };
         let _slot = self.slots.acquire().await;
-        push_one(&self.client, target, push, body, configmaps).await
+        push_one(&client, target, push, body, configmaps).await
     }
 }
 
@@ -138,6 +169,20 @@ pub struct Target<'a> {
     pub ibu_url: reqwest::Url,
     pub credential: &'a str,
     pub request_id: &'a str,
+    /// The certificate the spoke registered, when pinned.
+    pub certificate_sha256: Option<&'a str>,
+}
+
+/// Why a request to a spoke got no answer. A certificate the hub does not trust (another
+/// than the one pinned) is said plainly, and loudly: someone may be posing as the spoke.
+fn unreachable(err: reqwest::Error) -> PushOutcome {
+    match fleet_server::tls::refusal(&err) {
+        Some(why) => {
+            tracing::warn!(%why, "the spoke's certificate is not trusted; nothing was pushed");
+            PushOutcome::Unreachable(why)
+        }
+        None => PushOutcome::Unreachable(err.to_string()),
+    }
 }
 
 async fn push_one(
@@ -152,6 +197,7 @@ async fn push_one(
         ibu_url,
         credential,
         request_id,
+        certificate_sha256: _,
     } = target;
     let base = endpoint.trim_end_matches('/');
     if push.action == fleet_types::Action::Prep {
@@ -172,7 +218,7 @@ async fn push_one(
                         r.status()
                     ));
                 }
-                Err(e) => return PushOutcome::Unreachable(e.to_string()),
+                Err(e) => return unreachable(e),
             }
         }
     }
@@ -197,7 +243,7 @@ async fn push_one(
             )
         }
         Ok(r) => PushOutcome::Unreachable(format!("spoke answered {}", r.status())),
-        Err(e) => PushOutcome::Unreachable(e.to_string()),
+        Err(e) => unreachable(e),
     }
 }
 
@@ -246,9 +292,11 @@ impl Engine {
             let Some(SpokeAccess {
                 endpoint,
                 credential,
+                certificate_sha256,
             }) = access.get(&push.cluster).map(|a| SpokeAccess {
                 endpoint: a.endpoint.clone(),
                 credential: a.credential.clone(),
+                certificate_sha256: a.certificate_sha256.clone(),
             })
             else {
                 let outcome = PushOutcome::Unreachable("cluster not registered".into());
@@ -287,6 +335,7 @@ impl Engine {
                         ibu_url,
                         credential: &credential,
                         request_id: &request_id,
+                        certificate_sha256: certificate_sha256.as_deref(),
                     };
                     let outcome = spokes.send(target, &push, body, &configmaps).await;
                     match &outcome {

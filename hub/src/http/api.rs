@@ -127,18 +127,25 @@ pub async fn register(
         Some(file) => Some(file.current()),
         None => state.join_token.clone(),
     };
-    if let Some(join) = join.as_deref() {
-        match bearer(&headers) {
-            Some(t) if fleet_types::http::tokens_match(t, join) => {}
-            _ => {
-                return Err(ApiError::new(
-                    Reason::Unauthorized,
-                    "registration needs the join token",
-                ));
-            }
-        }
+    let presented = bearer(&headers);
+    // The join token, or (a spoke registering its renewed certificate or a new endpoint)
+    // the cluster's own credential, which is checked once the name is known.
+    let joined = match (join.as_deref(), presented) {
+        (None, _) => true,
+        (Some(join), Some(t)) => fleet_types::http::tokens_match(t, join),
+        (Some(_), None) => false,
+    };
+    let needs_join = || ApiError::new(Reason::Unauthorized, "registration needs the join token");
+    if !joined && presented.is_none() {
+        return Err(needs_join());
     }
     let req: RegisterRequest = json_body(&body, "registration")?;
+    if !joined {
+        let credential = presented.unwrap_or_default();
+        if !store::cluster_credential_matches(&state.pool, &req.name, credential).await? {
+            return Err(needs_join());
+        }
+    }
     let mut problems = Vec::new();
     // A cluster's name is a DNS-1123 label, as a ManagedCluster's is.
     if let Err(why) = fleet_types::names::dns1123_label(&req.name) {
@@ -146,6 +153,19 @@ pub async fn register(
     }
     if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
         problems.push(("endpoint", "endpoint must be an http(s) URL".into()));
+    }
+    if let Some(pin) = &req.certificate_sha256 {
+        if !fleet_server::tls::is_fingerprint(pin) {
+            problems.push((
+                "certificateSha256",
+                "certificateSha256 must be the 64 lowercase hex digits of the certificate's SHA-256".into(),
+            ));
+        } else if !req.endpoint.starts_with("https://") {
+            problems.push((
+                "certificateSha256",
+                "certificateSha256 is for an https endpoint".into(),
+            ));
+        }
     }
     if !problems.is_empty() {
         return Err(ApiError::from(Status::invalid(

@@ -273,7 +273,9 @@ pub fn document() -> Value {
             operation["description"] = Value::String(
                 match o.auth {
                     Auth::Admin => "Bearer: the admin token.",
-                    Auth::Join => "Bearer: the join token.",
+                    Auth::Join => {
+                        "Bearer: the join token, or the credential already issued to this cluster (to register a renewed certificate or a new endpoint)."
+                    }
                     Auth::ClusterCredential => "Bearer: the credential issued to this cluster.",
                     Auth::Open => "",
                 }

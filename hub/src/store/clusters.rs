@@ -9,6 +9,9 @@ pub struct ClusterRecord {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub endpoint: String,
+    /// The serving certificate the hub accepts from this spoke, when it pinned one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
     pub last_seen: Option<DateTime<Utc>>,
     pub ibu: Option<ImageBasedUpgrade>,
 }
@@ -24,10 +27,11 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     let fresh = uuid::Uuid::new_v4().simple().to_string();
     let labels = serde_json::to_value(&req.labels).map_err(|e| Error::internal("encoding", e))?;
     let nonce: String = sqlx::query_scalar(
-        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, 0, now())
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen, certificate_sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, now(), $7)
          ON CONFLICT (name) DO UPDATE SET
            labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
+           certificate_sha256 = EXCLUDED.certificate_sha256,
            credential_hash = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
              THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
            credential_nonce = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
@@ -43,6 +47,7 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     .bind(hash(&derive(&key, &req.name, &fresh)))
     .bind(&fresh)
     .bind(&req.agent_id)
+    .bind(&req.certificate_sha256)
     .fetch_one(pool)
     .await
     ?;
@@ -57,6 +62,7 @@ struct ClusterColumns {
     name: String,
     labels: Value,
     endpoint: String,
+    certificate_sha256: Option<String>,
     last_seen: Option<DateTime<Utc>>,
     last_report: Option<Value>,
 }
@@ -67,6 +73,7 @@ pub(super) fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecor
         name: c.name,
         labels: serde_json::from_value(c.labels).unwrap_or_default(),
         endpoint: c.endpoint,
+        certificate_sha256: c.certificate_sha256,
         last_seen: c.last_seen,
         ibu: c.last_report.and_then(|v| serde_json::from_value(v).ok()),
     })
@@ -74,9 +81,11 @@ pub(super) fn cluster_from_row(r: &sqlx::postgres::PgRow) -> Result<ClusterRecor
 
 /// Every cluster, in natural name order (`spoke2` before `spoke10`).
 pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
-    let rows = sqlx::query("SELECT name, labels, endpoint, last_seen, last_report FROM clusters")
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT name, labels, endpoint, certificate_sha256, last_seen, last_report FROM clusters",
+    )
+    .fetch_all(pool)
+    .await?;
     let mut list = rows
         .iter()
         .map(cluster_from_row)
@@ -87,7 +96,7 @@ pub async fn cluster_list(pool: &PgPool) -> Result<Vec<ClusterRecord>, Error> {
 
 pub async fn cluster_fetch(pool: &PgPool, name: &str) -> Result<Option<ClusterRecord>, Error> {
     let row = sqlx::query(
-        "SELECT name, labels, endpoint, last_seen, last_report FROM clusters WHERE name = $1",
+        "SELECT name, labels, endpoint, certificate_sha256, last_seen, last_report FROM clusters WHERE name = $1",
     )
     .bind(name)
     .fetch_optional(pool)
@@ -167,6 +176,8 @@ pub async fn cluster_delete(pool: &PgPool, name: &str) -> Result<ClusterDeleted,
 pub struct SpokeAccess {
     pub endpoint: String,
     pub credential: String,
+    /// The certificate the spoke registered, when it serves TLS.
+    pub certificate_sha256: Option<String>,
 }
 
 pub async fn cluster_access(
@@ -174,21 +185,22 @@ pub async fn cluster_access(
     names: &[String],
 ) -> Result<HashMap<String, SpokeAccess>, Error> {
     let key = hub_key(pool).await?;
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT name, endpoint, credential_nonce FROM clusters WHERE name = ANY($1)",
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT name, endpoint, credential_nonce, certificate_sha256 FROM clusters WHERE name = ANY($1)",
     )
     .bind(names)
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, endpoint, nonce)| {
+        .map(|(name, endpoint, nonce, certificate_sha256)| {
             let credential = derive(&key, &name, &nonce);
             (
                 name,
                 SpokeAccess {
                     endpoint,
                     credential,
+                    certificate_sha256,
                 },
             )
         })

@@ -228,6 +228,7 @@ async fn start_fleet_holding(
             labels: BTreeMap::from([("name".to_string(), name.to_string())]),
             agent_id: uuid_like(name),
             client: HubLink::client(),
+            certificate: None,
         };
         let agent = spoke_sim::start_agent(
             name.to_string(),

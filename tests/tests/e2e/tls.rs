@@ -290,3 +290,202 @@ async fn the_agent_talks_only_to_a_hub_its_ca_file_trusts() {
         )]
     );
 }
+
+/// The lowercase hex SHA-256 of a fixture certificate, as the hub pins it.
+fn pin(name: &str) -> String {
+    fleet_server::tls::fingerprint(&der(name))
+}
+
+/// The pinned certificate of each registered cluster.
+async fn pins(client: &reqwest::Client, hub_url: &str) -> Option<Vec<(String, String)>> {
+    let list: serde_json::Value = client
+        .get(format!("{hub_url}/v1/clusters"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(
+        list["items"]
+            .as_array()?
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or_default().to_string(),
+                    c["certificateSha256"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn a_rollout_with_tls_on_every_hop_pushes_only_to_the_registered_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_hub, hub_port, _db) = tls_hub(dir.path()).await;
+    let hub_url = format!("https://127.0.0.1:{hub_port}");
+    let fleet_dir = dir.path().join("fleet-tls");
+    std::fs::create_dir_all(&fleet_dir).unwrap();
+    install(&fleet_dir, "server");
+    let fleet_port = free_port();
+    let log = ChildLog::new(dir.path(), "sim-fleet");
+    let _fleet = ChildGuard(
+        Command::new(binary("spoke-agent"))
+            .args(["sim-fleet", "--count", "2", "--prefix", "edge"])
+            .args(["--listen", &format!("127.0.0.1:{fleet_port}")])
+            .arg("--state-dir")
+            .arg(dir.path().join("fleet-state"))
+            .args(["--hub-url", &hub_url, "--join-token", "j0in"])
+            .arg("--hub-ca-file")
+            .arg(fixture("ca.crt"))
+            .arg("--tls-cert-file")
+            .arg(fleet_dir.join("tls.crt"))
+            .arg("--tls-private-key-file")
+            .arg(fleet_dir.join("tls.key"))
+            .args([
+                "--label",
+                "site=tls",
+                "--sim-step-ms",
+                "10",
+                "--sim-reboot-ms",
+                "50",
+            ])
+            .env_remove("SPOKE_HUB_URL")
+            .stdout(Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap(),
+    );
+    let admin = client("ca.crt");
+    let pinned_to = |cert: &'static str| {
+        let (admin, hub_url) = (admin.clone(), hub_url.clone());
+        move || {
+            let (admin, hub_url) = (admin.clone(), hub_url.clone());
+            async move {
+                let want = pin(cert);
+                let mut pins = pins(&admin, &hub_url).await?;
+                pins.retain(|(name, _)| name.starts_with("edge"));
+                (pins.len() == 2 && pins.iter().all(|(_, p)| *p == want)).then_some(pins)
+            }
+        }
+    };
+    let pins_now = wait_for(
+        "both spokes registered with their certificate",
+        Duration::from_secs(30),
+        pinned_to("server.crt"),
+    )
+    .await;
+    assert_eq!(
+        pins_now.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["edge1", "edge2"]
+    );
+
+    // Someone registers edge1's address under another name with another certificate: the
+    // hub will not push there, since the address presents a certificate it did not pin.
+    let register = admin
+        .post(format!("{hub_url}/v1/clusters/register"))
+        .bearer_auth("j0in")
+        .json(&serde_json::json!({
+            "name": "impostor",
+            "endpoint": format!("https://127.0.0.1:{fleet_port}/clusters/edge1"),
+            "labels": {"site": "elsewhere"},
+            "certificateSha256": pin("renewed.crt"),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(register.status(), 200, "{}", register.text().await.unwrap());
+    let rollout = |name: &str, site: &str| {
+        serde_json::json!({
+            "apiVersion": "lcm.openshift.io/v1alpha1",
+            "kind": "ImageBasedGroupUpgrade",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "clusterLabelSelectors": [{"matchLabels": {"site": site}}],
+                "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+                "plan": [{"actions": ["Prep", "Upgrade", "FinalizeUpgrade"],
+                          "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30}}]
+            }
+        })
+    };
+    let create = |body: serde_json::Value| {
+        let (admin, hub_url) = (admin.clone(), hub_url.clone());
+        async move {
+            let res = admin
+                .post(format!("{hub_url}/v1/rollouts"))
+                .bearer_auth("s3cret")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+        }
+    };
+    create(rollout("impostor", "elsewhere")).await;
+    let refused = format!(
+        "the spoke presented certificate sha256:{}, not the one it registered (sha256:{})",
+        pin("server.crt"),
+        pin("renewed.crt")
+    );
+    wait_for("the push refused", Duration::from_secs(30), || async {
+        let log = std::fs::read_to_string(dir.path().join("fleet-hub.log")).unwrap_or_default();
+        log.contains(&refused).then_some(())
+    })
+    .await;
+
+    // cert-manager renews the spokes' certificate: each registers it, as itself, before
+    // the hub pushes to it again.
+    install(&fleet_dir, "renewed");
+    wait_for(
+        "both spokes registered their renewed certificate",
+        Duration::from_secs(30),
+        pinned_to("renewed.crt"),
+    )
+    .await;
+    create(rollout("tls", "tls")).await;
+    let url = format!("{hub_url}/v1/rollouts/default/tls");
+    wait_for(
+        "the rollout over TLS to complete",
+        Duration::from_secs(60),
+        || async {
+            let g: serde_json::Value = admin
+                .get(&url)
+                .bearer_auth("s3cret")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (g["status"]["conditions"][0]["reason"] == "Completed").then_some(())
+        },
+    )
+    .await;
+    // Metrics are served over TLS too.
+    for (url, series) in [
+        (
+            format!("{hub_url}/metrics"),
+            "fleet_hub_action_duration_seconds_count{action=\"FinalizeUpgrade\",result=\"completed\"} 2",
+        ),
+        (
+            format!("https://127.0.0.1:{fleet_port}/metrics"),
+            "spoke_reports_total{result=\"sent\"}",
+        ),
+    ] {
+        let text = admin
+            .get(&url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains(series), "{url} lacks {series}:\n{text}");
+    }
+}
