@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ibu::ImageBasedUpgrade;
 
-/// `POST /v1/clusters/register`, authenticated with the join token.
+/// `POST /v1/clusters/register`, authenticated with the join token (or the cluster's
+/// credential, to register a renewed certificate or a new endpoint).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
@@ -34,6 +35,10 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub name: String,
     pub credential: String,
+    /// When the hub stops accepting the credential (`--cluster-credential-ttl` after it was
+    /// issued); the agent renews it at two thirds of its life. Absent: it does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// `POST /v1/clusters/{name}/status`: the agent's IBU after a change. The hub ignores a

@@ -93,12 +93,27 @@ pub struct ServeArgs {
     /// The join token in a file, read again when it changes (replace it without a restart).
     #[arg(long, env = "FLEET_HUB_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
     pub join_token_file: Option<PathBuf>,
+    /// How long a cluster credential issued at registration is valid (`30d`, `12h`, `90m`);
+    /// agents renew theirs at two thirds of it.
+    #[arg(long, env = "FLEET_HUB_CLUSTER_CREDENTIAL_TTL", default_value = "30d", value_parser = parse_ttl)]
+    pub cluster_credential_ttl: chrono::Duration,
     /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster
     /// (the in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "FLEET_HUB_KUBE")]
     pub kube: bool,
     #[command(flatten)]
     pub kube_options: KubeArgs,
+}
+
+/// A duration as humantime writes it (`30d`, `12h 30m`), of a minute at least: an agent
+/// renews at two thirds of it, and must reach the hub before then.
+pub fn parse_ttl(text: &str) -> Result<chrono::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let d = chrono::Duration::from_std(d).map_err(|e| format!("{text:?}: {e}"))?;
+    if d < chrono::Duration::minutes(1) {
+        return Err(format!("{text:?} is shorter than a minute"));
+    }
+    Ok(d)
 }
 
 /// Kubernetes mode (with --kube).
@@ -149,4 +164,24 @@ pub struct DemoArgs {
     /// the API and the dashboards).
     #[arg(long)]
     pub stay: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_lifetimes_are_read_as_humans_write_them() {
+        assert_eq!(parse_ttl("30d"), Ok(chrono::Duration::days(30)));
+        assert_eq!(
+            parse_ttl("12h 30m"),
+            Ok(chrono::Duration::minutes(12 * 60 + 30))
+        );
+        assert_eq!(
+            parse_ttl("59s"),
+            Err("\"59s\" is shorter than a minute".to_string())
+        );
+        let bad = parse_ttl("thirty days").unwrap_err();
+        assert!(bad.starts_with("\"thirty days\": "), "{bad}");
+    }
 }

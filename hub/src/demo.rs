@@ -145,6 +145,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         viewer_tokens: Vec::new(),
         join_token: Some(join_token.clone()),
         join_token_file: None,
+        credential_ttl: crate::http::CREDENTIAL_TTL,
     };
     let listener = match listen {
         Some(listen) => TcpListener::bind(listen).await.map_err(|source| {

@@ -24,6 +24,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         viewer_token_file,
         join_token,
         join_token_file,
+        cluster_credential_ttl,
         kube,
         kube_options:
             KubeArgs {
@@ -124,6 +125,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         viewer_tokens,
         join_token,
         join_token_file,
+        credential_ttl: cluster_credential_ttl,
     };
     let listener = bind(listen)
         .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;

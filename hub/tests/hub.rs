@@ -641,6 +641,114 @@ async fn registration_pins_the_certificate_and_takes_the_cluster_credential() {
     assert_eq!(pinned("sno1").await, renewed);
 }
 
+/// A clock the test moves.
+struct TestClock(std::sync::Mutex<chrono::DateTime<chrono::Utc>>);
+
+impl fleet_types::clock::Clock for TestClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A cluster credential lasts `--cluster-credential-ttl`: refused once expired (the agent
+/// registers again with the join token and gets a new one, though the same run), and traded
+/// for a new one by renewal, after which the old one is refused and reports go on.
+#[tokio::test]
+async fn credentials_expire_and_renewal_replaces_them() {
+    let db = migrated().await;
+    let start = chrono::DateTime::parse_from_rfc3339("2026-12-05T10:00:00Z")
+        .unwrap()
+        .to_utc();
+    let clock = Arc::new(TestClock(std::sync::Mutex::new(start)));
+    let mut state = AppState::test(db.pool.clone()).with_tokens("admin", "join");
+    state.engine = hub::engine::Engine::new(db.pool.clone(), clock.clone(), state.metrics.clone());
+    state.credential_ttl = chrono::Duration::hours(3);
+    let app = router(state);
+    let reg =
+        serde_json::json!({"name": "sno1", "endpoint": "http://127.0.0.1:1", "agentId": "run-1"});
+    let (code, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg.clone(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["expiresAt"], "2026-12-05T13:00:00Z");
+    let first = body["credential"].as_str().unwrap().to_string();
+    let report = |credential: &str, seq: u64| {
+        let (app, credential) = (app.clone(), credential.to_string());
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/clusters/sno1/status",
+                Some(&credential),
+                status_report(seq, "Idle"),
+            )
+            .await
+        }
+    };
+    let renew = |credential: &str| {
+        let (app, credential) = (app.clone(), credential.to_string());
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/clusters/sno1/credential",
+                Some(&credential),
+                serde_json::Value::Null,
+            )
+            .await
+        }
+    };
+    assert_eq!(report(&first, 1).await.0, StatusCode::OK);
+
+    // Two hours on (two thirds of three): renewed, valid three hours from now.
+    *clock.0.lock().unwrap() = start + chrono::Duration::hours(2);
+    let (code, body) = renew(&first).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["expiresAt"], "2026-12-05T15:00:00Z");
+    let second = body["credential"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    let (code, body) = report(&first, 2).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "the old one is gone: {body}");
+    let (code, body) = report(&second, 2).await;
+    assert_eq!(
+        (code, &body["accepted"]),
+        (StatusCode::OK, &serde_json::json!(true)),
+        "the sequence goes on: {body}"
+    );
+    assert_eq!(renew(&first).await.0, StatusCode::FORBIDDEN);
+
+    // Past its expiry: refused, saying so; registering with it too.
+    *clock.0.lock().unwrap() = start + chrono::Duration::hours(5);
+    let (code, body) = report(&second, 3).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        body["message"],
+        "the credential of cluster sno1 expired at 2026-12-05T15:00:00Z; register again"
+    );
+    assert_eq!(renew(&second).await.0, StatusCode::UNAUTHORIZED);
+    let (code, _) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some(&second),
+        reg.clone(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    // The same run registering with the join token gets a new credential, not the expired one.
+    let (code, body) = call(&app, "POST", "/v1/clusters/register", Some("join"), reg).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let third = body["credential"].as_str().unwrap().to_string();
+    assert_ne!(third, second);
+    assert_eq!(body["expiresAt"], "2026-12-05T18:00:00Z");
+    assert_eq!(report(&third, 1).await.0, StatusCode::OK);
+}
+
 /// A report is stored as the spoke wrote it, not written out again (fields this hub does not
 /// know, a newer agent's, are kept in the row), and a cluster's row is not compressed on
 /// every report. One whose text could not be read back (a lone surrogate escape in such a

@@ -21,6 +21,33 @@ struct TestHub {
     down: AtomicBool,
     registrations: Mutex<Vec<(String, RegisterRequest)>>,
     reports: Mutex<Vec<(String, String, StatusReport)>>,
+    /// How long the credentials it issues are valid (forever when not set).
+    credential_life: Mutex<Option<chrono::Duration>>,
+    /// The credential each renewal was asked with.
+    renewals: Mutex<Vec<String>>,
+}
+
+impl TestHub {
+    fn expiry(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.credential_life
+            .lock()
+            .unwrap()
+            .map(|life| chrono::Utc::now() + life)
+    }
+}
+
+async fn renew(
+    State(hub): State<Arc<TestHub>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Json<RegisterResponse> {
+    let mut renewals = hub.renewals.lock().unwrap();
+    renewals.push(bearer(&headers));
+    Json(RegisterResponse {
+        name,
+        credential: format!("cred-{}", renewals.len() + 1),
+        expires_at: hub.expiry(),
+    })
 }
 
 fn bearer(h: &HeaderMap) -> String {
@@ -47,6 +74,7 @@ async fn register(
     Ok(Json(RegisterResponse {
         name,
         credential: "cred-1".into(),
+        expires_at: hub.expiry(),
     }))
 }
 
@@ -95,6 +123,7 @@ async fn start_test_hub(hub: Arc<TestHub>) -> String {
     let app = Router::new()
         .route("/v1/clusters/register", post(register))
         .route("/v1/clusters/{name}/status", post(status))
+        .route("/v1/clusters/{name}/credential", post(renew))
         .with_state(hub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hub_url = format!("http://{}", listener.local_addr().unwrap());
@@ -114,6 +143,69 @@ async fn start_agent(
         .unwrap();
     tokio::spawn(agent.clone().run());
     agent
+}
+
+/// A credential that expires is renewed at two thirds of its life, with itself; reports go
+/// on with the new one, and the local API takes the old one a while longer (a push the hub
+/// decided before the renewal).
+#[tokio::test]
+async fn the_credential_is_renewed_at_two_thirds_of_its_life() {
+    let hub = Arc::new(TestHub::default());
+    *hub.credential_life.lock().unwrap() = Some(chrono::Duration::seconds(3));
+    let hub_url = start_test_hub(hub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
+    let link = HubLink {
+        hub_url,
+        join_token: "join-me".into(),
+        endpoint: "http://127.0.0.1:1/".into(),
+        labels: BTreeMap::new(),
+        agent_id: "run-1".into(),
+        client: HubLink::client(),
+        certificate: None,
+    };
+    let registered = Instant::now();
+    tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
+    wait_until("the first renewal", || async {
+        !hub.renewals.lock().unwrap().is_empty()
+    })
+    .await;
+    let after = registered.elapsed();
+    assert!(
+        after >= Duration::from_millis(1500),
+        "renewed after {after:?}, not before two thirds of 3 s"
+    );
+    assert_eq!(hub.renewals.lock().unwrap()[0], "cred-1");
+    assert_eq!(agent.session().credential().as_deref(), Some("cred-2"));
+    assert_eq!(
+        agent.session().accepted_credentials(),
+        ["cred-2", "cred-1"],
+        "the replaced one, a while longer"
+    );
+    agent
+        .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await
+        .unwrap();
+    wait_until("a report with the renewed credential", || async {
+        hub.reports
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|r| r.1 != "cred-1")
+    })
+    .await;
+    // And again, with the new one, two thirds of the new life later.
+    wait_until("the second renewal", || async {
+        hub.renewals.lock().unwrap().len() >= 2
+    })
+    .await;
+    assert_eq!(hub.renewals.lock().unwrap()[1], "cred-2");
+    assert_eq!(
+        hub.registrations.lock().unwrap().len(),
+        1,
+        "no registration since"
+    );
 }
 
 #[tokio::test]

@@ -100,20 +100,20 @@ impl<S: Spoke> FromRequestParts<Shared<S>> for Authed<S> {
         authorize(
             &parts.headers,
             state.api_token.as_deref(),
-            agent.session().credential().as_deref(),
+            &agent.session().accepted_credentials(),
         )?;
         Ok(Authed { agent, params })
     }
 }
 
-/// Accepts the API token and the credential the hub got for this cluster. With neither
+/// Accepts the API token and the credentials the hub got for this cluster. With neither
 /// configured the API is open (a lab agent on loopback).
 fn authorize(
     headers: &HeaderMap,
     api_token: Option<&str>,
-    credential: Option<&str>,
+    credentials: &[String],
 ) -> Result<(), ApiError> {
-    if api_token.is_none() && credential.is_none() {
+    if api_token.is_none() && credentials.is_empty() {
         return Ok(());
     }
     let presented = fleet_types::http::bearer(
@@ -122,9 +122,9 @@ fn authorize(
             .and_then(|v| v.to_str().ok()),
     )
     .ok_or_else(|| ApiError::new(Reason::Unauthorized, "missing bearer token"))?;
-    let ok = [api_token, credential]
+    let ok = api_token
         .into_iter()
-        .flatten()
+        .chain(credentials.iter().map(String::as_str))
         .any(|t| fleet_types::http::tokens_match(t, presented));
     if ok {
         Ok(())

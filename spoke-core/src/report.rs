@@ -85,6 +85,8 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
     let mut backoff = BACKOFF_MIN;
     // The certificate the hub pinned at the last registration.
     let mut pinned: Option<String> = None;
+    // When to trade the credential for a new one: at two thirds of its life.
+    let mut renew_at: Option<tokio::time::Instant> = None;
     // Whether the hub has yet to hear the current state.
     let mut owed = true;
     loop {
@@ -104,6 +106,9 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
             Some(credential) if serving.is_some() && serving != pinned => {
                 register(&*agent, &link, &credential, &serving).await
             }
+            Some(credential) if renew_at.is_some_and(|t| tokio::time::Instant::now() >= t) => {
+                renew(&*agent, &link, &credential).await
+            }
             Some(credential) if owed => {
                 changes.borrow_and_update();
                 send(&*agent, &link, &status_url, &credential).await
@@ -117,16 +122,22 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
                         owed = true;
                     }
                     _ = tokio::time::sleep(CERTIFICATE_CHECK), if link.certificate.is_some() => {}
+                    _ = sleep_until(renew_at), if renew_at.is_some() => {}
                 }
                 continue;
             }
         };
         match result {
-            Ok(Done::Registered) => {
+            Ok(Done::Registered(expires_at)) => {
                 backoff = BACKOFF_MIN;
                 pinned = serving;
+                renew_at = renewal_time(expires_at);
                 // Registered just now: report the current state at once.
                 owed = true;
+            }
+            Ok(Done::Renewed(expires_at)) => {
+                backoff = BACKOFF_MIN;
+                renew_at = renewal_time(expires_at);
             }
             Ok(Done::Reported) => {
                 backoff = BACKOFF_MIN;
@@ -153,8 +164,54 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
 
 /// What a round with the hub achieved.
 enum Done {
-    Registered,
+    /// Registered; the credential expires then.
+    Registered(Option<chrono::DateTime<chrono::Utc>>),
+    /// The credential was traded for one that expires then.
+    Renewed(Option<chrono::DateTime<chrono::Utc>>),
     Reported,
+}
+
+/// When to renew a credential that expires at `expires_at`: two thirds of the way from now.
+fn renewal_time(expires_at: Option<chrono::DateTime<chrono::Utc>>) -> Option<tokio::time::Instant> {
+    let left = (expires_at? - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    Some(tokio::time::Instant::now() + left * 2 / 3)
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Trades the credential for a new one; the hub refuses the old one from then on.
+async fn renew<S: Spoke>(agent: &S, link: &HubLink, credential: &str) -> Result<Done, Failure> {
+    let url = format!(
+        "{}/v1/clusters/{}/credential",
+        link.hub_url.trim_end_matches('/'),
+        agent.name()
+    );
+    let res = link
+        .client
+        .post(&url)
+        .bearer_auth(credential)
+        .send()
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    match res.status() {
+        s if s.is_success() => {}
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(Failure::Unauthorized),
+        s => return Err(Failure::Other(format!("credential renewal answered {s}"))),
+    }
+    let renewed: RegisterResponse = res
+        .json()
+        .await
+        .map_err(|e| Failure::Other(format!("credential renewal answer: {e}")))?;
+    agent.session().renew_credential(renewed.credential);
+    tracing::info!(cluster = %agent.name(), expires_at = ?renewed.expires_at, "credential renewed");
+    Ok(Done::Renewed(renewed.expires_at))
 }
 
 /// Registers as `bearer` (the join token, or the cluster's credential to register a renewed
@@ -200,7 +257,7 @@ async fn register<S: Spoke>(
         .map_err(|e| Failure::Other(format!("registration answer: {e}")))?;
     agent.session().set_credential(reg.credential);
     tracing::info!(cluster = %agent.name(), hub = %link.hub_url, certificate = certificate.as_deref().unwrap_or(""), "registered with the hub");
-    Ok(Done::Registered)
+    Ok(Done::Registered(reg.expires_at))
 }
 
 async fn send<S: Spoke>(

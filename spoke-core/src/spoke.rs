@@ -47,11 +47,18 @@ pub trait Spoke: Send + Sync + 'static {
     fn gather(&self) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, Error>> + Send;
 }
 
+/// How long the local API still accepts a credential after the hub renewed it: longer than
+/// a push takes (10 s at most), so no push decided before the renewal is refused.
+pub const PREVIOUS_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The agent's side of its link with the hub: the credential the hub issued (also accepted
 /// on the local API), the sequence of its reports, and the signal that something changed
 /// the hub should hear of.
 pub struct HubSession {
     credential: RwLock<Option<String>>,
+    /// The credential a renewal replaced, and when: the hub may still push with it for a
+    /// moment (a round that read it before the renewal).
+    previous: RwLock<Option<(String, std::time::Instant)>>,
     seq: AtomicU64,
     changes: watch::Sender<u64>,
 }
@@ -60,6 +67,7 @@ impl Default for HubSession {
     fn default() -> Self {
         HubSession {
             credential: RwLock::new(None),
+            previous: RwLock::new(None),
             seq: AtomicU64::new(0),
             changes: watch::channel(0).0,
         }
@@ -80,6 +88,31 @@ impl HubSession {
 
     pub fn clear_credential(&self) {
         *self.credential.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.previous.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The hub renewed the credential: the new one from now on, the old one still accepted
+    /// from the hub for `PREVIOUS_GRACE`.
+    pub fn renew_credential(&self, credential: String) {
+        let old = self
+            .credential
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(credential);
+        *self.previous.write().unwrap_or_else(|p| p.into_inner()) =
+            old.map(|c| (c, std::time::Instant::now()));
+    }
+
+    /// The credentials the local API accepts from the hub: the current one, and the one a
+    /// renewal replaced less than `PREVIOUS_GRACE` ago.
+    pub fn accepted_credentials(&self) -> Vec<String> {
+        let mut accepted: Vec<String> = self.credential().into_iter().collect();
+        if let Some((old, since)) = &*self.previous.read().unwrap_or_else(|p| p.into_inner())
+            && since.elapsed() < PREVIOUS_GRACE
+        {
+            accepted.push(old.clone());
+        }
+        accepted
     }
 
     /// The next report sequence number.

@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use fleet_types::ibgu::ImageBasedGroupUpgrade;
 use fleet_types::ibu::ConfigMapRef;
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
+
+use crate::store::CredentialCheck;
 use fleet_types::{Reason, Status};
 use serde::Deserialize;
 use serde_json::Value;
@@ -140,9 +142,11 @@ pub async fn register(
         return Err(needs_join());
     }
     let req: RegisterRequest = json_body(&body, "registration")?;
+    let now = state.engine.clock.now();
     if !joined {
         let credential = presented.unwrap_or_default();
-        if !store::cluster_credential_matches(&state.pool, &req.name, credential).await? {
+        let check = store::cluster_credential_check(&state.pool, &req.name, credential, now);
+        if check.await? != CredentialCheck::Valid {
             return Err(needs_join());
         }
     }
@@ -178,11 +182,62 @@ pub async fn register(
                 .collect(),
         )));
     }
-    let credential = store::cluster_register(&state.pool, &req).await?;
+    let issued = store::cluster_register(&state.pool, &req, now, state.credential_ttl).await?;
     tracing::info!(cluster = %req.name, endpoint = %req.endpoint, "spoke registered");
     Ok(Json(RegisterResponse {
         name: req.name,
-        credential,
+        credential: issued.credential,
+        expires_at: issued.expires_at,
+    }))
+}
+
+/// Refuses a credential that is not valid for the cluster: an expired one with 401 (the
+/// agent registers again), another cluster's or an unknown one with 403.
+async fn check_credential(state: &AppState, name: &str, credential: &str) -> Result<(), ApiError> {
+    let now = state.engine.clock.now();
+    match store::cluster_credential_check(&state.pool, name, credential, now).await? {
+        CredentialCheck::Valid => Ok(()),
+        CredentialCheck::Expired(at) => Err(ApiError::new(
+            Reason::Unauthorized,
+            format!(
+                "the credential of cluster {name} expired at {}; register again",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        )),
+        CredentialCheck::Unknown => Err(ApiError::new(
+            Reason::Forbidden,
+            format!("this credential may not report for cluster {name}"),
+        )),
+    }
+}
+
+/// `POST /v1/clusters/{name}/credential`: the agent trades its valid credential for a new
+/// one (at two thirds of its life); the old one is refused from then on.
+pub async fn renew_credential(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    let Some(credential) = bearer(&headers) else {
+        return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
+    };
+    check_credential(&state, &name, credential).await?;
+    let now = state.engine.clock.now();
+    let renewed =
+        store::cluster_renew_credential(&state.pool, &name, credential, now, state.credential_ttl)
+            .await?;
+    // Checked above; replaced meanwhile (a concurrent renewal or registration): refused.
+    let issued = renewed.ok_or_else(|| {
+        ApiError::new(
+            Reason::Forbidden,
+            format!("this credential may not renew cluster {name}'s"),
+        )
+    })?;
+    tracing::info!(cluster = %name, expires_at = ?issued.expires_at, "credential renewed");
+    Ok(Json(RegisterResponse {
+        name,
+        credential: issued.credential,
+        expires_at: issued.expires_at,
     }))
 }
 
@@ -197,15 +252,11 @@ pub async fn report(
         counted("rejected");
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };
-    // Who sends it first: a caller without this cluster's credential costs no parsing and
-    // learns nothing of what a report must hold.
-    if !store::cluster_credential_matches(&state.pool, &name, credential).await? {
-        counted("rejected");
-        return Err(ApiError::new(
-            Reason::Forbidden,
-            format!("this credential may not report for cluster {name}"),
-        ));
-    }
+    // Who sends it first: a caller without this cluster's valid credential costs no parsing
+    // and learns nothing of what a report must hold.
+    check_credential(&state, &name, credential)
+        .await
+        .inspect_err(|_| counted("rejected"))?;
     let report: StatusReport =
         json_body(&body, "status report").inspect_err(|_| counted("rejected"))?;
     let text = report_text(&body, &report).inspect_err(|_| counted("rejected"))?;

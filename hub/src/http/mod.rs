@@ -46,7 +46,12 @@ pub struct AppState {
     /// `--join-token-file`: the join token, read again when the file changes (it replaces
     /// `join_token`).
     pub join_token_file: Option<Arc<TokenFile>>,
+    /// How long a cluster credential is valid after it is issued.
+    pub credential_ttl: chrono::Duration,
 }
+
+/// The default of `--cluster-credential-ttl`.
+pub const CREDENTIAL_TTL: chrono::Duration = chrono::Duration::days(30);
 
 /// A token kept in a file (a mounted Secret), read again when the file changes, so that it
 /// can be replaced without a restart. A change that cannot be read keeps the token in use.
@@ -117,6 +122,7 @@ impl AppState {
             viewer_tokens: Vec::new(),
             join_token: None,
             join_token_file: None,
+            credential_ttl: CREDENTIAL_TTL,
         }
     }
 
@@ -140,6 +146,10 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route("/v1/clusters/register", post(api::register))
         .route("/v1/clusters/{name}/status", post(api::report))
+        .route(
+            "/v1/clusters/{name}/credential",
+            post(api::renew_credential),
+        )
         .route("/v1/clusters", get(api::cluster_list))
         .route(
             "/v1/clusters/{name}",

@@ -84,6 +84,14 @@ pub const OPERATIONS: &[Operation] = &[
         (200, Body::Any),
     ),
     op(
+        "post",
+        "/v1/clusters/{name}/credential",
+        "Trade the cluster's valid credential for a new one; the old one is refused from then on",
+        Auth::ClusterCredential,
+        Body::None,
+        (200, Body::Registered),
+    ),
+    op(
         "get",
         "/v1/clusters",
         "List clusters, optionally by labelSelector",

@@ -16,31 +16,45 @@ pub struct ClusterRecord {
     pub ibu: Option<ImageBasedUpgrade>,
 }
 
+/// A credential the hub issued: what the agent presents, and until when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Issued {
+    pub credential: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
 /// Registers (or re-registers) a spoke: announced labels are merged over the stored ones
 /// (the hub's own `lcm.openshift.io/ibgu-*` labels stay). A new run of the agent (a new
-/// agent id) gets a new credential and restarts the report sequence; the same run
-/// registering again gets the same credential and keeps its sequence, so a registration
-/// that reaches the hub late (its answer lost to a client timeout, the retry already served)
-/// cannot replace the credential the agent holds. Answers the credential.
-pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<String, Error> {
+/// agent id) gets a new credential, valid for `ttl` from `now`, and restarts the report
+/// sequence; the same run registering again gets the same credential (while it has not
+/// expired) and keeps its sequence, so a registration that reaches the hub late (its answer
+/// lost to a client timeout, the retry already served) cannot replace the credential the
+/// agent holds.
+pub async fn cluster_register(
+    pool: &PgPool,
+    req: &RegisterRequest,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> Result<Issued, Error> {
     let key = hub_key(pool).await?;
     let fresh = uuid::Uuid::new_v4().simple().to_string();
     let labels = serde_json::to_value(&req.labels).map_err(|e| Error::internal("encoding", e))?;
-    let nonce: String = sqlx::query_scalar(
-        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen, certificate_sha256)
-         VALUES ($1, $2, $3, $4, $5, $6, 0, now(), $7)
+    // The same run, holding a credential still valid: it keeps it.
+    const SAME: &str = "clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
+             AND (clusters.credential_expires_at IS NULL OR clusters.credential_expires_at > $9)";
+    let (nonce, expires_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen, certificate_sha256, credential_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, now(), $7, $8)
          ON CONFLICT (name) DO UPDATE SET
            labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
            certificate_sha256 = EXCLUDED.certificate_sha256,
-           credential_hash = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
-             THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
-           credential_nonce = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
-             THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
-           last_report_seq = CASE WHEN clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
-             THEN clusters.last_report_seq ELSE 0 END,
+           credential_hash = CASE WHEN {SAME} THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
+           credential_nonce = CASE WHEN {SAME} THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
+           credential_expires_at = CASE WHEN {SAME} THEN clusters.credential_expires_at ELSE EXCLUDED.credential_expires_at END,
+           last_report_seq = CASE WHEN {SAME} THEN clusters.last_report_seq ELSE 0 END,
            agent_id = EXCLUDED.agent_id, last_seen = now()
-         RETURNING credential_nonce",
-    )
+         RETURNING credential_nonce, credential_expires_at"
+    )))
     .bind(&req.name)
     .bind(labels)
     .bind(&req.endpoint)
@@ -48,12 +62,53 @@ pub async fn cluster_register(pool: &PgPool, req: &RegisterRequest) -> Result<St
     .bind(&fresh)
     .bind(&req.agent_id)
     .bind(&req.certificate_sha256)
+    .bind(now + ttl)
+    .bind(now)
     .fetch_one(pool)
-    .await
-    ?;
+    .await?;
     let credential = derive(&key, &req.name, &nonce);
-    super::credentials::remember_credential(pool, &req.name, &credential);
-    Ok(credential)
+    super::credentials::remember_credential(pool, &req.name, &credential, expires_at);
+    Ok(Issued {
+        credential,
+        expires_at,
+    })
+}
+
+/// Replaces a cluster's credential with a new one valid for `ttl` from `now`, when
+/// `current` is its credential and has not expired (`None` otherwise). The report sequence
+/// and everything else stay: the agent renews without a pause in reporting.
+pub async fn cluster_renew_credential(
+    pool: &PgPool,
+    name: &str,
+    current: &str,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> Result<Option<Issued>, Error> {
+    let key = hub_key(pool).await?;
+    let fresh = uuid::Uuid::new_v4().simple().to_string();
+    let expires_at: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+        "UPDATE clusters SET credential_hash = $3, credential_nonce = $4, credential_expires_at = $5
+         WHERE name = $1 AND credential_hash = $2
+           AND (credential_expires_at IS NULL OR credential_expires_at > $6)
+         RETURNING credential_expires_at",
+    )
+    .bind(name)
+    .bind(hash(current))
+    .bind(hash(&derive(&key, name, &fresh)))
+    .bind(&fresh)
+    .bind(now + ttl)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    let Some(expires_at) = expires_at else {
+        return Ok(None);
+    };
+    let credential = derive(&key, name, &fresh);
+    super::credentials::remember_credential(pool, name, &credential, expires_at);
+    Ok(Some(Issued {
+        credential,
+        expires_at,
+    }))
 }
 
 /// The columns of a cluster that [`ClusterRecord`] shows.

@@ -60,52 +60,79 @@ pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// The credential hash each cluster last showed that matched its row, by database and
-/// cluster: a report's credential is checked before its body is read, without a query for
-/// every report. Only a first check: the statement that stores the report checks the
-/// credential again (a cluster that registered again meanwhile has another).
-static KNOWN_CREDENTIALS: std::sync::Mutex<BTreeMap<(String, String), String>> =
-    std::sync::Mutex::new(BTreeMap::new());
+/// The credential hash each cluster last showed that matched its row, and its expiry, by
+/// database and cluster: a report's credential is checked before its body is read, without
+/// a query for every report. Only a first check: the statement that stores the report checks
+/// the credential again (a cluster that registered again meanwhile has another).
+#[allow(clippy::type_complexity)]
+static KNOWN_CREDENTIALS: std::sync::Mutex<
+    BTreeMap<(String, String), (String, Option<DateTime<Utc>>)>,
+> = std::sync::Mutex::new(BTreeMap::new());
 
-/// Notes the credential a cluster was just given at registration.
-pub(super) fn remember_credential(pool: &PgPool, name: &str, credential: &str) {
+/// Notes the credential a cluster was just given.
+pub(super) fn remember_credential(
+    pool: &PgPool,
+    name: &str,
+    credential: &str,
+    expires_at: Option<DateTime<Utc>>,
+) {
     KNOWN_CREDENTIALS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(
             (database_identity(pool), name.to_string()),
-            hash(credential),
+            (hash(credential), expires_at),
         );
 }
 
-/// Whether `credential` is the one cluster `name` registered with (`false` too when there
-/// is no such cluster).
-pub async fn cluster_credential_matches(
+/// What a presented credential is worth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialCheck {
+    /// The cluster's, and valid.
+    Valid,
+    /// The cluster's, but expired at that time: the agent must register again.
+    Expired(DateTime<Utc>),
+    /// Not the cluster's (or no such cluster).
+    Unknown,
+}
+
+/// What `credential` is worth for cluster `name` at `now`.
+pub async fn cluster_credential_check(
     pool: &PgPool,
     name: &str,
     credential: &str,
-) -> Result<bool, Error> {
+    now: DateTime<Utc>,
+) -> Result<CredentialCheck, Error> {
+    let verdict = |expires_at: Option<DateTime<Utc>>| match expires_at {
+        Some(at) if at <= now => CredentialCheck::Expired(at),
+        _ => CredentialCheck::Valid,
+    };
     let presented = hash(credential);
     let key = (database_identity(pool), name.to_string());
     let known = KNOWN_CREDENTIALS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&key)
-        .is_some_and(|h| *h == presented);
-    if known {
-        return Ok(true);
+        .filter(|(h, _)| *h == presented)
+        .map(|(_, expires_at)| *expires_at);
+    if let Some(expires_at) = known {
+        return Ok(verdict(expires_at));
     }
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT credential_hash FROM clusters WHERE name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
-    let Some(stored) = stored else {
-        return Ok(false);
+    let stored: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT credential_hash, credential_expires_at FROM clusters WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    let Some((stored, expires_at)) = stored else {
+        return Ok(CredentialCheck::Unknown);
     };
-    let matched = fleet_types::http::tokens_match(&stored, &presented);
-    if matched {
-        remember_credential(pool, name, credential);
+    if !fleet_types::http::tokens_match(&stored, &presented) {
+        return Ok(CredentialCheck::Unknown);
     }
-    Ok(matched)
+    KNOWN_CREDENTIALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, (presented, expires_at));
+    Ok(verdict(expires_at))
 }
