@@ -21,6 +21,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tower_http::add_extension::AddExtension;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 2048;
@@ -98,9 +99,9 @@ pub async fn serve_tls(
             },
             _ = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors and the like: the listener itself is fine.
                     tracing::warn!(%err, "accepting a connection failed");
@@ -111,7 +112,11 @@ pub async fn serve_tls(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The client's address, for handlers that note it (axum's `ConnectInfo`).
+        let service = TowerToHyperService::new(AddExtension::new(
+            app.clone(),
+            axum::extract::ConnectInfo(peer),
+        ));
         let builder = if slots.available_permits() * 4 < max {
             &busy
         } else {

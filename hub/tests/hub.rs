@@ -1892,3 +1892,193 @@ async fn deleting_a_cluster_revokes_its_credential_at_once() {
     .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
 }
+
+/// Every change through the API, and a viewer's refused attempt, is in the audit trail with
+/// who made it and the request id; reads, reports and dry runs are not; the trail cannot
+/// be rewritten.
+#[tokio::test]
+async fn changes_are_audited_with_who_and_the_request_id() {
+    let db = migrated().await;
+    let mut state = AppState::test(db.pool.clone()).with_tokens("admin", "join");
+    state.viewer_tokens = vec!["viewer".into()];
+    let app = router(state);
+    let reg = serde_json::json!({"name": "sno1", "endpoint": "http://127.0.0.1:1", "labels": {"site": "a"}, "agentId": "run-1"});
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some("join"),
+        reg.clone(),
+    )
+    .await;
+    let credential = body["credential"].as_str().unwrap().to_string();
+    call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/status",
+        Some(&credential),
+        status_report(1, "Idle"),
+    )
+    .await;
+    call(
+        &app,
+        "POST",
+        "/v1/clusters/register",
+        Some(&credential),
+        reg,
+    )
+    .await;
+    call(
+        &app,
+        "POST",
+        "/v1/clusters/sno1/credential",
+        Some(&credential),
+        serde_json::Value::Null,
+    )
+    .await;
+    let ibgu = serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": "up", "namespace": "edge"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchLabels": {"site": "a"}}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+            "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 30}}]
+        }
+    });
+    let (code, _) = call(
+        &app,
+        "POST",
+        "/v1/rollouts?dryRun=All",
+        Some("admin"),
+        ibgu.clone(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = call(&app, "POST", "/v1/rollouts", Some("admin"), ibgu).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, _) = call(
+        &app,
+        "PATCH",
+        "/v1/clusters/sno1",
+        Some("viewer"),
+        serde_json::json!({"metadata": {"labels": {"x": "y"}}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    let (code, _) = call(
+        &app,
+        "DELETE",
+        "/v1/clusters/sno1",
+        Some("nonsense"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, _) = call(
+        &app,
+        "DELETE",
+        "/v1/rollouts/edge/up",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = call(
+        &app,
+        "DELETE",
+        "/v1/clusters/sno1",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+
+    let (code, trail) = call(
+        &app,
+        "GET",
+        "/v1/audit",
+        Some("viewer"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{trail}");
+    let rows: Vec<String> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {}/{} {} {}",
+                e["actor"].as_str().unwrap(),
+                e["verb"].as_str().unwrap(),
+                e["resource"].as_str().unwrap(),
+                e["namespace"].as_str().unwrap_or("-"),
+                e["name"].as_str().unwrap_or("-"),
+                e["code"],
+                e["message"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "join-token register clusters -/sno1 200 endpoint http://127.0.0.1:1",
+            "cluster:sno1 register clusters -/sno1 200 endpoint http://127.0.0.1:1",
+            "cluster:sno1 renew credentials -/sno1 200 ",
+            "admin create rollouts edge/up 201 ",
+            "viewer patch clusters -/sno1 403 ",
+            "admin delete rollouts edge/up 200 ",
+            "admin delete clusters -/sno1 200 its credential is revoked",
+        ]
+    );
+    for e in trail["items"].as_array().unwrap() {
+        assert_eq!(e["requestId"].as_str().map(str::len), Some(36), "{e}");
+    }
+    let since = trail["items"][4]["time"].as_str().unwrap();
+    let (_, later) = call(
+        &app,
+        "GET",
+        &format!("/v1/audit?since={}", since.replace('+', "%2B")),
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert!(later["items"].as_array().unwrap().len() >= 3, "{later}");
+    let (code, body) = call(
+        &app,
+        "GET",
+        "/v1/audit?since=yesterday",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("since=\"yesterday\" is not an RFC 3339 time"),
+        "{body}"
+    );
+    let (code, _) = call(
+        &app,
+        "GET",
+        "/v1/audit?limit=0",
+        Some("admin"),
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    for sql in [
+        "UPDATE audit SET actor = 'nobody'",
+        "DELETE FROM audit",
+        "TRUNCATE audit",
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert!(
+            err.to_string().contains("audit is append-only"),
+            "{sql}: {err}"
+        );
+    }
+}

@@ -3,15 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use fleet_types::ibgu::ImageBasedGroupUpgrade;
 use fleet_types::ibu::ConfigMapRef;
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
 
+use super::audit::AuditNote;
 use crate::store::CredentialCheck;
 use fleet_types::{Reason, Status};
 use serde::Deserialize;
@@ -56,6 +57,80 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
         Some(_) => Err(ApiError::new(Reason::Unauthorized, "invalid bearer token")),
         None => Err(ApiError::new(Reason::Unauthorized, "missing bearer token")),
     }
+}
+
+/// Who a change's caller is, for the audit trail: by the token it presented (`name`: the
+/// cluster of the path, whose credential a spoke presents).
+pub fn actor(state: &AppState, headers: &HeaderMap, name: Option<&str>) -> String {
+    let presented = bearer(headers);
+    let is = |t: Option<&str>| matches!((presented, t), (Some(p), Some(t)) if fleet_types::http::tokens_match(p, t));
+    if is(state.admin_token.as_deref()) {
+        return "admin".into();
+    }
+    if presented.is_some_and(|p| {
+        state
+            .viewer_tokens
+            .iter()
+            .any(|v| fleet_types::http::tokens_match(p, v))
+    }) {
+        return "viewer".into();
+    }
+    let join = match &state.join_token_file {
+        Some(file) => Some(file.current()),
+        None => state.join_token.clone(),
+    };
+    if is(join.as_deref()) {
+        return "join-token".into();
+    }
+    if state.admin_token.is_none() && presented.is_none() {
+        return "anonymous".into();
+    }
+    match name {
+        Some(name) => format!("cluster:{name}"),
+        None => "unknown".into(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Most audit entries one answer holds.
+const AUDIT_LIMIT: i64 = 5000;
+
+/// `GET /v1/audit?since=RFC3339&limit=N`: the changes from then on, oldest first.
+pub async fn audit_list(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Items<store::AuditEntry>>, ApiError> {
+    require_reader(&state, &headers)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.to_utc())
+                .map_err(|e| {
+                    ApiError::new(
+                        Reason::BadRequest,
+                        format!("since={s:?} is not an RFC 3339 time (2026-12-05T10:00:00Z): {e}"),
+                    )
+                })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=AUDIT_LIMIT).contains(&limit) {
+        return Err(ApiError::new(
+            Reason::BadRequest,
+            format!("limit={limit}: between 1 and {AUDIT_LIMIT}"),
+        ));
+    }
+    Ok(Json(Items {
+        items: store::audit_list(&state.pool, since, limit).await?,
+    }))
 }
 
 /// A change: the admin token only (a viewer token is answered 403, naming what it lacks).
@@ -124,7 +199,7 @@ pub async fn register(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<RegisterResponse>, ApiError> {
+) -> Result<(Extension<AuditNote>, Json<RegisterResponse>), ApiError> {
     let join = match &state.join_token_file {
         Some(file) => Some(file.current()),
         None => state.join_token.clone(),
@@ -184,11 +259,27 @@ pub async fn register(
     }
     let issued = store::cluster_register(&state.pool, &req, now, state.credential_ttl).await?;
     tracing::info!(cluster = %req.name, endpoint = %req.endpoint, "spoke registered");
-    Ok(Json(RegisterResponse {
-        name: req.name,
-        credential: issued.credential,
-        expires_at: issued.expires_at,
-    }))
+    let note = AuditNote {
+        actor: Some(if joined {
+            "join-token".into()
+        } else {
+            format!("cluster:{}", req.name)
+        }),
+        name: Some(req.name.clone()),
+        message: match &req.certificate_sha256 {
+            Some(pin) => format!("endpoint {}, certificate sha256:{pin}", req.endpoint),
+            None => format!("endpoint {}", req.endpoint),
+        },
+        ..AuditNote::default()
+    };
+    Ok((
+        Extension(note),
+        Json(RegisterResponse {
+            name: req.name,
+            credential: issued.credential,
+            expires_at: issued.expires_at,
+        }),
+    ))
 }
 
 /// Refuses a credential that is not valid for the cluster: an expired one with 401 (the
@@ -384,10 +475,19 @@ pub async fn cluster_delete(
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     match store::cluster_delete(&state.pool, &name).await? {
-        store::ClusterDeleted::Deleted => Ok(Json(fleet_types::status::success(format!(
-            "cluster {name} deleted; its history is kept"
-        )))
-        .into_response()),
+        store::ClusterDeleted::Deleted => {
+            let note = AuditNote {
+                message: "its credential is revoked".into(),
+                ..AuditNote::default()
+            };
+            Ok((
+                Extension(note),
+                Json(fleet_types::status::success(format!(
+                    "cluster {name} deleted; its history is kept"
+                ))),
+            )
+                .into_response())
+        }
         store::ClusterDeleted::NotFound => Err(cluster_not_found(&name)),
         store::ClusterDeleted::InRollouts(rollouts) => Err(ApiError::new(
             Reason::Conflict,
@@ -467,7 +567,18 @@ pub async fn rollout_create(
     }
     match rollouts::create(&state.pool, &state.engine, &obj).await? {
         Verdict::Stored(row) => {
-            Ok((StatusCode::CREATED, warnings, Json(row.object)).into_response())
+            let note = AuditNote {
+                namespace: row.object.metadata.namespace.clone(),
+                name: row.object.metadata.name.clone(),
+                ..AuditNote::default()
+            };
+            Ok((
+                StatusCode::CREATED,
+                warnings,
+                Extension(note),
+                Json(row.object),
+            )
+                .into_response())
         }
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }

@@ -2,6 +2,7 @@
 //! turn errors into the contract's `Status` bodies here, at the edge.
 
 pub mod api;
+pub mod audit;
 mod error;
 pub mod fields;
 pub mod listen;
@@ -174,7 +175,9 @@ pub fn router(state: AppState) -> Router {
                 .put(api::configmap_put)
                 .delete(api::configmap_delete),
         )
+        .route("/v1/audit", get(api::audit_list))
         .fallback(fleet_server::no_such_endpoint)
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_metrics,

@@ -33,6 +33,7 @@ pub enum Body {
     Report,
     ConfigMap,
     History,
+    Audit,
     Patch,
     Text,
     Any,
@@ -173,6 +174,14 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/audit",
+        "Every change made through the API or a CR, oldest first: who, from where, with which request id (since=RFC 3339 time, limit=1..5000, default 500)",
+        Auth::Admin,
+        Body::None,
+        (200, Body::Audit),
+    ),
+    op(
+        "get",
         "/v1/configmaps/{namespace}/{name}",
         "A ConfigMap rollouts refer to",
         Auth::Admin,
@@ -246,6 +255,7 @@ fn schema_for(generator: &mut SchemaGenerator, body: Body) -> Option<Value> {
         Body::Report => s(generator.subschema_for::<StatusReport>()),
         Body::ConfigMap => s(generator.subschema_for::<ConfigMap>()),
         Body::History => Some(items(generator.subschema_for::<HistoryEntry>())),
+        Body::Audit => Some(items(generator.subschema_for::<crate::store::AuditEntry>())),
         Body::Patch | Body::Any => Some(json!({})),
         Body::Text => Some(json!({"type": "string"})),
     }

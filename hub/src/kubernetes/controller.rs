@@ -33,6 +33,7 @@ pub async fn reconcile(
     if obj.meta().deletion_timestamp.is_some() {
         if store::rollout_delete(&ctx.pool, &ns, &name).await? {
             tracing::info!(rollout = %format!("{ns}/{name}"), "IBGU deleted: rollout removed");
+            audit(&ctx, &obj, "delete").await;
             ctx.engine.trigger();
         }
         if let Some(patch) = decide::remove_finalizer(&obj) {
@@ -66,6 +67,7 @@ pub async fn reconcile(
         SpecSync::Create => match rollouts::create(&ctx.pool, &ctx.engine, &desired).await? {
             Verdict::Stored(_) => {
                 tracing::info!(rollout = %format!("{ns}/{name}"), "IBGU accepted");
+                audit(&ctx, &obj, "create").await;
                 None
             }
             Verdict::Refused(problems) => Some(problems),
@@ -75,7 +77,10 @@ pub async fn reconcile(
                 "the rollout disappeared while it was being updated".into(),
             ))?;
             match rollouts::change(&ctx.pool, &ctx.engine, row, &desired).await? {
-                Verdict::Stored(_) => None,
+                Verdict::Stored(_) => {
+                    audit(&ctx, &obj, "patch").await;
+                    None
+                }
                 Verdict::Refused(problems) => Some(problems),
             }
         }
@@ -100,6 +105,37 @@ pub async fn reconcile(
     } else {
         IDLE_RESYNC
     }))
+}
+
+/// Writes a CR's change to the audit trail. The controller sees the object, not who changed
+/// it: the entry names the field managers that last wrote it (`kubectl-edit`, `oc`, ...).
+async fn audit(ctx: &Context, obj: &ImageBasedGroupUpgrade, verb: &str) {
+    let mut managers: Vec<&str> = obj
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.subresource.as_deref().is_none_or(str::is_empty))
+        .filter_map(|f| f.manager.as_deref())
+        .collect();
+    managers.dedup();
+    let entry = store::AuditEntry {
+        time: ctx.clock.now(),
+        actor: "controller".into(),
+        verb: verb.into(),
+        resource: "rollouts".into(),
+        namespace: obj.namespace(),
+        name: Some(obj.name_any()),
+        message: if managers.is_empty() {
+            "from the IBGU CR".into()
+        } else {
+            format!("from the IBGU CR, written by {}", managers.join(", "))
+        },
+        ..store::AuditEntry::default()
+    };
+    if let Err(err) = store::audit_insert(&ctx.pool, &entry).await {
+        tracing::error!(%err, "writing the audit trail failed");
+    }
 }
 
 /// Replaces the status, with the resourceVersion it was read at; on a 409 (the CR changed

@@ -18,6 +18,7 @@ use crate::planner::rollout::{
     ClusterInfo, ClusterPhase, ClusterProgress, Event, LabelChange, StepHead, StepState,
 };
 
+mod audit;
 mod clusters;
 mod configmaps;
 mod credentials;
@@ -28,6 +29,7 @@ mod reports;
 mod rollouts;
 mod snapshot;
 
+pub use audit::*;
 pub use clusters::*;
 pub use configmaps::*;
 pub use credentials::*;

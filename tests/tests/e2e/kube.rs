@@ -314,6 +314,38 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
         .await
         .unwrap();
     assert_eq!(rollouts["items"], json!([]));
+    // The CR's changes are in the audit trail, as the controller's.
+    let trail: Value = client
+        .get(format!("{hub}/v1/audit"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let changes: Vec<String> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"] == "rollouts")
+        .map(|e| {
+            format!(
+                "{} {} {}/{}",
+                e["actor"], e["verb"], e["namespace"], e["name"]
+            )
+            .replace('"', "")
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "controller create ztp/upgrade-4-16",
+            "controller patch ztp/upgrade-4-16",
+            "controller delete ztp/upgrade-4-16"
+        ],
+        "{trail}"
+    );
 
     // Everything the hub did was allowed by the chart's ClusterRole, through the counted client.
     assert_eq!(kube.denied(), Vec::<String>::new());

@@ -399,7 +399,9 @@ async fn a_rollout_with_tls_on_every_hop_pushes_only_to_the_registered_certifica
         .send()
         .await
         .unwrap();
-    assert_eq!(register.status(), 200, "{}", register.text().await.unwrap());
+    assert_eq!(register.status(), 200);
+    let impostor: serde_json::Value = register.json().await.unwrap();
+    let impostor_credential = impostor["credential"].as_str().unwrap().to_string();
     let rollout = |name: &str, site: &str| {
         serde_json::json!({
             "apiVersion": "lcm.openshift.io/v1alpha1",
@@ -488,4 +490,107 @@ async fn a_rollout_with_tls_on_every_hop_pushes_only_to_the_registered_certifica
             .unwrap();
         assert!(text.contains(series), "{url} lacks {series}:\n{text}");
     }
+
+    // The audit trail names who changed what, from where.
+    let trail = get_json(&admin, &format!("{hub_url}/v1/audit")).await;
+    let changes: Vec<String> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(
+                e["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("127.0.0.1:")),
+                "{e}"
+            );
+            format!("{} {} {}", e["actor"], e["verb"], e["name"]).replace('"', "")
+        })
+        .collect();
+    for change in [
+        "join-token register edge1",
+        "join-token register edge2",
+        "join-token register impostor",
+        "admin create impostor",
+        "cluster:edge1 register edge1",
+        "cluster:edge2 register edge2",
+        "admin create tls",
+    ] {
+        assert!(changes.iter().any(|c| c == change), "{change}: {changes:?}");
+    }
+
+    // No secret this run used is in anything it wrote or answered: logs, metrics, the API's
+    // answers (errors too), the audit trail, history, a spoke's must-gather.
+    let api_token = std::fs::read_to_string(dir.path().join("fleet-state/api-token")).unwrap();
+    let refused = admin
+        .post(format!("{hub_url}/v1/clusters/edge1/status"))
+        .bearer_auth(&impostor_credential)
+        .json(&serde_json::json!({"sequence": 99, "agentId": "x", "ibu": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let mut outputs = vec![
+        ("the refused report's answer", refused.text().await.unwrap()),
+        (
+            "the hub's log",
+            std::fs::read_to_string(dir.path().join("fleet-hub.log")).unwrap(),
+        ),
+        ("the fleet's log", log.text()),
+        ("the audit trail", trail.to_string()),
+    ];
+    for path in [
+        "/v1/clusters",
+        "/v1/rollouts",
+        "/v1/rollouts/default/tls/history",
+        "/v1/rollouts/default/impostor/history",
+        "/metrics",
+    ] {
+        outputs.push((path, get_text(&admin, &format!("{hub_url}{path}")).await));
+    }
+    let fleet_url = format!("https://127.0.0.1:{fleet_port}");
+    outputs.push((
+        "the fleet's metrics",
+        get_text(&admin, &format!("{fleet_url}/metrics")).await,
+    ));
+    let gathered = admin
+        .get(format!("{fleet_url}/clusters/edge1/v1/must-gather"))
+        .bearer_auth(api_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&gathered[..]));
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut text).unwrap();
+        outputs.push(("must-gather", String::from_utf8_lossy(&text).into_owned()));
+    }
+    assert!(outputs.len() > 10, "must-gather had files");
+    for secret in [
+        "s3cret",
+        "j0in",
+        api_token.trim(),
+        impostor_credential.as_str(),
+    ] {
+        for (what, text) in &outputs {
+            assert!(
+                !text.contains(secret),
+                "{what} holds a secret ({secret}):\n{text}"
+            );
+        }
+    }
+}
+
+async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    let res = client.get(url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(res.status(), 200, "{url}");
+    res.text().await.unwrap()
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(client, url).await).unwrap()
 }
