@@ -146,6 +146,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         join_token: Some(join_token.clone()),
         join_token_file: None,
         credential_ttl: crate::http::CREDENTIAL_TTL,
+        kube_auth: None,
     };
     let listener = match listen {
         Some(listen) => TcpListener::bind(listen).await.map_err(|source| {

@@ -65,7 +65,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     } else {
         None
     };
-    if admin_token.is_none() {
+    if admin_token.is_none() && kube_config.is_none() {
         tracing::warn!("no --admin-token: the REST API is open to anyone who can reach it");
     }
     let join_token_file = join_token_file
@@ -88,6 +88,15 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
+    // Kubernetes identities on the REST API: reviewed through a client of their own, not
+    // held back by the rate limit of the controller's writes.
+    let kube_auth = match &kube_config {
+        Some(config) => Some(Arc::new(kubernetes::auth::KubeAuth::new(
+            kube::Client::try_from(config.clone())
+                .map_err(|e| Error::Invalid(format!("--kube: {e}")))?,
+        ))),
+        None => None,
+    };
     let kube_task = match kube_config {
         Some(config) => {
             let identity = std::env::var("POD_NAME")
@@ -126,6 +135,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         join_token,
         join_token_file,
         credential_ttl: cluster_credential_ttl,
+        kube_auth,
     };
     let listener = bind(listen)
         .map_err(|source| Error::unavailable(&format!("listening on {listen}"), source))?;

@@ -43,6 +43,14 @@ struct Inner {
     requests: Vec<String>,
     /// Resources this cluster does not have (their CRD is not installed).
     absent: Vec<(String, String)>,
+    /// Bearer tokens of users, for TokenReviews: token -> (username, groups).
+    users: BTreeMap<String, (String, Vec<String>)>,
+    /// What users and groups may do, for SubjectAccessReviews: (`user:<name>` or
+    /// `group:<name>`, rule). A non-resource rule has no API groups and its paths as
+    /// resources, as `nonResourceURLs` are written.
+    grants: Vec<(String, Rule)>,
+    /// The SubjectAccessReviews asked, as `<user> <verb> <group>/<resource> <namespace>`.
+    reviews: Vec<String>,
 }
 
 /// A RBAC rule: API groups, resources (with `/status` for subresources), verbs.
@@ -228,6 +236,31 @@ impl FakeKube {
             .collect()
     }
 
+    /// A user the API server authenticates by this bearer token (a TokenReview answers it).
+    pub fn add_user(&self, token: &str, username: &str, groups: &[&str]) {
+        self.inner.lock().unwrap().users.insert(
+            token.to_string(),
+            (
+                username.to_string(),
+                groups.iter().map(|g| g.to_string()).collect(),
+            ),
+        );
+    }
+
+    /// Binds rules to `subject` (`user:<name>` or `group:<name>`), as a (Cluster)RoleBinding
+    /// would, for SubjectAccessReviews.
+    pub fn grant(&self, subject: &str, rules: Vec<Rule>) {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .grants
+            .extend(rules.into_iter().map(|r| (subject.to_string(), r)));
+    }
+
+    /// The SubjectAccessReviews asked so far.
+    pub fn reviews(&self) -> Vec<String> {
+        self.inner.lock().unwrap().reviews.clone()
+    }
+
     /// Requests refused because no ClusterRole rule allowed them.
     pub fn denied(&self) -> Vec<String> {
         self.inner.lock().unwrap().denied.clone()
@@ -374,6 +407,13 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return status(400, "BadRequest", e.to_string()),
     };
+    match (t.group.as_str(), t.plural.as_str(), verb) {
+        ("authentication.k8s.io", "tokenreviews", "create") => return token_review(&fake, &body),
+        ("authorization.k8s.io", "subjectaccessreviews", "create") => {
+            return access_review(&fake, &body);
+        }
+        _ => {}
+    }
     match verb {
         "watch" => watch(&fake, &t, &query),
         "list" => {
@@ -395,6 +435,82 @@ async fn handle(State(fake): State<FakeKube>, req: Request) -> Response {
         }
         _ => write(&fake, &t, verb, &content_type, &body),
     }
+}
+
+/// A TokenReview, answered as the API server does: `status.authenticated` and the user.
+fn token_review(fake: &FakeKube, body: &[u8]) -> Response {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "not a TokenReview");
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let user = fake.inner.lock().unwrap().users.get(token).cloned();
+    let status = match user {
+        Some((username, groups)) => json!({"authenticated": true, "user": {
+            "username": username, "uid": format!("uid-{username}"), "groups": groups}}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    let mut answer = review;
+    answer["status"] = status;
+    (StatusCode::CREATED, axum::Json(answer)).into_response()
+}
+
+/// A SubjectAccessReview, decided by the rules granted to the user and its groups.
+fn access_review(fake: &FakeKube, body: &[u8]) -> Response {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "not a SubjectAccessReview");
+    };
+    let spec = &review["spec"].clone();
+    let user = spec["user"].as_str().unwrap_or_default();
+    let mut subjects = vec![format!("user:{user}")];
+    subjects.extend(
+        spec["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|g| format!("group:{g}")),
+    );
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let (verb, group, resource, namespace, name) = match spec.get("resourceAttributes") {
+        Some(r) => (
+            s(&r["verb"]),
+            s(&r["group"]),
+            s(&r["resource"]),
+            s(&r["namespace"]),
+            r["name"].as_str().map(str::to_string),
+        ),
+        None => {
+            let n = &spec["nonResourceAttributes"];
+            (
+                s(&n["verb"]),
+                String::new(),
+                s(&n["path"]),
+                String::new(),
+                None,
+            )
+        }
+    };
+    let mut inner = fake.inner.lock().unwrap();
+    inner
+        .reviews
+        .push(format!("{user} {verb} {group}/{resource} {namespace}"));
+    let non_resource = spec.get("resourceAttributes").is_none();
+    let allowed = inner.grants.iter().any(|(subject, r)| {
+        subjects.contains(subject)
+            && r.namespace.as_deref().is_none_or(|ns| ns == namespace)
+            && (r.names.is_empty() || name.as_ref().is_some_and(|n| r.names.contains(n)))
+            && (non_resource == r.groups.is_empty())
+            && (non_resource || r.groups.iter().any(|g| *g == group || g == "*"))
+            && r.resources.iter().any(|x| *x == resource || x == "*")
+            && r.verbs.iter().any(|v| *v == verb || v == "*")
+    });
+    let mut answer = review;
+    answer["status"] = if allowed {
+        json!({"allowed": true, "reason": format!("RBAC: allowed by a binding of {user}")})
+    } else {
+        json!({"allowed": false})
+    };
+    (StatusCode::CREATED, axum::Json(answer)).into_response()
 }
 
 /// Whether the `labelSelector` of a list's query (equality and existence terms) selects

@@ -13,6 +13,7 @@ use fleet_types::ibu::ConfigMapRef;
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
 
 use super::audit::AuditNote;
+use super::auth::{Access, Kind, authorize};
 use crate::store::CredentialCheck;
 use fleet_types::{Reason, Status};
 use serde::Deserialize;
@@ -24,71 +25,12 @@ use crate::rollouts::{self, Verdict};
 use crate::store;
 use crate::store::Stored;
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     fleet_types::http::bearer(
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     )
-}
-
-/// Who a request's bearer token says it is.
-enum Caller {
-    Admin,
-    Viewer,
-}
-
-/// The admin token guards the REST API, viewer tokens read it; without an admin token
-/// configured the API is open.
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(admin) = state.admin_token.as_deref() else {
-        return Ok(Caller::Admin);
-    };
-    match bearer(headers) {
-        Some(t) if fleet_types::http::tokens_match(t, admin) => Ok(Caller::Admin),
-        Some(t)
-            if state
-                .viewer_tokens
-                .iter()
-                .any(|v| fleet_types::http::tokens_match(t, v)) =>
-        {
-            Ok(Caller::Viewer)
-        }
-        Some(_) => Err(ApiError::new(Reason::Unauthorized, "invalid bearer token")),
-        None => Err(ApiError::new(Reason::Unauthorized, "missing bearer token")),
-    }
-}
-
-/// Who a change's caller is, for the audit trail: by the token it presented (`name`: the
-/// cluster of the path, whose credential a spoke presents).
-pub fn actor(state: &AppState, headers: &HeaderMap, name: Option<&str>) -> String {
-    let presented = bearer(headers);
-    let is = |t: Option<&str>| matches!((presented, t), (Some(p), Some(t)) if fleet_types::http::tokens_match(p, t));
-    if is(state.admin_token.as_deref()) {
-        return "admin".into();
-    }
-    if presented.is_some_and(|p| {
-        state
-            .viewer_tokens
-            .iter()
-            .any(|v| fleet_types::http::tokens_match(p, v))
-    }) {
-        return "viewer".into();
-    }
-    let join = match &state.join_token_file {
-        Some(file) => Some(file.current()),
-        None => state.join_token.clone(),
-    };
-    if is(join.as_deref()) {
-        return "join-token".into();
-    }
-    if state.admin_token.is_none() && presented.is_none() {
-        return "anonymous".into();
-    }
-    match name {
-        Some(name) => format!("cluster:{name}"),
-        None => "unknown".into(),
-    }
 }
 
 #[derive(Deserialize)]
@@ -106,7 +48,7 @@ pub async fn audit_list(
     headers: HeaderMap,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Items<store::AuditEntry>>, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(&state, &headers, Access::new("get", Kind::Audit)).await?;
     let since = q
         .since
         .as_deref()
@@ -131,22 +73,6 @@ pub async fn audit_list(
     Ok(Json(Items {
         items: store::audit_list(&state.pool, since, limit).await?,
     }))
-}
-
-/// A change: the admin token only (a viewer token is answered 403, naming what it lacks).
-pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match caller(state, headers)? {
-        Caller::Admin => Ok(()),
-        Caller::Viewer => Err(ApiError::new(
-            Reason::Forbidden,
-            "a viewer token may only read: this change needs the admin token",
-        )),
-    }
-}
-
-/// A read: the admin token or a viewer token.
-pub fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    caller(state, headers).map(drop)
 }
 
 fn json_body<'a, T: Deserialize<'a>>(body: &'a Bytes, what: &str) -> Result<T, ApiError> {
@@ -407,7 +333,7 @@ pub async fn cluster_list(
     headers: HeaderMap,
     Query(q): Query<ClusterQuery>,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(&state, &headers, Access::new("list", Kind::Clusters)).await?;
     let sel = match q.label_selector.as_deref() {
         Some(s) => Some(
             selector::parse(s)
@@ -432,7 +358,12 @@ pub async fn cluster_get(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("get", Kind::Clusters).named(&name),
+    )
+    .await?;
     match store::cluster_fetch(&state.pool, &name).await? {
         Some(c) => Ok(Json(c).into_response()),
         None => Err(cluster_not_found(&name)),
@@ -445,7 +376,12 @@ pub async fn cluster_patch(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("patch", Kind::Clusters).named(&name),
+    )
+    .await?;
     fleet_server::accept_media_type(
         &headers,
         &["application/merge-patch+json", "application/json"],
@@ -473,7 +409,12 @@ pub async fn cluster_delete(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("delete", Kind::Clusters).named(&name),
+    )
+    .await?;
     match store::cluster_delete(&state.pool, &name).await? {
         store::ClusterDeleted::Deleted => {
             let note = AuditNote {
@@ -544,11 +485,22 @@ pub async fn rollout_create(
     Query(q): Query<CreateQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    let caller = super::auth::authenticate(&state, &headers).await?;
+    // A Kubernetes user's right depends on the namespace, which the body names; the others'
+    // do not, and are checked before the body is read.
+    let kube_user = matches!(caller, super::auth::Caller::Kube(_));
+    if !kube_user {
+        super::auth::permit(&state, &caller, Access::new("create", Kind::Rollouts)).await?;
+    }
     let doc: Value = manifest_body(&headers, &body, "ImageBasedGroupUpgrade")?;
     let (mut obj, warnings) = ibgu_from(doc, q.field_validation.as_deref())?;
     if obj.metadata.namespace.as_deref().is_none_or(str::is_empty) {
         obj.metadata.namespace = Some("default".into());
+    }
+    let ns = obj.metadata.namespace.clone().unwrap_or_default();
+    if kube_user {
+        let access = Access::new("create", Kind::Rollouts).at(&ns, obj.metadata.name.as_deref());
+        super::auth::permit(&state, &caller, access).await?;
     }
     match q.dry_run.as_deref() {
         Some("All") => {
@@ -634,7 +586,7 @@ pub async fn rollout_list(
     State(state): State<Shared>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(&state, &headers, Access::new("list", Kind::Rollouts)).await?;
     let items: Vec<ImageBasedGroupUpgrade> = store::rollout_list(&state.pool)
         .await?
         .into_iter()
@@ -654,7 +606,12 @@ pub async fn rollout_get(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("get", Kind::Rollouts).at(&ns, Some(&name)),
+    )
+    .await?;
     Ok(Json(fetch(&state, &ns, &name).await?.object).into_response())
 }
 
@@ -665,7 +622,12 @@ pub async fn rollout_patch(
     Query(q): Query<PatchQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("patch", Kind::Rollouts).at(&ns, Some(&name)),
+    )
+    .await?;
     const PATCHES: [&str; 3] = [
         "application/json-patch+json",
         "application/merge-patch+json",
@@ -710,7 +672,12 @@ pub async fn rollout_delete(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("delete", Kind::Rollouts).at(&ns, Some(&name)),
+    )
+    .await?;
     if store::rollout_delete(&state.pool, &ns, &name).await? {
         Ok(Json(fleet_types::status::success(format!(
             "rollout {ns}/{name} deleted; its history is kept"
@@ -735,7 +702,12 @@ pub async fn history(
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("get", Kind::Rollouts).at(&ns, Some(&name)),
+    )
+    .await?;
     let row = fetch(&state, &ns, &name).await?;
     let items = store::history_list(&state.pool, row.id, q.cluster.as_deref()).await?;
     Ok(Json(Items { items }).into_response())
@@ -753,7 +725,12 @@ pub async fn configmap_get(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_reader(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("get", Kind::ConfigMaps).at(&ns, Some(&name)),
+    )
+    .await?;
     match store::configmap_fetch(&state.pool, &ns, &name).await? {
         Some(data) => Ok(Json(ConfigMap {
             metadata: ConfigMapRef {
@@ -776,7 +753,12 @@ pub async fn configmap_put(
     Path((ns, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("update", Kind::ConfigMaps).at(&ns, Some(&name)),
+    )
+    .await?;
     let cm: ConfigMap = manifest_body(&headers, &body, "ConfigMap")?;
     if cm.metadata.name != name || cm.metadata.namespace != ns {
         return Err(ApiError::new(
@@ -793,7 +775,12 @@ pub async fn configmap_delete(
     headers: HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(
+        &state,
+        &headers,
+        Access::new("delete", Kind::ConfigMaps).at(&ns, Some(&name)),
+    )
+    .await?;
     if store::configmap_delete(&state.pool, &ns, &name).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

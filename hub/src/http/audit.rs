@@ -100,12 +100,14 @@ pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Re
         .get(fleet_types::http::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let actor = super::api::actor(&state, req.headers(), name.as_deref());
+    let headers = req.headers().clone();
     let response = next.run(req).await;
     let code = response.status();
     if code == axum::http::StatusCode::UNAUTHORIZED {
         return response;
     }
+    // Named after the answer: a Kubernetes caller is known once its token was reviewed.
+    let (actor, groups) = super::auth::actor(&state, &headers, name.as_deref());
     let note = response
         .extensions()
         .get::<AuditNote>()
@@ -114,7 +116,7 @@ pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Re
     let entry = AuditEntry {
         time: state.engine.clock.now(),
         actor: note.actor.unwrap_or(actor),
-        groups: Vec::new(),
+        groups,
         source,
         request_id,
         verb: verb.into(),

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 mod error;
 pub mod fields;
 pub mod listen;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub join_token_file: Option<Arc<TokenFile>>,
     /// How long a cluster credential is valid after it is issued.
     pub credential_ttl: chrono::Duration,
+    /// `--kube`: other bearer tokens are Kubernetes identities, checked with the API server.
+    pub kube_auth: Option<Arc<crate::kubernetes::auth::KubeAuth>>,
 }
 
 /// The default of `--cluster-credential-ttl`.
@@ -124,6 +127,7 @@ impl AppState {
             join_token: None,
             join_token_file: None,
             credential_ttl: CREDENTIAL_TTL,
+            kube_auth: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! and failures. Every Kubernetes request goes through one rate-limited, counted client; one
 //! replica at a time does the Kubernetes writes (a Lease).
 
+pub mod auth;
 pub mod client;
 pub mod controller;
 pub mod decide;

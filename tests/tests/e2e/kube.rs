@@ -360,3 +360,202 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
         "{metrics}"
     );
 }
+
+/// With `--kube`, a REST caller's Kubernetes token is reviewed (TokenReview) and each request
+/// checked (SubjectAccessReview) against what it needs on the Kubernetes resource: each user
+/// gets exactly what its RBAC gives, refusals are worded as the API server's, and the audit
+/// trail names the Kubernetes user and groups.
+#[tokio::test]
+async fn kubernetes_users_get_exactly_what_their_rbac_allows() {
+    use fleet_e2e::fake_kube::Rule;
+    let rbac =
+        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
+    let kube = FakeKube::start(
+        &[hub::crd::ibgu(), hub::crd::ibu()],
+        Some(cluster_role_rules(&rbac)),
+    )
+    .await;
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str], ns: Option<&str>| Rule {
+        groups: groups.iter().map(|s| s.to_string()).collect(),
+        resources: resources.iter().map(|s| s.to_string()).collect(),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        namespace: ns.map(str::to_string),
+        names: vec![],
+    };
+    kube.add_user("alice-token", "alice", &["fleet-operators"]);
+    kube.add_user("bob-token", "bob", &["fleet-viewers"]);
+    let ibgus = ["imagebasedgroupupgrades"];
+    kube.grant(
+        "group:fleet-operators",
+        vec![
+            rule(
+                &["lcm.openshift.io"],
+                &ibgus,
+                &["get", "list", "create", "patch", "delete"],
+                Some("ztp"),
+            ),
+            rule(
+                &["cluster.open-cluster-management.io"],
+                &["managedclusters"],
+                &["get", "list", "patch"],
+                None,
+            ),
+        ],
+    );
+    kube.grant(
+        "group:fleet-viewers",
+        vec![
+            rule(&["lcm.openshift.io"], &ibgus, &["get", "list"], None),
+            rule(&[], &["/v1/audit"], &["get"], None),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let port = free_port();
+    let hub = format!("http://127.0.0.1:{port}");
+    let db = TestDb::empty().await;
+    let log = ChildLog::new(dir.path(), "fleet-hub");
+    let _hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args(["serve", "--kube", "--lease-namespace", "fleet"])
+            .args(["--admin-token", ADMIN, "--join-token", JOIN])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url()])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .expect("fleet-hub starts"),
+    );
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
+        let mut req = client
+            .request(method, format!("{hub}{path}"))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        async move {
+            let res = req.send().await.ok()?;
+            let code = res.status().as_u16();
+            Some((code, res.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    };
+    wait_for("the hub to answer", DEADLINE, || {
+        call(reqwest::Method::GET, "/v1/rollouts", ADMIN, None)
+    })
+    .await;
+    let ibgu = |ns: &str| {
+        json!({"apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
+               "metadata": {"name": "wave1", "namespace": ns},
+               "spec": {"clusterLabelSelectors": [{"matchLabels": {"site": "a"}}],
+                        "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}},
+                        "plan": [{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 30}}]}})
+    };
+    use reqwest::Method as M;
+    let dry = "/v1/rollouts?dryRun=All";
+    // alice may create in ztp only.
+    let (code, body) = call(M::POST, dry, "alice-token", Some(ibgu("ztp")))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call(M::POST, dry, "alice-token", Some(ibgu("prod")))
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        "imagebasedgroupupgrades.lcm.openshift.io \"wave1\" is forbidden: User \"alice\" cannot create resource \"imagebasedgroupupgrades\" in API group \"lcm.openshift.io\" in the namespace \"prod\""
+    );
+    // bob reads everywhere, changes nothing, reads the audit trail; alice may not read it.
+    let (code, _) = call(M::GET, "/v1/rollouts", "bob-token", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let (code, body) = call(
+        M::PATCH,
+        "/v1/rollouts/ztp/wave1",
+        "bob-token",
+        Some(json!({"spec": {}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("User \"bob\" cannot patch resource \"imagebasedgroupupgrades\""),
+        "{body}"
+    );
+    let (code, body) = call(M::GET, "/v1/clusters", "bob-token", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = call(M::GET, "/v1/audit", "alice-token", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        "forbidden: User \"alice\" cannot get path \"/v1/audit\""
+    );
+    // alice's label change passes authorization (and finds no such cluster).
+    let (code, _) = call(
+        M::PATCH,
+        "/v1/clusters/sno9",
+        "alice-token",
+        Some(json!({"labels": {"a": "b"}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 404);
+    // A token the API server does not know.
+    let (code, body) = call(M::GET, "/v1/rollouts", "mallory-token", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(
+        body["message"],
+        "the Kubernetes API did not authenticate this token"
+    );
+
+    // Answers are kept a while: bob's repeated read was reviewed once.
+    call(M::GET, "/v1/rollouts", "bob-token", None)
+        .await
+        .unwrap();
+    let lists = kube
+        .reviews()
+        .iter()
+        .filter(|r| *r == "bob list lcm.openshift.io/imagebasedgroupupgrades ")
+        .count();
+    assert_eq!(lists, 1, "{:?}", kube.reviews());
+
+    let (code, trail) = call(M::GET, "/v1/audit", "bob-token", None).await.unwrap();
+    assert_eq!(code, 200, "{trail}");
+    let rows: Vec<String> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {} {}",
+                e["actor"], e["groups"], e["verb"], e["resource"], e["code"]
+            )
+            .replace('"', "")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "kubernetes:bob [fleet-viewers] patch rollouts 403",
+            "kubernetes:alice [fleet-operators] patch clusters 404",
+        ]
+    );
+    assert_eq!(
+        kube.denied(),
+        Vec::<String>::new(),
+        "the chart's ClusterRole allows the reviews"
+    );
+}

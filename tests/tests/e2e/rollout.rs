@@ -76,6 +76,7 @@ pub async fn start_hub_on(db: &TestDb, addr: &str) -> Hub {
         join_token: Some(JOIN.into()),
         join_token_file: None,
         credential_ttl: hub::http::CREDENTIAL_TTL,
+        kube_auth: None,
     };
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
