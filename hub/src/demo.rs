@@ -249,6 +249,8 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     for old in store::cluster_list(&db.pool).await? {
         if old.labels.get("demo").is_some_and(|v| v == "true") && !names.contains(&old.name) {
             store::cluster_delete(&db.pool, &old.name).await?;
+            let why = "a cluster of an earlier, larger demo; its credential is revoked";
+            audit(&db.pool, "delete", "clusters", None, &old.name, why).await;
         }
     }
     loop {
@@ -275,6 +277,8 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
             .unwrap_or_default();
         if !stale.is_empty() {
             store::cluster_patch_labels(&db.pool, n, &stale).await?;
+            let why = "the ibgu-* labels of an earlier demo removed";
+            audit(&db.pool, "patch", "clusters", None, n, why).await;
         }
     }
 
@@ -296,6 +300,15 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     }))
     .map_err(|e| Error::internal("the demo's rollout", e))?;
     store::rollout_insert(&db.pool, &ibgu).await?;
+    audit(
+        &db.pool,
+        "create",
+        "rollouts",
+        Some("default"),
+        &name,
+        "the demo's rollout",
+    )
+    .await;
     engine.trigger();
     println!(
         "  rollout    default/{name}: [Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade], 5 clusters per batch"
@@ -488,4 +501,28 @@ pub fn render_summary(
         out.push_str(&failures);
     }
     out
+}
+
+/// Notes a change the demo makes itself (not through the API) in the audit trail.
+async fn audit(
+    pool: &sqlx::PgPool,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: &str,
+    message: &str,
+) {
+    let entry = store::AuditEntry {
+        time: chrono::Utc::now(),
+        actor: "demo".into(),
+        verb: verb.into(),
+        resource: resource.into(),
+        namespace: namespace.map(str::to_string),
+        name: Some(name.to_string()),
+        message: message.into(),
+        ..store::AuditEntry::default()
+    };
+    if let Err(err) = store::audit_insert(pool, &entry).await {
+        tracing::error!(%err, "writing the audit trail failed");
+    }
 }

@@ -400,6 +400,64 @@ async fn the_demo_runs_start_to_finish_on_its_own_database() {
     assert!(!text.contains('\x1b'), "no terminal codes in a pipe");
 }
 
+/// The demo's changes, those through the API and its own, are in the audit trail: a second,
+/// smaller demo on the same database shows it removing what the first left.
+#[tokio::test]
+async fn the_demo_leaves_an_audit_trail_of_every_change() {
+    let db = fleet_e2e::TestDb::empty().await;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for clusters in ["3", "2"] {
+        finished_demo(
+            work.path(),
+            &["--clusters", clusters, "--database-url", &db.url()],
+        )
+        .await;
+    }
+    let rows: Vec<(String, String, String, Option<String>)> =
+        sqlx::query_as("SELECT actor, verb, resource, name FROM audit ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let rows: Vec<String> = rows
+        .into_iter()
+        .map(|(actor, verb, resource, name)| {
+            let name = name.unwrap_or_default();
+            // The rollouts' names carry the time of the demo.
+            let name = if name.starts_with("demo-") {
+                "demo-<time>".into()
+            } else {
+                name
+            };
+            format!("{actor} {verb} {resource} {name}")
+        })
+        .collect();
+    let mut first: Vec<&str> = rows[..3].iter().map(String::as_str).collect();
+    first.sort();
+    assert_eq!(
+        first,
+        [
+            "join-token register clusters spoke1",
+            "join-token register clusters spoke2",
+            "join-token register clusters spoke3"
+        ],
+        "{rows:#?}"
+    );
+    assert_eq!(rows[3], "demo create rollouts demo-<time>", "{rows:#?}");
+    let mut second: Vec<&str> = rows[4..].iter().map(String::as_str).collect();
+    second.sort();
+    assert_eq!(
+        second,
+        [
+            "demo create rollouts demo-<time>",
+            "demo delete clusters spoke3",
+            "join-token register clusters spoke1",
+            "join-token register clusters spoke2",
+        ],
+        "{rows:#?}"
+    );
+}
+
 /// Lines of the demo's standard output, as they come.
 struct DemoOutput(tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>);
 
