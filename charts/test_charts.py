@@ -9,9 +9,12 @@ default render with the committed rendered/<chart>.yaml (`--update` rewrites the
 Generated secrets are masked before comparing: they are random by design.
 """
 import argparse
+import base64
 import difflib
 import os
+import subprocess
 import sys
+import tempfile
 
 import helm_python as helm
 import kubernetes_validate
@@ -66,7 +69,7 @@ def check_hub_tls(what, deployment, values):
     """With a certificate the hub serves TLS only (probes over HTTPS); without one it says
     plainly that it serves HTTP."""
     tls = values.get("tls", {})
-    wanted = bool(tls.get("existingSecret") or tls.get("certManager", {}).get("issuerRef", {}).get("name"))
+    wanted = tls.get("enabled", True) or bool(tls.get("existingSecret"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"] for e in container.get("env", [])}
     schemes = {p["httpGet"].get("scheme") for p in
@@ -76,6 +79,46 @@ def check_hub_tls(what, deployment, values):
         fail(f"{what}: TLS configured, but the hub is not given its certificate or probed over HTTPS")
     if not wanted and ("FLEET_HUB_INSECURE_HTTP" not in env or schemes != {"HTTP"}):
         fail(f"{what}: no TLS configured, but the hub is not told to serve plain HTTP")
+
+
+def check_generated_certificate(what, secret, service):
+    """A certificate the chart makes is signed by the CA beside it (ca.crt, when there is one)
+    and names the Service as clients reach it, as openssl sees them."""
+    data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+    if not {"tls.crt", "tls.key"} <= data.keys():
+        fail(f"{what}: no tls.crt and tls.key")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        for k, v in data.items():
+            open(os.path.join(d, k), "wb").write(v)
+        san = subprocess.run(["openssl", "x509", "-in", os.path.join(d, "tls.crt"), "-noout", "-ext",
+                              "subjectAltName"], capture_output=True, text=True).stdout
+        if f"DNS:{service}" not in san:
+            fail(f"{what}: the certificate does not name {service}: {san!r}")
+        if "ca.crt" in data:
+            verified = subprocess.run(["openssl", "verify", "-CAfile", os.path.join(d, "ca.crt"),
+                                       os.path.join(d, "tls.crt")], capture_output=True, text=True)
+            if verified.returncode != 0:
+                fail(f"{what}: not signed by its ca.crt: {verified.stdout}{verified.stderr}")
+
+
+def check_agent_tls(what, deployment, values):
+    """The agent serves TLS unless told not to (probes over HTTPS, an https endpoint for the
+    hub); without it, it says plainly that it serves HTTP."""
+    tls = values.get("tls", {})
+    wanted = tls.get("enabled", True) or bool(tls.get("existingSecret"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    schemes = {container[k]["httpGet"].get("scheme") for k in ("livenessProbe", "readinessProbe")}
+    endpoint = env.get("SPOKE_ENDPOINT") or ""
+    scheme = "https://" if wanted else "http://"
+    if values.get("hub", {}).get("url") and not values["hub"].get("endpoint") and not endpoint.startswith(scheme):
+        fail(f"{what}: the endpoint registered with the hub is {endpoint!r}, not {scheme}...")
+    if wanted and not ({"SPOKE_TLS_CERT_FILE", "SPOKE_TLS_PRIVATE_KEY_FILE"} <= env.keys()
+                       and "SPOKE_INSECURE_HTTP" not in env and schemes == {"HTTPS"}):
+        fail(f"{what}: TLS on, but the agent is not given its certificate or probed over HTTPS")
+    if not wanted and ("SPOKE_INSECURE_HTTP" not in env or schemes != {"HTTP"}):
+        fail(f"{what}: TLS off, but the agent is not told to serve plain HTTP")
 
 
 def check_hub_ca(what, deployment, values):
@@ -138,10 +181,14 @@ def check_chart(name, update):
                             and spec.get("issuerRef", {}).get("name")):
                         fail(f"{what}: a Certificate needs secretName, dnsNames and issuerRef.name")
                     continue
+                if doc["kind"] == "Secret" and doc.get("type") == "kubernetes.io/tls":
+                    service = next(d for _, d in objects if d["kind"] == "Service")["metadata"]["name"]
+                    check_generated_certificate(what, doc, f"{service}.{RELEASE['namespace']}.svc")
                 if doc["kind"] == "Deployment" and name == "fleet-hub":
                     check_hub_tls(what, doc, values or {})
                 if doc["kind"] == "Deployment" and name == "spoke-agent":
                     check_hub_ca(what, doc, values or {})
+                    check_agent_tls(what, doc, values or {})
                 try:
                     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
                 except kubernetes_validate.ValidationError as e:

@@ -39,13 +39,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or .Values.database.url .Values.database.existingSecret -}}true{{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the hub's serving certificate, if TLS is configured. */}}
+{{/* The Secret holding the hub's serving certificate; empty with tls.enabled false. */}}
 {{- define "fleet-hub.tlsSecret" -}}
 {{- if .Values.tls.existingSecret -}}
 {{ .Values.tls.existingSecret }}
-{{- else if .Values.tls.certManager.issuerRef.name -}}
+{{- else if .Values.tls.enabled -}}
 {{ include "fleet-hub.fullname" . }}-tls
 {{- end -}}
+{{- end -}}
+
+{{/* Whether the chart makes the certificate itself (no Secret, no issuer given). */}}
+{{- define "fleet-hub.tlsGenerated" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not .Values.tls.certManager.issuerRef.name) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "fleet-hub.scheme" -}}

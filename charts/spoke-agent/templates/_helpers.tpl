@@ -38,3 +38,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "spoke-agent.joinSecret" -}}
 {{- default (printf "%s-join" (include "spoke-agent.fullname" .)) .Values.hub.existingSecret -}}
 {{- end -}}
+
+{{/* The Secret holding the agent's serving certificate; empty with tls.enabled false. */}}
+{{- define "spoke-agent.tlsSecret" -}}
+{{- if .Values.tls.existingSecret -}}
+{{ .Values.tls.existingSecret }}
+{{- else if .Values.tls.enabled -}}
+{{ include "spoke-agent.fullname" . }}-tls
+{{- end -}}
+{{- end -}}
+
+{{- define "spoke-agent.scheme" -}}
+{{ if include "spoke-agent.tlsSecret" . }}HTTPS{{ else }}HTTP{{ end }}
+{{- end -}}
