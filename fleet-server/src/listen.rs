@@ -113,16 +113,14 @@ pub async fn serve_tls(
         };
         let _ = stream.set_nodelay(true);
         // The client's address, for handlers that note it (axum's `ConnectInfo`).
-        let service = TowerToHyperService::new(AddExtension::new(
-            app.clone(),
-            axum::extract::ConnectInfo(peer),
-        ));
+        let app = AddExtension::new(app.clone(), axum::extract::ConnectInfo(peer));
         let builder = if slots.available_permits() * 4 < max {
             &busy
         } else {
             &relaxed
         };
         let Some(acceptor) = &tls else {
+            let service = TowerToHyperService::new(app);
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
@@ -144,6 +142,14 @@ pub async fn serve_tls(
                 }
                 Err(_) => return,
             };
+            // A client certificate the handshake verified names the client to every request.
+            let client = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|der| crate::tls::ClientCert::from_der(der));
+            let service = TowerToHyperService::new(AddExtension::new(app, client));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();

@@ -112,6 +112,41 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
 
+/// A client certificate the listener verified against `--client-ca-file`: its DER and the
+/// names it carries (its subject's common name, then its DNS names). Set as a request
+/// extension on every request of that connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    pub names: Vec<String>,
+}
+
+impl ClientCert {
+    pub fn from_der(der: &[u8]) -> ClientCert {
+        let mut names = Vec::new();
+        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+            names.extend(
+                cert.subject()
+                    .iter_common_name()
+                    .filter_map(|cn| cn.as_str().ok())
+                    .map(str::to_string),
+            );
+            if let Ok(Some(san)) = cert.subject_alternative_name() {
+                for name in &san.value.general_names {
+                    if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                        names.push(dns.to_string());
+                    }
+                }
+            }
+        }
+        ClientCert { names }
+    }
+
+    /// Whether the certificate names this cluster.
+    pub fn names(&self, cluster: &str) -> bool {
+        self.names.iter().any(|n| n == cluster)
+    }
+}
+
 /// Whether `text` has the shape of a [`fingerprint`].
 pub fn is_fingerprint(text: &str) -> bool {
     text.len() == 64
@@ -139,6 +174,34 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
 
 /// An acceptor serving `files`, and the handle that tells which certificate it serves.
 pub fn serving(files: &TlsFiles) -> Result<(TlsAcceptor, ServingCert), String> {
+    serving_with(files, None)
+}
+
+/// The CAs of a PEM bundle, for client certificates (`--client-ca-file`).
+pub fn client_cas(path: &Path) -> Result<Arc<rustls::RootCertStore>, String> {
+    let name = path.display();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("--client-ca-file {name}: {e}"))?
+    {
+        let cert = cert.map_err(|e| format!("--client-ca-file {name}: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("--client-ca-file {name}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("--client-ca-file {name}: no CERTIFICATE in it"));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// `serving`, also asking clients for a certificate signed by one of `client_cas`: one
+/// that presents none still connects (and authenticates otherwise), one that presents
+/// another is refused in the handshake.
+pub fn serving_with(
+    files: &TlsFiles,
+    client_cas: Option<Arc<rustls::RootCertStore>>,
+) -> Result<(TlsAcceptor, ServingCert), String> {
     let stamps = (modified(&files.cert), modified(&files.key));
     let key = load(files)?;
     let resolver = Arc::new(Reloading {
@@ -146,11 +209,19 @@ pub fn serving(files: &TlsFiles) -> Result<(TlsAcceptor, ServingCert), String> {
         current: Mutex::new((stamps.0, stamps.1, Arc::new(key))),
     });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match client_cas {
+        None => builder.with_no_client_auth(),
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("--client-ca-file: {e}"))?,
+        ),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((TlsAcceptor::from(Arc::new(config)), ServingCert(resolver)))
 }

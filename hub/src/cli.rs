@@ -62,6 +62,10 @@ pub struct TlsArgs {
     /// Serve plain HTTP on an address other hosts reach (refused without it).
     #[arg(long, env = "FLEET_HUB_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// CA bundle (PEM) of spoke client certificates: a spoke presenting one for its cluster
+    /// name (CN or DNS name) registers and reports without join token or credential.
+    #[arg(long, env = "FLEET_HUB_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

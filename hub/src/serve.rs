@@ -40,11 +40,21 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
             .map_err(Error::Invalid)?;
     fleet_server::tls::check_plain_http(listen, &tls_files, tls.insecure_http)
         .map_err(Error::Invalid)?;
+    let client_cas = match (&tls.client_ca_file, &tls_files) {
+        (Some(_), None) => {
+            return Err(Error::Invalid(
+                "--client-ca-file needs --tls-cert-file and --tls-private-key-file".into(),
+            ));
+        }
+        (Some(file), Some(_)) => Some(fleet_server::tls::client_cas(file).map_err(Error::Invalid)?),
+        (None, _) => None,
+    };
     let acceptor = tls_files
         .as_ref()
-        .map(fleet_server::tls::acceptor)
+        .map(|files| fleet_server::tls::serving_with(files, client_cas.clone()))
         .transpose()
-        .map_err(Error::Invalid)?;
+        .map_err(Error::Invalid)?
+        .map(|(acceptor, _)| acceptor);
     let viewer_tokens = viewers(
         viewer_tokens,
         viewer_token_file.as_deref(),

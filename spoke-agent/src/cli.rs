@@ -146,6 +146,21 @@ pub struct ServeArgs {
     /// untrusted hub stops the agent at start, before anything is sent.
     #[arg(long, env = "SPOKE_HUB_CA_FILE")]
     pub hub_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) to present to a hub with --client-ca-file: naming this
+    /// cluster (CN or DNS name), it stands for the join token and the credential.
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_CERT_FILE",
+        requires = "hub_client_key_file"
+    )]
+    pub hub_client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_KEY_FILE",
+        requires = "hub_client_cert_file"
+    )]
+    pub hub_client_key_file: Option<PathBuf>,
     /// Token presented to the hub to register.
     #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
@@ -199,6 +214,21 @@ pub struct SimFleetArgs {
     /// untrusted hub stops the agent at start, before anything is sent.
     #[arg(long, env = "SPOKE_HUB_CA_FILE")]
     pub hub_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) to present to a hub with --client-ca-file: naming this
+    /// cluster (CN or DNS name), it stands for the join token and the credential.
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_CERT_FILE",
+        requires = "hub_client_key_file"
+    )]
+    pub hub_client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_KEY_FILE",
+        requires = "hub_client_cert_file"
+    )]
+    pub hub_client_key_file: Option<PathBuf>,
     /// Token presented to the hub to register.
     #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,

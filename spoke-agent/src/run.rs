@@ -42,7 +42,7 @@ fn parse_faults<'a>(points: impl IntoIterator<Item = &'a str>) -> Result<BTreeSe
 
 fn hub_link(
     hub_url: Option<String>,
-    join_token: Option<String>,
+    (join_token, certified): (Option<String>, bool),
     endpoint: String,
     labels: BTreeMap<String, String>,
     client: reqwest::Client,
@@ -51,8 +51,16 @@ fn hub_link(
     let Some(hub_url) = hub_url else {
         return Ok(None);
     };
-    let join_token = join_token
-        .ok_or_else(|| Error::Invalid("--hub-url needs --join-token to register".into()))?;
+    // A client certificate registers without the join token.
+    let join_token = match (join_token, certified) {
+        (Some(token), _) => token,
+        (None, true) => String::new(),
+        (None, false) => {
+            return Err(Error::Invalid(
+                "--hub-url needs --join-token (or --hub-client-cert-file) to register".into(),
+            ));
+        }
+    };
     Ok(Some(HubLink {
         hub_url,
         join_token,
@@ -109,21 +117,44 @@ fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Er
     Ok(token)
 }
 
-/// The client for the hub: trusting `--hub-ca-file` when given; with an `https` hub, its
-/// certificate is checked now, so an untrusted hub stops the agent before anything is sent.
+/// The client for the hub: trusting `--hub-ca-file` when given, presenting
+/// `--hub-client-cert-file` when given; with an `https` hub, its certificate is checked now,
+/// so an untrusted hub stops the agent before anything is sent.
 async fn hub_client(
     hub_url: Option<&str>,
     ca_file: Option<std::path::PathBuf>,
+    identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 ) -> Result<reqwest::Client, Error> {
-    let client = match &ca_file {
-        None => HubLink::client(),
-        Some(file) => {
-            let pem = std::fs::read(file)
-                .map_err(|e| Error::Invalid(format!("--hub-ca-file {}: {e}", file.display())))?;
-            HubLink::client_trusting(&pem)
-                .map_err(|why| Error::Invalid(format!("--hub-ca-file {}: {why}", file.display())))?
-        }
+    let read = |flag: &str, file: &std::path::Path| {
+        std::fs::read(file).map_err(|e| Error::Invalid(format!("{flag} {}: {e}", file.display())))
     };
+    let cas = ca_file
+        .as_deref()
+        .map(|f| read("--hub-ca-file", f))
+        .transpose()?;
+    let identity = match &identity {
+        Some((cert, key)) => {
+            let mut pem = read("--hub-client-cert-file", cert)?;
+            pem.push(b'\n');
+            pem.extend(read("--hub-client-key-file", key)?);
+            Some(pem)
+        }
+        None => None,
+    };
+    let client = HubLink::client_with(cas.as_deref(), identity.as_deref()).map_err(|why| {
+        let flag = if why.starts_with("the client certificate") {
+            "--hub-client-cert-file".to_string()
+        } else {
+            format!(
+                "--hub-ca-file {}",
+                ca_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )
+        };
+        Error::Invalid(format!("{flag}: {why}"))
+    })?;
     if let Some(url) = hub_url.filter(|u| u.starts_with("https://"))
         && let Err(err) = client
             .get(format!("{}/healthz", url.trim_end_matches('/')))
@@ -195,6 +226,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         state_dir,
         hub_url,
         hub_ca_file,
+        hub_client_cert_file,
+        hub_client_key_file,
         join_token,
         api_token,
         labels,
@@ -213,10 +246,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let endpoint = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
-    let hub = hub_client(hub_url.as_deref(), hub_ca_file).await?;
+    let identity = hub_client_cert_file.zip(hub_client_key_file);
+    let certified = identity.is_some();
+    let hub = hub_client(hub_url.as_deref(), hub_ca_file, identity).await?;
     let link = hub_link(
         hub_url,
-        join_token,
+        (join_token, certified),
         endpoint,
         labels.into_iter().collect(),
         hub,
@@ -356,6 +391,8 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         state_dir,
         hub_url,
         hub_ca_file,
+        hub_client_cert_file,
+        hub_client_key_file,
         join_token,
         api_token,
         labels,
@@ -387,7 +424,9 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     let api_token = Some(local_api_token(api_token, &state_dir)?);
     let metrics = AgentMetrics::new().map_err(|e| Error::internal("the metrics registry", e))?;
     let base = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
-    let client = hub_client(hub_url.as_deref(), hub_ca_file).await?;
+    let identity = hub_client_cert_file.zip(hub_client_key_file);
+    let certified = identity.is_some();
+    let client = hub_client(hub_url.as_deref(), hub_ca_file, identity).await?;
     let common: BTreeMap<String, String> = labels.into_iter().collect();
     let mut agents = HashMap::new();
     let mut pending = tokio::task::JoinSet::new();
@@ -403,7 +442,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         labels.insert("name".into(), name.clone());
         let link = hub_link(
             hub_url.clone(),
-            join_token.clone(),
+            (join_token.clone(), certified),
             format!("{base}/clusters/{name}"),
             labels,
             client.clone(),

@@ -42,16 +42,28 @@ impl HubLink {
         Self::builder().build().unwrap_or_default()
     }
 
-    /// A client that trusts only the CAs of this PEM bundle for the hub's certificate
-    /// (`--hub-ca-file`; without it, the usual roots).
-    pub fn client_trusting(pem: &[u8]) -> Result<reqwest::Client, String> {
-        let cas = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
-        if cas.is_empty() {
-            return Err("no CERTIFICATE in it".into());
+    /// A client that trusts only the CAs of the PEM bundle `cas` for the hub's certificate
+    /// (`--hub-ca-file`; without it, the usual roots), and presents `identity` (a PEM
+    /// certificate and its key, `--hub-client-cert-file`) when the hub asks for one.
+    pub fn client_with(
+        cas: Option<&[u8]>,
+        identity: Option<&[u8]>,
+    ) -> Result<reqwest::Client, String> {
+        let mut builder = Self::builder();
+        if let Some(pem) = cas {
+            let cas = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+            if cas.is_empty() {
+                return Err("no CERTIFICATE in it".into());
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for ca in cas {
+                builder = builder.add_root_certificate(ca);
+            }
         }
-        let mut builder = Self::builder().tls_built_in_root_certs(false);
-        for ca in cas {
-            builder = builder.add_root_certificate(ca);
+        if let Some(pem) = identity {
+            let identity = reqwest::Identity::from_pem(pem)
+                .map_err(|e| format!("the client certificate: {e}"))?;
+            builder = builder.identity(identity);
         }
         builder.build().map_err(|e| e.to_string())
     }
@@ -233,11 +245,12 @@ async fn register<S: Spoke>(
         agent_id: link.agent_id.clone(),
         certificate_sha256: certificate.clone(),
     };
-    let res = link
-        .client
-        .post(&url)
-        .bearer_auth(bearer)
-        .json(&body)
+    let mut req = link.client.post(&url).json(&body);
+    // No join token: the client certificate speaks for the agent.
+    if !bearer.is_empty() {
+        req = req.bearer_auth(bearer);
+    }
+    let res = req
         .send()
         .await
         .map_err(|e| Failure::Other(e.to_string()))?;

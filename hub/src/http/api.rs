@@ -15,6 +15,7 @@ use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
 use super::audit::AuditNote;
 use super::auth::{Access, Kind, authorize};
 use crate::store::CredentialCheck;
+use fleet_server::tls::ClientCert;
 use fleet_types::{Reason, Status};
 use serde::Deserialize;
 use serde_json::Value;
@@ -121,8 +122,16 @@ fn report_text(body: &Bytes, report: &StatusReport) -> Result<String, ApiError> 
         .map_err(|e| ApiError::new(Reason::InternalError, format!("status report: {e}")))
 }
 
+/// The client certificate the connection's handshake verified (`--client-ca-file`).
+type ClientCertExt = Option<Extension<Option<ClientCert>>>;
+
+fn client_cert(ext: ClientCertExt) -> Option<ClientCert> {
+    ext.and_then(|Extension(c)| c)
+}
+
 pub async fn register(
     State(state): State<Shared>,
+    client: ClientCertExt,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(Extension<AuditNote>, Json<RegisterResponse>), ApiError> {
@@ -131,21 +140,26 @@ pub async fn register(
         None => state.join_token.clone(),
     };
     let presented = bearer(&headers);
-    // The join token, or (a spoke registering its renewed certificate or a new endpoint)
-    // the cluster's own credential, which is checked once the name is known.
+    let cert = client_cert(client);
+    // The join token, a client certificate naming the cluster, or (a spoke registering its
+    // renewed certificate or a new endpoint) the cluster's own credential: the last two are
+    // checked once the name is known.
     let joined = match (join.as_deref(), presented) {
         (None, _) => true,
         (Some(join), Some(t)) => fleet_types::http::tokens_match(t, join),
         (Some(_), None) => false,
     };
     let needs_join = || ApiError::new(Reason::Unauthorized, "registration needs the join token");
-    if !joined && presented.is_none() {
+    if !joined && presented.is_none() && cert.is_none() {
         return Err(needs_join());
     }
     let req: RegisterRequest = json_body(&body, "registration")?;
     let now = state.engine.clock.now();
-    if !joined {
-        let credential = presented.unwrap_or_default();
+    let by_cert = !joined && cert.as_ref().is_some_and(|c| c.names(&req.name));
+    if !joined && !by_cert {
+        let Some(credential) = presented else {
+            return Err(needs_join());
+        };
         let check = store::cluster_credential_check(&state.pool, &req.name, credential, now);
         if check.await? != CredentialCheck::Valid {
             return Err(needs_join());
@@ -188,6 +202,8 @@ pub async fn register(
     let note = AuditNote {
         actor: Some(if joined {
             "join-token".into()
+        } else if by_cert {
+            format!("cert:{}", req.name)
         } else {
             format!("cluster:{}", req.name)
         }),
@@ -261,11 +277,20 @@ pub async fn renew_credential(
 pub async fn report(
     State(state): State<Shared>,
     Path(name): Path<String>,
+    client: ClientCertExt,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let counted = |result: &str| state.metrics.reports.with_label_values(&[result]).inc();
-    let Some(credential) = bearer(&headers) else {
+    // A client certificate naming the cluster stands for its credential.
+    let by_cert = match client_cert(client) {
+        Some(cert) if cert.names(&name) && bearer(&headers).is_none() => {
+            let now = state.engine.clock.now();
+            store::cluster_current_credential(&state.pool, &name, now).await?
+        }
+        _ => None,
+    };
+    let Some(credential) = by_cert.as_deref().or_else(|| bearer(&headers)) else {
         counted("rejected");
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };

@@ -136,3 +136,22 @@ pub async fn cluster_credential_check(
         .insert(key, (presented, expires_at));
     Ok(verdict(expires_at))
 }
+
+/// The credential cluster `name` holds now, when it is registered and its credential has not
+/// expired at `now`: what a spoke authenticated by its client certificate reports with.
+pub async fn cluster_current_credential(
+    pool: &PgPool,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, Error> {
+    let key = hub_key(pool).await?;
+    let nonce: Option<String> = sqlx::query_scalar(
+        "SELECT credential_nonce FROM clusters WHERE name = $1
+           AND (credential_expires_at IS NULL OR credential_expires_at > $2)",
+    )
+    .bind(name)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    Ok(nonce.map(|n| derive(&key, name, &n)))
+}

@@ -177,6 +177,16 @@ fn plain_http_where_other_hosts_reach_is_refused_unless_asked_for() {
         err.contains("--tls-private-key-file needs --tls-cert-file"),
         "{err}"
     );
+    let ca = fixture("client-ca.crt");
+    let (code, err) = run(
+        "fleet-hub",
+        &["serve", "--client-ca-file", ca.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--client-ca-file needs --tls-cert-file and --tls-private-key-file"),
+        "{err}"
+    );
     // A key that is not the certificate's is named as such.
     let other = fixture("renewed.key");
     let (code, err) = run(
@@ -593,4 +603,125 @@ async fn get_text(client: &reqwest::Client, url: &str) -> String {
 
 async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
     serde_json::from_str(&get_text(client, url).await).unwrap()
+}
+
+/// A client that trusts `ca.crt` and presents the client certificate `name` (`.crt`, `.key`).
+fn client_presenting(name: &str) -> reqwest::Client {
+    let mut pem = std::fs::read(fixture(&format!("{name}.crt"))).unwrap();
+    pem.extend(std::fs::read(fixture(&format!("{name}.key"))).unwrap());
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(fixture("ca.crt")).unwrap()).unwrap(),
+        )
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// With `--client-ca-file`, a spoke whose client certificate (from that CA) names its cluster
+/// registers and reports with neither join token nor credential; a certificate from another
+/// CA is refused in the handshake, and one naming another cluster registers nothing.
+#[tokio::test]
+async fn a_client_certificate_stands_for_the_join_token_and_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fleet_e2e::TestDb::empty().await;
+    install(dir.path(), "server");
+    let port = free_port();
+    let log = ChildLog::new(dir.path(), "fleet-hub");
+    let _hub = ChildGuard(
+        Command::new(binary("fleet-hub"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url(), "--admin-token", "s3cret"])
+            .args(["--join-token", "j0in"])
+            .arg("--tls-cert-file")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-private-key-file")
+            .arg(dir.path().join("tls.key"))
+            .arg("--client-ca-file")
+            .arg(fixture("client-ca.crt"))
+            .stdout(Stdio::null())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap(),
+    );
+    let hub_url = format!("https://127.0.0.1:{port}");
+    served_certificate("ca.crt", &format!("{hub_url}/healthz")).await;
+    let registration = |name: &str| serde_json::json!({"name": name, "endpoint": "http://127.0.0.1:1", "agentId": "run-1"});
+    // Another CA's certificate: no TLS session at all.
+    let stranger = client_presenting("stranger-client")
+        .post(format!("{hub_url}/v1/clusters/register"))
+        .bearer_auth("j0in")
+        .json(&registration("edge1"))
+        .send()
+        .await;
+    assert!(stranger.is_err(), "{stranger:?}");
+    // edge1's certificate registers edge1, not edge2.
+    let edge1 = client_presenting("edge1-client");
+    let res = edge1
+        .post(format!("{hub_url}/v1/clusters/register"))
+        .json(&registration("edge2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // The agent itself, with its certificate and no join token.
+    let agent_port = free_port();
+    let agent_log = ChildLog::new(dir.path(), "spoke-agent");
+    let mut cmd = crate::spoke::agent_command_named("edge1", &dir.path().join("agent"), agent_port);
+    cmd.args(["--hub-url", &hub_url])
+        .arg("--hub-ca-file")
+        .arg(fixture("ca.crt"))
+        .arg("--hub-client-cert-file")
+        .arg(fixture("edge1-client.crt"))
+        .arg("--hub-client-key-file")
+        .arg(fixture("edge1-client.key"))
+        .stdout(Stdio::null())
+        .stderr(agent_log.stdio());
+    let _agent = ChildGuard(cmd.spawn().unwrap());
+    let admin = client("ca.crt");
+    wait_for(
+        "edge1 registered and reporting",
+        Duration::from_secs(30),
+        || async {
+            let c: serde_json::Value = admin
+                .get(format!("{hub_url}/v1/clusters/edge1"))
+                .bearer_auth("s3cret")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            c["ibu"]["kind"].as_str().map(|_| ())
+        },
+    )
+    .await;
+    // A report with the certificate alone is taken as the cluster's.
+    let report = serde_json::json!({"sequence": 1_000_000, "agentId": "x", "ibu": {
+        "apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade",
+        "metadata": {"name": "upgrade"}, "spec": {"stage": "Idle"}}});
+    let res = edge1
+        .post(format!("{hub_url}/v1/clusters/edge1/status"))
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let res = edge1
+        .post(format!("{hub_url}/v1/clusters/edge2/status"))
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "not edge2's");
+    let trail = get_json(&admin, &format!("{hub_url}/v1/audit")).await;
+    let actors: Vec<&str> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["verb"] == "register" && e["code"] == 200)
+        .filter_map(|e| e["actor"].as_str())
+        .collect();
+    assert_eq!(actors, ["cert:edge1"], "{trail}");
 }
