@@ -17,11 +17,23 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
+/// The oldest TLS version a listener accepts (`--tls-min-version`, the kube-apiserver's
+/// values). Ciphers are rustls' safe defaults either way.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMinVersion {
+    #[default]
+    #[value(name = "VersionTLS12")]
+    Tls12,
+    #[value(name = "VersionTLS13")]
+    Tls13,
+}
+
 /// The serving certificate's files.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub min_version: TlsMinVersion,
 }
 
 impl TlsFiles {
@@ -31,7 +43,11 @@ impl TlsFiles {
         key: Option<PathBuf>,
     ) -> Result<Option<TlsFiles>, String> {
         match (cert, key) {
-            (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert,
+                key,
+                min_version: TlsMinVersion::default(),
+            })),
             (None, None) => Ok(None),
             (Some(_), None) => Err("--tls-cert-file needs --tls-private-key-file".into()),
             (None, Some(_)) => Err("--tls-private-key-file needs --tls-cert-file".into()),
@@ -209,8 +225,12 @@ pub fn serving_with(
         current: Mutex::new((stamps.0, stamps.1, Arc::new(key))),
     });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match files.min_version {
+        TlsMinVersion::Tls12 => rustls::DEFAULT_VERSIONS,
+        TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("TLS: {e}"))?;
     let builder = match client_cas {
         None => builder.with_no_client_auth(),

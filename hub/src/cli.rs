@@ -62,6 +62,9 @@ pub struct TlsArgs {
     /// Serve plain HTTP on an address other hosts reach (refused without it).
     #[arg(long, env = "FLEET_HUB_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// Oldest TLS version accepted (ciphers: rustls' safe defaults).
+    #[arg(long, env = "FLEET_HUB_TLS_MIN_VERSION", value_enum, default_value_t)]
+    pub tls_min_version: fleet_server::tls::TlsMinVersion,
     /// CA bundle (PEM) of spoke client certificates: a spoke presenting one for its cluster
     /// name (CN or DNS name) registers and reports without join token or credential.
     #[arg(long, env = "FLEET_HUB_CLIENT_CA_FILE")]

@@ -37,7 +37,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     } = args;
     let tls_files =
         fleet_server::tls::TlsFiles::from_flags(tls.tls_cert_file, tls.tls_private_key_file)
-            .map_err(Error::Invalid)?;
+            .map_err(Error::Invalid)?
+            .map(|mut files| {
+                files.min_version = tls.tls_min_version;
+                files
+            });
     fleet_server::tls::check_plain_http(listen, &tls_files, tls.insecure_http)
         .map_err(Error::Invalid)?;
     let client_cas = match (&tls.client_ca_file, &tls_files) {

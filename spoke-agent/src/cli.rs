@@ -124,6 +124,9 @@ pub struct TlsArgs {
     /// Serve plain HTTP on an address other hosts reach (refused without it).
     #[arg(long, env = "SPOKE_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// Oldest TLS version accepted (ciphers: rustls' safe defaults).
+    #[arg(long, env = "SPOKE_TLS_MIN_VERSION", value_enum, default_value_t)]
+    pub tls_min_version: fleet_server::tls::TlsMinVersion,
 }
 
 #[derive(Args, Debug)]

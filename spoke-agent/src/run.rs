@@ -184,7 +184,11 @@ type Tls = (tokio_rustls::TlsAcceptor, fleet_server::tls::ServingCert);
 fn listener_tls(listen: SocketAddr, tls: TlsArgs) -> Result<Option<Tls>, Error> {
     use fleet_server::tls;
     let files = tls::TlsFiles::from_flags(tls.tls_cert_file, tls.tls_private_key_file)
-        .map_err(Error::Invalid)?;
+        .map_err(Error::Invalid)?
+        .map(|mut files| {
+            files.min_version = tls.tls_min_version;
+            files
+        });
     tls::check_plain_http(listen, &files, tls.insecure_http).map_err(Error::Invalid)?;
     files
         .as_ref()

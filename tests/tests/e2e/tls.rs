@@ -725,3 +725,32 @@ async fn a_client_certificate_stands_for_the_join_token_and_the_credential() {
         .collect();
     assert_eq!(actors, ["cert:edge1"], "{trail}");
 }
+
+/// `--tls-min-version VersionTLS13` turns TLS 1.2 clients away; TLS 1.3 ones are served.
+#[tokio::test]
+async fn the_oldest_tls_version_is_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = ChildLog::new(dir.path(), "spoke-agent");
+    let mut cmd = crate::spoke::agent_command(&dir.path().join("state"), port);
+    serving_tls(&mut cmd)
+        .args(["--tls-min-version", "VersionTLS13"])
+        .stdout(Stdio::null())
+        .stderr(log.stdio());
+    let _agent = ChildGuard(cmd.spawn().unwrap());
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    assert_eq!(served_certificate("ca.crt", &url).await, der("server.crt"));
+    let pem = std::fs::read(fixture("ca.crt")).unwrap();
+    let old = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .max_tls_version(reqwest::tls::Version::TLS_1_2)
+        .build()
+        .unwrap();
+    let refused = old.get(&url).send().await;
+    let err = format!("{:?}", refused.unwrap_err());
+    assert!(
+        err.contains("ProtocolVersion") || err.contains("protocol"),
+        "{err}"
+    );
+}
