@@ -112,6 +112,36 @@ pub struct SimArgs {
     pub sim_in_memory: bool,
 }
 
+/// How the agent reaches and registers with the hub.
+#[derive(Args, Debug, Clone)]
+pub struct HubArgs {
+    /// Hub base URL. Absent: no hub, local API only.
+    #[arg(long, env = "SPOKE_HUB_URL")]
+    pub hub_url: Option<String>,
+    /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
+    /// untrusted hub stops the agent at start, before anything is sent.
+    #[arg(long, env = "SPOKE_HUB_CA_FILE")]
+    pub hub_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) to present to a hub with --client-ca-file: naming this
+    /// cluster (CN or DNS name), it stands for the join token and the credential.
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_CERT_FILE",
+        requires = "hub_client_key_file"
+    )]
+    pub hub_client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "SPOKE_HUB_CLIENT_KEY_FILE",
+        requires = "hub_client_cert_file"
+    )]
+    pub hub_client_key_file: Option<PathBuf>,
+    /// Token presented to the hub to register.
+    #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+}
+
 /// TLS on the listener (the kube-apiserver's flag names).
 #[derive(Args, Debug, Clone)]
 pub struct TlsArgs {
@@ -142,31 +172,8 @@ pub struct ServeArgs {
     /// Directory holding the persisted IBU and the agent's state.
     #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-agent")]
     pub state_dir: PathBuf,
-    /// Hub base URL. Absent: no hub, local API only.
-    #[arg(long, env = "SPOKE_HUB_URL")]
-    pub hub_url: Option<String>,
-    /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
-    /// untrusted hub stops the agent at start, before anything is sent.
-    #[arg(long, env = "SPOKE_HUB_CA_FILE")]
-    pub hub_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) to present to a hub with --client-ca-file: naming this
-    /// cluster (CN or DNS name), it stands for the join token and the credential.
-    #[arg(
-        long,
-        env = "SPOKE_HUB_CLIENT_CERT_FILE",
-        requires = "hub_client_key_file"
-    )]
-    pub hub_client_cert_file: Option<PathBuf>,
-    /// Its private key (PEM).
-    #[arg(
-        long,
-        env = "SPOKE_HUB_CLIENT_KEY_FILE",
-        requires = "hub_client_cert_file"
-    )]
-    pub hub_client_key_file: Option<PathBuf>,
-    /// Token presented to the hub to register.
-    #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// Token with full access to the local API.
     #[arg(long, env = "SPOKE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -210,31 +217,8 @@ pub struct SimFleetArgs {
     /// Directory holding one sub-directory of state per cluster.
     #[arg(long, env = "SPOKE_STATE_DIR", default_value = "./.spoke-fleet")]
     pub state_dir: PathBuf,
-    /// Hub base URL. Absent: no hub, local API only.
-    #[arg(long, env = "SPOKE_HUB_URL")]
-    pub hub_url: Option<String>,
-    /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
-    /// untrusted hub stops the agent at start, before anything is sent.
-    #[arg(long, env = "SPOKE_HUB_CA_FILE")]
-    pub hub_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) to present to a hub with --client-ca-file: naming this
-    /// cluster (CN or DNS name), it stands for the join token and the credential.
-    #[arg(
-        long,
-        env = "SPOKE_HUB_CLIENT_CERT_FILE",
-        requires = "hub_client_key_file"
-    )]
-    pub hub_client_cert_file: Option<PathBuf>,
-    /// Its private key (PEM).
-    #[arg(
-        long,
-        env = "SPOKE_HUB_CLIENT_KEY_FILE",
-        requires = "hub_client_cert_file"
-    )]
-    pub hub_client_key_file: Option<PathBuf>,
-    /// Token presented to the hub to register.
-    #[arg(long, env = "SPOKE_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// Token with full access to every simulated cluster's local API.
     #[arg(long, env = "SPOKE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,

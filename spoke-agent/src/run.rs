@@ -17,7 +17,7 @@ use spoke_core::runner::Agent;
 use spoke_core::spoke::Spoke;
 use spoke_sim::{Fault, SimConfig, SimHost, start_agent};
 
-use crate::cli::{HostKind, ServeArgs, SimArgs, SimFleetArgs, TlsArgs};
+use crate::cli::{HostKind, HubArgs, ServeArgs, SimArgs, SimFleetArgs, TlsArgs};
 use crate::kubernetes::host::KubeHost;
 
 fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
@@ -228,11 +228,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         listen,
         tls,
         state_dir,
-        hub_url,
-        hub_ca_file,
-        hub_client_cert_file,
-        hub_client_key_file,
-        join_token,
+        hub:
+            HubArgs {
+                hub_url,
+                hub_ca_file,
+                hub_client_cert_file,
+                hub_client_key_file,
+                join_token,
+            },
         api_token,
         labels,
         host,
@@ -393,11 +396,14 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         listen,
         tls,
         state_dir,
-        hub_url,
-        hub_ca_file,
-        hub_client_cert_file,
-        hub_client_key_file,
-        join_token,
+        hub:
+            HubArgs {
+                hub_url,
+                hub_ca_file,
+                hub_client_cert_file,
+                hub_client_key_file,
+                join_token,
+            },
         api_token,
         labels,
         sim,
