@@ -135,10 +135,7 @@ pub async fn register(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(Extension<AuditNote>, Json<RegisterResponse>), ApiError> {
-    let join = match &state.join_token_file {
-        Some(file) => Some(file.current()),
-        None => state.join_token.clone(),
-    };
+    let join = state.join_token_now();
     let presented = bearer(&headers);
     let cert = client_cert(client);
     // The join token, a client certificate naming the cluster, or (a spoke registering its

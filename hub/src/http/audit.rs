@@ -42,7 +42,9 @@ fn change(method: &Method, route: &str) -> Option<(&'static str, &'static str)> 
 fn path_names(route: &str, path: &str) -> (Option<String>, Option<String>) {
     let (mut namespace, mut name) = (None, None);
     for (t, p) in route.split('/').zip(path.split('/')) {
-        let value = percent_decoded(p);
+        let value = percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned();
         match t {
             "{namespace}" => namespace = Some(value),
             "{name}" => name = Some(value),
@@ -50,28 +52,6 @@ fn path_names(route: &str, path: &str) -> (Option<String>, Option<String>) {
         }
     }
     (namespace, name)
-}
-
-fn percent_decoded(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Response {

@@ -178,10 +178,7 @@ pub fn actor(state: &AppState, headers: &HeaderMap, name: Option<&str>) -> (Stri
     }) {
         return ("viewer".into(), vec![]);
     }
-    let join = match &state.join_token_file {
-        Some(file) => Some(file.current()),
-        None => state.join_token.clone(),
-    };
+    let join = state.join_token_now();
     if is(join.as_deref()) {
         return ("join-token".into(), vec![]);
     }

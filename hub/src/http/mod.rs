@@ -109,6 +109,14 @@ impl TokenFile {
 }
 
 impl AppState {
+    /// The join token as it is now: the file's (read again when it changed), else the flag's.
+    pub fn join_token_now(&self) -> Option<String> {
+        match &self.join_token_file {
+            Some(file) => Some(file.current()),
+            None => self.join_token.clone(),
+        }
+    }
+
     /// A hub on `pool` with the system clock, fresh metrics and an open API: the fixture of
     /// the tests, changed with the builders below.
     pub fn test(pool: PgPool) -> AppState {

@@ -207,6 +207,14 @@ fn plain_http_where_other_hosts_reach_is_refused_unless_asked_for() {
 
 /// A hub serving `server.crt` (signed by `ca.crt`) on a loopback port, with its database.
 async fn tls_hub(dir: &Path) -> (ChildGuard, u16, fleet_e2e::TestDb) {
+    tls_hub_with(dir, &[]).await
+}
+
+/// `tls_hub`, with more flags.
+async fn tls_hub_with(
+    dir: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> (ChildGuard, u16, fleet_e2e::TestDb) {
     let db = fleet_e2e::TestDb::empty().await;
     install(dir, "server");
     let port = free_port();
@@ -220,6 +228,7 @@ async fn tls_hub(dir: &Path) -> (ChildGuard, u16, fleet_e2e::TestDb) {
             .arg(dir.join("tls.crt"))
             .arg("--tls-private-key-file")
             .arg(dir.join("tls.key"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log.stdio())
             .spawn()
@@ -625,28 +634,10 @@ fn client_presenting(name: &str) -> reqwest::Client {
 #[tokio::test]
 async fn a_client_certificate_stands_for_the_join_token_and_the_credential() {
     let dir = tempfile::tempdir().unwrap();
-    let db = fleet_e2e::TestDb::empty().await;
-    install(dir.path(), "server");
-    let port = free_port();
-    let log = ChildLog::new(dir.path(), "fleet-hub");
-    let _hub = ChildGuard(
-        Command::new(binary("fleet-hub"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", &db.url(), "--admin-token", "s3cret"])
-            .args(["--join-token", "j0in"])
-            .arg("--tls-cert-file")
-            .arg(dir.path().join("tls.crt"))
-            .arg("--tls-private-key-file")
-            .arg(dir.path().join("tls.key"))
-            .arg("--client-ca-file")
-            .arg(fixture("client-ca.crt"))
-            .stdout(Stdio::null())
-            .stderr(log.stdio())
-            .spawn()
-            .unwrap(),
-    );
+    let client_ca = fixture("client-ca.crt");
+    let flags = ["--client-ca-file".as_ref(), client_ca.as_os_str()];
+    let (_hub, port, _db) = tls_hub_with(dir.path(), &flags).await;
     let hub_url = format!("https://127.0.0.1:{port}");
-    served_certificate("ca.crt", &format!("{hub_url}/healthz")).await;
     let registration = |name: &str| serde_json::json!({"name": name, "endpoint": "http://127.0.0.1:1", "agentId": "run-1"});
     // Another CA's certificate: no TLS session at all.
     let stranger = client_presenting("stranger-client")
