@@ -52,6 +52,45 @@ impl Default for Limits {
     }
 }
 
+/// Open files a server needs: its connections, those it opens (the database, pushes, the
+/// hub), and its own files.
+pub const OPEN_FILES_WANTED: u64 = MAX_CONNECTIONS as u64 * 2;
+
+/// Raises the soft limit of open files to the hard limit, as every connection is a file (a
+/// default soft limit of 1024 turned a fleet's registrations into `Too many open files`),
+/// and says in the log when even the hard limit is below `wanted`. Answers the limit now.
+pub fn raise_open_files(wanted: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(err) => {
+            tracing::warn!(%err, "reading the open-file limit failed");
+            return 0;
+        }
+    };
+    let now = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(err) => {
+                tracing::warn!(%err, soft, hard, "raising the open-file limit failed");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if now < wanted {
+        tracing::warn!(
+            limit = now,
+            wanted,
+            "the open-file limit is below what the connection limits need: raise it (ulimit -Hn, LimitNOFILE=)"
+        );
+    } else {
+        tracing::debug!(limit = now, "open-file limit");
+    }
+    now
+}
+
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 

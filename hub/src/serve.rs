@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
+    fleet_server::listen::raise_open_files(fleet_server::listen::OPEN_FILES_WANTED);
     let ServeArgs {
         listen,
         tls,

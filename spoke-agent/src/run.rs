@@ -223,6 +223,7 @@ async fn serve_http(listen: SocketAddr, tls: Option<Tls>, app: axum::Router) -> 
 }
 
 pub async fn serve(args: ServeArgs) -> Result<(), Error> {
+    fleet_server::listen::raise_open_files(fleet_server::listen::OPEN_FILES_WANTED);
     let ServeArgs {
         cluster_name,
         listen,
@@ -390,6 +391,7 @@ async fn serve_one<S: Spoke>(
 const OPEN_CONCURRENCY: usize = 64;
 
 pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
+    fleet_server::listen::raise_open_files(fleet_server::listen::OPEN_FILES_WANTED);
     let SimFleetArgs {
         count,
         prefix,

@@ -600,3 +600,81 @@ async fn the_join_token_file_is_read_again_when_it_changes() {
     assert_eq!(register("first-token").await, 401);
     assert_eq!(register("second-token").await, 200);
 }
+
+/// Every connection is a file: both programs raise their soft open-file limit to the hard
+/// one at start, and say so when even that is below what their connection limits need.
+#[tokio::test]
+async fn both_programs_raise_their_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = fleet_e2e::TestDb::empty().await;
+    let port = fleet_e2e::free_port();
+    let programs = [
+        (
+            "fleet-hub",
+            vec![
+                "serve".to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--database-url".into(),
+                db.url(),
+            ],
+        ),
+        (
+            "spoke-agent",
+            vec![
+                "serve".into(),
+                "--cluster-name".into(),
+                "sno1".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", fleet_e2e::free_port()),
+                "--state-dir".into(),
+                dir.path().join("state").display().to_string(),
+            ],
+        ),
+    ];
+    for (bin, args) in programs {
+        let log = fleet_e2e::ChildLog::new(dir.path(), bin);
+        let mut cmd = Command::new(fleet_e2e::binary(bin));
+        cmd.args(&args)
+            .env_remove("DATABASE_URL")
+            .env_remove("SPOKE_HUB_URL")
+            .stdout(Stdio::null())
+            .stderr(log.stdio());
+        // Started with a soft limit of 256 under a hard one of 1024, below what it wants.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    256,
+                    1024,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+        let child = fleet_e2e::ChildGuard(cmd.spawn().unwrap());
+        let limits = format!("/proc/{}/limits", child.pid());
+        fleet_e2e::wait_for(
+            &format!("{bin} to raise its limit"),
+            Duration::from_secs(30),
+            || {
+                let text = std::fs::read_to_string(&limits).unwrap_or_default();
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .unwrap_or("")
+                    .to_string();
+                let said = log
+                    .text()
+                    .contains("the open-file limit is below what the connection limits need");
+                async move {
+                    (line.split_whitespace().collect::<Vec<_>>().get(3..5)
+                        == Some(&["1024", "1024"][..])
+                        && said)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
