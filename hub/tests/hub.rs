@@ -720,7 +720,12 @@ async fn credentials_expire_and_renewal_replaces_them() {
         (StatusCode::OK, &serde_json::json!(true)),
         "the sequence goes on: {body}"
     );
-    assert_eq!(renew(&first).await.0, StatusCode::FORBIDDEN);
+    let (code, body) = renew(&first).await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body["message"],
+        "this credential may not renew the credential of cluster sno1"
+    );
 
     // Past its expiry: refused, saying so; registering with it too.
     *clock.0.lock().unwrap() = start + chrono::Duration::hours(5);

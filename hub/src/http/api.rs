@@ -222,8 +222,14 @@ pub async fn register(
 }
 
 /// Refuses a credential that is not valid for the cluster: an expired one with 401 (the
-/// agent registers again), another cluster's or an unknown one with 403.
-async fn check_credential(state: &AppState, name: &str, credential: &str) -> Result<(), ApiError> {
+/// agent registers again), another cluster's or an unknown one with 403 saying it may not
+/// `act` (`report for`, `renew the credential of`) the cluster.
+async fn check_credential(
+    state: &AppState,
+    name: &str,
+    credential: &str,
+    act: &str,
+) -> Result<(), ApiError> {
     let now = state.engine.clock.now();
     match store::cluster_credential_check(&state.pool, name, credential, now).await? {
         CredentialCheck::Valid => Ok(()),
@@ -236,7 +242,7 @@ async fn check_credential(state: &AppState, name: &str, credential: &str) -> Res
         )),
         CredentialCheck::Unknown => Err(ApiError::new(
             Reason::Forbidden,
-            format!("this credential may not report for cluster {name}"),
+            format!("this credential may not {act} cluster {name}"),
         )),
     }
 }
@@ -251,7 +257,8 @@ pub async fn renew_credential(
     let Some(credential) = bearer(&headers) else {
         return Err(ApiError::new(Reason::Unauthorized, "missing bearer token"));
     };
-    check_credential(&state, &name, credential).await?;
+    const RENEW: &str = "renew the credential of";
+    check_credential(&state, &name, credential, RENEW).await?;
     let now = state.engine.clock.now();
     let renewed =
         store::cluster_renew_credential(&state.pool, &name, credential, now, state.credential_ttl)
@@ -260,7 +267,7 @@ pub async fn renew_credential(
     let issued = renewed.ok_or_else(|| {
         ApiError::new(
             Reason::Forbidden,
-            format!("this credential may not renew cluster {name}'s"),
+            format!("this credential may not {RENEW} cluster {name}"),
         )
     })?;
     tracing::info!(cluster = %name, expires_at = ?issued.expires_at, "credential renewed");
@@ -293,7 +300,7 @@ pub async fn report(
     };
     // Who sends it first: a caller without this cluster's valid credential costs no parsing
     // and learns nothing of what a report must hold.
-    check_credential(&state, &name, credential)
+    check_credential(&state, &name, credential, "report for")
         .await
         .inspect_err(|_| counted("rejected"))?;
     let report: StatusReport =
