@@ -34,6 +34,32 @@ pub struct ImageBasedGroupUpgradeSpec {
     pub cluster_label_selectors: Vec<ClusterLabelSelector>,
     #[serde(default)]
     pub plan: Vec<PlanItem>,
+    /// The hub's extension (`ibgu-hub.md` section 5): while true no cluster starts an
+    /// action; running ones go on and timeouts stop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The hub's extension: clusters start actions only inside this daily window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<MaintenanceWindow>,
+}
+
+/// `spec.maintenanceWindow`: a daily window, in a time zone of the tz database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindow {
+    /// Local start time, `HH:MM`.
+    pub start: String,
+    /// Minutes the window stays open (1 to 1440).
+    pub duration_minutes: i64,
+    /// An IANA time zone name; absent means UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+impl MaintenanceWindow {
+    pub fn time_zone(&self) -> &str {
+        self.time_zone.as_deref().unwrap_or("UTC")
+    }
 }
 
 /// `spec.ibuSpec`: the fields of an IBU spec; `stage` is accepted and ignored.
@@ -86,7 +112,7 @@ pub struct PlanItem {
     pub rollout_strategy: RolloutStrategy,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStrategy {
     /// Clusters per batch. Kept signed so that `0` or a negative value reaches validation
@@ -96,6 +122,80 @@ pub struct RolloutStrategy {
     /// Minutes for the whole step across all its batches; absent means 240.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<i64>,
+    /// Failures allowed in this item before it halts: a count or `"N%"` of its clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<IntOrPercent>,
+    /// The first batch holds this many clusters (`lcm.openshift.io/canary` ones first);
+    /// the item goes on only if all of them completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_clusters: Option<i64>,
+    /// Each batch after the first is this many times the size of the one before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_growth_factor: Option<f64>,
+    /// At most this many clusters start their first action in any 60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_starts_per_minute: Option<i64>,
+    /// Times a failed `Prep` is aborted and tried again (0 to 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i64>,
+    /// At most `maxUnavailable` clusters of one group (same `groupBy` label values) per batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption_budget: Option<DisruptionBudget>,
+}
+
+/// `rolloutStrategy.disruptionBudget`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudget {
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    #[serde(default)]
+    pub max_unavailable: i64,
+}
+
+/// A count or a percentage (`"10%"`), as Kubernetes' `IntOrString` for such fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrPercent {
+    Int(i64),
+    String(String),
+}
+
+impl JsonSchema for IntOrPercent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrPercent".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"x-kubernetes-int-or-string": true})
+    }
+}
+
+impl IntOrPercent {
+    /// The count this allows out of `total` (a percentage rounded down), or `None` when it
+    /// is neither a count >= 0 nor a percentage between 0% and 100%.
+    pub fn of(&self, total: usize) -> Option<usize> {
+        match self {
+            IntOrPercent::Int(n) => usize::try_from(*n).ok(),
+            IntOrPercent::String(s) => {
+                let pct: u64 = s.strip_suffix('%')?.parse().ok()?;
+                (pct <= 100).then(|| (total as u64 * pct / 100) as usize)
+            }
+        }
+    }
+}
+
+impl fmt::Display for IntOrPercent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntOrPercent::Int(n) => write!(f, "{n}"),
+            IntOrPercent::String(s) => f.write_str(s),
+        }
+    }
 }
 
 impl RolloutStrategy {

@@ -6,6 +6,9 @@ use crate::ibgu::Action;
 /// Prefix of every label the hub writes on clusters.
 pub const IBGU_LABEL_PREFIX: &str = "lcm.openshift.io/ibgu-";
 
+/// On a cluster: it is among a plan item's canaries first (`rolloutStrategy.canaryClusters`).
+pub const CANARY_LABEL: &str = "lcm.openshift.io/canary";
+
 /// On the IBU: warnings of the extra-manifest validation, joined with `; `.
 pub const EXTRA_MANIFEST_WARNING_ANNOTATION: &str =
     "extra-manifest.lca.openshift.io/validation-warning";

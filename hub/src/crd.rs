@@ -124,6 +124,78 @@ pub fn ibgu() -> Value {
         "minimum",
         json!(1),
     );
+    // The rollout controls (`ibgu-hub.md` section 5), with the messages of the REST API.
+    for (field, check, message) in [
+        (
+            "maxFailures",
+            "string(self).matches('^([0-9]+|([0-9]|[1-9][0-9]|100)%)$')",
+            "maxFailures must be a count or a percentage between 0% and 100%",
+        ),
+        (
+            "canaryClusters",
+            "self >= 0",
+            "canaryClusters must not be negative",
+        ),
+        (
+            "batchGrowthFactor",
+            "self >= 1.0",
+            "batchGrowthFactor must be at least 1",
+        ),
+        (
+            "maxStartsPerMinute",
+            "self >= 1",
+            "maxStartsPerMinute must be at least 1",
+        ),
+        (
+            "retries",
+            "self >= 0 && self <= 5",
+            "retries must be between 0 and 5",
+        ),
+    ] {
+        add_rules(
+            at(&mut crd, &format!("{strategy}/{field}")),
+            vec![rule(check, message)],
+        );
+    }
+    add_rules(
+        at(&mut crd, &format!("{strategy}/disruptionBudget")),
+        vec![
+            rule(
+                "has(self.maxUnavailable) && self.maxUnavailable >= 1",
+                "disruptionBudget.maxUnavailable must be at least 1",
+            ),
+            rule(
+                "has(self.groupBy) && size(self.groupBy) >= 1",
+                "disruptionBudget.groupBy must name at least one label key",
+            ),
+        ],
+    );
+    let window = "/properties/spec/properties/maintenanceWindow/properties";
+    add_rules(
+        at(&mut crd, &format!("{window}/start")),
+        vec![rule(
+            "self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')",
+            "maintenanceWindow.start must be HH:MM",
+        )],
+    );
+    add_rules(
+        at(&mut crd, &format!("{window}/durationMinutes")),
+        vec![rule(
+            "self >= 1 && self <= 1440",
+            "maintenanceWindow.durationMinutes must be between 1 and 1440",
+        )],
+    );
+    let zones: Vec<String> = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|z| format!("'{}'", z.name()))
+        .collect();
+    add_rules(
+        at(&mut crd, &format!("{window}/timeZone")),
+        vec![json!({
+            "rule": format!("self in [{}]", zones.join(", ")),
+            "messageExpression": "'unknown time zone ' + self",
+        })],
+    );
     crd
 }
 

@@ -168,3 +168,46 @@ fn ibu_prints_stage_state_and_details() {
     assert_eq!(names, vec!["Age", "Desired Stage", "State", "Details"]);
     assert_eq!(crd["spec"]["scope"], "Cluster");
 }
+
+#[test]
+fn ibgu_rules_check_the_rollout_controls_with_the_api_messages() {
+    let crd = ibgu();
+    let mut good = ibgu_object(json!([{"actions": ["Prep"], "rolloutStrategy": {
+        "maxConcurrency": 2, "maxFailures": "10%", "canaryClusters": 1, "batchGrowthFactor": 2,
+        "maxStartsPerMinute": 5, "retries": 2,
+        "disruptionBudget": {"groupBy": ["market"], "maxUnavailable": 1}}}]));
+    good["spec"]["paused"] = json!(true);
+    good["spec"]["maintenanceWindow"] =
+        json!({"start": "01:30", "durationMinutes": 120, "timeZone": "Europe/Paris"});
+    assert_eq!(broken(&crd, &good, None), Vec::<String>::new());
+    let mut counted = good.clone();
+    counted["spec"]["plan"][0]["rolloutStrategy"]["maxFailures"] = json!(3);
+    assert_eq!(broken(&crd, &counted, None), Vec::<String>::new());
+
+    let mut bad = ibgu_object(json!([{"actions": ["Prep"], "rolloutStrategy": {
+        "maxConcurrency": 2, "maxFailures": "150%", "canaryClusters": -1,
+        "batchGrowthFactor": 0.5, "maxStartsPerMinute": 0, "retries": 6,
+        "disruptionBudget": {"groupBy": [], "maxUnavailable": 0}}}]));
+    bad["spec"]["maintenanceWindow"] =
+        json!({"start": "7:00", "durationMinutes": 0, "timeZone": "Mars/Olympus"});
+    let mut got = broken(&crd, &bad, None);
+    got.sort();
+    let mut want = vec![
+        "maxFailures must be a count or a percentage between 0% and 100%",
+        "canaryClusters must not be negative",
+        "batchGrowthFactor must be at least 1",
+        "maxStartsPerMinute must be at least 1",
+        "retries must be between 0 and 5",
+        "disruptionBudget.maxUnavailable must be at least 1",
+        "disruptionBudget.groupBy must name at least one label key",
+        "maintenanceWindow.start must be HH:MM",
+        "maintenanceWindow.durationMinutes must be between 1 and 1440",
+        "unknown time zone Mars/Olympus",
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // Pausing is a change like any other (the merge patch `{"spec":{"paused":true}}`).
+    let mut paused = good.clone();
+    paused["spec"]["paused"] = json!(false);
+    assert_eq!(broken(&crd, &paused, Some(&good)), Vec::<String>::new());
+}

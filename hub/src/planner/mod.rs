@@ -1,6 +1,7 @@
 //! The planner: pure functions that decide what a rollout does next. No IO, no clock.
 
 pub mod check;
+pub mod controls;
 pub mod rollout;
 pub mod selector;
 pub mod state;

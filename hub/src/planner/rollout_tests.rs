@@ -112,6 +112,7 @@ fn item(actions: &[Action], max: i64, timeout: Option<i64>) -> PlanItem {
         rollout_strategy: RolloutStrategy {
             max_concurrency: max,
             timeout,
+            ..Default::default()
         },
     }
 }

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeSet;
 
-use fleet_types::ibgu::{Action, ImageBasedGroupUpgrade};
+use fleet_types::ibgu::{Action, ImageBasedGroupUpgrade, RolloutStrategy};
 use fleet_types::ibu::ConfigMapRef;
 use fleet_types::status::StatusCause;
 
-use super::selector;
+use super::{controls, selector};
 
 /// The 26 plans TALM allows, as sequences of action lists.
 pub const ALLOWED_PLANS: &[&[&[Action]]] = {
@@ -50,6 +50,8 @@ pub const ALLOWED_PLANS: &[&[&[Action]]] = {
 
 pub const MAX_PLAN_ITEMS: usize = 6;
 pub const MAX_ACTIONS_PER_ITEM: usize = 4;
+/// `rolloutStrategy.retries` at most.
+pub const MAX_RETRIES: i64 = 5;
 /// Names must be shorter than this (TALM derives child object names from it).
 pub const MAX_NAME_LEN: usize = 230;
 
@@ -138,6 +140,27 @@ pub fn validate(
                 "timeout must be at least 1 minute",
             ));
         }
+        out.extend(strategy_problems(i, &item.rollout_strategy));
+    }
+    if let Some(w) = &spec.maintenance_window {
+        if controls::parse_start(&w.start).is_none() {
+            out.push(cause(
+                "spec.maintenanceWindow.start",
+                "maintenanceWindow.start must be HH:MM",
+            ));
+        }
+        if !(1..=1440).contains(&w.duration_minutes) {
+            out.push(cause(
+                "spec.maintenanceWindow.durationMinutes",
+                "maintenanceWindow.durationMinutes must be between 1 and 1440",
+            ));
+        }
+        if controls::parse_time_zone(w.time_zone()).is_none() {
+            out.push(cause(
+                "spec.maintenanceWindow.timeZone",
+                format!("unknown time zone {}", w.time_zone()),
+            ));
+        }
     }
     let actions: Vec<Vec<Action>> = spec.plan.iter().map(|p| p.actions.clone()).collect();
     if !actions.is_empty() && !plan_allowed(&actions) {
@@ -190,6 +213,56 @@ pub fn validate(
             && old.spec.plan.iter().zip(&spec.plan).all(|(a, b)| a == b);
         if !prefix_kept {
             out.push(cause("spec.plan", "plan is append only"));
+        }
+    }
+    out
+}
+
+/// The problems of a plan item's rollout controls (`ibgu-hub.md` section 5).
+fn strategy_problems(i: usize, s: &RolloutStrategy) -> Vec<StatusCause> {
+    let at = |field: &str| format!("spec.plan[{i}].rolloutStrategy.{field}");
+    let mut out = Vec::new();
+    if s.max_failures.as_ref().is_some_and(|m| m.of(0).is_none()) {
+        out.push(cause(
+            &at("maxFailures"),
+            "maxFailures must be a count or a percentage between 0% and 100%",
+        ));
+    }
+    if s.canary_clusters.is_some_and(|n| n < 0) {
+        out.push(cause(
+            &at("canaryClusters"),
+            "canaryClusters must not be negative",
+        ));
+    }
+    if s.batch_growth_factor
+        .is_some_and(|f| !f.is_finite() || f < 1.0)
+    {
+        out.push(cause(
+            &at("batchGrowthFactor"),
+            "batchGrowthFactor must be at least 1",
+        ));
+    }
+    if s.max_starts_per_minute.is_some_and(|n| n < 1) {
+        out.push(cause(
+            &at("maxStartsPerMinute"),
+            "maxStartsPerMinute must be at least 1",
+        ));
+    }
+    if s.retries.is_some_and(|n| !(0..=MAX_RETRIES).contains(&n)) {
+        out.push(cause(&at("retries"), "retries must be between 0 and 5"));
+    }
+    if let Some(b) = &s.disruption_budget {
+        if b.max_unavailable < 1 {
+            out.push(cause(
+                &at("disruptionBudget.maxUnavailable"),
+                "disruptionBudget.maxUnavailable must be at least 1",
+            ));
+        }
+        if b.group_by.is_empty() {
+            out.push(cause(
+                &at("disruptionBudget.groupBy"),
+                "disruptionBudget.groupBy must name at least one label key",
+            ));
         }
     }
     out

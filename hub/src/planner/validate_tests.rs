@@ -21,6 +21,7 @@ fn ibgu(plan: &[&[Action]]) -> ImageBasedGroupUpgrade {
             rollout_strategy: RolloutStrategy {
                 max_concurrency: 2,
                 timeout: None,
+                ..Default::default()
             },
         })
         .collect();
@@ -216,4 +217,74 @@ fn updates_append_only_and_immutable_fields() {
         messages(&validate(&other_sel, Some(&old), &none)),
         vec!["clusterLabelSelectors is immutable"]
     );
+}
+
+#[test]
+fn rollout_controls_are_checked_and_every_problem_listed() {
+    use Action::*;
+    use fleet_types::ibgu::{DisruptionBudget, IntOrPercent, MaintenanceWindow};
+    let mut g = ibgu(&[&[Prep]]);
+    let s = &mut g.spec.plan[0].rollout_strategy;
+    s.max_failures = Some(IntOrPercent::String("150%".into()));
+    s.canary_clusters = Some(-1);
+    s.batch_growth_factor = Some(0.5);
+    s.max_starts_per_minute = Some(0);
+    s.retries = Some(6);
+    s.disruption_budget = Some(DisruptionBudget {
+        group_by: vec![],
+        max_unavailable: 0,
+    });
+    g.spec.maintenance_window = Some(MaintenanceWindow {
+        start: "25:00".into(),
+        duration_minutes: 1441,
+        time_zone: Some("Mars/Olympus".into()),
+    });
+    assert_eq!(
+        messages(&validate(&g, None, &none)),
+        vec![
+            "maxFailures must be a count or a percentage between 0% and 100%",
+            "canaryClusters must not be negative",
+            "batchGrowthFactor must be at least 1",
+            "maxStartsPerMinute must be at least 1",
+            "retries must be between 0 and 5",
+            "disruptionBudget.maxUnavailable must be at least 1",
+            "disruptionBudget.groupBy must name at least one label key",
+            "maintenanceWindow.start must be HH:MM",
+            "maintenanceWindow.durationMinutes must be between 1 and 1440",
+            "unknown time zone Mars/Olympus",
+        ]
+    );
+    for bad in [
+        IntOrPercent::Int(-1),
+        IntOrPercent::String("ten".into()),
+        IntOrPercent::String("-5%".into()),
+    ] {
+        let s = &mut g.spec.plan[0].rollout_strategy;
+        s.max_failures = Some(bad);
+        assert!(messages(&validate(&g, None, &none)).contains(
+            &"maxFailures must be a count or a percentage between 0% and 100%".to_string()
+        ));
+    }
+    let mut ok = ibgu(&[&[Prep]]);
+    let s = &mut ok.spec.plan[0].rollout_strategy;
+    s.max_failures = Some(IntOrPercent::String("10%".into()));
+    s.canary_clusters = Some(2);
+    s.batch_growth_factor = Some(1.5);
+    s.max_starts_per_minute = Some(5);
+    s.retries = Some(5);
+    s.disruption_budget = Some(DisruptionBudget {
+        group_by: vec!["market".into()],
+        max_unavailable: 1,
+    });
+    ok.spec.maintenance_window = Some(MaintenanceWindow {
+        start: "01:30".into(),
+        duration_minutes: 1440,
+        time_zone: Some("America/New_York".into()),
+    });
+    assert!(validate(&ok, None, &none).is_empty());
+    // Pausing and moving the window are changes like any other field's.
+    let mut moved = ok.clone();
+    moved.spec.paused = true;
+    moved.spec.maintenance_window.as_mut().unwrap().start = "03:00".into();
+    assert!(validate(&moved, Some(&ok), &none).is_empty());
 }
