@@ -1302,6 +1302,7 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
         phase: "Running",
         started_at: Some(chrono::Utc::now()),
         completed_at: None,
+        waiting: None,
     };
     let version = store::rollout_save_pass_in_txn(&mut first, id, 0, false, Some(changed))
         .await

@@ -150,14 +150,17 @@ impl Engine {
             }
         }
         let spec = &loaded.row.object.spec;
-        let started_at = loaded.row.started_at;
+        let before = rollout::Before {
+            started_at: loaded.row.started_at,
+            waiting: loaded.row.waiting,
+        };
         // The steps as given, to check what the planner says it changed (debug builds).
         #[cfg(debug_assertions)]
         let given = steps.clone();
         let clusters = std::mem::take(&mut loaded.fleet.clusters);
         let whole = loaded.scope.whole_fleet;
         let mut decision =
-            rollout::advance_with(spec, steps, &recorded, clusters, whole, started_at, now);
+            rollout::advance_with(spec, steps, &recorded, clusters, whole, before, now);
         if decision.needs_fleet {
             // Rare (the batch's last report ends the step): again, from the steps as stored
             // (the same as those the first attempt was given), with the whole fleet.
@@ -166,8 +169,7 @@ impl Engine {
             let steps = store::rollout_steps_in_txn(tx, id).await?;
             let clusters = std::mem::take(&mut fleet.clusters);
             loaded.fleet = fleet;
-            decision =
-                rollout::advance_with(spec, steps, &recorded, clusters, true, started_at, now);
+            decision = rollout::advance_with(spec, steps, &recorded, clusters, true, before, now);
         }
         #[cfg(debug_assertions)]
         debug_assert!(
@@ -194,8 +196,10 @@ impl Engine {
         let object = &loaded.row.object;
         let before = object.status.clone().unwrap_or_default();
         let generation = object.metadata.generation.unwrap_or(1);
-        let status = rollout::pass_status(generation, d, object.spec.plan.len(), &before, now);
-        let status_changed = status != before || loaded.row.phase != d.phase.as_str();
+        let status = rollout::pass_status(generation, d, &object.spec, &before, now);
+        let status_changed = status != before
+            || loaded.row.phase != d.phase.as_str()
+            || loaded.row.waiting != d.waiting;
         store::rollout_save_pass_in_txn(
             tx,
             id,
@@ -206,6 +210,7 @@ impl Engine {
                 phase: d.phase.as_str(),
                 started_at: d.started_at,
                 completed_at: d.completed_at,
+                waiting: d.waiting,
             }),
         )
         .await

@@ -7,3 +7,6 @@ pub mod selector;
 pub mod state;
 pub mod status;
 pub mod validate;
+
+#[cfg(test)]
+mod proptests;

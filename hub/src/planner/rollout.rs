@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use fleet_types::ibgu::{
     Action, ClusterLabelSelector, ImageBasedGroupUpgradeSpec, LabelSelectorRequirement,
-    SelectorOperator,
+    RolloutStrategy, SelectorOperator,
 };
 use fleet_types::ibu::Stage;
 use fleet_types::labels::{completed_label, failed_label, is_ibgu_label};
 
 pub use super::check::*;
+use super::controls::{self, WindowState};
 use super::selector;
 pub use super::state::*;
 pub use super::status::*;
@@ -95,9 +96,46 @@ pub fn select(
         .collect()
 }
 
+/// How long `maxStartsPerMinute` counts starts.
+pub const START_RATE_WINDOW: Duration = Duration::seconds(60);
+
+/// Whether the item's controls shape its batches (else they are TALM's chunks).
+pub fn shaped(strategy: &RolloutStrategy) -> bool {
+    strategy.canary_clusters.is_some_and(|n| n > 0)
+        || strategy.batch_growth_factor.is_some_and(|f| f > 1.0)
+        || strategy.disruption_budget.is_some()
+}
+
+/// A step's selection (in name order) laid out batch after batch, and where each batch
+/// ends; no ends when the item's batches are TALM's chunks of `maxConcurrency`.
+pub fn shape(
+    selected: &[String],
+    fleet: &BTreeMap<String, ClusterInfo>,
+    strategy: &RolloutStrategy,
+) -> (Vec<String>, Vec<usize>) {
+    if !shaped(strategy) {
+        return (selected.to_vec(), vec![]);
+    }
+    let batches = controls::batches(selected, |c| fleet.get(c).map(|i| &i.labels), strategy);
+    let mut ends = Vec::with_capacity(batches.len());
+    let mut order = Vec::with_capacity(selected.len());
+    for b in batches {
+        order.extend(b);
+        ends.push(order.len());
+    }
+    (order, ends)
+}
+
 struct Pass<'a> {
     spec: &'a ImageBasedGroupUpgradeSpec,
     now: DateTime<Utc>,
+    /// The maintenance window at `now`, when the spec has one.
+    window: Option<WindowState>,
+    /// What held starts back in this pass (the first reason met), and before it.
+    waiting: Option<Wait>,
+    waiting_before: Option<Wait>,
+    /// A cluster failed in this pass: the failure budget is to be checked.
+    failed: bool,
     clusters: BTreeMap<String, ClusterInfo>,
     changes: BTreeMap<String, LabelChange>,
     events: Vec<Event>,
@@ -216,12 +254,73 @@ impl Pass<'_> {
         p.finished_at = Some(self.now);
         let started = p.action_started_at;
         let n = step.step;
+        self.failed = true;
         self.label(cluster, action, false);
         self.action_ended(cluster, n, action, event, message, started);
     }
 
-    fn start_cluster(&mut self, step: &mut StepState, cluster: &str) {
+    /// What holds every start back now: the pause, then the maintenance window.
+    fn held_back(&mut self) -> Option<Wait> {
+        let wait = if self.spec.paused {
+            Wait::Paused
+        } else {
+            let w = self.window.filter(|w| !w.open)?;
+            self.wake_at(w.next_open);
+            Wait::Window
+        };
+        self.hold(wait);
+        Some(wait)
+    }
+
+    /// Notes what held a start back (the first reason of the pass is the one shown).
+    fn hold(&mut self, wait: Wait) {
+        if self.waiting.is_none() {
+            self.waiting = Some(wait);
+        }
+    }
+
+    /// Whether `maxStartsPerMinute` leaves room for one more first action now; when not,
+    /// wakes when the oldest start of the minute leaves it.
+    fn start_allowed(&mut self, step: &mut StepState) -> bool {
+        let Some(limit) = self.spec.plan[step.step]
+            .rollout_strategy
+            .max_starts_per_minute
+            .filter(|n| *n >= 1)
+        else {
+            return true;
+        };
+        let since = self.now - START_RATE_WINDOW;
+        step.recent_starts.retain(|t| *t > since);
+        if (step.recent_starts.len() as i64) < limit {
+            return true;
+        }
+        let oldest = step.recent_starts.iter().min().copied().unwrap_or(self.now);
+        self.wake_at(oldest + START_RATE_WINDOW);
+        self.hold(Wait::Rate);
+        false
+    }
+
+    /// Starts a pending cluster on the item's first action, unless something holds starts
+    /// back: answers whether it started (or was no longer pending).
+    fn start_cluster(&mut self, step: &mut StepState, cluster: &str) -> bool {
         let now = self.now;
+        if step
+            .progress
+            .get(cluster)
+            .is_none_or(|p| p.phase != ClusterPhase::Pending)
+        {
+            return true;
+        }
+        if self.held_back().is_some() || !self.start_allowed(step) {
+            return false;
+        }
+        if self.spec.plan[step.step]
+            .rollout_strategy
+            .max_starts_per_minute
+            .is_some()
+        {
+            step.recent_starts.push(now);
+        }
         if let Some(p) = self.touched.progress_mut(step, cluster)
             && p.phase == ClusterPhase::Pending
         {
@@ -238,6 +337,7 @@ impl Pass<'_> {
                 format!("{action} started"),
             );
         }
+        true
     }
 
     /// Moves one running cluster as far as its spoke's state allows.
@@ -250,7 +350,16 @@ impl Pass<'_> {
                 return;
             }
             let action = step.actions[p.action_index];
+            if p.resetting {
+                if !self.drive_reset(step, cluster) {
+                    return;
+                }
+                continue;
+            }
             if let Some(msg) = p.refused.clone() {
+                if self.retry(step, cluster, action, &msg) {
+                    continue;
+                }
                 self.fail(step, cluster, msg, false, "ActionFailed");
                 return;
             }
@@ -314,13 +423,92 @@ impl Pass<'_> {
                     );
                 }
                 Check::Failed(msg) => {
+                    if self.retry(step, cluster, action, &msg) {
+                        continue;
+                    }
                     self.fail(step, cluster, msg, false, "ActionFailed");
                     return;
                 }
                 Check::Waiting => {
-                    self.maybe_push(step, cluster, action, ibu.map(|i| i.spec.stage));
+                    let stage = ibu.map(|i| i.spec.stage);
+                    // A push that begins an action is a start: held back like the others.
+                    let begins = step.progress[cluster].pushed_at.is_none();
+                    if begins && self.held_back().is_some() {
+                        return;
+                    }
+                    self.maybe_push(step, cluster, action, stage);
                     return;
                 }
+            }
+        }
+    }
+
+    /// A failed `Prep` with retries left (`rolloutStrategy.retries`): the cluster is moved
+    /// to Idle and prepared again. Answers whether it is.
+    fn retry(&mut self, step: &mut StepState, cluster: &str, action: Action, why: &str) -> bool {
+        let allowed = self.spec.plan[step.step]
+            .rollout_strategy
+            .retries
+            .unwrap_or(0)
+            .clamp(0, 5) as u32;
+        let p = &step.progress[cluster];
+        if action != Action::Prep || p.retries >= allowed {
+            return false;
+        }
+        let attempt = p.retries + 2;
+        let n = step.step;
+        let p = self.touched.progress_mut(step, cluster).expect("present");
+        p.retries += 1;
+        p.resetting = true;
+        p.refused = None;
+        p.pushed_stage = None;
+        p.pushed_at = None;
+        p.push_failures = 0;
+        self.event(
+            Some(cluster),
+            n,
+            Some(action),
+            "ActionRetried",
+            format!(
+                "Prep failed ({why}): aborting, then attempt {attempt} of {}",
+                allowed + 1
+            ),
+        );
+        true
+    }
+
+    /// Moves a cluster whose `Prep` is retried back to Idle; answers whether it is there
+    /// (its `Prep` is then pushed again, as a new start).
+    fn drive_reset(&mut self, step: &mut StepState, cluster: &str) -> bool {
+        let p = &step.progress[cluster];
+        let ibu = self.clusters.get(cluster).and_then(|c| c.ibu.as_deref());
+        let refused = p.refused.clone();
+        let verdict = match refused {
+            Some(why) => Check::Failed(why),
+            None => check(Action::Abort, ibu),
+        };
+        match verdict {
+            Check::Done => {
+                let p = self.touched.progress_mut(step, cluster).expect("present");
+                p.resetting = false;
+                p.pushed_stage = None;
+                p.pushed_at = None;
+                p.push_failures = 0;
+                p.action_started_at = Some(self.now);
+                true
+            }
+            Check::Failed(why) => {
+                let p = self.touched.progress_mut(step, cluster).expect("present");
+                p.resetting = false;
+                p.refused = None;
+                let msg = format!("Prep failed and its abort before a retry failed: {why}");
+                self.fail(step, cluster, msg, false, "ActionFailed");
+                false
+            }
+            Check::Waiting => {
+                let stage = ibu.map(|i| i.spec.stage);
+                self.maybe_push(step, cluster, Action::Abort, stage);
+                false
             }
         }
     }
@@ -381,6 +569,7 @@ impl Pass<'_> {
     fn start_batch(&mut self, step: &mut StepState, b: usize) {
         step.current_batch = b;
         step.batch_started_at = self.now;
+        step.batch_paused_ms = 0;
         let members = step.batch_members(b);
         let n = step.step;
         self.event(
@@ -396,7 +585,9 @@ impl Pass<'_> {
             ),
         );
         for c in &members {
-            self.start_cluster(step, c);
+            if !self.start_cluster(step, c) {
+                break;
+            }
         }
     }
 
@@ -408,15 +599,25 @@ impl Pass<'_> {
             &self.clusters,
         );
         let max = item.rollout_strategy.max_concurrency.max(1) as usize;
-        let progress = clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.clone(), ClusterProgress::pending(i / max)))
-            .collect();
+        let (clusters, batch_ends) = shape(&clusters, &self.clusters, &item.rollout_strategy);
+        let mut progress = BTreeMap::new();
+        let mut b = 0;
+        for (i, c) in clusters.iter().enumerate() {
+            let batch = if batch_ends.is_empty() {
+                i / max
+            } else {
+                while batch_ends[b] <= i {
+                    b += 1;
+                }
+                b
+            };
+            progress.insert(c.clone(), ClusterProgress::pending(batch));
+        }
         let mut step = StepState {
             step: n,
             actions: item.actions.clone(),
             clusters,
+            batch_ends,
             max_concurrency: max,
             timeout_minutes: item.rollout_strategy.timeout_minutes(),
             started_at: self.now,
@@ -425,6 +626,11 @@ impl Pass<'_> {
             completed_at: None,
             timed_out: false,
             progress,
+            halt: None,
+            paused_since: None,
+            paused_ms: 0,
+            batch_paused_ms: 0,
+            recent_starts: vec![],
         };
         let names: Vec<&str> = step.actions.iter().map(|a| a.as_str()).collect();
         self.event(
@@ -454,25 +660,129 @@ impl Pass<'_> {
         step
     }
 
+    /// Keeps the step's pause in step with `spec.paused`: a pause starts its clock, an end
+    /// of pause adds what it lasted to the deadlines.
+    fn sync_pause(&mut self, step: &mut StepState) {
+        match (self.spec.paused, step.paused_since) {
+            (true, None) => step.paused_since = Some(self.now),
+            (false, Some(since)) => {
+                let ms = (self.now - since).num_milliseconds().max(0);
+                step.paused_ms += ms;
+                step.batch_paused_ms += ms;
+                step.paused_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Halts the item when its failures went above `maxFailures` (`ibgu-hub.md` section 5).
+    fn check_failure_budget(&mut self, step: &mut StepState) {
+        if step.halt.is_some() {
+            return;
+        }
+        let Some(max) = &self.spec.plan[step.step].rollout_strategy.max_failures else {
+            return;
+        };
+        let Some(allowed) = max.of(step.clusters.len()) else {
+            return;
+        };
+        // Clusters the step timeout failed before they started are not action failures.
+        let failed = step
+            .progress
+            .values()
+            .filter(|p| p.phase == ClusterPhase::Failed && p.started_at.is_some())
+            .count();
+        if failed > allowed {
+            let n = step.step;
+            let message =
+                format!("plan step {n}: {failed} cluster(s) failed, more than maxFailures {max}");
+            self.halt(step, FAILURE_BUDGET_EXCEEDED, message);
+        }
+    }
+
+    /// The canary batch has ended: the item goes on only if every canary completed.
+    fn check_canaries(&mut self, step: &mut StepState) {
+        let canaries = self.spec.plan[step.step]
+            .rollout_strategy
+            .canary_clusters
+            .unwrap_or(0);
+        if step.halt.is_some() || step.current_batch != 0 || canaries <= 0 {
+            return;
+        }
+        let failed = step.batch_members(0).into_iter().find_map(|c| {
+            let p = &step.progress[&c];
+            match (&p.phase, &p.failed) {
+                (ClusterPhase::Failed, Some((a, _))) => Some((c, *a)),
+                _ => None,
+            }
+        });
+        if let Some((cluster, action)) = failed {
+            let n = step.step;
+            let message = format!("plan step {n}: canary {cluster} failed {action}");
+            self.halt(step, CANARY_FAILED, message);
+        }
+    }
+
+    fn halt(&mut self, step: &mut StepState, reason: &str, message: String) {
+        let n = step.step;
+        self.event(None, n, None, "RolloutHalted", message.clone());
+        step.halt = Some(Halt {
+            reason: reason.to_string(),
+            message,
+        });
+    }
+
     /// Drives the current batch; moves to later batches as they finish or time out.
     fn drive_step(&mut self, step: &mut StepState) {
+        self.sync_pause(step);
         loop {
             if step.completed_at.is_some() {
                 return;
             }
             let members = step.batch_members(step.current_batch);
+            // Members a start rate, the pause or the window held back start when they may.
+            if step.halt.is_none() {
+                for c in &members {
+                    if !self.start_cluster(step, c) {
+                        break;
+                    }
+                }
+            }
+            self.failed = false;
             for c in &members {
                 self.drive_cluster(step, c);
             }
+            if self.failed {
+                self.check_failure_budget(step);
+            }
+            let halted = step.halt.is_some();
             let unfinished: Vec<String> = members
                 .iter()
-                .filter(|c| step.progress[*c].phase == ClusterPhase::Running)
+                .filter(|c| match step.progress[*c].phase {
+                    ClusterPhase::Running => true,
+                    ClusterPhase::Pending => !halted,
+                    _ => false,
+                })
                 .cloned()
                 .collect();
             let n = step.step;
-            if self.now >= step.deadline() {
+            let paused = step.paused_since.is_some();
+            if self.now >= step.deadline(self.now) {
                 for c in &unfinished {
-                    let action = step.actions[step.progress[c].action_index];
+                    let p = &step.progress[c];
+                    if p.phase == ClusterPhase::Pending {
+                        self.touched.progress_mut(step, c).expect("present").phase =
+                            ClusterPhase::Running;
+                        self.fail(
+                            step,
+                            c,
+                            "not started before the step timeout".into(),
+                            true,
+                            "ClusterNotStarted",
+                        );
+                        continue;
+                    }
+                    let action = step.actions[p.action_index];
                     self.fail(
                         step,
                         c,
@@ -484,19 +794,22 @@ impl Pass<'_> {
                         "ActionTimedOut",
                     );
                 }
-                for b in step.current_batch + 1..step.batch_count() {
-                    for c in step.batch_members(b) {
-                        let p = self.touched.progress_mut(step, &c).expect("present");
-                        p.phase = ClusterPhase::Running;
-                        self.fail(
-                            step,
-                            &c,
-                            "not started before the step timeout".into(),
-                            true,
-                            "ClusterNotStarted",
-                        );
+                if !halted {
+                    for b in step.current_batch + 1..step.batch_count() {
+                        for c in step.batch_members(b) {
+                            let p = self.touched.progress_mut(step, &c).expect("present");
+                            p.phase = ClusterPhase::Running;
+                            self.fail(
+                                step,
+                                &c,
+                                "not started before the step timeout".into(),
+                                true,
+                                "ClusterNotStarted",
+                            );
+                        }
                     }
                 }
+                self.check_failure_budget(step);
                 step.timed_out = true;
                 step.completed_at = Some(self.now);
                 self.event(
@@ -511,10 +824,23 @@ impl Pass<'_> {
                 );
                 return;
             }
-            if !unfinished.is_empty() && self.now >= step.batch_deadline() {
+            if !unfinished.is_empty() && self.now >= step.batch_deadline(self.now) {
                 let b = step.current_batch + 1;
                 for c in &unfinished {
-                    let action = step.actions[step.progress[c].action_index];
+                    let p = &step.progress[c];
+                    if p.phase == ClusterPhase::Pending {
+                        self.touched.progress_mut(step, c).expect("present").phase =
+                            ClusterPhase::Running;
+                        self.fail(
+                            step,
+                            c,
+                            format!("not started before batch {b} timed out"),
+                            true,
+                            "ClusterNotStarted",
+                        );
+                        continue;
+                    }
+                    let action = step.actions[p.action_index];
                     self.fail(
                         step,
                         c,
@@ -530,11 +856,34 @@ impl Pass<'_> {
                     "BatchTimedOut",
                     format!("batch {b} of {} timed out", step.batch_count()),
                 );
+                self.check_failure_budget(step);
             } else if !unfinished.is_empty() {
-                self.wake_at(step.batch_deadline());
+                if !paused {
+                    self.wake_at(step.batch_deadline(self.now));
+                }
                 return;
             }
+            self.check_canaries(step);
             let next = step.current_batch + 1;
+            if let Some(halt) = &step.halt {
+                step.completed_at = Some(self.now);
+                let failed = step
+                    .progress
+                    .values()
+                    .filter(|p| p.phase == ClusterPhase::Failed)
+                    .count();
+                let pending = step
+                    .progress
+                    .values()
+                    .filter(|p| p.phase == ClusterPhase::Pending)
+                    .count();
+                let message = format!(
+                    "plan step {n} halted ({}): {failed} cluster(s) failed, {pending} not started",
+                    halt.reason
+                );
+                self.event(None, n, None, "StepHalted", message);
+                return;
+            }
             if next >= step.batch_count() {
                 step.completed_at = Some(self.now);
                 let failed = step
@@ -552,6 +901,9 @@ impl Pass<'_> {
                         step.clusters.len()
                     ),
                 );
+                return;
+            }
+            if self.held_back().is_some() {
                 return;
             }
             self.start_batch(step, next);
@@ -573,9 +925,20 @@ pub fn advance(
         &[],
         clusters.clone(),
         true,
-        started_at,
+        Before {
+            started_at,
+            waiting: None,
+        },
         now,
     )
+}
+
+/// What the rollout's row says of the passes before this one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Before {
+    pub started_at: Option<DateTime<Utc>>,
+    /// What held starts back after the last pass.
+    pub waiting: Option<Wait>,
 }
 
 /// [`advance`] given only part of the fleet (`complete` false): the clusters of the running
@@ -588,12 +951,20 @@ pub fn advance_with(
     results: &[&PushResult],
     clusters: BTreeMap<String, ClusterInfo>,
     complete: bool,
-    started_at: Option<DateTime<Utc>>,
+    before: Before,
     now: DateTime<Utc>,
 ) -> Decision {
+    let started_at = before.started_at;
     let mut pass = Pass {
         spec,
         now,
+        window: spec
+            .maintenance_window
+            .as_ref()
+            .and_then(|w| controls::window(w, now)),
+        waiting: None,
+        waiting_before: before.waiting,
+        failed: false,
         clusters,
         changes: BTreeMap::new(),
         events: vec![],
@@ -618,7 +989,11 @@ pub fn advance_with(
             continue;
         }
         let n = steps.len();
-        if n >= spec.plan.len() {
+        if n >= spec.plan.len() || steps.iter().any(|s| s.halt.is_some()) {
+            // Done, or halted: later items never start.
+            break;
+        }
+        if pass.held_back().is_some() {
             break;
         }
         if !pass.complete {
@@ -629,7 +1004,31 @@ pub fn advance_with(
         let step = pass.start_step(n);
         steps.push(step);
     }
-    let done = steps.len() == spec.plan.len() && steps.iter().all(|s| s.completed_at.is_some());
+    let all_ended = steps.iter().all(|s| s.completed_at.is_some());
+    let halted = steps.iter().any(|s| s.halt.is_some());
+    let done = all_ended && (steps.len() == spec.plan.len() || halted);
+    if done {
+        pass.waiting = None;
+    }
+    if pass.waiting == Some(Wait::Window)
+        && pass.waiting_before != Some(Wait::Window)
+        && let (Some(w), Some(state)) = (&spec.maintenance_window, pass.window)
+    {
+        let step = steps.iter().position(|s| s.completed_at.is_none());
+        pass.events.push(Event {
+            cluster: None,
+            step: Some(step.unwrap_or(steps.len())),
+            action: None,
+            event: "WaitingForMaintenanceWindow",
+            message: format!(
+                "waiting for the maintenance window {} {}: it opens at {}",
+                w.start,
+                w.time_zone(),
+                state.next_open.to_rfc3339()
+            ),
+            took: None,
+        });
+    }
     let started_at = started_at.or_else(|| steps.first().map(|s| s.started_at));
     let completed_at = if done {
         steps.iter().filter_map(|s| s.completed_at).max()
@@ -664,6 +1063,7 @@ pub fn advance_with(
         reported: pass.reported,
         changed,
         awaiting_answers: pass.awaiting_answers,
+        waiting: pass.waiting,
     }
 }
 

@@ -159,11 +159,16 @@ impl World {
     /// engine makes it, given only the running batch's clusters: unless it says it needs the
     /// whole fleet, it must decide exactly the same.
     fn pass(&mut self) -> Decision {
-        let d = advance(
+        let d = advance_with(
             &self.spec,
-            &self.steps,
-            &self.clusters,
-            self.started,
+            self.steps.clone(),
+            &[],
+            self.clusters.clone(),
+            true,
+            Before {
+                started_at: self.started,
+                waiting: self.waiting(),
+            },
             self.now,
         );
         // Every scenario checks that the decision names exactly the progress it changed.
@@ -229,9 +234,17 @@ impl World {
             &[],
             given,
             scope.whole_fleet,
-            self.started,
+            Before {
+                started_at: self.started,
+                waiting: self.waiting(),
+            },
             self.now,
         )
+    }
+
+    /// What held starts back after the last pass, as the rollout's row keeps it.
+    fn waiting(&self) -> Option<Wait> {
+        self.last.as_ref().and_then(|d| d.waiting)
     }
 
     fn report(&mut self, cluster: &str, ibu: ImageBasedUpgrade) {
@@ -243,7 +256,8 @@ impl World {
         status(
             1,
             &self.steps,
-            self.spec.plan.len(),
+            &self.spec,
+            d.waiting,
             d.started_at,
             d.completed_at,
             self.now,
@@ -487,7 +501,7 @@ fn batch_timeout_fails_the_unfinished_and_starts_the_next_batch() {
     w.pass();
     assert_eq!(w.steps[0].current_batch, 1);
     assert_eq!(
-        w.steps[0].batch_deadline(),
+        w.steps[0].batch_deadline(w.now),
         t(90),
         "batch 2 starting at +40 min gets 50 min"
     );
@@ -838,6 +852,12 @@ fn a_push_outcome_lands_only_on_the_action_it_was_for() {
             ),
         ]
         .into(),
+        batch_ends: vec![],
+        halt: None,
+        paused_since: None,
+        paused_ms: 0,
+        batch_paused_ms: 0,
+        recent_starts: vec![],
     }];
     let result = |cluster: &str, action_index: usize, outcome: PushOutcome| PushResult {
         step: 0,
@@ -957,7 +977,10 @@ fn a_push_on_its_way_is_sent_once_until_recorded_or_lapsed() {
         &[&a, &stale],
         fleet.clone(),
         true,
-        Some(t(0)),
+        Before {
+            started_at: Some(t(0)),
+            waiting: None,
+        },
         t(0) + Duration::seconds(5),
     );
     let p = &later.steps[0].progress;
@@ -990,7 +1013,15 @@ fn a_pass_given_part_of_the_fleet_asks_for_the_rest_when_it_needs_it() {
     // Selecting for a step needs every cluster: the scope says so up front, and a pass given
     // less says it needed more.
     assert!(scope(&w.steps, w.now).whole_fleet);
-    let given_none = advance_with(&w.spec, vec![], &[], BTreeMap::new(), false, None, w.now);
+    let given_none = advance_with(
+        &w.spec,
+        vec![],
+        &[],
+        BTreeMap::new(),
+        false,
+        Before::default(),
+        w.now,
+    );
     assert!(
         given_none.needs_fleet,
         "selecting for a step needs every cluster"
@@ -1110,4 +1141,335 @@ fn condition_times_move_only_when_the_condition_changes() {
     };
     keep_transition_times(&mut moved, &before);
     assert_eq!(moved.conditions[0].last_transition_time, Some(t(5)));
+}
+
+// The rollout controls of `ibgu-hub.md` section 5.
+
+fn events<'d>(d: &'d Decision, kind: &str) -> Vec<&'d str> {
+    d.events
+        .iter()
+        .filter(|e| e.event == kind)
+        .map(|e| e.message.as_str())
+        .collect()
+}
+
+fn condition<'s>(st: &'s ImageBasedGroupUpgradeStatus, type_: &str) -> Option<&'s Condition> {
+    st.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[test]
+fn the_failure_budget_halts_the_item_and_every_later_one() {
+    use Action::*;
+    use fleet_types::ibgu::IntOrPercent;
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut first = item(&[Prep], 2, None);
+    first.rollout_strategy.max_failures = Some(IntOrPercent::Int(1));
+    let mut w = World::new(&names, &names, vec![first, item(&[Upgrade], 2, None)]);
+    w.pass();
+    w.report("a", prep_failed("no space left"));
+    w.report("b", prep_done());
+    let d = w.pass();
+    assert!(
+        events(&d, "RolloutHalted").is_empty(),
+        "one failure is allowed"
+    );
+    assert_eq!(
+        pushed(&d),
+        vec![("c".into(), Stage::Prep), ("d".into(), Stage::Prep)]
+    );
+    w.report("c", prep_failed("pull failed"));
+    let d = w.pass();
+    assert_eq!(
+        events(&d, "RolloutHalted"),
+        vec!["plan step 0: 2 cluster(s) failed, more than maxFailures 1"]
+    );
+    assert!(d.pushes.is_empty());
+    // The running cluster finishes; nothing else starts, no later item either.
+    let st = w.status();
+    assert_eq!(
+        condition(&st, "Progressing").unwrap().status,
+        ConditionStatus::True
+    );
+    w.report("d", prep_done());
+    let d = w.pass();
+    assert!(d.pushes.is_empty());
+    assert_eq!(events(&d, "StepHalted").len(), 1);
+    assert_eq!(d.phase, Phase::Completed);
+    assert_eq!(w.steps.len(), 1, "the second item never starts");
+    let st = w.status();
+    let progressing = condition(&st, "Progressing").unwrap();
+    assert_eq!(
+        (
+            progressing.status,
+            progressing.reason.as_str(),
+            progressing.message.as_str()
+        ),
+        (
+            ConditionStatus::False,
+            FAILURE_BUDGET_EXCEEDED,
+            "plan step 0: 2 cluster(s) failed, more than maxFailures 1"
+        )
+    );
+    assert_eq!(
+        condition(&st, "Succeeded").unwrap().reason,
+        FAILURE_BUDGET_EXCEEDED
+    );
+    assert_eq!(st.summary[0].pending, 2);
+    // Later passes change nothing.
+    w.now = t(500);
+    let d = w.pass();
+    assert!(d.pushes.is_empty() && d.events.is_empty());
+}
+
+#[test]
+fn a_percentage_budget_is_of_the_items_clusters_rounded_down() {
+    use Action::*;
+    use fleet_types::ibgu::IntOrPercent;
+    let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut it = item(&[Prep], 10, None);
+    it.rollout_strategy.max_failures = Some(IntOrPercent::String("15%".into()));
+    let mut w = World::new(&names, &names, vec![it]);
+    w.pass();
+    w.report("c0", prep_failed("x"));
+    assert!(
+        events(&w.pass(), "RolloutHalted").is_empty(),
+        "1 <= 15% of 10"
+    );
+    w.report("c1", prep_failed("x"));
+    assert_eq!(
+        events(&w.pass(), "RolloutHalted"),
+        vec!["plan step 0: 2 cluster(s) failed, more than maxFailures 15%"]
+    );
+}
+
+#[test]
+fn a_failed_canary_halts_before_any_other_cluster_starts() {
+    use Action::*;
+    let names = ["a", "b", "c", "d", "e"];
+    let mut it = item(&[Prep, Upgrade], 2, None);
+    it.rollout_strategy.canary_clusters = Some(1);
+    let mut w = World::new(&names, &names, vec![it]);
+    w.clusters
+        .get_mut("d")
+        .unwrap()
+        .labels
+        .insert(fleet_types::labels::CANARY_LABEL.into(), String::new());
+    let d = w.pass();
+    assert_eq!(
+        pushed(&d),
+        vec![("d".into(), Stage::Prep)],
+        "the labelled canary first"
+    );
+    assert_eq!(w.steps[0].batch_count(), 3);
+    w.report("d", prep_done());
+    let d = w.pass();
+    assert_eq!(pushed(&d), vec![("d".into(), Stage::Upgrade)]);
+    w.report("d", upgrade_failed("the new release did not come up"));
+    let d = w.pass();
+    assert_eq!(
+        events(&d, "RolloutHalted"),
+        vec!["plan step 0: canary d failed Upgrade"]
+    );
+    assert!(d.pushes.is_empty());
+    assert_eq!(d.phase, Phase::Completed);
+    let st = w.status();
+    assert_eq!(condition(&st, "Progressing").unwrap().reason, CANARY_FAILED);
+    assert_eq!(st.summary[0].pending, 4);
+}
+
+#[test]
+fn after_good_canaries_batches_grow() {
+    use Action::*;
+    let names: Vec<String> = (0..12).map(|i| format!("c{i:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut it = item(&[Prep], 4, None);
+    it.rollout_strategy.canary_clusters = Some(1);
+    it.rollout_strategy.batch_growth_factor = Some(2.0);
+    let mut w = World::new(&names, &names, vec![it]);
+    let mut sizes = vec![];
+    loop {
+        let d = w.pass();
+        if d.phase == Phase::Completed {
+            break;
+        }
+        sizes.push(d.pushes.len());
+        for p in &d.pushes {
+            w.report(&p.cluster, prep_done());
+        }
+    }
+    assert_eq!(sizes, vec![1, 1, 2, 4, 4]);
+}
+
+#[test]
+fn paused_rollouts_start_nothing_and_their_timeouts_wait() {
+    use Action::*;
+    let names = ["a", "b", "c", "d"];
+    let mut w = World::new(&names, &names, vec![item(&[Prep], 2, Some(60))]);
+    w.spec.paused = true;
+    let d = w.pass();
+    assert!(
+        d.pushes.is_empty() && w.steps.is_empty(),
+        "no item starts while paused"
+    );
+    assert_eq!(d.waiting, Some(Wait::Paused));
+    assert_eq!(condition(&w.status(), "Paused").unwrap().reason, "Paused");
+    w.spec.paused = false;
+    w.now = t(10);
+    let d = w.pass();
+    assert_eq!(d.pushes.len(), 2);
+    assert!(condition(&w.status(), "Paused").is_none());
+    // Paused mid-batch: the running clusters go on; the next batch waits.
+    w.spec.paused = true;
+    w.now = t(20);
+    w.pass();
+    w.report("a", prep_done());
+    w.report("b", prep_done());
+    w.now = t(30);
+    let d = w.pass();
+    assert!(d.pushes.is_empty());
+    assert_eq!(w.steps[0].completed_at, None);
+    // An hour paused: past the step's 60 minutes, yet nothing times out.
+    w.now = t(90);
+    let d = w.pass();
+    assert!(events(&d, "StepTimedOut").is_empty());
+    w.spec.paused = false;
+    w.now = t(100);
+    let d = w.pass();
+    assert_eq!(
+        pushed(&d),
+        vec![("c".into(), Stage::Prep), ("d".into(), Stage::Prep)]
+    );
+    // 80 minutes paused: the step (started at 10, 60 minutes) now ends at 150.
+    assert_eq!(w.steps[0].deadline(w.now), t(150));
+    w.now = t(149);
+    assert!(events(&w.pass(), "StepTimedOut").is_empty());
+    w.now = t(150);
+    assert_eq!(events(&w.pass(), "StepTimedOut").len(), 1);
+}
+
+fn preparing() -> ImageBasedUpgrade {
+    ibu(
+        Stage::Prep,
+        &[
+            (ct::IDLE, false, "InProgress", "In progress"),
+            (
+                ct::PREP_IN_PROGRESS,
+                true,
+                "InProgress",
+                "Pulling the seed image",
+            ),
+        ],
+    )
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+#[test]
+fn starts_happen_only_inside_the_maintenance_window() {
+    use Action::*;
+    use fleet_types::ibgu::MaintenanceWindow;
+    let names = ["a", "b", "c"];
+    let mut w = World::new(&names, &names, vec![item(&[Prep, Upgrade], 2, Some(4000))]);
+    w.spec.maintenance_window = Some(MaintenanceWindow {
+        start: "01:00".into(),
+        duration_minutes: 60,
+        time_zone: Some("America/New_York".into()),
+    });
+    // New York is on EST (UTC-5) until 2027-03-14: 01:00 local is 06:00 UTC.
+    w.now = at("2027-03-13T12:00:00Z");
+    let d = w.pass();
+    assert!(d.pushes.is_empty() && w.steps.is_empty());
+    assert_eq!(d.wake_at, Some(at("2027-03-14T06:00:00Z")));
+    assert_eq!(
+        events(&d, "WaitingForMaintenanceWindow"),
+        vec![
+            "waiting for the maintenance window 01:00 America/New_York: it opens at \
+             2027-03-14T06:00:00+00:00"
+        ]
+    );
+    assert!(
+        condition(&w.status(), "Progressing")
+            .unwrap()
+            .message
+            .ends_with("; waiting for the maintenance window 01:00 America/New_York")
+    );
+    w.now = at("2027-03-13T18:00:00Z");
+    assert!(
+        events(&w.pass(), "WaitingForMaintenanceWindow").is_empty(),
+        "said once"
+    );
+    w.now = at("2027-03-14T06:00:00Z");
+    let d = w.pass();
+    assert_eq!(d.pushes.len(), 2);
+    // The window closes while a and b prepare; their Upgrade waits for the next window,
+    // which after the change to EDT (UTC-4) opens at 05:00 UTC.
+    w.report("a", prep_done());
+    w.report("b", preparing());
+    w.now = at("2027-03-14T07:00:00Z");
+    let d = w.pass();
+    assert!(d.pushes.is_empty(), "no Upgrade starts outside the window");
+    assert_eq!(d.wake_at, Some(at("2027-03-15T05:00:00Z")));
+    w.now = at("2027-03-15T05:00:00Z");
+    let d = w.pass();
+    assert_eq!(pushed(&d), vec![("a".into(), Stage::Upgrade)]);
+}
+
+#[test]
+fn starts_keep_to_the_rate_per_minute() {
+    use Action::*;
+    let names = ["a", "b", "c", "d", "e"];
+    let mut it = item(&[Prep], 5, None);
+    it.rollout_strategy.max_starts_per_minute = Some(2);
+    let mut w = World::new(&names, &names, vec![it]);
+    let d = w.pass();
+    assert_eq!(d.pushes.len(), 2);
+    assert_eq!(d.waiting, Some(Wait::Rate));
+    assert_eq!(d.wake_at.unwrap(), t(1));
+    w.report("a", preparing());
+    w.report("b", preparing());
+    w.now = t(0) + Duration::seconds(30);
+    assert!(w.pass().pushes.is_empty());
+    w.now = t(1);
+    assert_eq!(
+        pushed(&w.pass()),
+        vec![("c".into(), Stage::Prep), ("d".into(), Stage::Prep)]
+    );
+    w.report("c", preparing());
+    w.report("d", preparing());
+    w.now = t(2);
+    let d = w.pass();
+    assert_eq!(pushed(&d), vec![("e".into(), Stage::Prep)]);
+    assert_eq!(d.waiting, None);
+}
+
+#[test]
+fn a_failed_prep_is_aborted_and_tried_again_up_to_retries() {
+    use Action::*;
+    let names = ["a"];
+    let mut it = item(&[Prep], 1, None);
+    it.rollout_strategy.retries = Some(1);
+    let mut w = World::new(&names, &names, vec![it]);
+    w.pass();
+    w.report("a", prep_failed("registry timeout"));
+    let d = w.pass();
+    assert_eq!(
+        events(&d, "ActionRetried"),
+        vec!["Prep failed (registry timeout): aborting, then attempt 2 of 2"]
+    );
+    assert_eq!(pushed(&d), vec![("a".into(), Stage::Idle)]);
+    assert!(w.ibgu_labels("a").is_empty(), "not failed yet");
+    w.report("a", idle());
+    let d = w.pass();
+    assert_eq!(pushed(&d), vec![("a".into(), Stage::Prep)]);
+    w.report("a", prep_failed("registry timeout again"));
+    let d = w.pass();
+    assert!(events(&d, "ActionRetried").is_empty());
+    assert_eq!(events(&d, "ActionFailed"), vec!["registry timeout again"]);
+    assert_eq!(
+        w.ibgu_labels("a"),
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
 }

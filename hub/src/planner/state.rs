@@ -42,6 +42,12 @@ pub struct ClusterProgress {
     pub started_at: Option<DateTime<Utc>>,
     pub action_started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// `Prep` attempts made again after a failure (`rolloutStrategy.retries`).
+    #[serde(default)]
+    pub retries: u32,
+    /// The failed `Prep` is being aborted (the spoke moved to Idle) before it is tried again.
+    #[serde(default)]
+    pub resetting: bool,
 }
 
 impl ClusterProgress {
@@ -62,7 +68,48 @@ impl ClusterProgress {
             started_at: None,
             action_started_at: None,
             finished_at: None,
+            retries: 0,
+            resetting: false,
         }
+    }
+}
+
+/// Why a plan item stopped for good (`ibgu-hub.md` section 5): no cluster of it starts
+/// again, later items never start.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Halt {
+    /// `FailureBudgetExceeded` or `CanaryFailed`.
+    pub reason: String,
+    pub message: String,
+}
+
+pub const FAILURE_BUDGET_EXCEEDED: &str = "FailureBudgetExceeded";
+pub const CANARY_FAILED: &str = "CanaryFailed";
+
+/// What holds a rollout's starts back for now.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// `spec.paused`.
+    Paused,
+    /// Outside `spec.maintenanceWindow`.
+    Window,
+    /// `maxStartsPerMinute` reached.
+    Rate,
+}
+
+impl Wait {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wait::Paused => "paused",
+            Wait::Window => "window",
+            Wait::Rate => "rate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Wait> {
+        [Wait::Paused, Wait::Window, Wait::Rate]
+            .into_iter()
+            .find(|w| w.as_str() == s)
     }
 }
 
@@ -71,8 +118,12 @@ impl ClusterProgress {
 pub struct StepState {
     pub step: usize,
     pub actions: Vec<Action>,
-    /// Selected clusters, in name order, frozen at the start.
+    /// Selected clusters, frozen at the start, batch after batch (by name within each):
+    /// in name order unless the item's rollout controls shape its batches.
     pub clusters: Vec<String>,
+    /// Where each batch ends in `clusters`; empty: chunks of `max_concurrency`.
+    #[serde(default)]
+    pub batch_ends: Vec<usize>,
     pub max_concurrency: usize,
     pub timeout_minutes: i64,
     pub started_at: DateTime<Utc>,
@@ -81,6 +132,23 @@ pub struct StepState {
     pub completed_at: Option<DateTime<Utc>>,
     pub timed_out: bool,
     pub progress: BTreeMap<String, ClusterProgress>,
+    /// Set once the item halted (decided at once; the step completes when the clusters
+    /// still running have finished).
+    #[serde(default)]
+    pub halt: Option<Halt>,
+    /// Since when the rollout is paused, while it is.
+    #[serde(default)]
+    pub paused_since: Option<DateTime<Utc>>,
+    /// Milliseconds the step was paused (ended pauses), and of those since its current
+    /// batch started: added to the deadlines.
+    #[serde(default)]
+    pub paused_ms: i64,
+    #[serde(default)]
+    pub batch_paused_ms: i64,
+    /// When clusters started their first action, within the last minute, while
+    /// `maxStartsPerMinute` is set.
+    #[serde(default)]
+    pub recent_starts: Vec<DateTime<Utc>>,
 }
 
 /// See [`StepState::head`].
@@ -90,6 +158,11 @@ pub struct StepHead {
     pub batch_started_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub timed_out: bool,
+    pub halt: Option<Halt>,
+    pub paused_since: Option<DateTime<Utc>>,
+    pub paused_ms: i64,
+    pub batch_paused_ms: i64,
+    pub recent_starts: Vec<DateTime<Utc>>,
 }
 
 /// The progress entries one pass changed, each as it was before its first change: what is
@@ -140,20 +213,47 @@ impl StepState {
             batch_started_at: self.batch_started_at,
             completed_at: self.completed_at,
             timed_out: self.timed_out,
+            halt: self.halt.clone(),
+            paused_since: self.paused_since,
+            paused_ms: self.paused_ms,
+            batch_paused_ms: self.batch_paused_ms,
+            recent_starts: self.recent_starts.clone(),
         }
     }
 
     pub fn batch_count(&self) -> usize {
-        self.clusters.len().div_ceil(self.max_concurrency.max(1))
+        if self.batch_ends.is_empty() {
+            self.clusters.len().div_ceil(self.max_concurrency.max(1))
+        } else {
+            self.batch_ends.len()
+        }
+    }
+
+    /// Where batch `b` lies in `clusters`.
+    fn batch_range(&self, b: usize) -> std::ops::Range<usize> {
+        let n = self.clusters.len();
+        if self.batch_ends.is_empty() {
+            let max = self.max_concurrency.max(1);
+            return (b * max).min(n)..((b + 1) * max).min(n);
+        }
+        let start = if b == 0 {
+            0
+        } else {
+            self.batch_ends.get(b - 1).copied().unwrap_or(n)
+        };
+        let end = self.batch_ends.get(b).copied().unwrap_or(n);
+        start.min(n)..end.min(n).max(start.min(n))
     }
 
     pub fn batch_members(&self, b: usize) -> Vec<String> {
-        self.clusters
-            .iter()
-            .skip(b * self.max_concurrency)
-            .take(self.max_concurrency)
-            .cloned()
-            .collect()
+        self.clusters[self.batch_range(b)].to_vec()
+    }
+
+    /// Time the step has been paused by `now` (ended pauses and the current one).
+    fn pause_now(&self, now: DateTime<Utc>) -> Duration {
+        self.paused_since.map_or(Duration::zero(), |since| {
+            (now - since).max(Duration::zero())
+        })
     }
 
     /// The current batch's clusters still at work (pending or running): all a pass of a
@@ -170,21 +270,28 @@ impl StepState {
             .collect()
     }
 
-    /// When the step as a whole times out.
-    pub fn deadline(&self) -> DateTime<Utc> {
-        self.started_at + Duration::minutes(self.timeout_minutes)
+    /// When the step as a whole times out, as of `now`: paused time does not count.
+    pub fn deadline(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.started_at
+            + Duration::minutes(self.timeout_minutes)
+            + Duration::milliseconds(self.paused_ms)
+            + self.pause_now(now)
     }
 
     /// When the current batch times out: it gets an equal share of what is left of the
-    /// step's time among the batches still to run; the last gets all of it.
-    pub fn batch_deadline(&self) -> DateTime<Utc> {
+    /// step's time among the batches still to run; the last gets all of it. Paused time
+    /// does not count.
+    pub fn batch_deadline(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let paused_before = Duration::milliseconds(self.paused_ms - self.batch_paused_ms);
         self.batch_started_at
             + batch_timeout(
                 self.timeout_minutes,
-                self.batch_started_at - self.started_at,
+                self.batch_started_at - self.started_at - paused_before,
                 self.batch_count(),
                 self.current_batch,
             )
+            + Duration::milliseconds(self.batch_paused_ms)
+            + self.pause_now(now)
     }
 }
 
@@ -220,7 +327,7 @@ pub fn scope(steps: &[StepState], now: DateTime<Utc>) -> Scope {
         },
         Some(s) => Scope {
             reports: s.batch_at_work(),
-            whole_fleet: now >= s.deadline(),
+            whole_fleet: now >= s.deadline(now),
         },
     }
 }
@@ -395,6 +502,15 @@ pub struct Decision {
     /// Clusters the pass would have pushed to but for a push still on its way to them
     /// ([`ClusterProgress::push_in_flight`]): its outcome is to trigger the next pass.
     pub awaiting_answers: Vec<String>,
+    /// What held starts back in this pass (pause, maintenance window, start rate).
+    pub waiting: Option<Wait>,
+}
+
+impl Decision {
+    /// The halt of the rollout, once an item halted.
+    pub fn halt(&self) -> Option<&Halt> {
+        self.steps.iter().find_map(|s| s.halt.as_ref())
+    }
 }
 
 impl Decision {

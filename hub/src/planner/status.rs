@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use fleet_types::ibgu::{ActionMessage, ClusterState, ImageBasedGroupUpgradeStatus, StepSummary};
+use fleet_types::ibgu::{
+    ActionMessage, ClusterState, ImageBasedGroupUpgradeSpec, ImageBasedGroupUpgradeStatus,
+    StepSummary,
+};
 use fleet_types::ibu::{Condition, ConditionStatus};
 
 use super::rollout::*;
@@ -13,7 +16,8 @@ use super::rollout::*;
 pub fn status(
     generation: i64,
     steps: &[StepState],
-    plan_len: usize,
+    spec: &ImageBasedGroupUpgradeSpec,
+    waiting: Option<Wait>,
     started_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
     transition_time: DateTime<Utc>,
@@ -23,7 +27,8 @@ pub fn status(
         ..status_without_clusters(
             generation,
             steps,
-            plan_len,
+            spec,
+            waiting,
             started_at,
             completed_at,
             transition_time,
@@ -76,14 +81,15 @@ pub fn cluster_states(steps: &[StepState]) -> Vec<ClusterState> {
 pub fn pass_status(
     generation: i64,
     d: &Decision,
-    plan_len: usize,
+    spec: &ImageBasedGroupUpgradeSpec,
     before: &ImageBasedGroupUpgradeStatus,
     now: DateTime<Utc>,
 ) -> ImageBasedGroupUpgradeStatus {
     let mut status = status_without_clusters(
         generation,
         &d.steps,
-        plan_len,
+        spec,
+        d.waiting,
         d.started_at,
         d.completed_at,
         now,
@@ -112,16 +118,41 @@ pub fn keep_transition_times(
 pub fn status_without_clusters(
     generation: i64,
     steps: &[StepState],
-    plan_len: usize,
+    spec: &ImageBasedGroupUpgradeSpec,
+    waiting: Option<Wait>,
     started_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
     transition_time: DateTime<Utc>,
 ) -> ImageBasedGroupUpgradeStatus {
+    let plan_len = spec.plan.len();
     let done = completed_at.is_some();
+    let halt = steps.iter().find_map(|s| s.halt.as_ref());
     let running = steps
         .iter()
         .position(|s| s.completed_at.is_none())
         .unwrap_or(steps.len().min(plan_len.saturating_sub(1)));
+    let (reason, message) = match (done, halt) {
+        (true, Some(h)) => (h.reason.clone(), h.message.clone()),
+        (true, None) => ("Completed".into(), "All plan steps are completed".into()),
+        (false, Some(h)) => (
+            "InProgress".into(),
+            format!(
+                "{}: halting, waiting for the clusters still running",
+                h.message
+            ),
+        ),
+        (false, None) => {
+            let mut m = format!("Waiting for plan step {running} to be completed");
+            if let (Some(Wait::Window), Some(w)) = (waiting, &spec.maintenance_window) {
+                m.push_str(&format!(
+                    "; waiting for the maintenance window {} {}",
+                    w.start,
+                    w.time_zone()
+                ));
+            }
+            ("InProgress".into(), m)
+        }
+    };
     let mut conditions = vec![Condition {
         type_: "Progressing".into(),
         status: if done {
@@ -129,15 +160,22 @@ pub fn status_without_clusters(
         } else {
             ConditionStatus::True
         },
-        reason: if done { "Completed" } else { "InProgress" }.into(),
-        message: if done {
-            "All plan steps are completed".into()
-        } else {
-            format!("Waiting for plan step {running} to be completed")
-        },
+        reason,
+        message,
         last_transition_time: Some(transition_time),
         observed_generation: Some(generation),
     }];
+    if spec.paused && !done {
+        conditions.push(Condition {
+            type_: "Paused".into(),
+            status: ConditionStatus::True,
+            reason: "Paused".into(),
+            message: "spec.paused is true: no cluster starts an action, timeouts are stopped"
+                .into(),
+            last_transition_time: Some(transition_time),
+            observed_generation: Some(generation),
+        });
+    }
     if done {
         let mut started = BTreeSet::new();
         let mut failing = BTreeSet::new();
@@ -159,7 +197,12 @@ pub fn status_without_clusters(
             } else {
                 ConditionStatus::False
             },
-            reason: if failed == 0 { "Completed" } else { "Failed" }.into(),
+            reason: match halt {
+                Some(h) => h.reason.as_str(),
+                None if failed == 0 => "Completed",
+                None => "Failed",
+            }
+            .into(),
             message: if failed == 0 {
                 format!("All {total} cluster(s) completed the plan")
             } else {

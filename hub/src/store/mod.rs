@@ -15,7 +15,7 @@ use sqlx::{FromRow, PgConnection, PgPool, Row};
 
 use crate::error::Error;
 use crate::planner::rollout::{
-    ClusterInfo, ClusterPhase, ClusterProgress, Event, LabelChange, StepHead, StepState,
+    ClusterInfo, ClusterPhase, ClusterProgress, Event, Halt, LabelChange, StepHead, StepState, Wait,
 };
 
 mod audit;

@@ -37,6 +37,13 @@ struct StepRow {
     started_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
     timed_out: bool,
+    batch_ends: Vec<i32>,
+    halt_reason: Option<String>,
+    halt_message: Option<String>,
+    paused_since: Option<DateTime<Utc>>,
+    paused_ms: i64,
+    batch_paused_ms: i64,
+    recent_starts: Vec<DateTime<Utc>>,
 }
 
 impl TryFrom<StepRow> for StepState {
@@ -59,6 +66,15 @@ impl TryFrom<StepRow> for StepState {
             completed_at: r.completed_at,
             timed_out: r.timed_out,
             progress: BTreeMap::new(),
+            batch_ends: r.batch_ends.iter().map(|e| (*e).max(0) as usize).collect(),
+            halt: r.halt_reason.map(|reason| Halt {
+                reason,
+                message: r.halt_message.unwrap_or_default(),
+            }),
+            paused_since: r.paused_since,
+            paused_ms: r.paused_ms,
+            batch_paused_ms: r.batch_paused_ms,
+            recent_starts: r.recent_starts,
         })
     }
 }
@@ -83,6 +99,8 @@ struct ProgressRow {
     started_at: Option<DateTime<Utc>>,
     action_started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    retries: i32,
+    resetting: bool,
 }
 
 impl TryFrom<ProgressRow> for ClusterProgress {
@@ -113,6 +131,8 @@ impl TryFrom<ProgressRow> for ClusterProgress {
             started_at: r.started_at,
             action_started_at: r.action_started_at,
             finished_at: r.finished_at,
+            retries: r.retries.max(0) as u32,
+            resetting: r.resetting,
         })
     }
 }
@@ -123,7 +143,8 @@ pub async fn rollout_steps_in_txn(
 ) -> Result<Vec<StepState>, Error> {
     let rows: Vec<StepRow> = sqlx::query_as(
         "SELECT step, actions, clusters, max_concurrency, timeout_minutes, current_batch, batch_started_at,
-                started_at, completed_at, timed_out
+                started_at, completed_at, timed_out, batch_ends, halt_reason, halt_message, paused_since,
+                paused_ms, batch_paused_ms, recent_starts
          FROM rollout_steps WHERE rollout_id = $1 ORDER BY step",
     )
     .bind(id)
@@ -136,7 +157,7 @@ pub async fn rollout_steps_in_txn(
     let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT step, cluster, batch, state, action_index, completed_actions, failed_action, failure_message,
                 timed_out, pushed_stage, pushed_at, push_attempts, push_in_flight_since, refused, started_at,
-                action_started_at, finished_at
+                action_started_at, finished_at, retries, resetting
          FROM rollout_clusters WHERE rollout_id = $1",
     )
     .bind(id)
@@ -172,11 +193,15 @@ pub async fn rollout_save_steps_in_txn(
             let actions: Vec<&str> = s.actions.iter().map(|a| a.as_str()).collect();
             sqlx::query(
                 "INSERT INTO rollout_steps (rollout_id, step, actions, clusters, max_concurrency, timeout_minutes,
-                   current_batch, batch_started_at, started_at, completed_at, timed_out)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                   current_batch, batch_started_at, started_at, completed_at, timed_out, batch_ends, halt_reason,
+                   halt_message, paused_since, paused_ms, batch_paused_ms, recent_starts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
                  ON CONFLICT (rollout_id, step) DO UPDATE SET current_batch = EXCLUDED.current_batch,
                    batch_started_at = EXCLUDED.batch_started_at, completed_at = EXCLUDED.completed_at,
-                   timed_out = EXCLUDED.timed_out",
+                   timed_out = EXCLUDED.timed_out, halt_reason = EXCLUDED.halt_reason,
+                   halt_message = EXCLUDED.halt_message, paused_since = EXCLUDED.paused_since,
+                   paused_ms = EXCLUDED.paused_ms, batch_paused_ms = EXCLUDED.batch_paused_ms,
+                   recent_starts = EXCLUDED.recent_starts",
             )
             .bind(id)
             .bind(s.step as i32)
@@ -189,6 +214,13 @@ pub async fn rollout_save_steps_in_txn(
             .bind(s.started_at)
             .bind(s.completed_at)
             .bind(s.timed_out)
+            .bind(s.batch_ends.iter().map(|e| *e as i32).collect::<Vec<i32>>())
+            .bind(s.halt.as_ref().map(|h| h.reason.as_str()))
+            .bind(s.halt.as_ref().map(|h| h.message.as_str()))
+            .bind(s.paused_since)
+            .bind(s.paused_ms)
+            .bind(s.batch_paused_ms)
+            .bind(&s.recent_starts)
             .execute(&mut *conn)
             .await
             ?;
@@ -231,6 +263,8 @@ pub(super) async fn progress_upsert(
     let mut started = Vec::new();
     let mut action_started = Vec::new();
     let mut finished = Vec::new();
+    let mut retries = Vec::new();
+    let mut resetting = Vec::new();
     for (c, p) in rows {
         clusters.push((*c).clone());
         batch.push(p.batch as i32);
@@ -254,27 +288,31 @@ pub(super) async fn progress_upsert(
         started.push(p.started_at);
         action_started.push(p.action_started_at);
         finished.push(p.finished_at);
+        retries.push(p.retries as i32);
+        resetting.push(p.resetting);
     }
     sqlx::query(
         "INSERT INTO rollout_clusters (rollout_id, step, cluster, batch, state, action_index, completed_actions,
            failed_action, failure_message, timed_out, pushed_stage, pushed_at, push_attempts, push_in_flight_since,
-           refused, started_at, action_started_at, finished_at)
+           refused, started_at, action_started_at, finished_at, retries, resetting)
          SELECT $1, $2, u.cluster, u.batch, u.state, u.action_index,
            CASE WHEN u.completed = '' THEN '{}'::text[] ELSE string_to_array(u.completed, ',') END,
            u.failed_action, u.failure_message, u.timed_out, u.pushed_stage, u.pushed_at, u.attempts, u.in_flight,
-           u.refused, u.started, u.action_started, u.finished
+           u.refused, u.started, u.action_started, u.finished, u.retries, u.resetting
          FROM UNNEST($3::text[], $4::int4[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::text[],
                      $10::bool[], $11::text[], $12::timestamptz[], $13::int4[], $14::timestamptz[], $15::text[],
-                     $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
+                     $16::timestamptz[], $17::timestamptz[], $18::timestamptz[], $19::int4[], $20::bool[])
            AS u(cluster, batch, state, action_index, completed, failed_action, failure_message, timed_out,
-                pushed_stage, pushed_at, attempts, in_flight, refused, started, action_started, finished)
+                pushed_stage, pushed_at, attempts, in_flight, refused, started, action_started, finished,
+                retries, resetting)
          ON CONFLICT (rollout_id, step, cluster) DO UPDATE SET batch = EXCLUDED.batch, state = EXCLUDED.state,
            action_index = EXCLUDED.action_index, completed_actions = EXCLUDED.completed_actions,
            failed_action = EXCLUDED.failed_action, failure_message = EXCLUDED.failure_message,
            timed_out = EXCLUDED.timed_out, pushed_stage = EXCLUDED.pushed_stage, pushed_at = EXCLUDED.pushed_at,
            push_attempts = EXCLUDED.push_attempts, push_in_flight_since = EXCLUDED.push_in_flight_since,
            refused = EXCLUDED.refused, started_at = EXCLUDED.started_at,
-           action_started_at = EXCLUDED.action_started_at, finished_at = EXCLUDED.finished_at",
+           action_started_at = EXCLUDED.action_started_at, finished_at = EXCLUDED.finished_at,
+           retries = EXCLUDED.retries, resetting = EXCLUDED.resetting",
     )
     .bind(id)
     .bind(s.step as i32)
@@ -294,6 +332,8 @@ pub(super) async fn progress_upsert(
     .bind(&started)
     .bind(&action_started)
     .bind(&finished)
+    .bind(&retries)
+    .bind(&resetting)
     .execute(conn)
     .await
     ?;

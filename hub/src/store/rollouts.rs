@@ -7,6 +7,8 @@ pub struct RolloutRow {
     pub object: ImageBasedGroupUpgrade,
     pub phase: String,
     pub started_at: Option<DateTime<Utc>>,
+    /// What held the rollout's starts back after its last pass.
+    pub waiting: Option<Wait>,
 }
 
 /// The columns of [`ROLLOUT_COLUMNS`].
@@ -24,6 +26,7 @@ struct RolloutColumns {
     phase: String,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
+    waiting: Option<String>,
 }
 
 pub(super) fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, Error> {
@@ -52,10 +55,11 @@ pub(super) fn rollout_from_row(r: &sqlx::postgres::PgRow) -> Result<RolloutRow, 
         object,
         phase: c.phase,
         started_at: c.started_at,
+        waiting: c.waiting.as_deref().and_then(Wait::parse),
     })
 }
 
-pub(super) const ROLLOUT_COLUMNS: &str = "id, uid, namespace, name, generation, labels, annotations, spec, status, phase, created_at, started_at";
+pub(super) const ROLLOUT_COLUMNS: &str = "id, uid, namespace, name, generation, labels, annotations, spec, status, phase, created_at, started_at, waiting";
 
 pub async fn rollout_insert(
     pool: &PgPool,
@@ -221,6 +225,7 @@ pub struct PassStatus<'a> {
     pub phase: &'a str,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub waiting: Option<Wait>,
 }
 
 /// The end of a pass on the rollout's row, in one statement: the state version moves on when
@@ -236,14 +241,15 @@ pub async fn rollout_save_pass_in_txn(
     if !steps_changed && status.is_none() {
         return Ok(version);
     }
-    let (value, phase, started_at, completed_at) = match &status {
+    let (value, phase, started_at, completed_at, waiting) = match &status {
         Some(s) => (
             Some(serde_json::to_value(s.status).map_err(|e| Error::internal("encoding", e))?),
             Some(s.phase),
             s.started_at,
             s.completed_at,
+            s.waiting.map(Wait::as_str),
         ),
-        None => (None, None, None, None),
+        None => (None, None, None, None, None),
     };
     // Without a status ($3 and $4 null) the status columns keep what they hold.
     sqlx::query_scalar(
@@ -251,6 +257,7 @@ pub async fn rollout_save_pass_in_txn(
            status = COALESCE($3, status), phase = COALESCE($4, phase),
            started_at = CASE WHEN $4 IS NULL THEN started_at ELSE $5 END,
            completed_at = CASE WHEN $4 IS NULL THEN completed_at ELSE $6 END,
+           waiting = CASE WHEN $4 IS NULL THEN waiting ELSE $7 END,
            updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
          WHERE id = $1 RETURNING state_version",
     )
@@ -260,6 +267,7 @@ pub async fn rollout_save_pass_in_txn(
     .bind(phase)
     .bind(started_at)
     .bind(completed_at)
+    .bind(waiting)
     .fetch_one(conn)
     .await
     .map_err(Error::from)
