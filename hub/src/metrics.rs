@@ -51,6 +51,9 @@ pub struct HubMetrics {
     pub action_duration: HistogramVec,
     pub rollouts: IntGaugeVec,
     pub cluster_actions: IntGaugeVec,
+    pub rollout_halted: IntGaugeVec,
+    pub rollout_paused: IntGaugeVec,
+    pub rollout_starts_held: IntGaugeVec,
     pub rollout_clusters: IntGaugeVec,
     pub rollout_batch: IntGaugeVec,
     pub rollout_batches: IntGaugeVec,
@@ -214,6 +217,24 @@ impl Metrics {
             "Batches of each started step of each active rollout",
             &["namespace", "rollout", "step"],
         )?;
+        let rollout_halted = gauge(
+            &r,
+            "fleet_hub_rollout_halted",
+            "1 for each rollout a plan item of which halted, by reason (FailureBudgetExceeded, CanaryFailed)",
+            &["namespace", "rollout", "reason"],
+        )?;
+        let rollout_paused = gauge(
+            &r,
+            "fleet_hub_rollout_paused",
+            "1 for each unfinished rollout with spec.paused",
+            &["namespace", "rollout"],
+        )?;
+        let rollout_starts_held = gauge(
+            &r,
+            "fleet_hub_rollout_starts_held",
+            "1 for each unfinished rollout whose last pass held starts back, by reason (paused, window: outside the maintenance window, rate: maxStartsPerMinute reached)",
+            &["namespace", "rollout", "reason"],
+        )?;
         let spokes_registered = IntGauge::new(
             "fleet_hub_spokes_registered",
             "Clusters registered with the hub",
@@ -291,6 +312,10 @@ impl Metrics {
             "StepStarted",
             "StepCompleted",
             "StepTimedOut",
+            "ActionRetried",
+            "RolloutHalted",
+            "StepHalted",
+            "WaitingForMaintenanceWindow",
         ] {
             events.with_label_values(&[event]);
         }
@@ -308,6 +333,9 @@ impl Metrics {
             action_duration,
             rollouts,
             cluster_actions,
+            rollout_halted,
+            rollout_paused,
+            rollout_starts_held,
             rollout_clusters,
             rollout_batch,
             rollout_batches,
@@ -361,6 +389,25 @@ impl Metrics {
             self.rollout_batches
                 .with_label_values(&id)
                 .set(step.batches);
+        }
+        self.rollout_halted.reset();
+        self.rollout_paused.reset();
+        self.rollout_starts_held.reset();
+        for c in &s.controls {
+            let id = [c.namespace.as_str(), c.rollout.as_str()];
+            if let Some(reason) = &c.halted {
+                self.rollout_halted
+                    .with_label_values(&[id[0], id[1], reason])
+                    .set(1);
+            }
+            if c.paused {
+                self.rollout_paused.with_label_values(&id).set(1);
+            }
+            if let Some(reason) = &c.waiting {
+                self.rollout_starts_held
+                    .with_label_values(&[id[0], id[1], reason])
+                    .set(1);
+            }
         }
         self.spokes_registered.set(s.registered);
         self.spokes_reachable.set(s.registered - s.unreachable);

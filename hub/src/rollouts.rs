@@ -11,6 +11,7 @@ use sqlx::PgPool;
 
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::planner::rollout::Event;
 use crate::planner::validate;
 use crate::store::{self, RolloutRow};
 
@@ -45,16 +46,27 @@ pub async fn create(
 
 /// Stores a stored rollout's new version (spec, labels, annotations) when the change is
 /// valid; a changed spec is planned again by the engine. The row answered is as stored,
-/// without the per-cluster status (the REST API reads that for its answer).
+/// without the per-cluster status (the REST API reads that for its answer). A pause or a
+/// resume is a history event of `actor`'s. A plan item appended to a halted rollout is a
+/// conflict.
 pub async fn change(
     pool: &PgPool,
     engine: &Engine,
     stored: &RolloutRow,
     new: &ImageBasedGroupUpgrade,
+    actor: &str,
 ) -> Result<Verdict, Error> {
     let causes = problems(pool, new, Some(&stored.object)).await?;
     if !causes.is_empty() {
         return Ok(Verdict::Refused(causes));
+    }
+    if new.spec.plan.len() > stored.object.spec.plan.len()
+        && store::rollout_halted(pool, stored.id).await?
+    {
+        return Err(Error::Conflict(format!(
+            "rollout {} is halted: create a new ImageBasedGroupUpgrade",
+            new.metadata.name.as_deref().unwrap_or_default()
+        )));
     }
     let spec_changed = new.spec != stored.object.spec;
     let row = store::rollout_update(pool, stored.id, new, spec_changed)
@@ -66,6 +78,25 @@ pub async fn change(
                 new.metadata.name.as_deref().unwrap_or_default()
             ))
         })?;
+    if new.spec.paused != stored.object.spec.paused {
+        let (event, message) = if new.spec.paused {
+            (
+                "Paused",
+                format!("paused by {actor}: no cluster starts an action"),
+            )
+        } else {
+            ("Resumed", format!("resumed by {actor}"))
+        };
+        let e = Event {
+            cluster: None,
+            step: None,
+            action: None,
+            event,
+            message,
+            took: None,
+        };
+        store::history_append(pool, &row, &[e], actor).await?;
+    }
     engine.trigger();
     Ok(Verdict::Stored(Box::new(row)))
 }

@@ -192,7 +192,7 @@ impl Engine {
         let steps_changed =
             store::rollout_save_steps_in_txn(tx, id, &loaded.heads, &d.steps, &d.changed).await?;
         store::cluster_labels_change_in_txn(tx, &d.label_changes).await?;
-        store::history_insert_in_txn(tx, &loaded.row, now, &d.events).await?;
+        store::history_insert_in_txn(tx, &loaded.row, now, &d.events, "controller").await?;
         let object = &loaded.row.object;
         let before = object.status.clone().unwrap_or_default();
         let generation = object.metadata.generation.unwrap_or(1);

@@ -565,8 +565,10 @@ pub async fn rollout_create(
     }
 }
 
-/// The plan computed without storing anything: the first step's selection and batches
-/// (later steps select by the labels earlier ones leave, so they show their selectors).
+/// The plan computed without storing anything: the first step's selection and batches as
+/// the rollout controls shape them (canary batch, growing batches, disruption budget; later
+/// steps select by the labels earlier ones leave, so they show their selectors), and when
+/// the maintenance window next lets clusters start.
 async fn dry_run(state: &AppState, obj: &ImageBasedGroupUpgrade) -> Result<Response, ApiError> {
     let fleet: BTreeMap<String, rollout::ClusterInfo> = store::cluster_list(&state.pool)
         .await?
@@ -589,26 +591,52 @@ async fn dry_run(state: &AppState, obj: &ImageBasedGroupUpgrade) -> Result<Respo
         .map(|(i, item)| {
             let first = item.actions[0];
             let max = item.rollout_strategy.max_concurrency.max(1) as usize;
+            let strategy = &item.rollout_strategy;
             let mut step = serde_json::json!({
                 "step": i,
                 "actions": item.actions,
                 "maxConcurrency": max,
-                "timeoutMinutes": item.rollout_strategy.timeout_minutes(),
+                "timeoutMinutes": strategy.timeout_minutes(),
+                "rolloutStrategy": strategy,
                 "selectors": rollout::item_selectors(&obj.spec.cluster_label_selectors, first),
             });
             if i == 0 {
                 let clusters = rollout::select(&obj.spec.cluster_label_selectors, first, &fleet);
-                let batches: Vec<Vec<String>> = clusters.chunks(max).map(|c| c.to_vec()).collect();
+                let (order, ends) = rollout::shape(&clusters, &fleet, strategy);
+                let batches: Vec<Vec<String>> = if ends.is_empty() {
+                    order.chunks(max).map(|c| c.to_vec()).collect()
+                } else {
+                    let mut start = 0;
+                    ends.iter()
+                        .map(|&end| {
+                            let b = order[start..end].to_vec();
+                            start = end;
+                            b
+                        })
+                        .collect()
+                };
                 step["clusters"] = serde_json::json!(clusters);
                 step["batches"] = serde_json::json!(batches);
+                if strategy.canary_clusters.unwrap_or(0) > 0 && !batches.is_empty() {
+                    step["canaryBatch"] = serde_json::json!(batches[0]);
+                }
             }
             step
         })
         .collect();
-    Ok(
-        Json(serde_json::json!({"kind": "RolloutPlan", "dryRun": true, "steps": steps}))
-            .into_response(),
-    )
+    let mut plan = serde_json::json!({"kind": "RolloutPlan", "dryRun": true, "steps": steps});
+    if obj.spec.paused {
+        plan["paused"] = serde_json::json!(true);
+    }
+    if let Some(w) = &obj.spec.maintenance_window
+        && let Some(at) = crate::planner::controls::window(w, chrono::Utc::now())
+    {
+        plan["maintenanceWindow"] = serde_json::json!({
+            "open": at.open,
+            "nextOpen": at.next_open,
+        });
+    }
+    Ok(Json(plan).into_response())
 }
 
 pub async fn rollout_list(
@@ -687,11 +715,53 @@ pub async fn rollout_patch(
         ));
     }
     new.status = row.object.status.clone();
-    match rollouts::change(&state.pool, &state.engine, &row, &new).await? {
+    let (actor, _) = super::auth::actor(&state, &headers, None);
+    match rollouts::change(&state.pool, &state.engine, &row, &new, &actor).await? {
         Verdict::Stored(_) => {
             let answer = fetch(&state, &ns, &name).await?.object;
             Ok((warnings, Json(answer)).into_response())
         }
+        Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
+    }
+}
+
+/// `POST .../pause`: the merge patch `{"spec":{"paused":true}}`, recorded with who asked.
+pub async fn rollout_pause(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    set_paused(&state, &headers, &ns, &name, true).await
+}
+
+/// `POST .../resume`: the merge patch `{"spec":{"paused":false}}`.
+pub async fn rollout_resume(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    set_paused(&state, &headers, &ns, &name, false).await
+}
+
+async fn set_paused(
+    state: &AppState,
+    headers: &HeaderMap,
+    ns: &str,
+    name: &str,
+    paused: bool,
+) -> Result<Response, ApiError> {
+    authorize(
+        state,
+        headers,
+        Access::new("patch", Kind::Rollouts).at(ns, Some(name)),
+    )
+    .await?;
+    let row = fetch(state, ns, name).await?;
+    let mut new = row.object.clone();
+    new.spec.paused = paused;
+    let (actor, _) = super::auth::actor(state, headers, None);
+    match rollouts::change(&state.pool, &state.engine, &row, &new, &actor).await? {
+        Verdict::Stored(_) => Ok(Json(fetch(state, ns, name).await?.object).into_response()),
         Verdict::Refused(causes) => Err(ApiError::from(Status::invalid(causes))),
     }
 }

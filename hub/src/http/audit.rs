@@ -28,6 +28,8 @@ fn change(method: &Method, route: &str) -> Option<(&'static str, &'static str)> 
         ("POST", "/v1/rollouts") => ("create", "rollouts"),
         ("PATCH", "/v1/rollouts/{namespace}/{name}") => ("patch", "rollouts"),
         ("DELETE", "/v1/rollouts/{namespace}/{name}") => ("delete", "rollouts"),
+        ("POST", "/v1/rollouts/{namespace}/{name}/pause") => ("pause", "rollouts"),
+        ("POST", "/v1/rollouts/{namespace}/{name}/resume") => ("resume", "rollouts"),
         ("PATCH", "/v1/clusters/{name}") => ("patch", "clusters"),
         ("DELETE", "/v1/clusters/{name}") => ("delete", "clusters"),
         ("POST", "/v1/clusters/register") => ("register", "clusters"),

@@ -182,6 +182,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/rollouts/{namespace}/{name}/history", get(api::history))
         .route(
+            "/v1/rollouts/{namespace}/{name}/pause",
+            post(api::rollout_pause),
+        )
+        .route(
+            "/v1/rollouts/{namespace}/{name}/resume",
+            post(api::rollout_resume),
+        )
+        .route(
             "/v1/configmaps/{namespace}/{name}",
             get(api::configmap_get)
                 .put(api::configmap_put)

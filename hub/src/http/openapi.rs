@@ -165,6 +165,22 @@ pub const OPERATIONS: &[Operation] = &[
         (200, Body::Any),
     ),
     op(
+        "post",
+        "/v1/rollouts/{namespace}/{name}/pause",
+        "Pause: the merge patch {\"spec\":{\"paused\":true}}, in history with who asked",
+        Auth::Admin,
+        Body::None,
+        (200, Body::Ibgu),
+    ),
+    op(
+        "post",
+        "/v1/rollouts/{namespace}/{name}/resume",
+        "Resume: the merge patch {\"spec\":{\"paused\":false}}, in history with who asked",
+        Auth::Admin,
+        Body::None,
+        (200, Body::Ibgu),
+    ),
+    op(
         "get",
         "/v1/rollouts/{namespace}/{name}/history",
         "Every recorded transition, oldest first (cluster= filters)",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_types::ibgu::{ImageBasedGroupUpgrade, ImageBasedGroupUpgradeStatus};
+use fleet_types::status::StatusCause;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -76,12 +77,18 @@ pub async fn reconcile(
             let row = stored.as_ref().ok_or(Error::Conflict(
                 "the rollout disappeared while it was being updated".into(),
             ))?;
-            match rollouts::change(&ctx.pool, &ctx.engine, row, &desired).await? {
-                Verdict::Stored(_) => {
+            match rollouts::change(&ctx.pool, &ctx.engine, row, &desired, "controller").await {
+                Ok(Verdict::Stored(_)) => {
                     audit(&ctx, &obj, "patch").await;
                     None
                 }
-                Verdict::Refused(problems) => Some(problems),
+                Ok(Verdict::Refused(problems)) => Some(problems),
+                // Appending to a halted rollout: said in the CR's status, as a refusal.
+                Err(Error::Conflict(message)) => Some(vec![StatusCause {
+                    field: "spec.plan".into(),
+                    message,
+                }]),
+                Err(e) => return Err(e),
             }
         }
     };

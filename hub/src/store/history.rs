@@ -2,11 +2,13 @@
 
 use super::*;
 
+/// Appends events of a rollout; `actor` caused them (`controller` for the planner's).
 pub async fn history_insert_in_txn(
     conn: &mut PgConnection,
     rollout: &RolloutRow,
     now: DateTime<Utc>,
     events: &[Event],
+    actor: &str,
 ) -> Result<(), Error> {
     if events.is_empty() {
         return Ok(());
@@ -20,8 +22,9 @@ pub async fn history_insert_in_txn(
     let kinds: Vec<&str> = events.iter().map(|e| e.event).collect();
     let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
     sqlx::query(
-        "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, cluster, step, action, event, message)
-         SELECT $1, $2, $3, $4, u.cluster, u.step, u.action, u.event, u.message
+        "INSERT INTO history (rollout_id, rollout_namespace, rollout_name, time, cluster, step, action, event, message,
+                              actor)
+         SELECT $1, $2, $3, $4, u.cluster, u.step, u.action, u.event, u.message, $10
          FROM UNNEST($5::text[], $6::int4[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY
            AS u(cluster, step, action, event, message, n) ORDER BY u.n",
     )
@@ -34,6 +37,7 @@ pub async fn history_insert_in_txn(
     .bind(&actions)
     .bind(&kinds)
     .bind(&messages)
+    .bind(actor)
     .execute(conn)
     .await
     ?;
@@ -48,6 +52,9 @@ pub struct HistoryEntry {
     pub action: Option<String>,
     pub event: String,
     pub message: String,
+    /// Who caused it: `controller` (the hub's own decisions), `admin`, `viewer`,
+    /// `kubernetes:<user>`.
+    pub actor: String,
 }
 
 pub async fn history_list(
@@ -56,7 +63,7 @@ pub async fn history_list(
     cluster: Option<&str>,
 ) -> Result<Vec<HistoryEntry>, Error> {
     let rows = sqlx::query_as(
-        "SELECT time, cluster, step, action, event, message FROM history
+        "SELECT time, cluster, step, action, event, message, actor FROM history
          WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",
     )
     .bind(rollout_id)

@@ -169,6 +169,27 @@ pub async fn rollout_update(
     row.as_ref().map(rollout_from_row).transpose()
 }
 
+/// Whether a plan item of the rollout halted (final: `ibgu-hub.md` section 5).
+pub async fn rollout_halted(pool: &PgPool, id: i64) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM rollout_steps WHERE rollout_id = $1 AND halt_reason IS NOT NULL)",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Appends events that a person (or the controller) caused to a rollout's history.
+pub async fn history_append(
+    pool: &PgPool,
+    rollout: &RolloutRow,
+    events: &[Event],
+    actor: &str,
+) -> Result<(), Error> {
+    let mut conn = pool.acquire().await?;
+    history_insert_in_txn(&mut conn, rollout, Utc::now(), events, actor).await
+}
+
 pub async fn rollout_delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, Error> {
     let r = sqlx::query("DELETE FROM rollouts WHERE namespace = $1 AND name = $2")
         .bind(namespace)

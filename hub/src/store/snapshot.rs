@@ -11,6 +11,18 @@ pub struct FleetSnapshot {
     pub steps: Vec<StepSnapshot>,
     pub registered: i64,
     pub unreachable: i64,
+    /// Rollouts a rollout control holds: halted, paused, or waiting to start clusters.
+    pub controls: Vec<ControlSnapshot>,
+}
+
+#[derive(Debug, Default, PartialEq, sqlx::FromRow)]
+pub struct ControlSnapshot {
+    pub namespace: String,
+    #[sqlx(rename = "name")]
+    pub rollout: String,
+    pub halted: Option<String>,
+    pub paused: bool,
+    pub waiting: Option<String>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -83,6 +95,8 @@ struct GroupRow {
     completed_at: Option<DateTime<Utc>>,
     members: i32,
     max_concurrency: i32,
+    /// The batches of a step the rollout controls shaped (0: chunks of max_concurrency).
+    shaped_batches: i32,
     completed_actions: Vec<String>,
     action_index: i32,
     state: String,
@@ -104,13 +118,13 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
     let rows: Vec<GroupRow> = sqlx::query_as(
         "SELECT r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
                 cardinality(s.clusters) AS members, s.max_concurrency,
-                rc.completed_actions, rc.action_index, rc.state, rc.timed_out, count(*) AS n
+                cardinality(s.batch_ends) AS shaped_batches, rc.completed_actions, rc.action_index, rc.state, rc.timed_out, count(*) AS n
          FROM rollouts r
          JOIN rollout_steps s ON s.rollout_id = r.id
          JOIN rollout_clusters rc ON rc.rollout_id = s.rollout_id AND rc.step = s.step
          WHERE r.phase <> 'Completed'
          GROUP BY r.namespace, r.name, s.step, s.actions, s.current_batch, s.completed_at,
-                  cardinality(s.clusters), s.max_concurrency,
+                  cardinality(s.clusters), s.max_concurrency, cardinality(s.batch_ends),
                   rc.completed_actions, rc.action_index, rc.state, rc.timed_out
          ORDER BY r.namespace, r.name, s.step",
     )
@@ -134,7 +148,10 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
         if !same {
             let members = i64::from(r.members);
             let max = i64::from(r.max_concurrency).max(1);
-            let batches = (members + max - 1) / max;
+            let batches = match r.shaped_batches {
+                0 => (members + max - 1) / max,
+                n => i64::from(n),
+            };
             let current = i64::from(r.current_batch);
             snap.steps.push(StepSnapshot {
                 namespace: r.namespace,
@@ -164,6 +181,21 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
          WHERE r.phase <> 'Completed' AND rc.state = 'running' AND rc.push_attempts > 0",
     )
     .fetch_one(pool)
+    .await?;
+    // A halted rollout stays shown (it needs a person); paused and waiting only while the
+    // rollout runs.
+    snap.controls = sqlx::query_as(
+        "SELECT r.namespace, r.name,
+                (SELECT s.halt_reason FROM rollout_steps s
+                 WHERE s.rollout_id = r.id AND s.halt_reason IS NOT NULL LIMIT 1) AS halted,
+                r.phase <> 'Completed' AND COALESCE((r.spec->>'paused')::boolean, false) AS paused,
+                CASE WHEN r.phase <> 'Completed' THEN r.waiting END AS waiting
+         FROM rollouts r
+         WHERE r.waiting IS NOT NULL OR r.spec ? 'paused'
+            OR EXISTS (SELECT 1 FROM rollout_steps s WHERE s.rollout_id = r.id AND s.halt_reason IS NOT NULL)
+         ORDER BY r.namespace, r.name",
+    )
+    .fetch_all(pool)
     .await?;
     Ok(snap)
 }

@@ -1081,3 +1081,171 @@ async fn a_viewer_token_reads_everything_and_changes_nothing() {
         401
     );
 }
+
+fn history_of(h: &Value) -> Vec<(String, String, String, String)> {
+    h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+            (s("cluster"), s("event"), s("actor"), s("message"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failed_canary_halts_the_rollout_before_the_fleet_is_touched() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let names = ["c1", "c2", "c3", "c4", "c5", "c6"];
+    let _fleet = start_fleet(&hub, &names, &[("c1", Fault::Prep)]).await;
+    let plan = json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 4, "timeout": 30,
+        "canaryClusters": 1, "batchGrowthFactor": 2, "retries": 1}}]);
+    // The dry run shows the canary batch and the batches growing after it.
+    let (code, dry) = hub
+        .send(
+            reqwest::Method::POST,
+            "/v1/rollouts?dryRun=All",
+            "application/json",
+            ibgu("canary", &names, plan.clone()),
+        )
+        .await;
+    assert_eq!(code, 200, "{dry}");
+    assert_eq!(
+        dry["steps"][0]["batches"],
+        json!([["c1"], ["c2"], ["c3", "c4"], ["c5", "c6"]])
+    );
+    assert_eq!(dry["steps"][0]["canaryBatch"], json!(["c1"]));
+
+    hub.create(ibgu("canary", &names, plan)).await;
+    let g = hub
+        .settle("canary", "the canary halts the rollout", |g| {
+            g["status"]["conditions"][0]["status"] == "False"
+        })
+        .await;
+    let progressing = &g["status"]["conditions"][0];
+    assert_eq!(progressing["reason"], "CanaryFailed", "{g}");
+    assert_eq!(progressing["message"], "plan step 0: canary c1 failed Prep");
+    assert_eq!(g["status"]["summary"][0]["pending"], 5);
+    for c in &names[1..] {
+        assert!(hub.labels(c).await.is_empty(), "{c} was never touched");
+    }
+    assert_eq!(
+        hub.labels("c1").await,
+        vec!["lcm.openshift.io/ibgu-prep-failed"]
+    );
+    // The failed Prep was aborted on the spoke and tried once more before it counted.
+    let h = history_of(&hub.get("/v1/rollouts/default/canary/history").await);
+    let retried: Vec<_> = h.iter().filter(|e| e.1 == "ActionRetried").collect();
+    assert_eq!(retried.len(), 1, "{h:?}");
+    assert_eq!(retried[0].0, "c1");
+    assert_eq!(retried[0].2, "controller");
+    assert!(
+        h.iter()
+            .any(|e| e.1 == "RolloutHalted" && e.3 == "plan step 0: canary c1 failed Prep")
+    );
+    // Halted is final: an appended item is refused.
+    let (code, body) = hub
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/rollouts/default/canary",
+            "application/json-patch+json",
+            json!([{"op": "add", "path": "/spec/plan/-", "value": {"actions": ["AbortOnFailure"], "rolloutStrategy": {"maxConcurrency": 2}}}]),
+        )
+        .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(
+        body["message"],
+        "rollout canary is halted: create a new ImageBasedGroupUpgrade"
+    );
+    let metrics = hub
+        .client
+        .get(format!("{}/metrics", hub.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "fleet_hub_rollout_halted{namespace=\"default\",reason=\"CanaryFailed\",rollout=\"canary\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fleet_hub_rollout_events_total{event=\"ActionRetried\"} 1"));
+}
+
+#[tokio::test]
+async fn pause_resume_and_the_maintenance_window_hold_starts_back() {
+    let db = TestDb::empty().await;
+    let hub = start_hub(&db).await;
+    let names = ["w1", "w2"];
+    let _fleet = start_fleet(&hub, &names, &[]).await;
+    // A window that opens in two hours, on the hub's clock.
+    let opens = hub.clock.now() + chrono::Duration::hours(2);
+    let mut g = ibgu(
+        "windowed",
+        &names,
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 600}}]),
+    );
+    g["spec"]["maintenanceWindow"] =
+        json!({"start": opens.format("%H:%M").to_string(), "durationMinutes": 60});
+    hub.create(g).await;
+    let g = hub
+        .settle("windowed", "waiting for the window", |g| {
+            g["status"]["conditions"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("; waiting for the maintenance window"))
+        })
+        .await;
+    assert!(g["status"]["clusters"].is_null(), "nothing started: {g}");
+
+    let pause = |verb: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.send(
+                reqwest::Method::POST,
+                &format!("/v1/rollouts/default/windowed/{verb}"),
+                "application/json",
+                Value::Null,
+            )
+            .await
+        }
+    };
+    let (code, body) = pause("pause").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["spec"]["paused"], true);
+    let g = hub
+        .settle("windowed", "the Paused condition", |g| {
+            g["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Paused"))
+        })
+        .await;
+    assert!(g["status"]["clusters"].is_null());
+    // The window opens while paused: still nothing starts.
+    hub.clock.advance(chrono::Duration::hours(2));
+    hub.engine.pass_all().await.unwrap();
+    let g = hub.get("/v1/rollouts/default/windowed").await;
+    assert!(g["status"]["clusters"].is_null(), "paused: {g}");
+    let (code, _) = pause("resume").await;
+    assert_eq!(code, 200);
+    hub.settle("windowed", "done inside the window", done).await;
+
+    let h = history_of(&hub.get("/v1/rollouts/default/windowed/history").await);
+    let said: Vec<(&str, &str)> = h
+        .iter()
+        .filter(|e| ["WaitingForMaintenanceWindow", "Paused", "Resumed"].contains(&e.1.as_str()))
+        .map(|e| (e.1.as_str(), e.2.as_str()))
+        .collect();
+    assert_eq!(
+        said,
+        vec![
+            ("WaitingForMaintenanceWindow", "controller"),
+            ("Paused", "admin"),
+            ("Resumed", "admin"),
+        ]
+    );
+}
