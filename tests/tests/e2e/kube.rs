@@ -347,6 +347,100 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
         "{trail}"
     );
 
+    // oc patch ibgu held --type merge -p '{"spec":{"paused":true}}': the rollout controls
+    // are fields of the CR. Nothing starts outside the window; the pause shows as a
+    // condition; resuming and dropping the window lets it run.
+    let opens = chrono::Utc::now() + chrono::Duration::hours(2);
+    let mut held = manifest(
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 3, "timeout": 30}}]),
+    );
+    held["metadata"]["name"] = json!("held");
+    held["spec"]["maintenanceWindow"] =
+        json!({"start": opens.format("%H:%M").to_string(), "durationMinutes": 30});
+    assert_eq!(apply(held).await.status(), 201);
+    let merge = |body: Value| {
+        let client = client.clone();
+        let url = format!("{}/{}/namespaces/ztp/{}/held", kube.url, IBGU.0, IBGU.1);
+        async move {
+            client
+                .patch(url)
+                .header(ADMIN_HEADER, "1")
+                .header("Content-Type", "application/merge-patch+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let condition = |g: &Value, type_: &str| -> Option<Value> {
+        g["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    };
+    wait_for("the window wait in the CR's status", DEADLINE, || async {
+        let g = kube.get(IBGU.0, IBGU.1, "ztp", "held")?;
+        let m = condition(&g, "Progressing")?["message"]
+            .as_str()?
+            .to_string();
+        m.contains("; waiting for the maintenance window")
+            .then_some(())
+    })
+    .await;
+    let paused = merge(json!({"spec": {"paused": true}})).await;
+    assert_eq!(paused.status(), 200);
+    wait_for("the Paused condition", DEADLINE, || async {
+        let g = kube.get(IBGU.0, IBGU.1, "ztp", "held")?;
+        (condition(&g, "Paused")?["status"] == "True").then_some(())
+    })
+    .await;
+    let bad =
+        merge(json!({"spec": {"maintenanceWindow": {"start": "25:00", "durationMinutes": 30}}}))
+            .await;
+    assert_eq!(bad.status(), 422);
+    assert!(
+        bad.text()
+            .await
+            .unwrap()
+            .contains("maintenanceWindow.start must be HH:MM")
+    );
+    let resumed = merge(json!({"spec": {"paused": false, "maintenanceWindow": null}})).await;
+    assert_eq!(resumed.status(), 200);
+    let g = wait_for("the resumed rollout to complete", DEADLINE, || async {
+        let g = kube.get(IBGU.0, IBGU.1, "ztp", "held")?;
+        (condition(&g, "Progressing")?["reason"] == "Completed").then_some(g)
+    })
+    .await;
+    assert!(condition(&g, "Paused").is_none(), "{g}");
+    let history: Value = client
+        .get(format!("{hub}/v1/rollouts/ztp/held/history"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let said: Vec<String> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            ["WaitingForMaintenanceWindow", "Paused", "Resumed"]
+                .contains(&e["event"].as_str().unwrap())
+        })
+        .map(|e| format!("{} {}", e["event"], e["actor"]).replace('"', ""))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "WaitingForMaintenanceWindow controller",
+            "Paused controller",
+            "Resumed controller"
+        ]
+    );
+
     // Everything the hub did was allowed by the chart's ClusterRole, through the counted client.
     assert_eq!(kube.denied(), Vec::<String>::new());
     let metrics = reqwest::get(format!("{hub}/metrics"))
