@@ -13,6 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROM = {"type": "prometheus", "uid": "${datasource}"}
 PG = {"type": "grafana-postgresql-datasource", "uid": "${history}"}
 FAILURE_EVENTS = "'ActionFailed', 'ActionTimedOut', 'ClusterNotStarted'"
+CONTROL_EVENTS = ("'RolloutHalted', 'StepHalted', 'Paused', 'Resumed', 'ActionRetried', "
+                  "'WaitingForMaintenanceWindow'")
 
 
 class Layout:
@@ -122,6 +124,19 @@ def fleet_overview():
              w=6, h=5),
         prom(l, "stat", "Active rollouts", "none", "ImageBasedGroupUpgrades not completed yet.",
              [('sum(fleet_hub_rollouts{phase!="Completed"})', "active")], w=6, h=5),
+        prom(l, "stat", "Rollouts halted", "none",
+             "Rollouts a failure budget or a failed canary halted (they stay until deleted).",
+             [("count(fleet_hub_rollout_halted) or vector(0)", "halted")], w=6, h=5),
+        prom(l, "stat", "Rollouts paused", "none", "Unfinished rollouts with spec.paused.",
+             [("count(fleet_hub_rollout_paused) or vector(0)", "paused")], w=6, h=5),
+        prom(l, "stat", "Prep retries (1h)", "none",
+             "Failed Preps aborted and tried again (rolloutStrategy.retries) in the last hour.",
+             [('sum(increase(fleet_hub_rollout_events_total{event="ActionRetried"}[1h]))', "retries")],
+             w=6, h=5),
+        prom(l, "stat", "Rollouts held by window or rate", "none",
+             "Rollouts whose last pass held starts back for the maintenance window or maxStartsPerMinute.",
+             [('count(fleet_hub_rollout_starts_held{reason!="paused"}) or vector(0)', "held")],
+             w=6, h=5),
         prom(l, "stat", "Cluster actions failed (1h)", "none",
              "Cluster actions that failed or timed out in the last hour.",
              [('sum(increase(fleet_hub_action_duration_seconds_count{result!="completed"}[1h]))',
@@ -210,6 +225,22 @@ def rollout_detail():
             "Every failed, timed out or never started cluster action of the rollout, with the spoke's message.",
             "SELECT time, step, cluster, action, event, message FROM history WHERE " + sel +
             " AND event IN (" + FAILURE_EVENTS + ") ORDER BY id", w=12, h=10),
+        prom(l, "stat", "Halted", "none",
+             "1 once a plan item halted (failure budget exceeded or a canary failed): final, "
+             "create a new IBGU to go on.",
+             [(f"max(fleet_hub_rollout_halted{{{match}}}) or vector(0)", "halted")], w=6, h=5),
+        prom(l, "stat", "Paused", "none", "1 while spec.paused holds every start back.",
+             [(f"max(fleet_hub_rollout_paused{{{match}}}) or vector(0)", "paused")], w=6, h=5),
+        prom(l, "timeseries", "Starts held back", "none",
+             "Why the rollout's last pass held cluster starts back: paused, window (outside the "
+             "maintenance window) or rate (maxStartsPerMinute reached).",
+             [(f"max by (reason) (fleet_hub_rollout_starts_held{{{match}}})", "{{reason}}")],
+             w=12, h=5),
+        sql(l, "table", "Rollout controls", "none",
+            "From the history: halts, pauses and resumes (with who asked), Prep retries and "
+            "maintenance window waits.",
+            "SELECT time, step, cluster, event, actor, message FROM history WHERE " + sel +
+            " AND event IN (" + CONTROL_EVENTS + ") ORDER BY id", w=24, h=8),
     ]
     return dashboard("fleet-rollout-detail", "Rollout detail",
                      "One ImageBasedGroupUpgrade: progress per step and batch, action durations, failures.",

@@ -445,13 +445,6 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
             "spoke /metrics lacks {line}:\n{spoke_metrics}"
         );
     }
-    check_dashboards(
-        &format!("{hub_metrics}\n{active_scrape}"),
-        &spoke_metrics,
-        &db,
-    )
-    .await;
-    check_provisioning();
 
     // Logs: JSON, the hub's pushes carry rollout, cluster, action and a request id that the
     // spoke's log of the same request carries too; no token anywhere.
@@ -495,4 +488,56 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
             assert!(!text.contains(secret), "the {what} log shows a token");
         }
     }
+
+    // The rollout controls' gauges: a paused rollout, and a canary that fails (obs3's Prep)
+    // and halts its rollout.
+    let post = |name: &str, selector: Value, extra: Value| {
+        let mut g = ibgu.clone();
+        g["metadata"]["name"] = json!(name);
+        g["spec"]["clusterLabelSelectors"] = json!([selector]);
+        g["spec"]["plan"] = json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 2, "timeout": 30, "canaryClusters": 1}}]);
+        if let (Some(spec), Some(more)) = (g["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(more.clone());
+        }
+        let (client, hub) = (client.clone(), run.hub.clone());
+        async move {
+            let res = client
+                .post(format!("{hub}/v1/rollouts"))
+                .bearer_auth(ADMIN)
+                .json(&g)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+        }
+    };
+    post(
+        "held",
+        json!({"matchLabels": {"demo": "obs"}}),
+        json!({"paused": true}),
+    )
+    .await;
+    post(
+        "canary",
+        json!({"matchLabels": {"name": "obs3"}}),
+        json!({}),
+    )
+    .await;
+    let controls_scrape = wait_for("the canary to halt its rollout", DEADLINE, || {
+        let hub = run.hub.clone();
+        async move {
+            let m = get_text(&format!("{hub}/metrics")).await;
+            (m.contains("fleet_hub_rollout_halted{namespace=\"default\",reason=\"CanaryFailed\",rollout=\"canary\"} 1")
+                && m.contains("fleet_hub_rollout_paused{namespace=\"default\",rollout=\"held\"} 1"))
+            .then_some(m)
+        }
+    })
+    .await;
+    check_dashboards(
+        &format!("{hub_metrics}\n{active_scrape}\n{controls_scrape}"),
+        &spoke_metrics,
+        &db,
+    )
+    .await;
+    check_provisioning();
 }
