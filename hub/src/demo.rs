@@ -1,7 +1,8 @@
 //! `fleet-hub demo`: the hub on its private database, a simulated fleet served in-process
 //! over loopback HTTP (a few clusters with injected faults), the sample rollout
 //! `[Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade]`, a live view of its progress and a
-//! final table. The REST API answers throughout.
+//! final table; then a second rollout of a seed the registry does not have, which its
+//! canaries and failure budget halt. The REST API answers throughout.
 //!
 //! The demo keeps its own database (`./.fleet-hub/demo/pgdata` by default), apart from the
 //! one `serve` uses, so its simulated clusters never show up in a real hub's inventory. A
@@ -38,6 +39,10 @@ const FAULTS: &[(u32, Fault, &str)] = &[
     ),
     (12, Fault::Backup, "OADP backup fails before the reboot"),
 ];
+/// The seed of the second, bad rollout: a tag the registry does not have.
+const BAD_SEED: &str = "quay.io/openshift-kni/seed-image:4.16.0-rc.9";
+/// Clusters labelled `lcm.openshift.io/canary`: the bad rollout tries its seed on these first.
+const CANARIES: u32 = 3;
 const JOIN_TOKEN_LEN: usize = 32;
 /// The hub's usual address (`serve`'s default), taken when free.
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -68,7 +73,8 @@ pub async fn run(mut args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
         return Err(Error::Invalid("--clusters must be at least 1".into()));
     }
     println!(
-        "fleet-hub demo: {} simulated single-node clusters, one image-based upgrade\n",
+        "fleet-hub demo: {} simulated single-node clusters, an image-based upgrade, then one of a \
+         bad seed that its canaries stop\n",
         args.clusters
     );
     if args.database_url.is_none()
@@ -204,16 +210,21 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
             step: Duration::from_millis(sim_step_ms),
             reboot: Duration::from_millis(sim_reboot_ms),
             faults,
+            missing_images: [BAD_SEED.to_string()].into(),
             ..Default::default()
         };
+        let mut labels = BTreeMap::from([
+            ("name".into(), name.clone()),
+            ("demo".into(), "true".into()),
+        ]);
+        if i <= CANARIES {
+            labels.insert(fleet_types::labels::CANARY_LABEL.into(), String::new());
+        }
         let link = HubLink {
             hub_url: hub_url.clone(),
             join_token: join_token.clone(),
             endpoint: format!("{fleet_url}/clusters/{name}"),
-            labels: BTreeMap::from([
-                ("name".into(), name.clone()),
-                ("demo".into(), "true".into()),
-            ]),
+            labels,
             agent_id: uuid::Uuid::new_v4().to_string(),
             client: HubLink::client(),
             certificate: None,
@@ -316,11 +327,62 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     println!("             curl -s {hub_url}/v1/rollouts/default/{name} | jq .status");
     println!("             curl -s {hub_url}/v1/rollouts/default/{name}/history | jq\n");
 
+    let final_status = watch(db, &name).await?;
+    println!(
+        "\n{}",
+        render_summary(&final_status, &store::cluster_list(&db.pool).await?)
+    );
+    let succeeded = final_status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Succeeded")
+        .map(|s| format!("Succeeded={:?}: {}", s.status, s.message));
+    if let Some(line) = &succeeded {
+        println!("{line}");
+    }
+
+    // A second rollout with a seed the registry does not have: the canaries fail, the
+    // failure budget halts it, the rest of the fleet is never touched.
+    let bad = bad_rollout(db, &name).await?;
+    engine.trigger();
+    println!(
+        "\n  rollout    default/{bad}: [Prep] of seed {BAD_SEED} (not in the registry),\n             \
+         {CANARIES} canaries (lcm.openshift.io/canary) first, maxFailures 2\n"
+    );
+    let bad_status = watch(db, &bad).await?;
+    let touched = bad_status.clusters.len();
+    println!(
+        "\n  halted     {touched} of {} cluster(s) tried the bad seed; the others were never touched",
+        bad_status.summary.first().map_or(0, |s| s.selected)
+    );
+    for c in &bad_status.clusters {
+        for a in &c.failed_actions {
+            println!("             {} {}: {}", c.name, a.action, a.message);
+        }
+    }
+    println!("             curl -s {hub_url}/v1/rollouts/default/{bad}/history | jq\n");
+    // The first rollout's outcome is the demo's last word.
+    if let Some(line) = &succeeded {
+        println!("{name}: {line}");
+    }
+    if stay {
+        println!(
+            "\nstill serving until Ctrl-C: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics)\n\
+             history: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq"
+        );
+    } else {
+        println!("{}", after_exit_hint(db, &data_dir, &name));
+    }
+    Ok(tasks)
+}
+
+/// The live view of one rollout until it ends (completed or halted): answers its status.
+async fn watch(db: &Database, name: &str) -> Result<ImageBasedGroupUpgradeStatus, Error> {
     let tty = std::io::stdout().is_terminal();
     let mut drawn = 0usize;
     let mut last_text = String::new();
-    let final_status = loop {
-        let row = store::rollout_fetch(&db.pool, "default", &name).await?;
+    loop {
+        let row = store::rollout_fetch(&db.pool, "default", name).await?;
         let Some(row) = row else {
             return Err(Error::Internal(format!(
                 "rollout default/{name} disappeared"
@@ -340,31 +402,33 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
         let _ = std::io::stdout().flush();
         last_text = text;
         if row.phase == "Completed" {
-            break status;
+            return Ok(status);
         }
         tokio::time::sleep(REFRESH).await;
-    };
+    }
+}
 
-    println!(
-        "\n{}",
-        render_summary(&final_status, &store::cluster_list(&db.pool).await?)
-    );
-    if let Some(s) = final_status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Succeeded")
-    {
-        println!("Succeeded={:?}: {}", s.status, s.message);
-    }
-    if stay {
-        println!(
-            "\nstill serving until Ctrl-C: hub {hub_url} (/metrics), fleet {fleet_url} (/metrics)\n\
-             history: curl -s {hub_url}/v1/rollouts/default/{name}/history | jq"
-        );
-    } else {
-        println!("{}", after_exit_hint(db, &data_dir, &name));
-    }
-    Ok(tasks)
+/// Stores the demo's bad rollout (after the good one, `first`): answers its name.
+async fn bad_rollout(db: &Database, first: &str) -> Result<String, Error> {
+    let name = format!("{first}-bad-seed");
+    let ibgu: ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
+        "apiVersion": "lcm.openshift.io/v1alpha1",
+        "kind": "ImageBasedGroupUpgrade",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterLabelSelectors": [{"matchLabels": {"demo": "true"}}],
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": BAD_SEED}},
+            "plan": [
+                {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30,
+                  "canaryClusters": CANARIES, "batchGrowthFactor": 2, "maxFailures": 2}}
+            ]
+        }
+    }))
+    .map_err(|e| Error::internal("the demo's bad rollout", e))?;
+    store::rollout_insert(&db.pool, &ibgu).await?;
+    let why = "the demo's rollout of a seed the registry does not have";
+    audit(&db.pool, "create", "rollouts", Some("default"), &name, why).await;
+    Ok(name)
 }
 
 /// How to run this very binary from here: `target/release/fleet-hub` after `cargo run`.
@@ -441,7 +505,16 @@ pub fn render_progress(
         }
     }
     if let Some(c) = status.conditions.first() {
-        out.push_str(&format!("{}\n", c.message));
+        let halted =
+            c.status == fleet_types::ibu::ConditionStatus::False && c.reason != "Completed";
+        if halted {
+            out.push_str(&format!("HALTED ({}): {}\n", c.reason, c.message));
+        } else {
+            out.push_str(&format!("{}\n", c.message));
+        }
+    }
+    if let Some(p) = status.conditions.iter().find(|c| c.type_ == "Paused") {
+        out.push_str(&format!("PAUSED: {}\n", p.message));
     }
     out
 }

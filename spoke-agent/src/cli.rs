@@ -110,6 +110,14 @@ pub struct SimArgs {
     /// hub; a restart of the agent starts from scratch).
     #[arg(long, env = "SPOKE_SIM_IN_MEMORY")]
     pub sim_in_memory: bool,
+    /// sim: a seed image the registry does not have (repeatable): its Prep fails at the
+    /// inspect, as `skopeo inspect` of a mistyped tag does.
+    #[arg(
+        long = "sim-missing-image",
+        env = "SPOKE_SIM_MISSING_IMAGES",
+        value_delimiter = ','
+    )]
+    pub sim_missing_images: Vec<String>,
 }
 
 /// How the agent reaches and registers with the hub.

@@ -30,6 +30,7 @@ fn sim_config(sim: &SimArgs, faults: BTreeSet<Fault>) -> SimConfig {
         crds: sim.sim_crds.clone(),
         lvms: sim.sim_lvms,
         in_memory: sim.sim_in_memory,
+        missing_images: sim.sim_missing_images.iter().cloned().collect(),
     }
 }
 

@@ -118,7 +118,10 @@ impl Node {
                 Outcome::Done
             }
             Work::GatherFacts(spec) => Outcome::Facts(Box::new(self.sim.cluster_facts(&spec))),
-            Work::InspectSeed(seed) => Outcome::SeedLabels(self.sim.inspect_seed(&seed)),
+            Work::InspectSeed(seed) => match self.sim.inspect_seed(&seed) {
+                Ok(labels) => Outcome::SeedLabels(labels),
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
             Work::SetupStateroot {
                 stateroot, seed, ..
             } => host(self.sim.setup_stateroot(&stateroot, &seed)),
@@ -322,6 +325,35 @@ fn seed_version_must_be_semver_and_higher() {
         "{:?}",
         n.last()
     );
+}
+
+#[test]
+fn a_seed_missing_from_the_registry_fails_prep_as_skopeo_says() {
+    let mut n = Node::new(&[]);
+    n.sim
+        .config
+        .missing_images
+        .insert("quay.io/seed:4.16.0".into());
+    n.prep();
+    assert_eq!(
+        n.cond(ct::PREP_COMPLETED),
+        c(False, "Failed", "Prep failed")
+    );
+    assert!(
+        n.last().3.contains(
+            "failed to inspect the seed image quay.io/seed:4.16.0: reading manifest 4.16.0: \
+             manifest unknown"
+        ),
+        "{:?}",
+        n.last()
+    );
+    // Another seed is there.
+    n.stage(Stage::Idle).unwrap();
+    n.run();
+    n.seed("4.16.1");
+    n.stage(Stage::Prep).unwrap();
+    n.run();
+    assert_eq!(n.cond(ct::PREP_COMPLETED).0, True);
 }
 
 #[test]

@@ -71,6 +71,9 @@ pub struct SimConfig {
     /// Keep the node in memory only (benchmarks of the hub, where the simulator's disk is not
     /// the subject).
     pub in_memory: bool,
+    /// Seed images the registry does not have (a mistyped tag, say): inspecting one fails
+    /// as `skopeo inspect` does, on every cluster that tries.
+    pub missing_images: BTreeSet<String>,
 }
 
 const BUILTIN_NAMESPACES: &[&str] = &[
@@ -245,9 +248,20 @@ impl SimCluster {
         }
     }
 
-    /// A seed built for the requested version, format 4, from a cluster like this one.
-    pub fn inspect_seed(&mut self, seed: &SeedImageRef) -> BTreeMap<String, String> {
+    /// A seed built for the requested version, format 4, from a cluster like this one;
+    /// the registry's answer for a missing image.
+    pub fn inspect_seed(
+        &mut self,
+        seed: &SeedImageRef,
+    ) -> Result<BTreeMap<String, String>, HostError> {
         self.count("inspect-seed");
+        if self.config.missing_images.contains(&seed.image) {
+            return Err(HostError::Terminal(format!(
+                "failed to inspect the seed image {}: reading manifest {}: manifest unknown",
+                seed.image,
+                seed.image.rsplit_once(':').map_or("latest", |(_, tag)| tag)
+            )));
+        }
         let info = serde_json::json!({
             "seed_cluster_ocp_version": seed.version,
             "release_registry": "quay.io",
@@ -255,13 +269,13 @@ impl SimCluster {
             "has_fips": false,
             "container_storage_mountpoint_target": "/var/lib/containers",
         });
-        BTreeMap::from([
+        Ok(BTreeMap::from([
             (
                 SEED_FORMAT_LABEL.to_string(),
                 SEED_FORMAT_VERSION.to_string(),
             ),
             (SEED_CLUSTER_INFO_LABEL.to_string(), info.to_string()),
-        ])
+        ]))
     }
 
     pub fn setup_stateroot(
@@ -526,7 +540,7 @@ impl Host for SimHost {
         &self,
         seed: &SeedImageRef,
     ) -> Result<BTreeMap<String, String>, HostError> {
-        self.with(|c| c.inspect_seed(seed))
+        self.with(|c| c.inspect_seed(seed))?
     }
 
     async fn setup_stateroot(&self, stateroot: &str, seed: &SeedImageRef) -> Result<(), HostError> {

@@ -380,6 +380,20 @@ async fn the_demo_runs_start_to_finish_on_its_own_database() {
         text.contains("Succeeded=False: 1 of 5 cluster(s) failed an action"),
         "{text}"
     );
+    // The second rollout's seed is not in the registry: its three canaries fail, the
+    // failure budget halts it, shown in the live view; no other cluster is touched.
+    assert!(
+        text.contains(
+            "HALTED (FailureBudgetExceeded): plan step 0: 3 cluster(s) failed, more than \
+             maxFailures 2"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("3 of 5 cluster(s) tried the bad seed; the others were never touched"),
+        "{text}"
+    );
+    assert!(text.contains("manifest unknown"), "{text}");
     // The hint after the summary names what works once the demo has exited.
     assert!(
         text.contains("fleet-hub serve --data-dir ./.fleet-hub/demo/pgdata"),
@@ -443,14 +457,20 @@ async fn the_demo_leaves_an_audit_trail_of_every_change() {
         ],
         "{rows:#?}"
     );
+    // The good rollout, then the one of a bad seed.
     assert_eq!(rows[3], "demo create rollouts demo-<time>", "{rows:#?}");
-    let mut second: Vec<&str> = rows[4..].iter().map(String::as_str).collect();
+    assert_eq!(rows[4], "demo create rollouts demo-<time>", "{rows:#?}");
+    let mut second: Vec<&str> = rows[5..].iter().map(String::as_str).collect();
     second.sort();
+    // The bad seed's canaries kept their prep-failed labels: the next demo removes them.
     assert_eq!(
         second,
         [
             "demo create rollouts demo-<time>",
+            "demo create rollouts demo-<time>",
             "demo delete clusters spoke3",
+            "demo patch clusters spoke1",
+            "demo patch clusters spoke2",
             "join-token register clusters spoke1",
             "join-token register clusters spoke2",
         ],
