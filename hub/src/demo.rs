@@ -294,32 +294,14 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     }
 
     let name = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
-    let ibgu: ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
-        "apiVersion": "lcm.openshift.io/v1alpha1",
-        "kind": "ImageBasedGroupUpgrade",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterLabelSelectors": [{"matchLabels": {"demo": "true"}}],
-            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": "quay.io/openshift-kni/seed-image:4.16.0"}},
-            "plan": [
-                {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
-                {"actions": ["Upgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
-                {"actions": ["AbortOnFailure"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}},
-                {"actions": ["FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}}
-            ]
-        }
-    }))
-    .map_err(|e| Error::internal("the demo's rollout", e))?;
-    store::rollout_insert(&db.pool, &ibgu).await?;
-    audit(
-        &db.pool,
-        "create",
-        "rollouts",
-        Some("default"),
-        &name,
-        "the demo's rollout",
-    )
-    .await;
+    let plan = serde_json::json!([
+        {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
+        {"actions": ["Upgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30}},
+        {"actions": ["AbortOnFailure"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}},
+        {"actions": ["FinalizeUpgrade"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 10}}
+    ]);
+    let seed = "quay.io/openshift-kni/seed-image:4.16.0";
+    store_rollout(db, &name, seed, plan, "the demo's rollout").await?;
     engine.trigger();
     println!(
         "  rollout    default/{name}: [Prep];[Upgrade];[AbortOnFailure];[FinalizeUpgrade], 5 clusters per batch"
@@ -411,24 +393,37 @@ async fn watch(db: &Database, name: &str) -> Result<ImageBasedGroupUpgradeStatus
 /// Stores the demo's bad rollout (after the good one, `first`): answers its name.
 async fn bad_rollout(db: &Database, first: &str) -> Result<String, Error> {
     let name = format!("{first}-bad-seed");
+    let plan = serde_json::json!([
+        {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30,
+          "canaryClusters": CANARIES, "batchGrowthFactor": 2, "maxFailures": 2}}
+    ]);
+    let why = "the demo's rollout of a seed the registry does not have";
+    store_rollout(db, &name, BAD_SEED, plan, why).await?;
+    Ok(name)
+}
+
+/// Stores one of the demo's rollouts over its clusters (and says so in the audit trail).
+async fn store_rollout(
+    db: &Database,
+    name: &str,
+    seed: &str,
+    plan: serde_json::Value,
+    why: &str,
+) -> Result<(), Error> {
     let ibgu: ImageBasedGroupUpgrade = serde_json::from_value(serde_json::json!({
         "apiVersion": "lcm.openshift.io/v1alpha1",
         "kind": "ImageBasedGroupUpgrade",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
             "clusterLabelSelectors": [{"matchLabels": {"demo": "true"}}],
-            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": BAD_SEED}},
-            "plan": [
-                {"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 5, "timeout": 30,
-                  "canaryClusters": CANARIES, "batchGrowthFactor": 2, "maxFailures": 2}}
-            ]
+            "ibuSpec": {"seedImageRef": {"version": "4.16.0", "image": seed}},
+            "plan": plan
         }
     }))
-    .map_err(|e| Error::internal("the demo's bad rollout", e))?;
+    .map_err(|e| Error::internal("the demo's rollout", e))?;
     store::rollout_insert(&db.pool, &ibgu).await?;
-    let why = "the demo's rollout of a seed the registry does not have";
-    audit(&db.pool, "create", "rollouts", Some("default"), &name, why).await;
-    Ok(name)
+    audit(&db.pool, "create", "rollouts", Some("default"), name, why).await;
+    Ok(())
 }
 
 /// How to run this very binary from here: `target/release/fleet-hub` after `cargo run`.

@@ -723,6 +723,14 @@ impl Pass<'_> {
         }
     }
 
+    /// Records a cluster a timeout caught before it started.
+    fn not_started(&mut self, step: &mut StepState, cluster: &str, message: String) {
+        if let Some(p) = self.touched.progress_mut(step, cluster) {
+            p.phase = ClusterPhase::Running;
+        }
+        self.fail(step, cluster, message, true, "ClusterNotStarted");
+    }
+
     fn halt(&mut self, step: &mut StepState, reason: &str, message: String) {
         let n = step.step;
         self.event(None, n, None, "RolloutHalted", message.clone());
@@ -771,15 +779,7 @@ impl Pass<'_> {
                 for c in &unfinished {
                     let p = &step.progress[c];
                     if p.phase == ClusterPhase::Pending {
-                        self.touched.progress_mut(step, c).expect("present").phase =
-                            ClusterPhase::Running;
-                        self.fail(
-                            step,
-                            c,
-                            "not started before the step timeout".into(),
-                            true,
-                            "ClusterNotStarted",
-                        );
+                        self.not_started(step, c, "not started before the step timeout".into());
                         continue;
                     }
                     let action = step.actions[p.action_index];
@@ -797,14 +797,10 @@ impl Pass<'_> {
                 if !halted {
                     for b in step.current_batch + 1..step.batch_count() {
                         for c in step.batch_members(b) {
-                            let p = self.touched.progress_mut(step, &c).expect("present");
-                            p.phase = ClusterPhase::Running;
-                            self.fail(
+                            self.not_started(
                                 step,
                                 &c,
                                 "not started before the step timeout".into(),
-                                true,
-                                "ClusterNotStarted",
                             );
                         }
                     }
@@ -829,14 +825,10 @@ impl Pass<'_> {
                 for c in &unfinished {
                     let p = &step.progress[c];
                     if p.phase == ClusterPhase::Pending {
-                        self.touched.progress_mut(step, c).expect("present").phase =
-                            ClusterPhase::Running;
-                        self.fail(
+                        self.not_started(
                             step,
                             c,
                             format!("not started before batch {b} timed out"),
-                            true,
-                            "ClusterNotStarted",
                         );
                         continue;
                     }
@@ -865,42 +857,29 @@ impl Pass<'_> {
             }
             self.check_canaries(step);
             let next = step.current_batch + 1;
-            if let Some(halt) = &step.halt {
+            let ended = step.halt.is_some() || next >= step.batch_count();
+            if ended {
                 step.completed_at = Some(self.now);
-                let failed = step
-                    .progress
-                    .values()
-                    .filter(|p| p.phase == ClusterPhase::Failed)
-                    .count();
-                let pending = step
-                    .progress
-                    .values()
-                    .filter(|p| p.phase == ClusterPhase::Pending)
-                    .count();
-                let message = format!(
-                    "plan step {n} halted ({}): {failed} cluster(s) failed, {pending} not started",
-                    halt.reason
-                );
-                self.event(None, n, None, "StepHalted", message);
-                return;
-            }
-            if next >= step.batch_count() {
-                step.completed_at = Some(self.now);
-                let failed = step
-                    .progress
-                    .values()
-                    .filter(|p| p.phase == ClusterPhase::Failed)
-                    .count();
-                self.event(
-                    None,
-                    n,
-                    None,
-                    "StepCompleted",
-                    format!(
-                        "plan step {n} completed: {} cluster(s), {failed} failed",
-                        step.clusters.len()
+                let count = |phase| step.progress.values().filter(|p| p.phase == phase).count();
+                let failed = count(ClusterPhase::Failed);
+                let (event, message) = match &step.halt {
+                    Some(halt) => (
+                        "StepHalted",
+                        format!(
+                            "plan step {n} halted ({}): {failed} cluster(s) failed, {} not started",
+                            halt.reason,
+                            count(ClusterPhase::Pending)
+                        ),
                     ),
-                );
+                    None => (
+                        "StepCompleted",
+                        format!(
+                            "plan step {n} completed: {} cluster(s), {failed} failed",
+                            step.clusters.len()
+                        ),
+                    ),
+                };
+                self.event(None, n, None, event, message);
                 return;
             }
             if self.held_back().is_some() {
