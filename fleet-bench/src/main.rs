@@ -11,6 +11,7 @@ mod machine;
 mod probe;
 mod report;
 mod run;
+mod watch;
 
 use clap::Parser;
 

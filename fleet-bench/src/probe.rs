@@ -4,11 +4,27 @@
 use std::time::{Duration, Instant};
 
 use crate::machine::USER_HZ;
+use crate::watch::Watch;
 
-pub async fn wait_http(url: &str, limit: Duration) -> Result<(), String> {
+/// Every request of the bench has a deadline: a hub that stops answering ends the run.
+pub const HTTP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A GET with [`HTTP_DEADLINE`].
+pub async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::builder()
+        .timeout(HTTP_DEADLINE)
+        .build()?
+        .get(url)
+        .send()
+        .await
+}
+
+/// Waits until `url` answers a success, or a watched child fails, or `limit` passes.
+pub async fn wait_http(watch: &Watch, url: &str, limit: Duration) -> Result<(), String> {
     let t = Instant::now();
     while t.elapsed() < limit {
-        if let Ok(r) = reqwest::get(url).await
+        watch.check()?;
+        if let Ok(r) = get(url).await
             && r.status().is_success()
         {
             return Ok(());
@@ -19,7 +35,7 @@ pub async fn wait_http(url: &str, limit: Duration) -> Result<(), String> {
 }
 
 pub async fn hub_counter(hub_url: &str, name: &str) -> f64 {
-    let text = match reqwest::get(format!("{hub_url}/metrics")).await {
+    let text = match get(&format!("{hub_url}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => return 0.0,
     };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_e2e::{ChildGuard, binary, free_port};
+use fleet_e2e::{binary, free_port};
 use hub::embedded_pg::EmbeddedPostgres;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -19,6 +19,7 @@ use crate::probe::{
     cpu_seconds, gauge, hub_counter, hwm_kib, postgres_cpu_seconds, quantile, rss_kib, wait_http,
 };
 use crate::report::Figures;
+use crate::watch::{Watch, Watched};
 use crate::{Args, say};
 
 const ADMIN: &str = "bench-admin";
@@ -26,6 +27,9 @@ const JOIN: &str = "bench-join";
 /// Every wait of the bench has a deadline: a stuck phase ends the run with an error.
 const REGISTRATION_DEADLINE: Duration = Duration::from_secs(600);
 const ROLLOUT_DEADLINE: Duration = Duration::from_secs(3600);
+/// Open files the bench and its children (which inherit its limit) are to have at least: the
+/// hub's and the fleet's connection limits.
+const OPEN_FILES_WANTED: u64 = fleet_server::listen::OPEN_FILES_WANTED;
 
 pub async fn run(args: Args) -> Result<(), String> {
     let Args {
@@ -45,19 +49,28 @@ pub async fn run(args: Args) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
 
+    let limit = fleet_server::listen::raise_open_files(OPEN_FILES_WANTED);
+    if limit < OPEN_FILES_WANTED {
+        say(&format!(
+            "the open-file limit is {limit}, below the {OPEN_FILES_WANTED} the hub and the fleet \
+             need: raise the hard limit (ulimit -Hn) for large fleets"
+        ));
+    }
     let db = BenchDatabase::create(database_url, work.path()).await?;
     let (baseline, baseline_machine) = measure_baseline(&db.pool, baseline_seconds, "").await?;
 
-    let (hub, hub_url) = start_hub(&db.url).await?;
-    let fleet = start_fleet(clusters, &hub_url, &work.path().join("fleet"))?;
-    wait_registered(&db.pool, clusters).await?;
-    let (rows_before, tables_before) = settled_row_counts(&db.pool, &db.name).await?;
+    // A child that exits or logs an error ends the run at once, with what it said.
+    let watch = Watch::default();
+    let (hub, hub_url) = start_hub(&watch, &db.url).await?;
+    let fleet = start_fleet(&watch, clusters, &hub_url, &work.path().join("fleet"))?;
+    wait_registered(&watch, &db.pool, clusters).await?;
+    let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
 
-    let measured = rollout(&db.pool, &hub, &fleet, &hub_url, max_concurrency).await?;
+    let measured = rollout(&watch, &db.pool, &hub, &fleet, &hub_url, max_concurrency).await?;
 
     // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
     // exits: stop the hub and wait until its connections are gone (15 s at most).
-    drop(hub);
+    hub.retire();
     db.wait_hub_gone().await?;
     let mut rows_by_table = rows_by_table(&db.pool).await?;
     for (table, n) in &tables_before {
@@ -66,7 +79,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     rows_by_table.retain(|_, n| *n != 0);
     let rows = rows_written(&db.pool, &db.name).await? - rows_before;
     // The same baseline again, the fleet stopped too: how far the machine moved meanwhile.
-    drop(fleet);
+    fleet.retire();
     let (after, after_machine) =
         measure_baseline(&db.pool, baseline_seconds, " after the rollout").await?;
 
@@ -195,53 +208,53 @@ fn database_url(server_url: &str, db: &str) -> String {
     format!("{base}/{db}{query}")
 }
 
-async fn start_hub(db_url: &str) -> Result<(ChildGuard, String), String> {
+async fn start_hub(watch: &Watch, db_url: &str) -> Result<(Watched, String), String> {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let hub = ChildGuard(
-        Command::new(binary("fleet-hub"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", db_url])
-            .args(["--admin-token", ADMIN, "--join-token", JOIN])
-            .env(
-                "RUST_LOG",
-                std::env::var("FLEET_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting fleet-hub: {e}"))?,
-    );
-    wait_http(&format!("{url}/readyz"), Duration::from_secs(60)).await?;
+    let mut cmd = Command::new(binary("fleet-hub"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--database-url", db_url])
+        .args(["--admin-token", ADMIN, "--join-token", JOIN])
+        .env(
+            "RUST_LOG",
+            std::env::var("FLEET_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null());
+    let hub = watch.spawn("fleet-hub", cmd)?;
+    wait_http(watch, &format!("{url}/readyz"), Duration::from_secs(60)).await?;
     Ok((hub, url))
 }
 
-fn start_fleet(clusters: u32, hub_url: &str, dir: &std::path::Path) -> Result<ChildGuard, String> {
+fn start_fleet(
+    watch: &Watch,
+    clusters: u32,
+    hub_url: &str,
+    dir: &std::path::Path,
+) -> Result<Watched, String> {
     say(&format!("starting {clusters} simulated clusters"));
     let port = free_port();
-    Ok(ChildGuard(
-        Command::new(binary("spoke-agent"))
-            .args(["sim-fleet", "--count", &clusters.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--state-dir")
-            .arg(dir)
-            .args(["--hub-url", hub_url, "--join-token", JOIN])
-            .args([
-                "--sim-step-ms",
-                "0",
-                "--sim-reboot-ms",
-                "0",
-                "--sim-in-memory",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting spoke-agent sim-fleet: {e}"))?,
-    ))
+    let mut cmd = Command::new(binary("spoke-agent"));
+    cmd.args(["sim-fleet", "--count", &clusters.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["--hub-url", hub_url, "--join-token", JOIN])
+        .args([
+            "--sim-step-ms",
+            "0",
+            "--sim-reboot-ms",
+            "0",
+            "--sim-in-memory",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    watch.spawn("spoke-agent sim-fleet", cmd)
 }
 
-async fn wait_registered(pool: &PgPool, clusters: u32) -> Result<(), String> {
+async fn wait_registered(watch: &Watch, pool: &PgPool, clusters: u32) -> Result<(), String> {
     let t = Instant::now();
     loop {
+        watch.check()?;
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM clusters WHERE last_report IS NOT NULL")
                 .fetch_one(pool)
@@ -267,6 +280,7 @@ async fn wait_registered(pool: &PgPool, clusters: u32) -> Result<(), String> {
 /// The row counts before the rollout: a busy connection publishes its counts up to 10 s
 /// late, so wait until they have not moved for 11 s (the fleet is idle now; 60 s at most).
 async fn settled_row_counts(
+    watch: &Watch,
     pool: &PgPool,
     name: &str,
 ) -> Result<(i64, BTreeMap<String, i64>), String> {
@@ -276,6 +290,7 @@ async fn settled_row_counts(
     let settle = Instant::now();
     while still.elapsed() < Duration::from_secs(11) && settle.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        watch.check()?;
         let (rows, tables) = (rows_written(pool, name).await?, rows_by_table(pool).await?);
         if rows != rows_before || tables_before.as_ref() != Some(&tables) {
             still = Instant::now();
@@ -315,7 +330,7 @@ struct Counters {
 }
 
 impl Counters {
-    async fn read(hub_url: &str, hub: &ChildGuard, fleet: &ChildGuard) -> Counters {
+    async fn read(hub_url: &str, hub: &Watched, fleet: &Watched) -> Counters {
         Counters {
             http: hub_counter(hub_url, "fleet_hub_http_requests_total").await,
             pushes: hub_counter(hub_url, "fleet_hub_spoke_pushes_total").await,
@@ -329,9 +344,10 @@ impl Counters {
 }
 
 async fn rollout(
+    watch: &Watch,
     pool: &PgPool,
-    hub: &ChildGuard,
-    fleet: &ChildGuard,
+    hub: &Watched,
+    fleet: &Watched,
     hub_url: &str,
     max_concurrency: u32,
 ) -> Result<Rollout, String> {
@@ -378,6 +394,7 @@ async fn rollout(
         ));
     }
     loop {
+        watch.check()?;
         let phase: String = sqlx::query_scalar("SELECT phase FROM rollouts WHERE name = 'bench'")
             .fetch_one(pool)
             .await
@@ -408,7 +425,7 @@ async fn rollout(
             .fetch_one(pool)
             .await
             .map_err(|e| e.to_string())?;
-    let metrics = reqwest::get(format!("{hub_url}/metrics"))
+    let metrics = crate::probe::get(&format!("{hub_url}/metrics"))
         .await
         .map_err(|e| e.to_string())?
         .text()
