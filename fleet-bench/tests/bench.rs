@@ -175,3 +175,35 @@ async fn the_bench_runs_on_its_own_private_postgres() {
     let report: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(report["summary"][0]["completed"], 3, "{report}");
 }
+
+/// A fleet that dies (here: 1,000 clusters under a hard limit of 300 open files) ends the
+/// run at once, with the fleet's own words and exit 1, not after the registration deadline.
+#[tokio::test]
+async fn a_child_that_dies_ends_the_run_at_once_with_its_error() {
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=300:300", env!("CARGO_BIN_EXE_fleet-bench")])
+        .args(["--clusters", "1000", "--max-concurrency", "100"])
+        .args(["--baseline-seconds", "1", "--database-url", &admin_url()]);
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("prlimit runs"))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the open-file limit is 300, below the 4096"),
+        "{stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("fleet-bench: spoke-agent sim-fleet exited during the run")
+            && last.contains("Too many open files (os error 24)"),
+        "{stderr}"
+    );
+    // Well before the registration deadline (600 s): the run ended when the fleet did.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no report of a failed run");
+}
