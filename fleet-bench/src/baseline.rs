@@ -122,14 +122,20 @@ pub async fn rows_written(pool: &PgPool, db: &str) -> Result<i64, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Rows inserted, updated or deleted so far, by table of the hub's schema (and the
-/// out-of-line storage of its large values, `<table> (toast)`).
+/// Rows inserted, updated or deleted so far, by table of the hub's schema (a partitioned
+/// table's partitions counted as the table; the out-of-line storage of large values as
+/// `<table> (toast)`).
 pub async fn rows_by_table(pool: &PgPool) -> Result<BTreeMap<String, i64>, String> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT coalesce(owner.relname || ' (toast)', s.relname)::text,
-                (s.n_tup_ins + s.n_tup_upd + s.n_tup_del)::bigint
-         FROM pg_stat_all_tables s LEFT JOIN pg_class owner ON owner.reltoastrelid = s.relid
-         WHERE s.schemaname IN ('public', 'pg_toast')",
+        "SELECT name, sum(n)::bigint FROM (
+           SELECT coalesce(owner.relname || ' (toast)', parent.relname, s.relname)::text AS name,
+                  s.n_tup_ins + s.n_tup_upd + s.n_tup_del AS n
+           FROM pg_stat_all_tables s
+           LEFT JOIN pg_class owner ON owner.reltoastrelid = s.relid
+           LEFT JOIN pg_inherits i ON i.inhrelid = s.relid
+           LEFT JOIN pg_class parent ON parent.oid = i.inhparent
+           WHERE s.schemaname IN ('public', 'pg_toast')) t
+         GROUP BY name",
     )
     .fetch_all(pool)
     .await

@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// agents renew theirs at two thirds of it.
     #[arg(long, env = "FLEET_HUB_CLUSTER_CREDENTIAL_TTL", default_value = "30d", value_parser = parse_ttl)]
     pub cluster_credential_ttl: chrono::Duration,
+    /// Drop the history of months wholly older than this (`400d`, a month at least); absent:
+    /// keep everything. Checked at start and every hour.
+    #[arg(long, env = "FLEET_HUB_HISTORY_RETENTION", value_parser = parse_retention)]
+    pub history_retention: Option<chrono::Duration>,
     /// Also reconcile ImageBasedGroupUpgrade CRs and ManagedCluster labels on the hub cluster
     /// (the in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "FLEET_HUB_KUBE")]
@@ -119,6 +123,17 @@ pub fn parse_ttl(text: &str) -> Result<chrono::Duration, String> {
     let d = chrono::Duration::from_std(d).map_err(|e| format!("{text:?}: {e}"))?;
     if d < chrono::Duration::minutes(1) {
         return Err(format!("{text:?} is shorter than a minute"));
+    }
+    Ok(d)
+}
+
+/// A history retention as humantime writes it, of 31 days at least: the month being written
+/// is never dropped.
+pub fn parse_retention(text: &str) -> Result<chrono::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let d = chrono::Duration::from_std(d).map_err(|e| format!("{text:?}: {e}"))?;
+    if d < chrono::Duration::days(31) {
+        return Err(format!("{text:?} is shorter than 31 days"));
     }
     Ok(d)
 }

@@ -64,6 +64,7 @@ pub struct HubMetrics {
     pub kube_requests: IntCounterVec,
     pub kube_request_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
+    pub history_partitions_dropped: prometheus::IntCounter,
     /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
     pub refresh_lock: tokio::sync::Mutex<()>,
 }
@@ -269,6 +270,11 @@ impl Metrics {
             &["verb"],
             &FAST,
         )?;
+        let history_partitions_dropped = prometheus::IntCounter::new(
+            "fleet_hub_history_partitions_dropped_total",
+            "Monthly history partitions dropped by --history-retention",
+        )?;
+        r.register(Box::new(history_partitions_dropped.clone()))?;
         let reconcile_errors = counter(
             &r,
             "fleet_hub_kube_reconcile_errors_total",
@@ -346,6 +352,7 @@ impl Metrics {
             kube_requests,
             kube_request_duration,
             reconcile_errors,
+            history_partitions_dropped,
             refresh_lock: Default::default(),
         })))
     }

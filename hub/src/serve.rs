@@ -26,6 +26,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
         join_token,
         join_token_file,
         cluster_credential_ttl,
+        history_retention,
         kube,
         kube_options:
             KubeArgs {
@@ -103,6 +104,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
+    let upkeep = tokio::spawn(history_upkeep(
+        db.pool.clone(),
+        metrics.clone(),
+        history_retention,
+    ));
     // Kubernetes identities on the REST API: reviewed through a client of their own, not
     // held back by the rate limit of the controller's writes.
     let kube_auth = match &kube_config {
@@ -171,12 +177,39 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     .await;
     tracing::info!("draining done, shutting down");
     driver.abort();
+    upkeep.abort();
     if let Some(task) = kube_task {
         task.abort();
     }
     let closed = db.close().await;
     served.map_err(|source| Error::unavailable(&format!("listening on {local}"), source))?;
     closed
+}
+
+/// How often the history's partitions are made ahead and, with a retention, dropped.
+const HISTORY_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Keeps the history partitioned by month, at start and every hour: next month's partition
+/// made ahead, months older than the retention dropped (logged and counted).
+async fn history_upkeep(pool: sqlx::PgPool, metrics: Metrics, retention: Option<chrono::Duration>) {
+    let mut every = tokio::time::interval(HISTORY_UPKEEP_EVERY);
+    loop {
+        every.tick().await;
+        match crate::store::history_upkeep(&pool, chrono::Utc::now(), retention).await {
+            Ok(done) => {
+                for part in &done.made {
+                    tracing::info!(partition = %part, "history partition made ahead");
+                }
+                for part in &done.dropped {
+                    tracing::info!(partition = %part, "history partition older than the retention dropped");
+                }
+                metrics
+                    .history_partitions_dropped
+                    .inc_by(done.dropped.len() as u64);
+            }
+            Err(err) => tracing::warn!(%err, "history upkeep failed; trying again in an hour"),
+        }
+    }
 }
 
 /// Connections the kernel holds for the hub while all its slots are taken (a fleet

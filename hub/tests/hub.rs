@@ -75,12 +75,24 @@ async fn history_is_append_only() {
     .execute(&db.pool)
     .await
     .expect("insert is allowed");
+    let month: String =
+        sqlx::query_scalar("SELECT 'history_' || to_char(now() AT TIME ZONE 'UTC', 'YYYY_MM')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // Refused on the table and on each partition (the month's, the default one).
     for stmt in [
-        "UPDATE history SET message = 'rewritten'",
-        "DELETE FROM history",
-        "TRUNCATE history",
+        "UPDATE history SET message = 'rewritten'".to_string(),
+        "DELETE FROM history".into(),
+        "TRUNCATE history".into(),
+        format!("DELETE FROM {month}"),
+        format!("TRUNCATE {month}"),
+        "TRUNCATE history_default".into(),
     ] {
-        let err = sqlx::query(stmt).execute(&db.pool).await.expect_err(stmt);
+        let err = sqlx::query(sqlx::AssertSqlSafe(stmt.clone()))
+            .execute(&db.pool)
+            .await
+            .expect_err(&stmt);
         assert!(err.to_string().contains("append-only"), "{stmt}: {err}");
     }
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM history")
@@ -2068,6 +2080,157 @@ async fn changes_are_audited_with_who_and_the_request_id() {
         assert!(
             err.to_string().contains("audit is append-only"),
             "{sql}: {err}"
+        );
+    }
+}
+
+fn at(text: &str) -> chrono::DateTime<chrono::Utc> {
+    text.parse().unwrap()
+}
+
+/// History partitioned by month: partitions are made ahead of the rows, and a retention
+/// drops whole months all of whose rows are older than it, never a row of a younger one.
+#[tokio::test]
+async fn history_retention_drops_whole_months_older_than_it() {
+    use hub::store;
+    let db = migrated().await;
+    let row = store::rollout_insert(&db.pool, &kube_mode::ibgu(&[]))
+        .await
+        .unwrap()
+        .expect("stored");
+    // A hub that ran for a year: each month it made that month's partition and the next.
+    let months = [
+        "2025-10-15T12:00:00Z",
+        "2025-11-15T12:00:00Z",
+        "2025-12-31T23:59:59Z",
+        "2026-01-01T00:00:00Z",
+        "2026-06-15T12:00:00Z",
+    ];
+    for m in months {
+        let made = store::history_upkeep(&db.pool, at(m), None).await.unwrap();
+        assert!(made.dropped.is_empty());
+        let mut conn = db.pool.acquire().await.unwrap();
+        let event = hub::planner::rollout::Event {
+            cluster: Some("sno1".into()),
+            step: Some(0),
+            action: None,
+            event: "ActionStarted",
+            message: m.into(),
+            took: None,
+        };
+        store::history_insert_in_txn(&mut conn, &row, at(m), &[event], "controller")
+            .await
+            .unwrap();
+    }
+    let where_: Vec<(String, String)> =
+        sqlx::query_as("SELECT tableoid::regclass::text, message FROM history ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        where_.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        [
+            "history_2025_10",
+            "history_2025_11",
+            "history_2025_12",
+            "history_2026_01",
+            "history_2026_06"
+        ]
+    );
+    // 400 days before 2027-01-10 is 2025-12-06: October and November are wholly older,
+    // December is not.
+    let now = at("2027-01-10T00:00:00Z");
+    // The migration made the partitions of the month it ran in and the next.
+    let mut ahead = vec![];
+    for part in ["history_2027_01", "history_2027_02"] {
+        let there: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(part)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if !there {
+            ahead.push(part);
+        }
+    }
+    let done = store::history_upkeep(&db.pool, now, Some(chrono::Duration::days(400)))
+        .await
+        .unwrap();
+    assert_eq!(done.dropped, ["history_2025_10", "history_2025_11"]);
+    assert_eq!(done.made, ahead);
+    let left: Vec<String> = sqlx::query_scalar("SELECT message FROM history ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, &months[2..]);
+    // Again: nothing more to drop or make.
+    let again = store::history_upkeep(&db.pool, now, Some(chrono::Duration::days(400)))
+        .await
+        .unwrap();
+    assert_eq!(again, store::HistoryUpkeep::default());
+    // The API still answers the rollout's history from what is left.
+    let items = store::history_list(&db.pool, row.id, Some("sno1"))
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 3);
+}
+
+/// Every query the API and the shipped dashboards run on the history is served by an index
+/// (a sequential scan is what the planner falls back to only when none can serve it).
+#[tokio::test]
+async fn every_history_query_of_the_api_and_the_dashboards_has_an_index() {
+    let db = migrated().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let mut queries: Vec<String> = vec![
+        // The REST API and the Kubernetes Events.
+        "SELECT time, cluster, step, action, event, message, actor FROM history \
+         WHERE rollout_id = 1 AND (NULL::text IS NULL OR cluster = NULL) ORDER BY id"
+            .into(),
+        "SELECT time, cluster FROM history WHERE rollout_id = 1 AND cluster = 'a' ORDER BY id"
+            .into(),
+        "SELECT max(id) FROM history".into(),
+        "SELECT id FROM history WHERE id > 5 ORDER BY id LIMIT 100".into(),
+        "SELECT id FROM history WHERE cluster = 'a' ORDER BY id".into(),
+    ];
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    for name in ["fleet-overview.json", "rollout-detail.json"] {
+        let board: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join(name)).unwrap()).unwrap();
+        let panels = board["panels"].as_array().unwrap().iter();
+        let vars = board["templating"]["list"].as_array().unwrap().iter();
+        let sql = panels
+            .flat_map(|p| p["targets"].as_array().unwrap().iter())
+            .filter_map(|t| t["rawSql"].as_str())
+            .chain(vars.filter_map(|v| v["query"].as_str()))
+            .filter(|q| q.contains("FROM history"));
+        for q in sql {
+            queries.push(
+                q.replace(
+                    "$__timeGroupAlias(time, '1m')",
+                    "date_trunc('minute', time) AS time",
+                )
+                .replace(
+                    "$__timeFilter(time)",
+                    "time BETWEEN now() - interval '6 hours' AND now()",
+                )
+                .replace("$namespace", "default")
+                .replace("$rollout", "r"),
+            );
+        }
+    }
+    assert!(queries.len() > 10, "{queries:#?}");
+    for q in &queries {
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {q}")))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on history"),
+            "no index serves\n{q}\n{plan}"
         );
     }
 }

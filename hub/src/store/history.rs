@@ -112,3 +112,78 @@ pub async fn history_last_id(pool: &PgPool) -> Result<i64, Error> {
         .await
         .map_err(Error::from)
 }
+
+/// What one pass of history upkeep did.
+#[derive(Debug, Default, PartialEq)]
+pub struct HistoryUpkeep {
+    /// Monthly partitions made ahead (this month's and next month's, when missing).
+    pub made: Vec<String>,
+    /// Monthly partitions dropped by the retention, oldest first.
+    pub dropped: Vec<String>,
+}
+
+/// The first instant of the month after the one a monthly partition `history_YYYY_MM`
+/// holds: every row of it is older than that.
+pub fn history_partition_end(name: &str) -> Option<DateTime<Utc>> {
+    let ym = name.strip_prefix("history_")?;
+    let (y, m) = ym.split_once('_')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    chrono::NaiveDate::from_ymd_opt(y, m, 1)?
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc())
+}
+
+/// Keeps the history partitioned: makes this month's and next month's partitions ahead of
+/// the rows, and with a retention drops every monthly partition all of whose rows are older
+/// than `now - retention` (whole months: rows are never deleted one by one).
+pub async fn history_upkeep(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    retention: Option<chrono::Duration>,
+) -> Result<HistoryUpkeep, Error> {
+    let mut upkeep = HistoryUpkeep::default();
+    let next_month = now + chrono::Duration::days(31);
+    for at in [now, next_month] {
+        let existed: bool = sqlx::query_scalar(
+            "SELECT to_regclass('history_' || to_char($1 AT TIME ZONE 'UTC', 'YYYY_MM')) IS NOT NULL",
+        )
+        .bind(at)
+        .fetch_one(pool)
+        .await?;
+        let made: Option<String> = sqlx::query_scalar("SELECT history_partition_for($1)")
+            .bind(at)
+            .fetch_one(pool)
+            .await?;
+        if let Some(name) = made.filter(|_| !existed) {
+            upkeep.made.push(name);
+        }
+    }
+    let Some(retention) = retention else {
+        return Ok(upkeep);
+    };
+    let cutoff = now - retention;
+    let mut parts: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'history'::regclass",
+    )
+    .fetch_all(pool)
+    .await?;
+    parts.sort();
+    for part in parts {
+        let Some(end) = history_partition_end(&part) else {
+            continue;
+        };
+        if end <= cutoff {
+            // The name comes from the catalog and has the shape checked above.
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {part}")))
+                .execute(pool)
+                .await?;
+            upkeep.dropped.push(part);
+        }
+    }
+    Ok(upkeep)
+}
