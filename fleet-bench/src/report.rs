@@ -38,6 +38,9 @@ pub struct Figures {
     pub pushes: f64,
     /// The rollout's `status.summary`.
     pub summary: Value,
+    /// Seconds the API took to answer one cluster's history of the rollout, and the whole
+    /// rollout's history (every transition).
+    pub history_query: [f64; 2],
 }
 
 impl Figures {
@@ -83,6 +86,7 @@ impl Figures {
             "enginePasses": self.passes, "enginePassSeconds": round(self.pass_seconds),
             "rowsWritten": self.rows, "rowsWrittenByTable": self.rows_by_table,
             "hubHttpRequestsServed": self.http_requests, "hubPushesSent": self.pushes,
+            "historyQuerySeconds": {"cluster": self.history_query[0], "rollout": self.history_query[1]},
             "summary": self.summary,
         })
     }
@@ -168,6 +172,10 @@ impl Figures {
             format!(
                 "hub HTTP requests served     {}   pushes sent {}",
                 self.http_requests, self.pushes
+            ),
+            format!(
+                "history through the API      one cluster {:.3} s, the whole rollout ({} rows) {:.3} s",
+                self.history_query[0], self.transitions, self.history_query[1]
             ),
         ];
         lines.join("\n")

@@ -67,6 +67,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
 
     let measured = rollout(&watch, &db.pool, &hub, &fleet, &hub_url, max_concurrency).await?;
+    let history_query = history_query_seconds(&hub_url).await?;
 
     // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
     // exits: stop the hub and wait until its connections are gone (15 s at most).
@@ -108,6 +109,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         http_requests: measured.http_requests,
         pushes: measured.pushes,
         summary: measured.summary,
+        history_query,
     };
     println!(
         "{}",
@@ -117,6 +119,35 @@ pub async fn run(args: Args) -> Result<(), String> {
     println!("{}", figures.text());
     db.drop_database().await;
     Ok(())
+}
+
+/// How long the API takes to answer the rollout's history: of one cluster (`spoke1`), and
+/// all of it.
+async fn history_query_seconds(hub_url: &str) -> Result<[f64; 2], String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut out = [0.0; 2];
+    for (i, query) in ["?cluster=spoke1", ""].iter().enumerate() {
+        let t = Instant::now();
+        let res = client
+            .get(format!(
+                "{hub_url}/v1/rollouts/default/bench/history{query}"
+            ))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .map_err(|e| format!("reading the history: {e}"))?;
+        if !res.status().is_success() {
+            return Err(format!("reading the history: {}", res.status()));
+        }
+        res.bytes()
+            .await
+            .map_err(|e| format!("reading the history: {e}"))?;
+        out[i] = t.elapsed().as_secs_f64();
+    }
+    Ok(out)
 }
 
 /// The bench's own database, on the given server or on a private instance it starts.
