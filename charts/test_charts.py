@@ -25,7 +25,7 @@ CHARTS = ["fleet-hub", "spoke-agent"]
 KUBE_VERSION = "1.33"
 RELEASE = {"name": "fleet", "namespace": "fleet-system"}
 # Kinds of other operators' CRDs: checked for structure here, not by the Kubernetes schemas.
-FOREIGN_KINDS = {"ServiceMonitor", "Certificate"}
+FOREIGN_KINDS = {"ServiceMonitor", "Certificate", "PrometheusRule"}
 STANDARD_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance",
                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by"]
 
@@ -176,6 +176,11 @@ def check_chart(name, update):
                     spec = doc.get("spec", {})
                     if doc["kind"] == "ServiceMonitor" and not spec.get("endpoints"):
                         fail(f"{what}: no endpoints")
+                    if doc["kind"] == "PrometheusRule":
+                        rules = yaml.safe_load(open(os.path.join(HERE, "..", "dashboards", "alerts",
+                                                                 "fleet-hub.rules.yml")))
+                        if spec.get("groups") != rules["groups"]:
+                            fail(f"{what}: its groups are not those of dashboards/alerts")
                     if doc["kind"] == "Certificate" and not (
                             spec.get("secretName") and spec.get("dnsNames")
                             and spec.get("issuerRef", {}).get("name")):
@@ -239,6 +244,10 @@ def check_dashboards():
     for f in a:
         if f in b and open(os.path.join(src, f)).read() != open(os.path.join(dst, f)).read():
             fail(f"dashboards: {f} differs in the chart (run python3 dashboards/generate.py)")
+    rules = os.path.join("alerts", "fleet-hub.rules.yml")
+    shipped = os.path.join(HERE, "fleet-hub", rules)
+    if not os.path.exists(shipped) or open(os.path.join(src, rules)).read() != open(shipped).read():
+        fail("alerts: the chart's fleet-hub.rules.yml differs (run python3 dashboards/generate.py)")
 
 
 def main():

@@ -348,6 +348,13 @@ def main():
             with open(os.path.join(folder, name + ".json"), "w") as f:
                 json.dump(d, f, indent=2)
                 f.write("\n")
+    # And the alert rules, which are written by hand in alerts/.
+    alerts = os.path.join(HERE, "..", "charts", "fleet-hub", "alerts")
+    os.makedirs(alerts, exist_ok=True)
+    with open(os.path.join(HERE, "alerts", "fleet-hub.rules.yml")) as src:
+        rules = src.read()
+    with open(os.path.join(alerts, "fleet-hub.rules.yml"), "w") as dst:
+        dst.write(rules)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ pub struct HubMetrics {
     pub kube_request_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
     pub history_partitions_dropped: prometheus::IntCounter,
+    pub database_up: IntGauge,
     /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
     pub refresh_lock: tokio::sync::Mutex<()>,
 }
@@ -270,6 +271,11 @@ impl Metrics {
             &["verb"],
             &FAST,
         )?;
+        let database_up = IntGauge::new(
+            "fleet_hub_database_up",
+            "1 when the last scrape read the fleet gauges from Postgres, 0 when it could not",
+        )?;
+        r.register(Box::new(database_up.clone()))?;
         let history_partitions_dropped = prometheus::IntCounter::new(
             "fleet_hub_history_partitions_dropped_total",
             "Monthly history partitions dropped by --history-retention",
@@ -353,6 +359,7 @@ impl Metrics {
             kube_request_duration,
             reconcile_errors,
             history_partitions_dropped,
+            database_up,
             refresh_lock: Default::default(),
         })))
     }

@@ -1698,6 +1698,16 @@ async fn a_lost_database_is_answered_503_with_retry_after() {
         assert_eq!(status["reason"], "ServiceUnavailable", "{method} {path}");
         assert_eq!(status["code"], 503);
     }
+    // /metrics still answers, and says the database is away (what an alert reads).
+    let res = app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains("\nfleet_hub_database_up 0\n"), "{text}");
     // A readiness probe learns it at once, not after the pool's acquire timeout (a minute
     // here: the probe answering at all shows it did not wait for it).
     let patient = sqlx::postgres::PgPoolOptions::new()

@@ -236,8 +236,12 @@ async fn metrics(State(state): State<Shared>) -> Response {
         let _one_at_a_time = state.metrics.refresh_lock.lock().await;
         state.metrics.set_pool(&state.pool);
         match store::metrics_snapshot(&state.pool).await {
-            Ok(snapshot) => state.metrics.set_fleet(&snapshot),
+            Ok(snapshot) => {
+                state.metrics.set_fleet(&snapshot);
+                state.metrics.database_up.set(1);
+            }
             Err(err) => {
+                state.metrics.database_up.set(0);
                 tracing::warn!(%err, "reading the fleet gauges failed; serving their last values")
             }
         }

@@ -408,6 +408,7 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     for line in [
         "fleet_hub_rollouts{phase=\"Completed\"} 1",
         "fleet_hub_spokes_registered 3",
+        "fleet_hub_database_up 1",
         "fleet_hub_spokes_reachable 3",
         "fleet_hub_action_duration_seconds_count{action=\"Prep\",result=\"completed\"} 2",
         "fleet_hub_action_duration_seconds_count{action=\"Prep\",result=\"failed\"} 1",
@@ -540,4 +541,65 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     )
     .await;
     check_provisioning();
+}
+
+/// The alert rules parse and pass their unit tests under Prometheus' own `promtool` (Debian's
+/// `prometheus` package, which `bash .ci/run` installs), and every alert has a summary, a
+/// description and a runbook section that exists.
+#[test]
+fn the_alert_rules_pass_promtool_and_each_has_its_runbook() {
+    let dir = dashboards_dir().join("alerts");
+    for args in [
+        ["check", "rules", "fleet-hub.rules.yml"],
+        ["test", "rules", "fleet-hub.tests.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("promtool (Debian's prometheus package; bash .ci/run installs it): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("fleet-hub.rules.yml")).unwrap())
+            .unwrap();
+    let runbooks = std::fs::read_to_string(dashboards_dir().join("../docs/runbooks.md")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("fleet-hub.tests.yml")).unwrap();
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"].as_str().unwrap();
+            alerts += 1;
+            for key in ["summary", "description", "runbook_url"] {
+                assert!(
+                    rule["annotations"][key]
+                        .as_str()
+                        .is_some_and(|v| !v.is_empty()),
+                    "{name} has no {key}"
+                );
+            }
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+            assert!(
+                url.ends_with(&format!("docs/runbooks.md#{}", name.to_lowercase())),
+                "{name}: {url}"
+            );
+            assert!(
+                runbooks.contains(&format!("\n## {name}\n")),
+                "docs/runbooks.md has no section {name}"
+            );
+            assert!(
+                tests.contains(&format!("alertname: {name}")),
+                "no unit test fires {name}"
+            );
+        }
+    }
+    assert_eq!(alerts, 8);
 }
