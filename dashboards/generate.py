@@ -233,8 +233,8 @@ def rollout_detail():
              [(f"max(fleet_hub_rollout_paused{{{match}}}) or vector(0)", "paused")], w=6, h=5),
         prom(l, "timeseries", "Starts held back", "none",
              "Why the rollout's last pass held cluster starts back: paused, window (outside the "
-             "maintenance window) or rate (maxStartsPerMinute reached).",
-             [(f"max by (reason) (fleet_hub_rollout_starts_held{{{match}}})", "{{reason}}")],
+             "maintenance window) or rate (maxStartsPerMinute reached); 0 while nothing holds them.",
+             [(f"max by (reason) (fleet_hub_rollout_starts_held{{{match}}}) or vector(0)", "{{reason}}")],
              w=12, h=5),
         sql(l, "table", "Rollout controls", "none",
             "From the history: halts, pauses and resumes (with who asked), Prep retries and "

@@ -66,11 +66,12 @@ async fn start(db: &TestDb) -> Running {
             "--prefix",
             "obs",
         ])
+        // Slow enough for Prometheus, scraping every 250 ms, to see every step run.
         .args([
             "--sim-step-ms",
-            "10",
+            "40",
             "--sim-reboot-ms",
-            "50",
+            "200",
             "--fault",
             "obs3=prep",
         ])
@@ -172,6 +173,157 @@ fn sql(query: &str) -> String {
         "a macro or variable the test does not know in {query}"
     );
     q
+}
+
+/// A real Prometheus (Debian's `prometheus`, which `bash .ci/run` installs) scraping the hub
+/// and the fleet every 250 ms and evaluating the shipped alert rules every second.
+struct Prometheus {
+    url: String,
+    _proc: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(hub: &str, fleet: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let target = |url: &str| url.trim_start_matches("http://").to_string();
+        let rules = dashboards_dir().join("alerts/fleet-hub.rules.yml");
+        let config = format!(
+            "global: {{scrape_interval: 250ms, evaluation_interval: 1s}}\n\
+             rule_files: [{rules:?}]\n\
+             scrape_configs:\n\
+             - {{job_name: fleet-hub, static_configs: [{{targets: [{:?}]}}]}}\n\
+             - {{job_name: spoke-agent, static_configs: [{{targets: [{:?}]}}]}}\n",
+            target(hub),
+            target(fleet)
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let proc = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("prometheus (Debian's prometheus package; bash .ci/run installs it): {e}")
+            });
+        let p = Prometheus {
+            url: format!("http://127.0.0.1:{port}"),
+            _proc: ChildGuard(proc),
+            _dir: dir,
+        };
+        // Both targets scraped at least once: every series a panel reads is born before the
+        // rollout moves it.
+        wait_for(
+            "Prometheus scraping the hub and the fleet",
+            DEADLINE,
+            || async {
+                let up = p.query("sum(up)").await.ok()?;
+                (up["data"]["result"][0]["value"][1] == "2").then_some(())
+            },
+        )
+        .await;
+        p
+    }
+
+    async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value, String> {
+        let res = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .query(params)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = res.json().await.map_err(|e| e.to_string())?;
+        if body["status"] == "success" {
+            Ok(body)
+        } else {
+            Err(body.to_string())
+        }
+    }
+
+    async fn query(&self, expr: &str) -> Result<Value, String> {
+        self.get("/api/v1/query", &[("query", expr.to_string())])
+            .await
+    }
+
+    /// The expression over the last `seconds`, a point a second, as a panel draws it.
+    async fn query_range(&self, expr: &str, seconds: u64) -> Result<Value, String> {
+        let end = chrono::Utc::now().timestamp();
+        let start = end - seconds as i64;
+        let params = [
+            ("query", expr.to_string()),
+            ("start", start.to_string()),
+            ("end", end.to_string()),
+            ("step", "1".to_string()),
+        ];
+        self.get("/api/v1/query_range", &params).await
+    }
+
+    /// The firing alerts: (name, labels).
+    async fn firing(&self) -> Vec<(String, Value)> {
+        let Ok(alerts) = self.get("/api/v1/alerts", &[]).await else {
+            return vec![];
+        };
+        alerts["data"]["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["state"] == "firing")
+            .map(|a| {
+                let name = a["labels"]["alertname"].as_str().unwrap_or_default();
+                (name.to_string(), a["labels"].clone())
+            })
+            .collect()
+    }
+}
+
+/// Every Prometheus panel of every dashboard, through the real Prometheus, over the run:
+/// each parses and draws data; every alert rule evaluates without error.
+async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut checked = 0;
+    for file in &files {
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        for p in d["panels"].as_array().unwrap() {
+            if p["datasource"]["type"] != "prometheus" {
+                continue;
+            }
+            for t in p["targets"].as_array().unwrap() {
+                let expr = promql(t["expr"].as_str().unwrap());
+                let at = format!("{}: panel {}: {expr}", file.display(), p["title"]);
+                let answer = prom
+                    .query_range(&expr, seconds)
+                    .await
+                    .unwrap_or_else(|e| panic!("{at}: {e}"));
+                let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
+                assert!(series > 0, "{at}: no data over the run");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 30, "{checked} panel queries");
+    let rules = prom.get("/api/v1/rules", &[]).await.unwrap();
+    let mut evaluated = 0;
+    for group in rules["data"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            assert_eq!(rule["health"], "ok", "{rule}");
+            evaluated += 1;
+        }
+    }
+    assert_eq!(evaluated, 8, "{rules}");
 }
 
 /// Every panel of every dashboard: structure, PromQL, the metrics it uses, its SQL.
@@ -337,6 +489,8 @@ fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
 async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     let db = TestDb::empty().await;
     let run = start(&db).await;
+    let started = std::time::Instant::now();
+    let prom = Prometheus::start(&run.hub, &run.fleet).await;
     let client = reqwest::Client::new();
     let ibgu = json!({
         "apiVersion": "lcm.openshift.io/v1alpha1",
@@ -388,6 +542,38 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     })
     .await;
     let active_scrape = active_scrape.into_inner();
+    // obs3's failed Prep: the failure panels are above zero and the alert fires within 30 s
+    // (its series was born at 0, so its first failure is an increase).
+    let failed_at = std::time::Instant::now();
+    let failures =
+        "sum(increase(fleet_hub_action_duration_seconds_count{result!=\"completed\"}[1h]))";
+    wait_for(
+        "the failure panel above zero",
+        Duration::from_secs(30),
+        || async {
+            let v = prom.query(failures).await.ok()?;
+            let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (n > 0.0).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "FleetHubClusterActionFailed firing",
+        Duration::from_secs(30),
+        || async {
+            prom.firing()
+                .await
+                .into_iter()
+                .any(|(name, labels)| {
+                    name == "FleetHubClusterActionFailed"
+                        && labels["action"] == "Prep"
+                        && labels["result"] == "failed"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(failed_at.elapsed() < Duration::from_secs(30));
     assert!(
         !active_scrape.is_empty(),
         "fleet_hub_rollout_clusters showed the active rollout"
@@ -541,6 +727,22 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     )
     .await;
     check_provisioning();
+    // The halt fires its alert too; then every panel and rule through Prometheus itself.
+    wait_for(
+        "FleetHubRolloutHalted firing",
+        Duration::from_secs(30),
+        || async {
+            prom.firing()
+                .await
+                .into_iter()
+                .any(|(name, labels)| {
+                    name == "FleetHubRolloutHalted" && labels["rollout"] == "canary"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    check_with_prometheus(&prom, started.elapsed().as_secs() + 5).await;
 }
 
 /// The alert rules parse and pass their unit tests under Prometheus' own `promtool` (Debian's
