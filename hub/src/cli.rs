@@ -29,6 +29,15 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print the OpenAPI document of the REST API (also served at /openapi.json).
     Openapi,
+    /// Rollouts on a hub: apply, list, get, describe, watch, pause, resume, history, delete.
+    Rollout(crate::ctl::RolloutCommand),
+    /// Clusters on a hub: list, get, label, delete.
+    Cluster(crate::ctl::ClusterCommand),
+    /// Shell completions (`source <(fleet-hub completion bash)`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where the database is.

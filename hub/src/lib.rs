@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod crd;
+pub mod ctl;
 pub mod db;
 pub mod demo;
 pub mod embedded_pg;

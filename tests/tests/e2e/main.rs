@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binaries, started as an operator starts them, over loopback.
 
+mod cli;
 mod fake_node;
 mod hub;
 mod kube;

@@ -754,6 +754,8 @@ fn the_alert_rules_pass_promtool_and_each_has_its_runbook() {
     for args in [
         ["check", "rules", "fleet-hub.rules.yml"],
         ["test", "rules", "fleet-hub.tests.yml"],
+        // The README's Prometheus, which loads the rules too.
+        ["check", "config", "../prometheus.yml"],
     ] {
         let out = std::process::Command::new("promtool")
             .args(args)

@@ -18,7 +18,7 @@ use spoke_core::report::HubLink;
 use spoke_core::runner::Agent;
 use spoke_sim::{Fault, SimConfig, SimHost};
 
-const ADMIN: &str = "admin-token";
+pub const ADMIN: &str = "admin-token";
 /// Reads everything, changes nothing.
 const VIEWER: &str = "viewer-token";
 pub const JOIN: &str = "join-token";
