@@ -49,11 +49,15 @@ pub async fn run(args: Args) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
 
-    let limit = fleet_server::listen::raise_open_files(OPEN_FILES_WANTED);
-    if limit < OPEN_FILES_WANTED {
+    // The simulated fleet holds a connection or more per cluster: as many files. Raised
+    // as far as the kernel allows when the bench may (run as root), else to the hard limit.
+    let wanted = OPEN_FILES_WANTED.max(u64::from(clusters) * 3);
+    raise_hard_limit(wanted);
+    let limit = fleet_server::listen::raise_open_files(wanted);
+    if limit < wanted {
         say(&format!(
-            "the open-file limit is {limit}, below the {OPEN_FILES_WANTED} the hub and the fleet \
-             need: raise the hard limit (ulimit -Hn) for large fleets"
+            "the open-file limit is {limit}, below the {wanted} the hub and a fleet of \
+             {clusters} need: raise the hard limit (ulimit -Hn)"
         ));
     }
     let db = BenchDatabase::create(database_url, work.path()).await?;
@@ -119,6 +123,24 @@ pub async fn run(args: Args) -> Result<(), String> {
     println!("{}", figures.text());
     db.drop_database().await;
     Ok(())
+}
+
+/// Raises the hard limit of open files to `wanted` (at most the kernel's `fs.nr_open`) when
+/// the bench is allowed to (as root); otherwise leaves it.
+fn raise_hard_limit(wanted: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = wanted.min(most);
+    if target > hard {
+        // Refused without the privilege: the soft limit is raised to the hard one later.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, target);
+    }
 }
 
 /// How long the API takes to answer the rollout's history: of one cluster (`spoke1`), and
