@@ -41,6 +41,8 @@ pub struct Figures {
     /// Seconds the API took to answer one cluster's history of the rollout, and the whole
     /// rollout's history (every transition).
     pub history_query: [f64; 2],
+    /// Seconds from the fleet's start until every cluster had registered and reported.
+    pub registration: f64,
 }
 
 impl Figures {
@@ -86,6 +88,7 @@ impl Figures {
             "enginePasses": self.passes, "enginePassSeconds": round(self.pass_seconds),
             "rowsWritten": self.rows, "rowsWrittenByTable": self.rows_by_table,
             "hubHttpRequestsServed": self.http_requests, "hubPushesSent": self.pushes,
+            "registrationSeconds": round(self.registration),
             "historyQuerySeconds": {"cluster": self.history_query[0], "rollout": self.history_query[1]},
             "summary": self.summary,
         })
@@ -173,6 +176,7 @@ impl Figures {
                 "hub HTTP requests served     {}   pushes sent {}",
                 self.http_requests, self.pushes
             ),
+            format!("registration                 {:.1} s", self.registration),
             format!(
                 "history through the API      one cluster {:.3} s, the whole rollout ({} rows) {:.3} s",
                 self.history_query[0], self.transitions, self.history_query[1]

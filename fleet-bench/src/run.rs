@@ -67,7 +67,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let watch = Watch::default();
     let (hub, hub_url) = start_hub(&watch, &db.url).await?;
     let fleet = start_fleet(&watch, clusters, &hub_url, &work.path().join("fleet"))?;
-    wait_registered(&watch, &db.pool, clusters).await?;
+    let registration = wait_registered(&watch, &db.pool, clusters).await?;
     let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
 
     let measured = rollout(&watch, &db.pool, &hub, &fleet, &hub_url, max_concurrency).await?;
@@ -114,6 +114,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         pushes: measured.pushes,
         summary: measured.summary,
         history_query,
+        registration,
     };
     println!(
         "{}",
@@ -304,7 +305,8 @@ fn start_fleet(
     watch.spawn("spoke-agent sim-fleet", cmd)
 }
 
-async fn wait_registered(watch: &Watch, pool: &PgPool, clusters: u32) -> Result<(), String> {
+/// Waits until every cluster registered and reported; answers how long that took (seconds).
+async fn wait_registered(watch: &Watch, pool: &PgPool, clusters: u32) -> Result<f64, String> {
     let t = Instant::now();
     loop {
         watch.check()?;
@@ -323,11 +325,11 @@ async fn wait_registered(watch: &Watch, pool: &PgPool, clusters: u32) -> Result<
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let seconds = t.elapsed().as_secs_f64();
     say(&format!(
-        "{clusters} clusters registered and reporting after {:.1} s",
-        t.elapsed().as_secs_f64()
+        "{clusters} clusters registered and reporting after {seconds:.1} s"
     ));
-    Ok(())
+    Ok(seconds)
 }
 
 /// The row counts before the rollout: a busy connection publishes its counts up to 10 s

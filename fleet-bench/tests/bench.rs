@@ -140,6 +140,7 @@ async fn the_bench_reports_a_small_rollout_against_a_baseline_before_and_after_i
     );
     assert!(number(&report, "hubHttpRequestsServed") >= 36.0, "{report}");
     assert_eq!(number(&report, "hubPushesSent"), 36.0, "{report}");
+    assert!(number(&report, "registrationSeconds") > 0.0, "{report}");
     for query in ["cluster", "rollout"] {
         let t = report["historyQuerySeconds"][query].as_f64();
         assert!(t.is_some_and(|t| t > 0.0), "{query}: {report}");

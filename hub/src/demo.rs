@@ -228,6 +228,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
             agent_id: uuid::Uuid::new_v4().to_string(),
             client: HubLink::client(),
             certificate: None,
+            requests: None,
         };
         let agent = spoke_sim::start_agent(
             name.clone(),

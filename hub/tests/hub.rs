@@ -2197,7 +2197,7 @@ async fn every_history_query_of_the_api_and_the_dashboards_has_an_index() {
     let mut queries: Vec<String> = vec![
         // The REST API and the Kubernetes Events.
         "SELECT time, cluster, step, action, event, message, actor FROM history \
-         WHERE rollout_id = 1 AND (NULL::text IS NULL OR cluster = NULL) ORDER BY id"
+         WHERE rollout_id = 1 ORDER BY id"
             .into(),
         "SELECT time, cluster FROM history WHERE rollout_id = 1 AND cluster = 'a' ORDER BY id"
             .into(),

@@ -70,6 +70,7 @@ fn hub_link(
         agent_id: uuid::Uuid::new_v4().to_string(),
         client,
         certificate: tls.as_ref().map(|(_, cert)| cert.clone()),
+        requests: None,
     }))
 }
 
@@ -391,6 +392,10 @@ async fn serve_one<S: Spoke>(
 /// How many simulated agents open their state at once at start.
 const OPEN_CONCURRENCY: usize = 64;
 
+/// Requests a simulated fleet has on their way to the hub at once (each a connection, a
+/// file): well below the usual open-file limits, well above what a hub answers at once.
+const SIM_FLEET_HUB_REQUESTS: usize = 2048;
+
 pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     fleet_server::listen::raise_open_files(fleet_server::listen::OPEN_FILES_WANTED);
     let SimFleetArgs {
@@ -441,6 +446,9 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     let certified = identity.is_some();
     let client = hub_client(hub_url.as_deref(), hub_ca_file, identity).await?;
     let common: BTreeMap<String, String> = labels.into_iter().collect();
+    // The fleet's agents take turns at the hub: one process, a bounded number of
+    // connections (files), however many clusters it simulates.
+    let turns = Arc::new(tokio::sync::Semaphore::new(SIM_FLEET_HUB_REQUESTS));
     let mut agents = HashMap::new();
     let mut pending = tokio::task::JoinSet::new();
     for name in names {
@@ -460,7 +468,11 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
             labels,
             client.clone(),
             &tls,
-        )?;
+        )?
+        .map(|link| HubLink {
+            requests: Some(turns.clone()),
+            ..link
+        });
         let config = sim_config(&sim, per_cluster.get(&name).cloned().unwrap_or_default());
         let dir = state_dir.join(&name);
         let metrics = metrics.clone();

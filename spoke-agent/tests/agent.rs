@@ -25,6 +25,10 @@ struct TestHub {
     credential_life: Mutex<Option<chrono::Duration>>,
     /// The credential each renewal was asked with.
     renewals: Mutex<Vec<String>>,
+    /// Registrations being answered now, the most at once, and how long each takes.
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_at_once: std::sync::atomic::AtomicUsize,
+    latency: Mutex<Option<Duration>>,
 }
 
 impl TestHub {
@@ -66,6 +70,14 @@ async fn register(
     if hub.down.load(Ordering::SeqCst) {
         return Err(StatusCode::SERVICE_UNAVAILABLE);
     }
+    let now = hub.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    hub.most_at_once.fetch_max(now, Ordering::SeqCst);
+    // A slow hub, when asked to be one: registrations overlap.
+    let latency = *hub.latency.lock().unwrap();
+    if let Some(latency) = latency {
+        tokio::time::sleep(latency).await;
+    }
+    hub.in_flight.fetch_sub(1, Ordering::SeqCst);
     let name = req.name.clone();
     hub.registrations
         .lock()
@@ -164,6 +176,7 @@ async fn the_credential_is_renewed_at_two_thirds_of_its_life() {
         agent_id: "run-1".into(),
         client: HubLink::client(),
         certificate: None,
+        requests: None,
     };
     let registered = Instant::now();
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
@@ -228,6 +241,7 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
         agent_id: "run-1".into(),
         client: HubLink::client(),
         certificate: None,
+        requests: None,
     };
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
 
@@ -352,6 +366,7 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
         agent_id: "run-1".into(),
         client: HubLink::client(),
         certificate: None,
+        requests: None,
     };
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
     // An observer that looks at the agent's state at every change.
@@ -481,4 +496,45 @@ async fn a_body_over_the_limit_is_a_status_and_changes_nothing() {
     let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(status["reason"], "RequestEntityTooLarge");
     assert_eq!(agent.snapshot().await.ibu.spec.stage.to_string(), "Idle");
+}
+
+/// Agents that share a bound on their requests (as `sim-fleet`'s do) never have more than
+/// that many on their way to the hub at once, however many they are: one process, a bounded
+/// number of connections.
+#[tokio::test]
+async fn agents_sharing_a_bound_take_turns_at_the_hub() {
+    let hub = Arc::new(TestHub::default());
+    *hub.latency.lock().unwrap() = Some(Duration::from_millis(50));
+    let hub_url = start_test_hub(hub.clone()).await;
+    let metrics = AgentMetrics::new().unwrap();
+    let turns = Arc::new(tokio::sync::Semaphore::new(3));
+    let client = HubLink::client();
+    let mut dirs = vec![];
+    for i in 0..12 {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(SimHost::open(dir.path(), SimConfig::default()).unwrap());
+        let name = format!("sno{i}");
+        let agent = Agent::open(name, host, Arc::new(SystemClock), metrics.clone())
+            .await
+            .unwrap();
+        tokio::spawn(agent.clone().run());
+        let link = HubLink {
+            hub_url: hub_url.clone(),
+            join_token: "join-me".into(),
+            endpoint: format!("http://127.0.0.1:1/clusters/sno{i}"),
+            labels: BTreeMap::new(),
+            agent_id: format!("run-{i}"),
+            client: client.clone(),
+            certificate: None,
+            requests: Some(turns.clone()),
+        };
+        tokio::spawn(report::run(agent, link, metrics.clone()));
+        dirs.push(dir);
+    }
+    wait_until("every agent registered", || async {
+        hub.registrations.lock().unwrap().len() == 12
+    })
+    .await;
+    let most = hub.most_at_once.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&most), "{most} registrations at once");
 }

@@ -35,6 +35,10 @@ pub struct HubLink {
     /// The certificate the agent's API serves, when it serves TLS: registered with the hub,
     /// which pushes only to that certificate, and registered again when it is renewed.
     pub certificate: Option<fleet_server::tls::ServingCert>,
+    /// Shared by many agents in one process (`sim-fleet`): at most this many requests to the
+    /// hub at once, so that the process holds a bounded number of connections (files)
+    /// however many agents it runs. `None` for an agent alone.
+    pub requests: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl HubLink {
@@ -198,8 +202,17 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// A turn to talk to the hub, when the link's agents share a bound.
+async fn turn(link: &HubLink) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match &link.requests {
+        Some(bound) => bound.clone().acquire_owned().await.ok(),
+        None => None,
+    }
+}
+
 /// Trades the credential for a new one; the hub refuses the old one from then on.
 async fn renew<S: Spoke>(agent: &S, link: &HubLink, credential: &str) -> Result<Done, Failure> {
+    let _turn = turn(link).await;
     let url = format!(
         "{}/v1/clusters/{}/credential",
         link.hub_url.trim_end_matches('/'),
@@ -234,6 +247,7 @@ async fn register<S: Spoke>(
     bearer: &str,
     certificate: &Option<String>,
 ) -> Result<Done, Failure> {
+    let _turn = turn(link).await;
     let url = format!(
         "{}/v1/clusters/register",
         link.hub_url.trim_end_matches('/')
@@ -283,6 +297,7 @@ async fn send<S: Spoke>(
     let Ok(ibu) = agent.ibu().await else {
         return Err(Failure::Away);
     };
+    let _turn = turn(link).await;
     let report = StatusReportRef {
         sequence: agent.session().next_sequence(),
         agent_id: &link.agent_id,

@@ -62,14 +62,30 @@ pub async fn history_list(
     rollout_id: i64,
     cluster: Option<&str>,
 ) -> Result<Vec<HistoryEntry>, Error> {
-    let rows = sqlx::query_as(
-        "SELECT time, cluster, step, action, event, message, actor FROM history
-         WHERE rollout_id = $1 AND ($2::text IS NULL OR cluster = $2) ORDER BY id",
-    )
-    .bind(rollout_id)
-    .bind(cluster)
-    .fetch_all(pool)
-    .await?;
+    // Two statements, not one with `$2 IS NULL OR cluster = $2`: a prepared statement's
+    // generic plan could not use the (rollout_id, cluster, id) index for a cluster, and read
+    // the rollout's every row to find one cluster's (0.3 s at 100,000 clusters).
+    let rows = match cluster {
+        Some(cluster) => {
+            sqlx::query_as(
+                "SELECT time, cluster, step, action, event, message, actor FROM history
+                 WHERE rollout_id = $1 AND cluster = $2 ORDER BY id",
+            )
+            .bind(rollout_id)
+            .bind(cluster)
+            .fetch_all(pool)
+            .await?
+        }
+        None => {
+            sqlx::query_as(
+                "SELECT time, cluster, step, action, event, message, actor FROM history
+                 WHERE rollout_id = $1 ORDER BY id",
+            )
+            .bind(rollout_id)
+            .fetch_all(pool)
+            .await?
+        }
+    };
     Ok(rows)
 }
 

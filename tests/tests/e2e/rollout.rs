@@ -231,6 +231,7 @@ async fn start_fleet_holding(
             agent_id: uuid_like(name),
             client: HubLink::client(),
             certificate: None,
+            requests: None,
         };
         let agent = spoke_sim::start_agent(
             name.to_string(),
