@@ -655,7 +655,22 @@ pub async fn rollout_list(
 async fn fetch(state: &AppState, ns: &str, name: &str) -> Result<store::RolloutRow, ApiError> {
     store::rollout_fetch(&state.pool, ns, name)
         .await?
-        .ok_or_else(|| ApiError::new(Reason::NotFound, format!("rollout {ns}/{name} not found")))
+        .ok_or_else(|| rollout_not_found(ns, name))
+}
+
+/// The rollout as stored, without the per-cluster status (a row per cluster to read).
+async fn fetch_stored(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<store::RolloutRow, ApiError> {
+    store::rollout_fetch_stored(&state.pool, ns, name)
+        .await?
+        .ok_or_else(|| rollout_not_found(ns, name))
+}
+
+fn rollout_not_found(ns: &str, name: &str) -> ApiError {
+    ApiError::new(Reason::NotFound, format!("rollout {ns}/{name} not found"))
 }
 
 pub async fn rollout_get(
@@ -756,7 +771,7 @@ async fn set_paused(
         Access::new("patch", Kind::Rollouts).at(ns, Some(name)),
     )
     .await?;
-    let row = fetch(state, ns, name).await?;
+    let row = fetch_stored(state, ns, name).await?;
     let mut new = row.object.clone();
     new.spec.paused = paused;
     let (actor, _) = super::auth::actor(state, headers, None);
@@ -807,7 +822,7 @@ pub async fn history(
         Access::new("get", Kind::Rollouts).at(&ns, Some(&name)),
     )
     .await?;
-    let row = fetch(&state, &ns, &name).await?;
+    let row = fetch_stored(&state, &ns, &name).await?;
     let items = store::history_list(&state.pool, row.id, q.cluster.as_deref()).await?;
     Ok(Json(Items { items }).into_response())
 }
