@@ -267,6 +267,23 @@ impl Prometheus {
         self.get("/api/v1/query_range", &params).await
     }
 
+    /// Waits (30 s at most: a scrape and a rule evaluation are a second apart) until the
+    /// alert fires with these labels.
+    async fn wait_firing(&self, alert: &str, labels: &[(&str, &str)]) {
+        wait_for(
+            &format!("{alert} firing"),
+            Duration::from_secs(30),
+            || async {
+                self.firing()
+                    .await
+                    .into_iter()
+                    .any(|(name, got)| name == alert && labels.iter().all(|(k, v)| got[*k] == *v))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// The firing alerts: (name, labels).
     async fn firing(&self) -> Vec<(String, Value)> {
         let Ok(alerts) = self.get("/api/v1/alerts", &[]).await else {
@@ -557,20 +574,9 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
         },
     )
     .await;
-    wait_for(
-        "FleetHubClusterActionFailed firing",
-        Duration::from_secs(30),
-        || async {
-            prom.firing()
-                .await
-                .into_iter()
-                .any(|(name, labels)| {
-                    name == "FleetHubClusterActionFailed"
-                        && labels["action"] == "Prep"
-                        && labels["result"] == "failed"
-                })
-                .then_some(())
-        },
+    prom.wait_firing(
+        "FleetHubClusterActionFailed",
+        &[("action", "Prep"), ("result", "failed")],
     )
     .await;
     assert!(failed_at.elapsed() < Duration::from_secs(30));
@@ -728,20 +734,8 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
     .await;
     check_provisioning();
     // The halt fires its alert too; then every panel and rule through Prometheus itself.
-    wait_for(
-        "FleetHubRolloutHalted firing",
-        Duration::from_secs(30),
-        || async {
-            prom.firing()
-                .await
-                .into_iter()
-                .any(|(name, labels)| {
-                    name == "FleetHubRolloutHalted" && labels["rollout"] == "canary"
-                })
-                .then_some(())
-        },
-    )
-    .await;
+    prom.wait_firing("FleetHubRolloutHalted", &[("rollout", "canary")])
+        .await;
     check_with_prometheus(&prom, started.elapsed().as_secs() + 5).await;
 }
 
