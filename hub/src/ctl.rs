@@ -320,8 +320,8 @@ fn describe(r: &Value) -> String {
     if let Some(w) = r["spec"]["maintenanceWindow"].as_object() {
         out.push_str(&format!(
             "Window:      {} for {} min, {}\n",
-            s(&w["start"].clone()),
-            s(&w["durationMinutes"].clone()),
+            s(&w["start"]),
+            s(&w["durationMinutes"]),
             w.get("timeZone").map_or("UTC".into(), s)
         ));
     }
