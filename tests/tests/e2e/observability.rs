@@ -319,7 +319,9 @@ async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
                 continue;
             }
             for t in p["targets"].as_array().unwrap() {
-                let expr = promql(t["expr"].as_str().unwrap());
+                // The rollout detail of the rollout still running at the end.
+                let expr = promql(t["expr"].as_str().unwrap())
+                    .replace("rollout=\"obs\"", "rollout=\"throttled\"");
                 let at = format!("{}: panel {}: {expr}", file.display(), p["title"]);
                 let answer = prom
                     .query_range(&expr, seconds)
@@ -714,6 +716,26 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
         "canary",
         json!({"matchLabels": {"name": "obs3"}}),
         json!({}),
+    )
+    .await;
+    // And one that stays active whatever the machine's speed: its second cluster waits a
+    // minute for a start (maxStartsPerMinute 1), so Prometheus sees its per-rollout gauges.
+    let throttled = json!({"plan": [{"actions": ["Prep"], "rolloutStrategy":
+        {"maxConcurrency": 2, "timeout": 30, "maxStartsPerMinute": 1}}]});
+    let both = json!({"matchExpressions": [{"key": "name", "operator": "In",
+        "values": ["obs1", "obs2"]}]});
+    post("throttled", both, throttled).await;
+    wait_for(
+        "Prometheus to see the throttled rollout",
+        DEADLINE,
+        || async {
+            let q = "fleet_hub_rollout_starts_held{rollout=\"throttled\",reason=\"rate\"} == 1";
+            let v = prom.query(q).await.ok()?;
+            v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+                .then_some(())
+        },
     )
     .await;
     let controls_scrape = wait_for("the canary to halt its rollout", DEADLINE, || {
