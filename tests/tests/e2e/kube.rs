@@ -24,6 +24,19 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
+/// A GET of the hub's REST API as the admin, its JSON answer.
+async fn hub_get(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn labels_of(obj: &Value) -> Vec<String> {
     obj["metadata"]["labels"]
         .as_object()
@@ -304,26 +317,10 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
             .then_some(())
     })
     .await;
-    let rollouts: Value = client
-        .get(format!("{hub}/v1/rollouts"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rollouts: Value = hub_get(&client, &format!("{hub}/v1/rollouts")).await;
     assert_eq!(rollouts["items"], json!([]));
     // The CR's changes are in the audit trail, as the controller's.
-    let trail: Value = client
-        .get(format!("{hub}/v1/audit"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let trail: Value = hub_get(&client, &format!("{hub}/v1/audit")).await;
     let changes: Vec<String> = trail["items"]
         .as_array()
         .unwrap()
@@ -413,15 +410,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
     })
     .await;
     assert!(condition(&g, "Paused").is_none(), "{g}");
-    let history: Value = client
-        .get(format!("{hub}/v1/rollouts/ztp/held/history"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: Value = hub_get(&client, &format!("{hub}/v1/rollouts/ztp/held/history")).await;
     let said: Vec<String> = history["items"]
         .as_array()
         .unwrap()

@@ -142,12 +142,13 @@ impl ExprVisitor for Names {
     }
 }
 
-/// A dashboard expression as Prometheus receives it: Grafana's variables filled in.
-fn promql(expr: &str) -> String {
+/// A dashboard expression as Prometheus receives it: Grafana's variables filled in, the
+/// rollout detail's on `rollout`.
+fn promql(expr: &str, rollout: &str) -> String {
     let e = expr
         .replace("$__rate_interval", "1m")
         .replace("$namespace", "default")
-        .replace("$rollout", "obs");
+        .replace("$rollout", rollout);
     assert!(
         !e.contains('$'),
         "a variable the test does not know in {expr}"
@@ -302,15 +303,21 @@ impl Prometheus {
     }
 }
 
-/// Every Prometheus panel of every dashboard, through the real Prometheus, over the run:
-/// each parses and draws data; every alert rule evaluates without error.
-async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
+/// The shipped dashboards' files, in name order.
+fn dashboard_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
+    files
+}
+
+/// Every Prometheus panel of every dashboard, through the real Prometheus, over the run:
+/// each parses and draws data; every alert rule evaluates without error.
+async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
+    let files = dashboard_files();
     let mut checked = 0;
     for file in &files {
         let d: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
@@ -320,8 +327,7 @@ async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
             }
             for t in p["targets"].as_array().unwrap() {
                 // The rollout detail of the rollout still running at the end.
-                let expr = promql(t["expr"].as_str().unwrap())
-                    .replace("rollout=\"obs\"", "rollout=\"throttled\"");
+                let expr = promql(t["expr"].as_str().unwrap(), "throttled");
                 let at = format!("{}: panel {}: {expr}", file.display(), p["title"]);
                 let answer = prom
                     .query_range(&expr, seconds)
@@ -350,12 +356,7 @@ async fn check_dashboards(hub_metrics: &str, spoke_metrics: &str, db: &TestDb) {
     let hub = exposed(hub_metrics);
     let spoke = exposed(spoke_metrics);
     let mut uids = BTreeSet::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
+    let files = dashboard_files();
     assert_eq!(files.len(), 4, "four dashboards: {files:?}");
     let mut sql_rows = 0;
     for file in &files {
@@ -410,7 +411,7 @@ async fn check_dashboards(hub_metrics: &str, spoke_metrics: &str, db: &TestDb) {
                 assert_eq!(&t["datasource"], ds, "{at}: a query on another datasource");
                 if kind == "prometheus" {
                     let expr = t["expr"].as_str().unwrap();
-                    let parsed = parser::parse(&promql(expr))
+                    let parsed = parser::parse(&promql(expr, "obs"))
                         .unwrap_or_else(|e| panic!("{at}: {expr}: {e}"));
                     let mut names = Names(BTreeSet::new());
                     walk_expr(&mut names, &parsed).unwrap();
