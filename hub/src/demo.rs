@@ -221,7 +221,8 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
             labels.insert(fleet_types::labels::CANARY_LABEL.into(), String::new());
         }
         let link = HubLink {
-            hub_url: hub_url.clone(),
+            hub_urls: vec![hub_url.clone()],
+            current: Default::default(),
             join_token: join_token.clone(),
             endpoint: format!("{fleet_url}/clusters/{name}"),
             labels,

@@ -66,6 +66,9 @@ pub struct HubMetrics {
     pub reconcile_errors: IntCounterVec,
     pub history_partitions_dropped: prometheus::IntCounter,
     pub database_up: IntGauge,
+    /// Active rollouts this replica drives (set by every engine pass over them all).
+    pub rollouts_driven: IntGauge,
+    pub rollout_takeovers: prometheus::IntCounter,
     /// Serialises scrape-time refreshes, so two scrapes never interleave reset and set.
     pub refresh_lock: tokio::sync::Mutex<()>,
 }
@@ -281,6 +284,16 @@ impl Metrics {
             "Monthly history partitions dropped by --history-retention",
         )?;
         r.register(Box::new(history_partitions_dropped.clone()))?;
+        let rollouts_driven = IntGauge::new(
+            "fleet_hub_rollouts_driven",
+            "Active rollouts this hub replica drives (plans and pushes)",
+        )?;
+        r.register(Box::new(rollouts_driven.clone()))?;
+        let rollout_takeovers = prometheus::IntCounter::new(
+            "fleet_hub_rollout_takeovers_total",
+            "Rollouts this replica took over from a replica that stopped renewing its term",
+        )?;
+        r.register(Box::new(rollout_takeovers.clone()))?;
         let reconcile_errors = counter(
             &r,
             "fleet_hub_kube_reconcile_errors_total",
@@ -360,6 +373,8 @@ impl Metrics {
             reconcile_errors,
             history_partitions_dropped,
             database_up,
+            rollouts_driven,
+            rollout_takeovers,
             refresh_lock: Default::default(),
         })))
     }

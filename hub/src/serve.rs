@@ -104,6 +104,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     let metrics = Metrics::new()?;
     let engine = Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone());
     let driver = tokio::spawn(engine.clone().run());
+    let releases = engine.clone();
     let upkeep = tokio::spawn(history_upkeep(
         db.pool.clone(),
         metrics.clone(),
@@ -136,14 +137,13 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
                 identity: identity.clone(),
             });
             tracing::info!(%identity, lease = %format!("{namespace}/{lease_name}"), "Kubernetes mode");
-            Some(tokio::spawn(kubernetes::run(
-                ctx,
-                kubernetes::Options {
-                    namespaces: kube_namespaces,
-                    lease_namespace: namespace,
-                    lease_name,
-                },
-            )))
+            let options = kubernetes::Options {
+                namespaces: kube_namespaces,
+                lease_namespace: namespace,
+                lease_name,
+            };
+            let task = tokio::spawn(kubernetes::run(ctx.clone(), options.clone()));
+            Some((task, ctx, options))
         }
         None => None,
     };
@@ -177,9 +177,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     .await;
     tracing::info!("draining done, shutting down");
     driver.abort();
+    // Passes stopped: the other replicas take this one's rollouts at once.
+    releases.release().await;
     upkeep.abort();
-    if let Some(task) = kube_task {
-        task.abort();
+    if let Some((task, ctx, options)) = kube_task {
+        kubernetes::stop(task, &ctx, &options).await;
     }
     let closed = db.close().await;
     served.map_err(|source| Error::unavailable(&format!("listening on {local}"), source))?;

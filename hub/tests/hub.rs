@@ -1270,7 +1270,7 @@ async fn a_pass_holds_its_rollout_and_ends_with_one_write() {
         .unwrap()
         .id;
     let seen = |held: Held| match held {
-        Held::Row(row, version) => format!(
+        Held::Row(row, version, _) => format!(
             "{} at version {version}",
             row.object.metadata.name.unwrap_or_default()
         ),

@@ -123,9 +123,11 @@ pub struct SimArgs {
 /// How the agent reaches and registers with the hub.
 #[derive(Args, Debug, Clone)]
 pub struct HubArgs {
-    /// Hub base URL. Absent: no hub, local API only.
-    #[arg(long, env = "SPOKE_HUB_URL")]
-    pub hub_url: Option<String>,
+    /// Hub base URL. Absent: no hub, local API only. Repeat it (comma-separated in the
+    /// environment) for hub replicas without a load balancer: the agent uses the first that
+    /// answers and moves on to the next when it stops answering.
+    #[arg(long = "hub-url", env = "SPOKE_HUB_URL", value_delimiter = ',')]
+    pub hub_url: Vec<String>,
     /// CA bundle (PEM) the hub's certificate must chain to (default: the usual roots); an
     /// untrusted hub stops the agent at start, before anything is sent.
     #[arg(long, env = "SPOKE_HUB_CA_FILE")]

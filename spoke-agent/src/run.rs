@@ -42,16 +42,16 @@ fn parse_faults<'a>(points: impl IntoIterator<Item = &'a str>) -> Result<BTreeSe
 }
 
 fn hub_link(
-    hub_url: Option<String>,
+    hub_urls: &[String],
     (join_token, certified): (Option<String>, bool),
     endpoint: String,
     labels: BTreeMap<String, String>,
     client: reqwest::Client,
     tls: &Option<Tls>,
 ) -> Result<Option<HubLink>, Error> {
-    let Some(hub_url) = hub_url else {
+    if hub_urls.is_empty() {
         return Ok(None);
-    };
+    }
     // A client certificate registers without the join token.
     let join_token = match (join_token, certified) {
         (Some(token), _) => token,
@@ -63,7 +63,8 @@ fn hub_link(
         }
     };
     Ok(Some(HubLink {
-        hub_url,
+        hub_urls: hub_urls.to_vec(),
+        current: Default::default(),
         join_token,
         endpoint,
         labels,
@@ -123,7 +124,7 @@ fn local_api_token(given: Option<String>, state_dir: &Path) -> Result<String, Er
 /// `--hub-client-cert-file` when given; with an `https` hub, its certificate is checked now,
 /// so an untrusted hub stops the agent before anything is sent.
 async fn hub_client(
-    hub_url: Option<&str>,
+    hub_urls: &[String],
     ca_file: Option<std::path::PathBuf>,
     identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 ) -> Result<reqwest::Client, Error> {
@@ -157,16 +158,18 @@ async fn hub_client(
         };
         Error::Invalid(format!("{flag}: {why}"))
     })?;
-    if let Some(url) = hub_url.filter(|u| u.starts_with("https://"))
-        && let Err(err) = client
+    spoke_core::report::check_hub_urls(hub_urls).map_err(Error::Invalid)?;
+    for url in hub_urls.iter().filter(|u| u.starts_with("https://")) {
+        if let Err(err) = client
             .get(format!("{}/healthz", url.trim_end_matches('/')))
             .send()
             .await
-        && let Some(why) = fleet_server::tls::refusal(&err)
-    {
-        return Err(Error::Invalid(format!(
-            "hub certificate not trusted: {why}"
-        )));
+            && let Some(why) = fleet_server::tls::refusal(&err)
+        {
+            return Err(Error::Invalid(format!(
+                "hub certificate not trusted: {why}"
+            )));
+        }
     }
     Ok(client)
 }
@@ -258,9 +261,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let endpoint = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
     let identity = hub_client_cert_file.zip(hub_client_key_file);
     let certified = identity.is_some();
-    let hub = hub_client(hub_url.as_deref(), hub_ca_file, identity).await?;
+    let hub = hub_client(&hub_url, hub_ca_file, identity).await?;
     let link = hub_link(
-        hub_url,
+        &hub_url,
         (join_token, certified),
         endpoint,
         labels.into_iter().collect(),
@@ -444,11 +447,13 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
     let base = endpoint.unwrap_or_else(|| default_endpoint(listen, &tls));
     let identity = hub_client_cert_file.zip(hub_client_key_file);
     let certified = identity.is_some();
-    let client = hub_client(hub_url.as_deref(), hub_ca_file, identity).await?;
+    let client = hub_client(&hub_url, hub_ca_file, identity).await?;
     let common: BTreeMap<String, String> = labels.into_iter().collect();
     // The fleet's agents take turns at the hub: one process, a bounded number of
     // connections (files), however many clusters it simulates.
     let turns = Arc::new(tokio::sync::Semaphore::new(SIM_FLEET_HUB_REQUESTS));
+    // And move on from a hub that stopped answering together.
+    let current = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut agents = HashMap::new();
     let mut pending = tokio::task::JoinSet::new();
     for name in names {
@@ -462,7 +467,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         let mut labels = common.clone();
         labels.insert("name".into(), name.clone());
         let link = hub_link(
-            hub_url.clone(),
+            &hub_url,
             (join_token.clone(), certified),
             format!("{base}/clusters/{name}"),
             labels,
@@ -471,6 +476,7 @@ pub async fn sim_fleet(args: SimFleetArgs) -> Result<(), Error> {
         )?
         .map(|link| HubLink {
             requests: Some(turns.clone()),
+            current: current.clone(),
             ..link
         });
         let config = sim_config(&sim, per_cluster.get(&name).cloned().unwrap_or_default());

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
@@ -169,7 +170,8 @@ async fn the_credential_is_renewed_at_two_thirds_of_its_life() {
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
     let link = HubLink {
-        hub_url,
+        hub_urls: vec![hub_url],
+        current: Default::default(),
         join_token: "join-me".into(),
         endpoint: "http://127.0.0.1:1/".into(),
         labels: BTreeMap::new(),
@@ -234,7 +236,8 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), config, &metrics).await;
     let link = HubLink {
-        hub_url,
+        hub_urls: vec![hub_url],
+        current: Default::default(),
         join_token: "join-me".into(),
         endpoint: "http://127.0.0.1:1/".into(),
         labels: BTreeMap::from([("site".to_string(), "edge-1".to_string())]),
@@ -359,7 +362,8 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), config, &metrics).await;
     let link = HubLink {
-        hub_url,
+        hub_urls: vec![hub_url],
+        current: Default::default(),
         join_token: "join-me".into(),
         endpoint: "http://127.0.0.1:1/".into(),
         labels: BTreeMap::new(),
@@ -519,7 +523,8 @@ async fn agents_sharing_a_bound_take_turns_at_the_hub() {
             .unwrap();
         tokio::spawn(agent.clone().run());
         let link = HubLink {
-            hub_url: hub_url.clone(),
+            hub_urls: vec![hub_url.clone()],
+            current: Default::default(),
             join_token: "join-me".into(),
             endpoint: format!("http://127.0.0.1:1/clusters/sno{i}"),
             labels: BTreeMap::new(),
@@ -537,4 +542,112 @@ async fn agents_sharing_a_bound_take_turns_at_the_hub() {
     .await;
     let most = hub.most_at_once.load(Ordering::SeqCst);
     assert!((1..=3).contains(&most), "{most} registrations at once");
+}
+
+/// One replica of a hub whose state all replicas share: while `down`, it answers 503 (as a
+/// hub whose pod is going away behind its Service would, or a proxy before a dead one).
+struct Replica {
+    url: String,
+    down: Arc<AtomicBool>,
+    /// Requests it answered while up.
+    served: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn start_replica(hub: Arc<TestHub>) -> Replica {
+    let down = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (is_down, count) = (down.clone(), served.clone());
+    let app = Router::new()
+        .route("/v1/clusters/register", post(register))
+        .route("/v1/clusters/{name}/status", post(status))
+        .route("/v1/clusters/{name}/credential", post(renew))
+        .with_state(hub)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let (is_down, count) = (is_down.clone(), count.clone());
+                async move {
+                    if is_down.load(Ordering::SeqCst) {
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    next.run(req).await
+                }
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Replica { url, down, served }
+}
+
+/// With two hub URLs, the agent talks to the first that answers and moves on, at once and
+/// with nothing lost, when the one it talks to stops answering.
+#[tokio::test]
+async fn with_two_hub_urls_the_agent_moves_on_when_one_stops_answering() {
+    let hub = Arc::new(TestHub::default());
+    let (a, b) = (
+        start_replica(hub.clone()).await,
+        start_replica(hub.clone()).await,
+    );
+    a.down.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
+    let link = HubLink {
+        hub_urls: vec![a.url.clone(), b.url.clone()],
+        current: Default::default(),
+        join_token: "join-me".into(),
+        endpoint: "http://127.0.0.1:1/".into(),
+        labels: BTreeMap::new(),
+        agent_id: "run-1".into(),
+        client: HubLink::client(),
+        certificate: None,
+        requests: None,
+    };
+    let current = link.current.clone();
+    tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
+    // The first is down from the start: registration and the first report go to the second.
+    wait_until(
+        "registered and reporting through the second hub",
+        || async { !hub.reports.lock().unwrap().is_empty() },
+    )
+    .await;
+    assert_eq!(a.served.load(Ordering::SeqCst), 0);
+    assert_eq!(current.load(Ordering::SeqCst), 1);
+    // It stays with the second while that one answers, even once the first is back.
+    a.down.store(false, Ordering::SeqCst);
+    agent
+        .patch(&json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}}))
+        .await
+        .unwrap();
+    let stage = |r: &StatusReport| r.ibu.spec.stage.to_string();
+    wait_until("Prep reported", || async {
+        hub.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| stage(&r.2) == "Prep")
+    })
+    .await;
+    assert_eq!(a.served.load(Ordering::SeqCst), 0);
+    // The second stops answering: the next reports go to the first, with nothing lost.
+    b.down.store(true, Ordering::SeqCst);
+    let reported = hub.reports.lock().unwrap().len();
+    agent
+        .patch(&json!({"spec": {"stage": "Idle"}}))
+        .await
+        .unwrap();
+    wait_until("Idle reported through the first hub", || async {
+        hub.reports.lock().unwrap()[reported..]
+            .iter()
+            .any(|r| stage(&r.2) == "Idle")
+    })
+    .await;
+    assert!(a.served.load(Ordering::SeqCst) > 0);
+    assert_eq!(current.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        hub.registrations.lock().unwrap().len(),
+        1,
+        "registered once"
+    );
 }

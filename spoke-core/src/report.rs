@@ -1,9 +1,12 @@
 //! Reporting to the hub: register with the join token, then send the IBU after every change
 //! with a growing sequence number. While the hub is away, retry with backoff; once it
-//! answers again, the current state goes first, so nothing the hub needs is lost.
+//! answers again, the current state goes first, so nothing the hub needs is lost. With
+//! several hub URLs (replicas without a load balancer), the agent talks to one and moves on
+//! to the next when it stops answering.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReportRef};
@@ -24,7 +27,11 @@ const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct HubLink {
-    pub hub_url: String,
+    /// The hub's URLs (one, or one per replica): never empty.
+    pub hub_urls: Vec<String>,
+    /// Which of them the agent talks to now. Shared by the agents of one process
+    /// (`sim-fleet`), so that one agent's finding a hub gone spares the others the attempt.
+    pub current: Arc<AtomicUsize>,
     pub join_token: String,
     /// How the hub reaches this agent's API.
     pub endpoint: String,
@@ -42,6 +49,34 @@ pub struct HubLink {
 }
 
 impl HubLink {
+    /// The URL talked to now, and its place in the list.
+    fn hub(&self) -> (usize, &str) {
+        let at = self.current.load(Ordering::Relaxed) % self.hub_urls.len().max(1);
+        let url = self
+            .hub_urls
+            .get(at)
+            .map_or("", |u| u.trim_end_matches('/'));
+        (at, url)
+    }
+
+    /// The hub at `at` stopped answering: move on to the next one, unless another agent of
+    /// this process already did. Answers whether there is another one to try.
+    fn move_on(&self, at: usize, agent: &str, why: &str) -> bool {
+        let n = self.hub_urls.len();
+        if n < 2 {
+            return false;
+        }
+        let next = (at + 1) % n;
+        if self
+            .current
+            .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(cluster = %agent, from = %self.hub_urls[at], to = %self.hub_urls[next], %why, "the hub stopped answering; moving on to the next");
+        }
+        true
+    }
+
     pub fn client() -> reqwest::Client {
         Self::builder().build().unwrap_or_default()
     }
@@ -86,19 +121,56 @@ enum Failure {
     Unauthorized,
     /// The node went away (a reboot began) while the report was being made: nothing sent.
     Away,
+    /// The hub did not answer (no connection, no answer in time, or a 5xx): another
+    /// replica may.
+    Unanswered(String),
     Other(String),
 }
 
+/// A request that got no answer, or one that says the hub cannot serve it now.
+fn unanswered(e: reqwest::Error) -> Failure {
+    Failure::Unanswered(e.to_string())
+}
+
+fn answered(what: &str, code: StatusCode) -> Failure {
+    let why = format!("{what} answered {code}");
+    if code.is_server_error() {
+        Failure::Unanswered(why)
+    } else {
+        Failure::Other(why)
+    }
+}
+
+/// Checks the hub URLs given to an agent: each an `http` or `https` URL.
+pub fn check_hub_urls(urls: &[String]) -> Result<(), String> {
+    for url in urls {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(_) => return Err(format!("--hub-url {url:?}: not an http or https URL")),
+            Err(e) => return Err(format!("--hub-url {url:?}: {e}")),
+        }
+    }
+    Ok(())
+}
+
 pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) {
-    // Where reports go, parsed once: a bad hub URL fails every report the same way.
-    let status_url = reqwest::Url::parse(&format!(
-        "{}/v1/clusters/{}/status",
-        link.hub_url.trim_end_matches('/'),
-        agent.name()
-    ))
-    .map_err(|e| format!("the hub URL {:?}: {e}", link.hub_url));
+    // Where reports go, by hub, parsed once: a bad hub URL fails every report the same way.
+    let status_urls: Vec<Result<reqwest::Url, String>> = link
+        .hub_urls
+        .iter()
+        .map(|hub| {
+            reqwest::Url::parse(&format!(
+                "{}/v1/clusters/{}/status",
+                hub.trim_end_matches('/'),
+                agent.name()
+            ))
+            .map_err(|e| format!("the hub URL {hub:?}: {e}"))
+        })
+        .collect();
     let mut changes = agent.session().subscribe();
     let mut backoff = BACKOFF_MIN;
+    // Hubs found not answering since the last answer: once every one was tried, back off.
+    let mut unanswered = 0;
     // The certificate the hub pinned at the last registration.
     let mut pinned: Option<String> = None;
     // When to trade the credential for a new one: at two thirds of its life.
@@ -115,6 +187,7 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
             continue;
         }
         let serving = link.certificate.as_ref().map(|c| c.fingerprint());
+        let (at, _) = link.hub();
         let result = match agent.session().credential() {
             None => register(&*agent, &link, &link.join_token, &serving).await,
             // A renewed certificate: registered again, as the cluster, so that the hub
@@ -127,7 +200,11 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
             }
             Some(credential) if owed => {
                 changes.borrow_and_update();
-                send(&*agent, &link, &status_url, &credential).await
+                let url = status_urls
+                    .get(at)
+                    .cloned()
+                    .unwrap_or_else(|| Err("no hub URL".into()));
+                send(&*agent, &link, url, &credential).await
             }
             Some(_) => {
                 tokio::select! {
@@ -143,6 +220,9 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
                 continue;
             }
         };
+        if result.is_ok() {
+            unanswered = 0;
+        }
         match result {
             Ok(Done::Registered(expires_at)) => {
                 backoff = BACKOFF_MIN;
@@ -168,8 +248,20 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            Err(Failure::Other(why)) => {
+            Err(Failure::Unanswered(why)) => {
+                metrics.report("failed");
+                unanswered += 1;
+                if link.move_on(at, agent.name(), &why) && unanswered < link.hub_urls.len() {
+                    // Another replica may answer: ask it at once.
+                    continue;
+                }
+                unanswered = 0;
                 tracing::debug!(cluster = %agent.name(), %why, ?backoff, "hub not reachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(Failure::Other(why)) => {
+                tracing::debug!(cluster = %agent.name(), %why, ?backoff, "hub refused the request; retrying");
                 metrics.report("failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -213,22 +305,18 @@ async fn turn(link: &HubLink) -> Option<tokio::sync::OwnedSemaphorePermit> {
 /// Trades the credential for a new one; the hub refuses the old one from then on.
 async fn renew<S: Spoke>(agent: &S, link: &HubLink, credential: &str) -> Result<Done, Failure> {
     let _turn = turn(link).await;
-    let url = format!(
-        "{}/v1/clusters/{}/credential",
-        link.hub_url.trim_end_matches('/'),
-        agent.name()
-    );
+    let url = format!("{}/v1/clusters/{}/credential", link.hub().1, agent.name());
     let res = link
         .client
         .post(&url)
         .bearer_auth(credential)
         .send()
         .await
-        .map_err(|e| Failure::Other(e.to_string()))?;
+        .map_err(unanswered)?;
     match res.status() {
         s if s.is_success() => {}
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(Failure::Unauthorized),
-        s => return Err(Failure::Other(format!("credential renewal answered {s}"))),
+        s => return Err(answered("credential renewal", s)),
     }
     let renewed: RegisterResponse = res
         .json()
@@ -248,10 +336,8 @@ async fn register<S: Spoke>(
     certificate: &Option<String>,
 ) -> Result<Done, Failure> {
     let _turn = turn(link).await;
-    let url = format!(
-        "{}/v1/clusters/register",
-        link.hub_url.trim_end_matches('/')
-    );
+    let hub = link.hub().1;
+    let url = format!("{hub}/v1/clusters/register");
     let body = RegisterRequest {
         name: agent.name().to_string(),
         endpoint: link.endpoint.clone(),
@@ -264,10 +350,7 @@ async fn register<S: Spoke>(
     if !bearer.is_empty() {
         req = req.bearer_auth(bearer);
     }
-    let res = req
-        .send()
-        .await
-        .map_err(|e| Failure::Other(e.to_string()))?;
+    let res = req.send().await.map_err(unanswered)?;
     if !res.status().is_success() {
         let code = res.status();
         let text = res.text().await.unwrap_or_default();
@@ -276,24 +359,24 @@ async fn register<S: Spoke>(
             // The credential is no longer the cluster's: the join token next.
             return Err(Failure::Unauthorized);
         }
-        return Err(Failure::Other(format!("registration answered {code}")));
+        return Err(answered("registration", code));
     }
     let reg: RegisterResponse = res
         .json()
         .await
         .map_err(|e| Failure::Other(format!("registration answer: {e}")))?;
     agent.session().set_credential(reg.credential);
-    tracing::info!(cluster = %agent.name(), hub = %link.hub_url, certificate = certificate.as_deref().unwrap_or(""), "registered with the hub");
+    tracing::info!(cluster = %agent.name(), %hub, certificate = certificate.as_deref().unwrap_or(""), "registered with the hub");
     Ok(Done::Registered(reg.expires_at))
 }
 
 async fn send<S: Spoke>(
     agent: &S,
     link: &HubLink,
-    url: &Result<reqwest::Url, String>,
+    url: Result<reqwest::Url, String>,
     credential: &str,
 ) -> Result<Done, Failure> {
-    let url = url.clone().map_err(Failure::Other)?;
+    let url = url.map_err(Failure::Other)?;
     let Ok(ibu) = agent.ibu().await else {
         return Err(Failure::Away);
     };
@@ -314,10 +397,32 @@ async fn send<S: Spoke>(
         .json(&report)
         .send()
         .await
-        .map_err(|e| Failure::Other(e.to_string()))?;
+        .map_err(unanswered)?;
     match res.status() {
         s if s.is_success() => Ok(Done::Reported),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Unauthorized),
-        s => Err(Failure::Other(format!("report answered {s}"))),
+        s => Err(answered("report", s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_hub_urls;
+
+    #[test]
+    fn every_hub_url_is_checked_at_start() {
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            check_hub_urls(&urls(&["http://hub-a:8443", "https://hub-b"])),
+            Ok(())
+        );
+        assert_eq!(
+            check_hub_urls(&urls(&["http://hub-a", "hub-b:8443"])),
+            Err("--hub-url \"hub-b:8443\": not an http or https URL".into())
+        );
+        assert_eq!(
+            check_hub_urls(&urls(&["http://"])),
+            Err("--hub-url \"http://\": empty host".into())
+        );
     }
 }

@@ -8,6 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use chrono::{DateTime, Utc};
+
+use crate::planner::drive::Seen;
 use crate::planner::rollout::{PushResult, StepState};
 use crate::store::ReportCache;
 
@@ -30,6 +33,10 @@ pub struct Kept {
     /// waiting on this one (the spoke reported the action done before its answer came): the
     /// answer then triggers a pass, however it went.
     pub in_flight: HashMap<String, bool>,
+    /// Another replica's term as this one last saw it, and since when.
+    pub seen: Option<Seen>,
+    /// When this replica last wrote its term as the rollout's driver.
+    pub renewed_at: Option<DateTime<Utc>>,
 }
 
 pub struct KeptSteps {

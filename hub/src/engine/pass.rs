@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::memory::KeptSteps;
 use super::{ACCEPTED_HOLD, Engine};
 use crate::error::Error;
+use crate::planner::drive::DriveStep;
 use crate::planner::rollout::{
     self, Decision, Push, PushOutcome, PushResult, Scope, StepHead, StepState,
 };
@@ -50,6 +51,7 @@ impl Engine {
         self: &Arc<Self>,
         id: i64,
         results: &[PushResult],
+        step: &DriveStep,
     ) -> Result<Passed, Error> {
         // Postgres keeps microseconds: so do the steps kept in memory.
         let now = chrono::SubsecRound::trunc_subsecs(self.clock.now(), 6);
@@ -58,14 +60,52 @@ impl Engine {
         let (row, version) = match store::rollout_hold_in_txn(&mut tx, id).await? {
             store::Held::Busy => return Ok(Passed::Busy),
             store::Held::Gone => return Ok(Passed::Done { held: Vec::new() }),
-            store::Held::Row(row, version) => (*row, version),
+            // Another replica moved first (took it, renewed its term, let it go).
+            store::Held::Row(_, _, driver) if !step.expects(&driver, &self.identity) => {
+                return Ok(Passed::Busy);
+            }
+            store::Held::Row(row, version, _) => (*row, version),
         };
+        if step.writes() {
+            store::rollout_drive_in_txn(&mut tx, id, &self.identity, step.starts()).await?;
+        }
+        if step.starts() {
+            // Pushes on their way were voided above: what is kept here may be older.
+            self.memory.with(id, |k| k.steps = None);
+        }
         let (mut loaded, steps) = self.load(&mut tx, id, row, version, results, now).await?;
         let (decision, recorded, held) = self
             .plan(&mut tx, id, &mut loaded, steps, results, now)
             .await?;
         let version = self.save(&mut tx, id, &loaded, &decision, now).await?;
+        if let DriveStep::TakeOver { from, silent } = step {
+            let e = rollout::Event {
+                cluster: None,
+                step: None,
+                action: None,
+                event: "RolloutTakenOver",
+                message: format!(
+                    "hub replica {} took the rollout over from {}, whose term stood still for {:.1} s",
+                    self.identity,
+                    from.name.as_deref().unwrap_or_default(),
+                    silent.num_milliseconds() as f64 / 1000.0
+                ),
+                took: None,
+            };
+            store::history_insert_in_txn(&mut tx, &loaded.row, now, &[e], "controller").await?;
+        }
         tx.commit().await?;
+        if step.writes() {
+            self.memory.with(id, |k| k.renewed_at = Some(now));
+        }
+        match step {
+            DriveStep::TakeOver { from, silent } => {
+                self.metrics.rollout_takeovers.inc();
+                tracing::warn!(from = from.name.as_deref().unwrap_or_default(), silent = ?silent, "took the rollout over from a replica that stopped renewing");
+            }
+            DriveStep::Claim => tracing::info!(driver = %self.identity, "driving the rollout"),
+            _ => {}
+        }
         tracing::debug!(from_memory = loaded.from_memory, whole_fleet = loaded.scope.whole_fleet, elapsed = ?started.elapsed(), "pass committed");
         self.metrics
             .pass_duration
@@ -273,7 +313,7 @@ impl Engine {
             (pushes, waits)
         });
         if blocked_waits {
-            self.trigger();
+            self.wake.notify_one();
         }
         if pushes.is_empty() {
             return;

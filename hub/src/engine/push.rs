@@ -395,7 +395,7 @@ impl Engine {
         // for the idle pass, unless a push is waiting on it; any other outcome is acted on
         // at once.
         if !accepted || awaited {
-            self.trigger();
+            self.wake.notify_one();
         }
     }
 

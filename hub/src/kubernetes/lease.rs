@@ -13,12 +13,13 @@ use super::decide::{self, LeaseStep};
 use crate::engine::Clock;
 use crate::error::Error;
 
-/// A leader that stops renewing is replaced after this long.
-pub const LEASE_SECONDS: i32 = 15;
-/// The leader renews this often (a third of the lease: two renewals may fail).
-const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A leader that stops renewing is replaced after this long: a replica's death stops the
+/// Kubernetes writes (status, labels, Events) for 5 s at most with [`RETRY_EVERY`].
+pub const LEASE_SECONDS: i32 = 4;
+/// The leader renews this often (a quarter of the lease: three renewals may fail).
+const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// A follower looks again this often.
-const RETRY_EVERY: Duration = Duration::from_secs(2);
+const RETRY_EVERY: Duration = Duration::from_millis(500);
 
 fn to_micro(t: DateTime<Utc>) -> MicroTime {
     MicroTime(
@@ -116,5 +117,25 @@ pub async fn run(
             changed
         });
         tokio::time::sleep(if lead { RENEW_EVERY } else { RETRY_EVERY }).await;
+    }
+}
+
+/// Lets go of the Lease when this replica holds it (a clean stop): another replica leads at
+/// its next look rather than after the lease.
+pub async fn release(api: &Api<Lease>, name: &str, me: &str) {
+    let Ok(Some(mut lease)) = api.get_opt(name).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(me) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => tracing::info!(lease = %name, identity = %me, "let go of the Lease"),
+        Err(err) => tracing::warn!(%err, lease = %name, "letting go of the Lease failed"),
     }
 }

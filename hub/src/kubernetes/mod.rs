@@ -67,13 +67,15 @@ pub fn client(
 pub async fn run(ctx: Arc<Context>, options: Options) {
     let (tx, mut leading) = watch::channel(false);
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &options.lease_namespace);
-    tokio::spawn(lease::run(
-        lease_api,
+    let lease_task = tokio::spawn(lease::run(
+        lease_api.clone(),
         options.lease_name.clone(),
         ctx.identity.clone(),
         ctx.clock.clone(),
         tx,
     ));
+    // Dropped (the hub stops): the Lease is no longer renewed (`stop` lets it go).
+    let _renewing = AbortOnDrop(lease_task);
     loop {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
@@ -84,6 +86,23 @@ pub async fn run(ctx: Arc<Context>, options: Options) {
         tracing::warn!(identity = %ctx.identity, "no longer leading: Kubernetes writes stop");
         work.abort();
     }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Ends Kubernetes mode (`task` runs [`run`]) and lets go of the Lease when this replica
+/// holds it, so another replica leads at once.
+pub async fn stop(task: tokio::task::JoinHandle<()>, ctx: &Context, options: &Options) {
+    task.abort();
+    let _ = task.await;
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &options.lease_namespace);
+    lease::release(&api, &options.lease_name, &ctx.identity).await;
 }
 
 /// The leader's work: one controller per watched namespace (or one for all), the fleet

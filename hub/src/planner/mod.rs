@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod controls;
+pub mod drive;
 pub mod rollout;
 pub mod selector;
 pub mod state;

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{FromRow, PgConnection, PgPool, Row};
 
 use crate::error::Error;
+use crate::planner::drive::Driver;
 use crate::planner::rollout::{
     ClusterInfo, ClusterPhase, ClusterProgress, Event, Halt, LabelChange, StepHead, StepState, Wait,
 };

@@ -199,11 +199,17 @@ pub async fn rollout_delete(pool: &PgPool, namespace: &str, name: &str) -> Resul
     Ok(r.rows_affected() == 1)
 }
 
-pub async fn rollout_active_ids(pool: &PgPool) -> Result<Vec<i64>, Error> {
-    sqlx::query_scalar("SELECT id FROM rollouts WHERE phase <> 'Completed' ORDER BY id")
-        .fetch_all(pool)
-        .await
-        .map_err(Error::from)
+/// The active rollouts, with who drives each.
+pub async fn rollout_active(pool: &PgPool) -> Result<Vec<(i64, Driver)>, Error> {
+    let rows: Vec<(i64, Option<String>, i64)> = sqlx::query_as(
+        "SELECT id, driver, driver_term FROM rollouts WHERE phase <> 'Completed' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, name, term)| (id, Driver { name, term }))
+        .collect())
 }
 
 /// What a pass finds when it asks for a rollout.
@@ -213,8 +219,8 @@ pub enum Held {
     /// The rollout is gone.
     Gone,
     /// The row, locked for this transaction, with its state version (see the migration that
-    /// added it).
-    Row(Box<RolloutRow>, i64),
+    /// added it) and its driver.
+    Row(Box<RolloutRow>, i64, Driver),
 }
 
 /// Takes the rollout's pass lock for this transaction and, when it is free, locks and reads
@@ -224,7 +230,8 @@ pub async fn rollout_hold_in_txn(conn: &mut PgConnection, id: i64) -> Result<Hel
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "WITH pass_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(1717658484, $1::int4) AS held)
          SELECT pass_lock.held, r.* FROM pass_lock LEFT JOIN LATERAL
-           (SELECT {ROLLOUT_COLUMNS}, state_version FROM rollouts WHERE id = $2 AND pass_lock.held FOR UPDATE) r ON true"
+           (SELECT {ROLLOUT_COLUMNS}, state_version, driver, driver_term FROM rollouts
+            WHERE id = $2 AND pass_lock.held FOR UPDATE) r ON true"
     )))
     .bind(id as i32)
     .bind(id)
@@ -236,8 +243,55 @@ pub async fn rollout_hold_in_txn(conn: &mut PgConnection, id: i64) -> Result<Hel
     }
     match row.try_get::<Option<i64>, _>("state_version")? {
         None => Ok(Held::Gone),
-        Some(version) => Ok(Held::Row(Box::new(rollout_from_row(&row)?), version)),
+        Some(version) => {
+            let driver = Driver {
+                name: row.try_get("driver")?,
+                term: row.try_get("driver_term")?,
+            };
+            Ok(Held::Row(
+                Box::new(rollout_from_row(&row)?),
+                version,
+                driver,
+            ))
+        }
     }
+}
+
+/// Makes `me` the rollout's driver at a new term. A replica that starts driving it (`starts`)
+/// also voids the pushes the last driver left on their way: their outcomes would only ever
+/// have been recorded by that replica.
+pub async fn rollout_drive_in_txn(
+    conn: &mut PgConnection,
+    id: i64,
+    me: &str,
+    starts: bool,
+) -> Result<(), Error> {
+    sqlx::query("UPDATE rollouts SET driver = $2, driver_term = driver_term + 1 WHERE id = $1")
+        .bind(id)
+        .bind(me)
+        .execute(&mut *conn)
+        .await?;
+    if starts {
+        sqlx::query(
+            "UPDATE rollout_clusters SET push_in_flight_since = NULL
+             WHERE rollout_id = $1 AND push_in_flight_since IS NOT NULL",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Lets go of every rollout `me` drives (a clean stop): other replicas take them at once.
+pub async fn rollout_release_all(pool: &PgPool, me: &str) -> Result<u64, Error> {
+    let r = sqlx::query(
+        "UPDATE rollouts SET driver = NULL, driver_term = driver_term + 1 WHERE driver = $1",
+    )
+    .bind(me)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// A rollout's status as a pass leaves it.

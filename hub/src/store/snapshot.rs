@@ -105,11 +105,17 @@ struct GroupRow {
 }
 
 /// What the fleet gauges of `/metrics` show, in a few grouped queries (no per-cluster rows
-/// leave the database).
+/// leave the database), all on one snapshot of it: a scrape never shows a rollout's
+/// controls without the steps a pass wrote with them.
 pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let pool: &mut PgConnection = &mut tx;
     let by_phase: Vec<(String, i64)> =
         sqlx::query_as("SELECT phase, count(*) AS n FROM rollouts GROUP BY phase")
-            .fetch_all(pool)
+            .fetch_all(&mut *pool)
             .await?;
     let mut snap = FleetSnapshot {
         rollouts: by_phase.into_iter().collect(),
@@ -128,7 +134,7 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
                   rc.completed_actions, rc.action_index, rc.state, rc.timed_out
          ORDER BY r.namespace, r.name, s.step",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *pool)
     .await?;
     for r in rows {
         let group = ProgressGroup {
@@ -171,7 +177,7 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
         }
     }
     snap.registered = sqlx::query_scalar("SELECT count(*) FROM clusters")
-        .fetch_one(pool)
+        .fetch_one(&mut *pool)
         .await?;
     // The hub's only sign of an unreachable spoke: its last push failed (a push that works
     // resets the attempts).
@@ -180,7 +186,7 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
          JOIN rollouts r ON r.id = rc.rollout_id
          WHERE r.phase <> 'Completed' AND rc.state = 'running' AND rc.push_attempts > 0",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *pool)
     .await?;
     // A halted rollout stays shown (it needs a person); paused and waiting only while the
     // rollout runs.
@@ -195,8 +201,9 @@ pub async fn metrics_snapshot(pool: &PgPool) -> Result<FleetSnapshot, Error> {
             OR EXISTS (SELECT 1 FROM rollout_steps s WHERE s.rollout_id = r.id AND s.halt_reason IS NOT NULL)
          ORDER BY r.namespace, r.name",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *pool)
     .await?;
+    tx.commit().await?;
     Ok(snap)
 }
 

@@ -730,7 +730,9 @@ async fn dashboards_metrics_and_logs_after_a_small_rollout() {
         "Prometheus to see the throttled rollout",
         DEADLINE,
         || async {
-            let q = "fleet_hub_rollout_starts_held{rollout=\"throttled\",reason=\"rate\"} == 1";
+            // Its controls and its steps, from one scrape.
+            let q = "fleet_hub_rollout_starts_held{rollout=\"throttled\",reason=\"rate\"} == 1 \
+                     and on (rollout) fleet_hub_rollout_clusters{rollout=\"throttled\"}";
             let v = prom.query(q).await.ok()?;
             v["data"]["result"]
                 .as_array()

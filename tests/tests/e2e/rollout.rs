@@ -224,7 +224,8 @@ async fn start_fleet_holding(
             ..Default::default()
         };
         let link = HubLink {
-            hub_url: hub.url.clone(),
+            hub_urls: vec![hub.url.clone()],
+            current: Default::default(),
             join_token: JOIN.into(),
             endpoint: format!("{base}/clusters/{name}"),
             labels: BTreeMap::from([("name".to_string(), name.to_string())]),
@@ -758,7 +759,8 @@ async fn an_accepted_push_is_recorded_with_the_spokes_next_report_or_after_the_h
 }
 
 #[tokio::test]
-async fn two_hubs_on_one_database_send_each_push_once() {
+async fn of_two_hubs_one_drives_and_the_other_takes_over_when_it_dies() {
+    use hub::planner::drive::DRIVE_LEASE;
     let db = TestDb::empty().await;
     let (one, two) = (start_hub(&db).await, start_hub(&db).await);
     two.clock.advance(one.clock.now() - two.clock.now());
@@ -778,34 +780,33 @@ async fn two_hubs_on_one_database_send_each_push_once() {
         (quiet.pushes().len() == 2).then_some(())
     })
     .await;
-    // The second hub's passes see the first hub's pushes on their way, answered or not,
-    // and send none of their own, until the claim lapses.
-    for _ in 0..3 {
+    // While the first hub drives (its term moves on), the second only follows: it pushes
+    // nothing, whatever it hears and however long q1's push stays on its way.
+    quiet.report("q2", 1, "Prep", false).await;
+    for _ in 0..40 {
+        one.clock.advance(chrono::Duration::seconds(1));
+        two.clock.advance(chrono::Duration::seconds(1));
         two.engine.pass_all().await.unwrap();
         one.engine.pass_all().await.unwrap();
     }
+    assert_eq!(quiet.pushes().len(), 2, "{:?}", quiet.pushes());
+    // The first hub dies before q1's answer comes. The second sees its last term...
+    let dead = one.engine.identity().to_string();
+    let _ = one.stop().await;
+    two.engine.pass_all().await.unwrap();
+    // ... stand still for the lease, not less, then takes the rollout over: the push the
+    // dead hub left on its way is sent again, once; q2's, answered, is not.
     two.clock
-        .advance(hub::planner::rollout::PUSH_RESEND - chrono::Duration::seconds(1));
+        .advance(DRIVE_LEASE - chrono::Duration::milliseconds(1));
     two.engine.pass_all().await.unwrap();
     assert_eq!(quiet.pushes().len(), 2, "{:?}", quiet.pushes());
-    // Both spokes report Prep under way; q1's answer is still held back.
-    quiet.report("q1", 1, "Prep", false).await;
-    quiet.report("q2", 1, "Prep", false).await;
-    for _ in 0..3 {
-        two.engine.pass_all().await.unwrap();
-        one.engine.pass_all().await.unwrap();
-    }
-    assert_eq!(quiet.pushes().len(), 2, "{:?}", quiet.pushes());
-    // The first hub stops before q1's answer comes: its claim lapses, and the second
-    // hub sends the push again, once.
-    let _ = one.stop().await;
-    two.clock.advance(chrono::Duration::seconds(1));
+    two.clock.advance(chrono::Duration::milliseconds(1));
     wait_for("the push taken over", DEADLINE, || async {
         two.engine.pass_all().await.unwrap();
         (quiet.pushes().len() == 3).then_some(())
     })
     .await;
-    quiet.gate.add_permits(1);
+    quiet.gate.add_permits(2);
     quiet.report("q1", 2, "Prep", true).await;
     quiet.report("q2", 2, "Prep", true).await;
     two.settle("pair", "Prep done on both", |g| {
@@ -818,6 +819,67 @@ async fn two_hubs_on_one_database_send_each_push_once() {
     let mut pushes = quiet.pushes();
     pushes.sort();
     assert_eq!(pushes, [prep("q1"), prep("q1"), prep("q2")]);
+    let h = two.get("/v1/rollouts/default/pair/history").await;
+    let taken: Vec<&Value> = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "RolloutTakenOver")
+        .collect();
+    assert_eq!(taken.len(), 1, "{h}");
+    let message = taken[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(two.engine.identity()) && message.contains(&dead),
+        "{message}"
+    );
+    assert!(message.ends_with("stood still for 3.0 s"), "{message}");
+}
+
+#[tokio::test]
+async fn a_change_at_a_follower_wakes_the_driver_and_a_clean_stop_lets_go_at_once() {
+    use futures::FutureExt;
+    let db = TestDb::empty().await;
+    let (one, two) = (start_hub(&db).await, start_hub(&db).await);
+    two.clock.advance(one.clock.now() - two.clock.now());
+    let _fleet = start_fleet(&one, &["w1"], &[]).await;
+    one.create(ibgu(
+        "woken",
+        &["w1"],
+        json!([{"actions": ["Prep"], "rolloutStrategy": {"maxConcurrency": 1, "timeout": 60}}]),
+    ))
+    .await;
+    one.engine.pass_all().await.unwrap();
+    two.engine.pass_all().await.unwrap();
+    let (_one_peers, _two_peers) = (one.engine.talk_to_peers(), two.engine.talk_to_peers());
+    // A change at the second hub (which follows) wakes the first (which drives) through
+    // Postgres. Sent again until the first listens.
+    while one.engine.wake.notified().now_or_never().is_some() {}
+    wait_for("the driver woken by the follower", DEADLINE, || async {
+        two.engine.trigger();
+        tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            one.engine.wake.notified(),
+        )
+        .await
+        .ok()
+    })
+    .await;
+    // The first hub stops cleanly: the second takes the rollout at its next look, without
+    // waiting for the lease (its clock does not move).
+    one.engine.release().await;
+    let driven = || async {
+        sqlx::query_scalar::<_, Option<String>>("SELECT driver FROM rollouts WHERE name = 'woken'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(driven().await, None);
+    two.engine.pass_all().await.unwrap();
+    assert_eq!(driven().await.as_deref(), Some(two.engine.identity()));
+    two.settle("woken", "Prep done under the second hub", |g| {
+        acts(&cluster(g, "w1")["completedActions"]) == ["Prep"]
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -864,7 +926,7 @@ async fn a_push_outcome_that_comes_after_the_spokes_report_of_the_action_is_let_
 }
 
 #[tokio::test]
-async fn a_hub_restart_mid_batch_loses_and_repeats_nothing_and_two_hubs_share_the_work() {
+async fn a_hub_restart_mid_batch_loses_and_repeats_nothing_and_a_new_hub_takes_over() {
     let db = TestDb::empty().await;
     let first = start_hub(&db).await;
     let names = ["s1", "s2", "s3", "s4"];
@@ -892,6 +954,9 @@ async fn a_hub_restart_mid_batch_loses_and_repeats_nothing_and_two_hubs_share_th
     second.clock.advance(chrono::Duration::minutes(2));
     third.clock.advance(chrono::Duration::minutes(2));
     let g = wait_for("the rollout to finish under two hubs", DEADLINE, || async {
+        // The stopped hub's term stands still: one of the two takes the rollout over.
+        second.clock.advance(chrono::Duration::milliseconds(500));
+        third.clock.advance(chrono::Duration::milliseconds(500));
         let (a, b) = tokio::join!(second.engine.pass_all(), third.engine.pass_all());
         a.unwrap();
         b.unwrap();
