@@ -133,6 +133,22 @@ def check_hub_ca(what, deployment, values):
         fail(f"{what}: SPOKE_HUB_CA_FILE without hub.caSecret")
 
 
+def check_hub_replicas(what, deployment, kinds, values):
+    """Two replicas with a PodDisruptionBudget and spread over nodes by default with an external
+    database; one, and no budget that would block drains, with the private one."""
+    database = values.get("database", {})
+    external = bool(database.get("url") or database.get("existingSecret"))
+    want = values.get("replicaCount") or (2 if external else 1)
+    spec = deployment["spec"]
+    if spec.get("replicas") != want:
+        fail(f"{what}: {spec.get('replicas')} replicas, not {want}")
+    if ("PodDisruptionBudget" in kinds) != (want > 1):
+        fail(f"{what}: {want} replica(s) but PodDisruptionBudget rendered: {'PodDisruptionBudget' in kinds}")
+    spread = spec["template"]["spec"].get("topologySpreadConstraints")
+    if (spread is not None) != (want > 1):
+        fail(f"{what}: {want} replica(s) but topologySpreadConstraints: {spread}")
+
+
 def check_chart(name, update):
     path = os.path.join(HERE, name)
     all_features = yaml.safe_load(open(os.path.join(path, "ci", "all-features-values.yaml")))
@@ -191,6 +207,7 @@ def check_chart(name, update):
                     check_generated_certificate(what, doc, f"{service}.{RELEASE['namespace']}.svc")
                 if doc["kind"] == "Deployment" and name == "fleet-hub":
                     check_hub_tls(what, doc, values or {})
+                    check_hub_replicas(what, doc, kinds, values or {})
                 if doc["kind"] == "Deployment" and name == "spoke-agent":
                     check_hub_ca(what, doc, values or {})
                     check_agent_tls(what, doc, values or {})

@@ -33,11 +33,39 @@ pub struct Args {
     /// How long each of the two commit baselines runs, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub baseline_seconds: u64,
+    /// Hub replicas on the one database; the simulated agents get every URL.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub hubs: u32,
+    /// Kill (SIGKILL) the replica that drives the rollout this many seconds after it
+    /// started (needs --hubs 2 or more): the report says how long transitions stopped.
+    #[arg(long, value_name = "SECONDS")]
+    pub kill_hub_after: Option<f64>,
+}
+
+impl Args {
+    /// What clap cannot check alone.
+    fn check(&self) -> Result<(), String> {
+        match self.kill_hub_after {
+            Some(_) if self.hubs < 2 => Err(
+                "--kill-hub-after needs --hubs 2 or more: a replica must be left to take over"
+                    .into(),
+            ),
+            Some(s) if !(s.is_finite() && s >= 0.0) => Err(format!(
+                "--kill-hub-after {s}: a number of seconds, 0 or more"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run::run(Args::parse()).await {
+    let args = Args::parse();
+    if let Err(e) = args.check() {
+        eprintln!("fleet-bench: {e}");
+        std::process::exit(2);
+    }
+    if let Err(e) = run::run(args).await {
         eprintln!("fleet-bench: {e}");
         std::process::exit(1);
     }

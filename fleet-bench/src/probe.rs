@@ -54,7 +54,8 @@ pub fn gauge(text: &str, name: &str) -> Option<f64> {
         .ok()
 }
 
-/// A quantile from a Prometheus histogram, interpolated within its bucket.
+/// A quantile from a Prometheus histogram, interpolated within its bucket; `text` may hold
+/// the same histogram of several processes, which are added up.
 pub fn quantile(text: &str, name: &str, q: f64) -> Option<f64> {
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
@@ -70,6 +71,14 @@ pub fn quantile(text: &str, name: &str, q: f64) -> Option<f64> {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // The same histogram of several hubs (their texts one after the other): one bucket each.
+    buckets.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
+        }
+        same
+    });
     let total = buckets.last()?.1;
     if total == 0.0 {
         return None;

@@ -43,6 +43,25 @@ pub struct Figures {
     pub history_query: [f64; 2],
     /// Seconds from the fleet's start until every cluster had registered and reported.
     pub registration: f64,
+    pub replicas: Replicas,
+}
+
+/// What the hub replicas did with the rollout, killed or not.
+pub struct Replicas {
+    /// Hub replicas run.
+    pub hubs: u32,
+    /// When the driving replica was killed (seconds into the rollout), and which one.
+    pub killed: Option<(f64, usize)>,
+    /// The longest time between two transitions (history rows) of the rollout, in seconds.
+    pub longest_gap: f64,
+    /// Cluster actions never completed.
+    pub lost: i64,
+    /// Starts and completions recorded more than once.
+    pub repeated_in_history: i64,
+    /// Stage changes at the spokes beyond one per action.
+    pub repeated_at_spokes: i64,
+    /// Stages pushed again to a spoke already at them (harmless: no change).
+    pub asked_again: i64,
 }
 
 impl Figures {
@@ -69,7 +88,7 @@ impl Figures {
         let [per_cpu, baseline_per_cpu, after_per_cpu] = self.per_busy_second();
         let cpu_ratio = per_cpu.zip(baseline_per_cpu).map(|(t, b)| t / b);
         let rate = self.transitions_per_second();
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "clusters": self.clusters, "maxConcurrency": self.max_concurrency,
             "orchestrationSeconds": round(self.elapsed), "clusterActionsPerSecond": round(self.actions_per_second()),
             "transitions": self.transitions, "transitionsPerSecond": round(rate),
@@ -91,7 +110,21 @@ impl Figures {
             "registrationSeconds": round(self.registration),
             "historyQuerySeconds": {"cluster": self.history_query[0], "rollout": self.history_query[1]},
             "summary": self.summary,
-        })
+        });
+        let r = &self.replicas;
+        let replicas = serde_json::json!({
+            "hubs": r.hubs,
+            "killedHubAtSeconds": r.killed.map(|(at, _)| round(at)),
+            "failoverSeconds": round(r.longest_gap),
+            "lostTransitions": r.lost,
+            "repeatedTransitions": r.repeated_in_history + r.repeated_at_spokes,
+            "repeatedInHistory": r.repeated_in_history, "repeatedAtSpokes": r.repeated_at_spokes,
+            "stagesPushedAgain": r.asked_again,
+        });
+        if let (Some(out), Value::Object(more)) = (out.as_object_mut(), replicas) {
+            out.extend(more);
+        }
+        out
     }
 
     pub fn text(&self) -> String {
@@ -181,8 +214,29 @@ impl Figures {
                 "history through the API      one cluster {:.3} s, the whole rollout ({} rows) {:.3} s",
                 self.history_query[0], self.transitions, self.history_query[1]
             ),
+            self.replicas.text(),
         ];
         lines.join("\n")
+    }
+}
+
+impl Replicas {
+    fn text(&self) -> String {
+        let killed = match self.killed {
+            Some((at, i)) => format!("hub-{i} killed {at:.1} s in"),
+            None if self.hubs > 1 => "none killed".into(),
+            None => "one hub".into(),
+        };
+        format!(
+            "hub replicas                 {}, {killed}; longest gap in transitions {:.2} s (target <= 5 s), lost {}, repeated {} (history {}, spokes {}), stages pushed again {}",
+            self.hubs,
+            self.longest_gap,
+            self.lost,
+            self.repeated_in_history + self.repeated_at_spokes,
+            self.repeated_in_history,
+            self.repeated_at_spokes,
+            self.asked_again
+        )
     }
 }
 

@@ -37,6 +37,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         max_concurrency,
         database_url,
         baseline_seconds,
+        hubs: replicas,
+        kill_hub_after,
     } = args;
     let work = tempfile::Builder::new()
         .prefix("fleet-bench")
@@ -65,17 +67,22 @@ pub async fn run(args: Args) -> Result<(), String> {
 
     // A child that exits or logs an error ends the run at once, with what it said.
     let watch = Watch::default();
-    let (hub, hub_url) = start_hub(&watch, &db.url).await?;
-    let fleet = start_fleet(&watch, clusters, &hub_url, &work.path().join("fleet"))?;
+    let mut hubs = Hubs::start(&watch, &db.url, replicas).await?;
+    let (fleet, fleet_url) = start_fleet(&watch, clusters, &hubs.urls, &work.path().join("fleet"))?;
     let registration = wait_registered(&watch, &db.pool, clusters).await?;
     let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
 
-    let measured = rollout(&watch, &db.pool, &hub, &fleet, &hub_url, max_concurrency).await?;
-    let history_query = history_query_seconds(&hub_url).await?;
+    let plan = Plan {
+        max_concurrency,
+        kill_hub_after,
+    };
+    let measured = rollout(&watch, &db.pool, &mut hubs, &fleet, plan).await?;
+    let replicas_figures = replica_figures(&db.pool, clusters, &fleet_url, &measured).await?;
+    let history_query = history_query_seconds(hubs.first_alive()).await?;
 
     // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
-    // exits: stop the hub and wait until its connections are gone (15 s at most).
-    hub.retire();
+    // exits: stop the hubs and wait until their connections are gone (15 s at most).
+    hubs.retire();
     db.wait_hub_gone().await?;
     let mut rows_by_table = rows_by_table(&db.pool).await?;
     for (table, n) in &tables_before {
@@ -115,6 +122,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         summary: measured.summary,
         history_query,
         registration,
+        replicas: crate::report::Replicas {
+            hubs: replicas,
+            ..replicas_figures
+        },
     };
     println!(
         "{}",
@@ -262,37 +273,100 @@ fn database_url(server_url: &str, db: &str) -> String {
     format!("{base}/{db}{query}")
 }
 
-async fn start_hub(watch: &Watch, db_url: &str) -> Result<(Watched, String), String> {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(binary("fleet-hub"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", db_url])
-        .args(["--admin-token", ADMIN, "--join-token", JOIN])
-        .env(
-            "RUST_LOG",
-            std::env::var("FLEET_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null());
-    let hub = watch.spawn("fleet-hub", cmd)?;
-    wait_http(watch, &format!("{url}/readyz"), Duration::from_secs(60)).await?;
-    Ok((hub, url))
+/// The hub replicas, each `fleet-hub serve` on its own port and the one database, named
+/// `hub-<i>` (their drivers' names start with it).
+struct Hubs {
+    children: Vec<Option<Watched>>,
+    urls: Vec<String>,
 }
 
+impl Hubs {
+    async fn start(watch: &Watch, db_url: &str, n: u32) -> Result<Hubs, String> {
+        let mut hubs = Hubs {
+            children: Vec::new(),
+            urls: Vec::new(),
+        };
+        for i in 0..n {
+            let port = free_port();
+            let url = format!("http://127.0.0.1:{port}");
+            let mut cmd = Command::new(binary("fleet-hub"));
+            cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--database-url", db_url])
+                .args(["--admin-token", ADMIN, "--join-token", JOIN])
+                .env("POD_NAME", format!("hub-{i}"))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("FLEET_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdout(Stdio::null());
+            let name = if n == 1 {
+                "fleet-hub".to_string()
+            } else {
+                format!("fleet-hub {i}")
+            };
+            hubs.children.push(Some(watch.spawn(&name, cmd)?));
+            wait_http(watch, &format!("{url}/readyz"), Duration::from_secs(60)).await?;
+            hubs.urls.push(url);
+        }
+        Ok(hubs)
+    }
+
+    /// The replicas still running: their place, process and URL.
+    fn alive(&self) -> impl Iterator<Item = (usize, &Watched, &str)> {
+        self.children
+            .iter()
+            .zip(&self.urls)
+            .enumerate()
+            .filter_map(|(i, (c, u))| Some((i, c.as_ref()?, u.as_str())))
+    }
+
+    fn first_alive(&self) -> &str {
+        self.alive().next().map_or("", |(_, _, u)| u)
+    }
+
+    /// The replica a driver's name says (`hub-<i>/<token>`).
+    fn index_of(&self, driver: &str) -> Option<usize> {
+        let i: usize = driver
+            .strip_prefix("hub-")?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        (i < self.children.len()).then_some(i)
+    }
+
+    /// Kills replica `i` with SIGKILL (as a node that dies would leave it).
+    fn kill(&mut self, i: usize) {
+        if let Some(child) = self.children.get_mut(i).and_then(Option::take) {
+            child.retire();
+        }
+    }
+
+    fn retire(self) {
+        for child in self.children.into_iter().flatten() {
+            child.retire();
+        }
+    }
+}
+
+/// The simulated fleet, given every hub URL; answers it with its API's URL.
 fn start_fleet(
     watch: &Watch,
     clusters: u32,
-    hub_url: &str,
+    hub_urls: &[String],
     dir: &std::path::Path,
-) -> Result<Watched, String> {
+) -> Result<(Watched, String), String> {
     say(&format!("starting {clusters} simulated clusters"));
     let port = free_port();
     let mut cmd = Command::new(binary("spoke-agent"));
     cmd.args(["sim-fleet", "--count", &clusters.to_string()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")
-        .arg(dir)
-        .args(["--hub-url", hub_url, "--join-token", JOIN])
+        .arg(dir);
+    for url in hub_urls {
+        cmd.args(["--hub-url", url]);
+    }
+    cmd.args(["--join-token", JOIN])
         .args([
             "--sim-step-ms",
             "0",
@@ -302,7 +376,8 @@ fn start_fleet(
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
-    watch.spawn("spoke-agent sim-fleet", cmd)
+    let fleet = watch.spawn("spoke-agent sim-fleet", cmd)?;
+    Ok((fleet, format!("http://127.0.0.1:{port}")))
 }
 
 /// Waits until every cluster registered and reported; answers how long that took (seconds).
@@ -371,42 +446,91 @@ struct Rollout {
     http_requests: f64,
     pushes: f64,
     summary: serde_json::Value,
+    /// When the driving replica was killed (seconds into the rollout), and which.
+    killed: Option<(f64, usize)>,
 }
 
-/// The hub's counters that the rollout moves, read before and after it.
+/// How the rollout is run.
+struct Plan {
+    max_concurrency: u32,
+    kill_hub_after: Option<f64>,
+}
+
+/// A replica's counters that the rollout moves, read before and after it.
+#[derive(Clone, Copy, Default)]
 struct Counters {
     http: f64,
     pushes: f64,
     passes: f64,
     pass_seconds: f64,
-    hub_cpu: f64,
-    fleet_cpu: f64,
-    postgres_cpu: f64,
+    cpu: f64,
 }
 
 impl Counters {
-    async fn read(hub_url: &str, hub: &Watched, fleet: &Watched) -> Counters {
+    async fn read(hub_url: &str, hub: &Watched) -> Counters {
         Counters {
             http: hub_counter(hub_url, "fleet_hub_http_requests_total").await,
             pushes: hub_counter(hub_url, "fleet_hub_spoke_pushes_total").await,
             passes: hub_counter(hub_url, "fleet_hub_engine_pass_duration_seconds_count").await,
             pass_seconds: hub_counter(hub_url, "fleet_hub_engine_pass_duration_seconds_sum").await,
-            hub_cpu: cpu_seconds(hub.pid()),
-            fleet_cpu: cpu_seconds(fleet.pid()),
-            postgres_cpu: postgres_cpu_seconds(),
+            cpu: cpu_seconds(hub.pid()),
         }
     }
+
+    /// What moved at each replica alive now, added up (a killed replica's share is lost).
+    async fn moved(hubs: &Hubs, before: &[Counters]) -> Counters {
+        let mut sum = Counters::default();
+        for (i, hub, url) in hubs.alive() {
+            let (a, b) = (Counters::read(url, hub).await, before[i]);
+            sum.http += a.http - b.http;
+            sum.pushes += a.pushes - b.pushes;
+            sum.passes += a.passes - b.passes;
+            sum.pass_seconds += a.pass_seconds - b.pass_seconds;
+            sum.cpu += a.cpu - b.cpu;
+        }
+        sum
+    }
+}
+
+/// Kills the replica that drives the rollout, once it is `after` seconds old and driven.
+async fn kill_driver(
+    pool: &PgPool,
+    hubs: &mut Hubs,
+    started: Instant,
+    after: f64,
+) -> Result<Option<(f64, usize)>, String> {
+    let at = started.elapsed().as_secs_f64();
+    if at < after {
+        return Ok(None);
+    }
+    let driver: Option<String> =
+        sqlx::query_scalar("SELECT driver FROM rollouts WHERE name = 'bench'")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    let Some(i) = driver.as_deref().and_then(|d| hubs.index_of(d)) else {
+        return Ok(None);
+    };
+    say(&format!(
+        "killing hub-{i}, which drives the rollout, {at:.1} s into it (SIGKILL)"
+    ));
+    hubs.kill(i);
+    Ok(Some((at, i)))
 }
 
 async fn rollout(
     watch: &Watch,
     pool: &PgPool,
-    hub: &Watched,
+    hubs: &mut Hubs,
     fleet: &Watched,
-    hub_url: &str,
-    max_concurrency: u32,
+    plan: Plan,
 ) -> Result<Rollout, String> {
-    let before = Counters::read(hub_url, hub, fleet).await;
+    let mut before = Vec::new();
+    for (_, hub, url) in hubs.alive() {
+        before.push(Counters::read(url, hub).await);
+    }
+    let (fleet_cpu, postgres_cpu) = (cpu_seconds(fleet.pid()), postgres_cpu_seconds());
+    let max_concurrency = plan.max_concurrency;
     say("starting the rollout");
     let ibgu = serde_json::json!({
         "apiVersion": "lcm.openshift.io/v1alpha1", "kind": "ImageBasedGroupUpgrade",
@@ -420,10 +544,12 @@ async fn rollout(
     let peak_rss = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (peak, stop, pid) = (peak_rss.clone(), stop.clone(), hub.pid());
+        let (peak, stop) = (peak_rss.clone(), stop.clone());
+        let pids: Vec<i32> = hubs.alive().map(|(_, h, _)| h.pid()).collect();
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
-                peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
+                let most = pids.iter().map(|&p| rss_kib(p)).max().unwrap_or(0);
+                peak.fetch_max(most, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -435,7 +561,7 @@ async fn rollout(
         .timeout(Duration::from_secs(120))
         .build()
         .map_err(|e| e.to_string())?
-        .post(format!("{hub_url}/v1/rollouts"))
+        .post(format!("{}/v1/rollouts", hubs.first_alive()))
         .bearer_auth(ADMIN)
         .json(&ibgu)
         .send()
@@ -448,8 +574,12 @@ async fn rollout(
             res.text().await.unwrap_or_default()
         ));
     }
+    let mut killed = None;
     loop {
         watch.check()?;
+        if let (Some(after), None) = (plan.kill_hub_after, killed) {
+            killed = kill_driver(pool, hubs, started, after).await?;
+        }
         let phase: String = sqlx::query_scalar("SELECT phase FROM rollouts WHERE name = 'bench'")
             .fetch_one(pool)
             .await
@@ -468,8 +598,9 @@ async fn rollout(
     let machine = split(machine_before);
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.await;
-    let peak_rss_mib = peak_rss.load(Ordering::SeqCst).max(hwm_kib(hub.pid())) as f64 / 1024.0;
-    let after = Counters::read(hub_url, hub, fleet).await;
+    let hwm = hubs.alive().map(|(_, h, _)| hwm_kib(h.pid())).max();
+    let peak_rss_mib = peak_rss.load(Ordering::SeqCst).max(hwm.unwrap_or(0)) as f64 / 1024.0;
+    let moved = Counters::moved(hubs, &before).await;
     let transitions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM history WHERE rollout_name = 'bench'")
             .fetch_one(pool)
@@ -480,13 +611,23 @@ async fn rollout(
             .fetch_one(pool)
             .await
             .map_err(|e| e.to_string())?;
-    let metrics = crate::probe::get(&format!("{hub_url}/metrics"))
-        .await
-        .map_err(|e| e.to_string())?
-        .text()
-        .await
-        .unwrap_or_default();
-    let max = gauge(&metrics, "fleet_hub_decision_latency_max_seconds");
+    // The replicas' metrics one after the other: their histograms add up.
+    let mut metrics = String::new();
+    let mut max: Option<f64> = None;
+    for (_, _, url) in hubs.alive() {
+        let text = crate::probe::get(&format!("{url}/metrics"))
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .unwrap_or_default();
+        let most = gauge(&text, "fleet_hub_decision_latency_max_seconds");
+        max = match (max, most) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        metrics.push_str(&text);
+    }
     // Interpolating inside a wide bucket can overshoot: no quantile exceeds the maximum seen.
     let capped = |q: f64| {
         quantile(&metrics, "fleet_hub_decision_latency_seconds", q)
@@ -498,14 +639,51 @@ async fn rollout(
         machine,
         latency: [capped(0.5), capped(0.99), max],
         peak_rss_mib,
-        hub_cpu: after.hub_cpu - before.hub_cpu,
-        fleet_cpu: after.fleet_cpu - before.fleet_cpu,
-        postgres_cpu: after.postgres_cpu - before.postgres_cpu,
-        passes: after.passes - before.passes,
-        pass_seconds: after.pass_seconds - before.pass_seconds,
-        http_requests: after.http - before.http,
-        pushes: after.pushes - before.pushes,
+        hub_cpu: moved.cpu,
+        fleet_cpu: cpu_seconds(fleet.pid()) - fleet_cpu,
+        // Backends of a killed replica take their CPU time with them: never below zero.
+        postgres_cpu: (postgres_cpu_seconds() - postgres_cpu).max(0.0),
+        passes: moved.passes,
+        pass_seconds: moved.pass_seconds,
+        http_requests: moved.http,
+        pushes: moved.pushes,
         summary,
+        killed,
+    })
+}
+
+/// Whether the replicas lost or repeated anything: from the history (each cluster completes
+/// each of the three actions once, each start and completion is recorded once) and from the
+/// spokes (each changes stage three times; a stage asked for again is not a change).
+async fn replica_figures(
+    pool: &PgPool,
+    clusters: u32,
+    fleet_url: &str,
+    measured: &Rollout,
+) -> Result<crate::report::Replicas, String> {
+    let (gap, completed, repeated): (Option<f64>, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT EXTRACT(EPOCH FROM max(gap))::float8 FROM
+                   (SELECT time - lag(time) OVER (ORDER BY time, id) AS gap
+                    FROM history WHERE rollout_name = 'bench') g),
+                (SELECT count(DISTINCT (cluster, action)) FROM history
+                 WHERE rollout_name = 'bench' AND event = 'ActionCompleted'),
+                (SELECT count(*) - count(DISTINCT (cluster, step, action, event)) FROM history
+                 WHERE rollout_name = 'bench' AND event IN ('ActionStarted', 'ActionCompleted'))",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    let expected = i64::from(clusters) * 3;
+    let changed = hub_counter(fleet_url, "spoke_transitions_total{result=\"accepted\"}").await;
+    let asked_again = hub_counter(fleet_url, "spoke_transitions_total{result=\"unchanged\"}").await;
+    Ok(crate::report::Replicas {
+        hubs: 0,
+        killed: measured.killed,
+        longest_gap: gap.unwrap_or(0.0),
+        lost: expected - completed,
+        repeated_in_history: repeated,
+        repeated_at_spokes: (changed as i64 - expected).max(0),
+        asked_again: asked_again as i64,
     })
 }
 

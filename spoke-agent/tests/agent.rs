@@ -651,3 +651,23 @@ async fn with_two_hub_urls_the_agent_moves_on_when_one_stops_answering() {
         "registered once"
     );
 }
+
+/// A stage asked for again is counted as unchanged, not as a transition: what a hub that took
+/// over sends again is told apart from a stage run twice.
+#[tokio::test]
+async fn a_stage_asked_for_again_is_no_transition() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = AgentMetrics::new().unwrap();
+    let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
+    let prep = json!({"spec": {"stage": "Prep", "seedImageRef": {"version": "4.16.0", "image": "quay.io/seed:4.16.0"}}});
+    agent.patch(&prep).await.unwrap();
+    agent.patch(&prep).await.unwrap();
+    let text = metrics.render();
+    for line in [
+        "spoke_transitions_total{result=\"accepted\"} 1",
+        "spoke_transitions_total{result=\"unchanged\"} 1",
+        "spoke_transitions_total{result=\"refused\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+}

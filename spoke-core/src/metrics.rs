@@ -31,7 +31,7 @@ impl AgentMetrics {
         let transitions = IntCounterVec::new(
             Opts::new(
                 "spoke_transitions_total",
-                "Stage requests to the local API, by result (accepted, refused)",
+                "Stage requests to the local API, by result (accepted: the stage changed; unchanged: it was the stage asked for already; refused)",
             ),
             &["result"],
         )?;
@@ -77,7 +77,7 @@ impl AgentMetrics {
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(stage_duration.clone()))?;
         registry.register(Box::new(phase_duration.clone()))?;
-        for result in ["accepted", "refused"] {
+        for result in ["accepted", "unchanged", "refused"] {
             transitions.with_label_values(&[result]);
         }
         for result in ["sent", "failed"] {

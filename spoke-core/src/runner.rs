@@ -141,7 +141,11 @@ impl<H: Host> Agent<H> {
             .save_state(&Root::Booted, &next)
             .await
             .map_err(|e| Error::internal("saving the IBU failed; nothing changed", e))?;
-        self.metrics.transition("accepted");
+        // A stage asked for again (a hub that took over sends what its predecessor may have
+        // sent) is no transition.
+        let moved = next.ibu.spec.stage != guard.ibu.spec.stage;
+        self.metrics
+            .transition(if moved { "accepted" } else { "unchanged" });
         self.metrics.observe_change(Some(&guard), &next);
         self.record(&guard, &next);
         *guard = next.clone();

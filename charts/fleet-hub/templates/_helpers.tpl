@@ -39,6 +39,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or .Values.database.url .Values.database.existingSecret -}}true{{- end -}}
 {{- end -}}
 
+{{/* Hub replicas: replicaCount, else 2 with an external database and 1 with the private one. */}}
+{{- define "fleet-hub.replicas" -}}
+{{- if not (kindIs "invalid" .Values.replicaCount) -}}
+{{- int .Values.replicaCount -}}
+{{- else if include "fleet-hub.externalDatabase" . -}}
+2
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
 {{/* The Secret holding the hub's serving certificate; empty with tls.enabled false. */}}
 {{- define "fleet-hub.tlsSecret" -}}
 {{- if .Values.tls.existingSecret -}}

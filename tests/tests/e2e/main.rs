@@ -7,6 +7,7 @@ mod kube;
 mod lca;
 mod observability;
 mod ostree;
+mod replicas;
 mod rollout;
 mod spoke;
 mod spoke_kube;
