@@ -52,7 +52,8 @@ pub struct Replicas {
     pub hubs: u32,
     /// When the driving replica was killed (seconds into the rollout), and which one.
     pub killed: Option<(f64, usize)>,
-    /// The longest time between two transitions (history rows) of the rollout, in seconds.
+    /// The longest time without a new transition (history row) during the rollout, in
+    /// seconds, as the bench saw it polling (every 50 ms and a query).
     pub longest_gap: f64,
     /// Cluster actions never completed.
     pub lost: i64,

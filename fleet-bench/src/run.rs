@@ -448,6 +448,8 @@ struct Rollout {
     summary: serde_json::Value,
     /// When the driving replica was killed (seconds into the rollout), and which.
     killed: Option<(f64, usize)>,
+    /// The longest time without a new transition, in seconds.
+    longest_gap: f64,
 }
 
 /// How the rollout is run.
@@ -575,10 +577,21 @@ async fn rollout(
         ));
     }
     let mut killed = None;
+    // The longest stretch without a new transition (history row), seen every poll: the
+    // rows' own times are whole seconds.
+    let (mut newest, mut changed, mut longest_gap) = (None, Instant::now(), Duration::ZERO);
     loop {
         watch.check()?;
         if let (Some(after), None) = (plan.kill_hub_after, killed) {
             killed = kill_driver(pool, hubs, started, after).await?;
+        }
+        let row: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM history")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if row != newest {
+            longest_gap = longest_gap.max(changed.elapsed());
+            (newest, changed) = (row, Instant::now());
         }
         let phase: String = sqlx::query_scalar("SELECT phase FROM rollouts WHERE name = 'bench'")
             .fetch_one(pool)
@@ -649,6 +662,7 @@ async fn rollout(
         pushes: moved.pushes,
         summary,
         killed,
+        longest_gap: longest_gap.as_secs_f64(),
     })
 }
 
@@ -661,11 +675,8 @@ async fn replica_figures(
     fleet_url: &str,
     measured: &Rollout,
 ) -> Result<crate::report::Replicas, String> {
-    let (gap, completed, repeated): (Option<f64>, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT EXTRACT(EPOCH FROM max(gap))::float8 FROM
-                   (SELECT time - lag(time) OVER (ORDER BY time, id) AS gap
-                    FROM history WHERE rollout_name = 'bench') g),
-                (SELECT count(DISTINCT (cluster, action)) FROM history
+    let (completed, repeated): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(DISTINCT (cluster, action)) FROM history
                  WHERE rollout_name = 'bench' AND event = 'ActionCompleted'),
                 (SELECT count(*) - count(DISTINCT (cluster, step, action, event)) FROM history
                  WHERE rollout_name = 'bench' AND event IN ('ActionStarted', 'ActionCompleted'))",
@@ -679,7 +690,7 @@ async fn replica_figures(
     Ok(crate::report::Replicas {
         hubs: 0,
         killed: measured.killed,
-        longest_gap: gap.unwrap_or(0.0),
+        longest_gap: measured.longest_gap,
         lost: expected - completed,
         repeated_in_history: repeated,
         repeated_at_spokes: (changed as i64 - expected).max(0),

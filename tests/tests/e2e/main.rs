@@ -7,7 +7,6 @@ mod kube;
 mod lca;
 mod observability;
 mod ostree;
-mod replicas;
 mod rollout;
 mod spoke;
 mod spoke_kube;
