@@ -144,6 +144,21 @@ async fn start_test_hub(hub: Arc<TestHub>) -> String {
     hub_url
 }
 
+/// The link of an agent that registers with the join token `join-me` at these hub URLs.
+fn test_link(hub_urls: Vec<String>) -> HubLink {
+    HubLink {
+        hub_urls,
+        current: Default::default(),
+        join_token: "join-me".into(),
+        endpoint: "http://127.0.0.1:1/".into(),
+        labels: BTreeMap::new(),
+        agent_id: "run-1".into(),
+        client: HubLink::client(),
+        certificate: None,
+        requests: None,
+    }
+}
+
 /// An agent on a simulated node, running.
 async fn start_agent(
     dir: &std::path::Path,
@@ -169,17 +184,7 @@ async fn the_credential_is_renewed_at_two_thirds_of_its_life() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
-    let link = HubLink {
-        hub_urls: vec![hub_url],
-        current: Default::default(),
-        join_token: "join-me".into(),
-        endpoint: "http://127.0.0.1:1/".into(),
-        labels: BTreeMap::new(),
-        agent_id: "run-1".into(),
-        client: HubLink::client(),
-        certificate: None,
-        requests: None,
-    };
+    let link = test_link(vec![hub_url]);
     let registered = Instant::now();
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
     wait_until("the first renewal", || async {
@@ -236,15 +241,8 @@ async fn registers_reports_every_change_and_catches_up_after_the_hub_returns() {
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), config, &metrics).await;
     let link = HubLink {
-        hub_urls: vec![hub_url],
-        current: Default::default(),
-        join_token: "join-me".into(),
-        endpoint: "http://127.0.0.1:1/".into(),
         labels: BTreeMap::from([("site".to_string(), "edge-1".to_string())]),
-        agent_id: "run-1".into(),
-        client: HubLink::client(),
-        certificate: None,
-        requests: None,
+        ..test_link(vec![hub_url])
     };
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
 
@@ -361,17 +359,7 @@ async fn the_old_stateroots_copy_never_leaves_the_node_before_the_reboot() {
     };
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), config, &metrics).await;
-    let link = HubLink {
-        hub_urls: vec![hub_url],
-        current: Default::default(),
-        join_token: "join-me".into(),
-        endpoint: "http://127.0.0.1:1/".into(),
-        labels: BTreeMap::new(),
-        agent_id: "run-1".into(),
-        client: HubLink::client(),
-        certificate: None,
-        requests: None,
-    };
+    let link = test_link(vec![hub_url]);
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
     // An observer that looks at the agent's state at every change.
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -523,15 +511,11 @@ async fn agents_sharing_a_bound_take_turns_at_the_hub() {
             .unwrap();
         tokio::spawn(agent.clone().run());
         let link = HubLink {
-            hub_urls: vec![hub_url.clone()],
-            current: Default::default(),
-            join_token: "join-me".into(),
             endpoint: format!("http://127.0.0.1:1/clusters/sno{i}"),
-            labels: BTreeMap::new(),
             agent_id: format!("run-{i}"),
             client: client.clone(),
-            certificate: None,
             requests: Some(turns.clone()),
+            ..test_link(vec![hub_url.clone()])
         };
         tokio::spawn(report::run(agent, link, metrics.clone()));
         dirs.push(dir);
@@ -593,17 +577,7 @@ async fn with_two_hub_urls_the_agent_moves_on_when_one_stops_answering() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = AgentMetrics::new().unwrap();
     let agent = start_agent(dir.path(), SimConfig::default(), &metrics).await;
-    let link = HubLink {
-        hub_urls: vec![a.url.clone(), b.url.clone()],
-        current: Default::default(),
-        join_token: "join-me".into(),
-        endpoint: "http://127.0.0.1:1/".into(),
-        labels: BTreeMap::new(),
-        agent_id: "run-1".into(),
-        client: HubLink::client(),
-        certificate: None,
-        requests: None,
-    };
+    let link = test_link(vec![a.url.clone(), b.url.clone()]);
     let current = link.current.clone();
     tokio::spawn(report::run(agent.clone(), link, metrics.clone()));
     // The first is down from the start: registration and the first report go to the second.

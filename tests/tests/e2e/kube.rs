@@ -59,13 +59,7 @@ fn completed(ibgu: &Value, generation: i64) -> bool {
 
 #[tokio::test]
 async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
-    let rbac =
-        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
-    let kube = FakeKube::start(
-        &[hub::crd::ibgu(), hub::crd::ibu()],
-        Some(cluster_role_rules(&rbac)),
-    )
-    .await;
+    let kube = hub_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
     let (hub_port, fleet_port) = (free_port(), free_port());
@@ -84,27 +78,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
     kube.seed("api/v1", "configmaps", oadp_configmap("ztp", "oadp-cm"));
     let db = TestDb::empty().await;
     let hub_log = ChildLog::new(dir.path(), "fleet-hub");
-    let _hub = ChildGuard(
-        Command::new(binary("fleet-hub"))
-            .args([
-                "serve",
-                "--kube",
-                "--kube-qps",
-                "50",
-                "--lease-namespace",
-                "fleet",
-            ])
-            .args(["--admin-token", ADMIN, "--join-token", JOIN])
-            .args(["--listen", &format!("127.0.0.1:{hub_port}")])
-            .args(["--database-url", &db.url()])
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("POD_NAME", "fleet-hub-0")
-            .stdout(Stdio::null())
-            .stderr(hub_log.stdio())
-            .spawn()
-            .expect("fleet-hub starts"),
-    );
+    let _hub = kube_hub("fleet-hub-0", hub_port, &db.url(), &kubeconfig, &hub_log);
     let _fleet = ChildGuard(
         Command::new(binary("spoke-agent"))
             .args([
@@ -216,23 +190,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
         clusters.iter().all(|c| c["failedActions"].is_null()),
         "every cluster upgraded: {done}"
     );
-    wait_for(
-        "the ibgu labels on the ManagedClusters",
-        DEADLINE,
-        || async {
-            let all = kube.list(MC.0, MC.1);
-            all.iter()
-                .all(|mc| {
-                    labels_of(mc)
-                        == vec![
-                            "lcm.openshift.io/ibgu-prep-completed".to_string(),
-                            "lcm.openshift.io/ibgu-upgrade-completed".to_string(),
-                        ]
-                })
-                .then_some(())
-        },
-    )
-    .await;
+    wait_prep_and_upgrade_labels(&kube).await;
     // Events on the IBGU for the step and its batches.
     let events = kube.list("apis/events.k8s.io/v1", "events");
     let reasons: Vec<&str> = events
@@ -451,13 +409,7 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
 #[tokio::test]
 async fn kubernetes_users_get_exactly_what_their_rbac_allows() {
     use fleet_e2e::fake_kube::Rule;
-    let rbac =
-        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
-    let kube = FakeKube::start(
-        &[hub::crd::ibgu(), hub::crd::ibu()],
-        Some(cluster_role_rules(&rbac)),
-    )
-    .await;
+    let kube = hub_api_server().await;
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str], ns: Option<&str>| Rule {
         groups: groups.iter().map(|s| s.to_string()).collect(),
         resources: resources.iter().map(|s| s.to_string()).collect(),
@@ -498,19 +450,7 @@ async fn kubernetes_users_get_exactly_what_their_rbac_allows() {
     let hub = format!("http://127.0.0.1:{port}");
     let db = TestDb::empty().await;
     let log = ChildLog::new(dir.path(), "fleet-hub");
-    let _hub = ChildGuard(
-        Command::new(binary("fleet-hub"))
-            .args(["serve", "--kube", "--lease-namespace", "fleet"])
-            .args(["--admin-token", ADMIN, "--join-token", JOIN])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", &db.url()])
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdout(Stdio::null())
-            .stderr(log.stdio())
-            .spawn()
-            .expect("fleet-hub starts"),
-    );
+    let _hub = kube_hub("fleet-hub-0", port, &db.url(), &kubeconfig, &log);
     let client = reqwest::Client::new();
     let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
         let mut req = client
@@ -643,6 +583,36 @@ async fn kubernetes_users_get_exactly_what_their_rbac_allows() {
     );
 }
 
+/// Waits until every ManagedCluster has the labels of a completed Prep and Upgrade.
+async fn wait_prep_and_upgrade_labels(kube: &FakeKube) {
+    let want = [
+        "lcm.openshift.io/ibgu-prep-completed",
+        "lcm.openshift.io/ibgu-upgrade-completed",
+    ];
+    wait_for(
+        "the ibgu labels on the ManagedClusters",
+        DEADLINE,
+        || async {
+            kube.list(MC.0, MC.1)
+                .iter()
+                .all(|mc| labels_of(mc) == want)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// The fake API server with the IBGU and IBU CRDs, enforcing the hub chart's ClusterRole.
+async fn hub_api_server() -> FakeKube {
+    let rbac =
+        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
+    FakeKube::start(
+        &[hub::crd::ibgu(), hub::crd::ibu()],
+        Some(cluster_role_rules(&rbac)),
+    )
+    .await
+}
+
 /// `fleet-hub serve --kube` as replica `pod` on the shared database and Lease.
 fn kube_hub(pod: &str, port: u16, db_url: &str, kubeconfig: &Path, log: &ChildLog) -> ChildGuard {
     ChildGuard(
@@ -667,13 +637,7 @@ fn kube_hub(pod: &str, port: u16, db_url: &str, kubeconfig: &Path, log: &ChildLo
 /// labels go on, and nothing is lost or done twice.
 #[tokio::test]
 async fn a_killed_leader_is_replaced_and_the_ibgu_completes() {
-    let rbac =
-        std::fs::read_to_string(repo().join("charts/fleet-hub/rbac/clusterrole.yaml")).unwrap();
-    let kube = FakeKube::start(
-        &[hub::crd::ibgu(), hub::crd::ibu()],
-        Some(cluster_role_rules(&rbac)),
-    )
-    .await;
+    let kube = hub_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
     let (ports, fleet_port) = ([free_port(), free_port()], free_port());
@@ -808,19 +772,7 @@ async fn a_killed_leader_is_replaced_and_the_ibgu_completes() {
     })
     .await;
     assert_eq!(completed_actions(&done), 12, "{done}");
-    wait_for("every ManagedCluster labelled", DEADLINE, || async {
-        kube.list(MC.0, MC.1)
-            .iter()
-            .all(|mc| {
-                labels_of(mc)
-                    == vec![
-                        "lcm.openshift.io/ibgu-prep-completed".to_string(),
-                        "lcm.openshift.io/ibgu-upgrade-completed".to_string(),
-                    ]
-            })
-            .then_some(())
-    })
-    .await;
+    wait_prep_and_upgrade_labels(&kube).await;
     let (repeated, taken_over): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE event IN ('ActionStarted', 'ActionCompleted'))
                   - count(DISTINCT (cluster, action, event)) FILTER (WHERE event IN ('ActionStarted', 'ActionCompleted')),
