@@ -127,9 +127,13 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
             let namespace = lease_namespace
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| "default".into());
+            // The Lease's renewals never wait behind the rate limit of the other writes (a
+            // backlog of labels would otherwise cost this replica its Lease).
+            let lease_client = kubernetes::client(config.clone(), &metrics, 5.0, 5)?;
             let client = kubernetes::client(config, &metrics, kube_qps, kube_burst)?;
             let ctx = Arc::new(kubernetes::Context {
                 client,
+                lease_client,
                 pool: db.pool.clone(),
                 engine: engine.clone(),
                 metrics: metrics.clone(),

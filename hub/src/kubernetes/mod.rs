@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 /// What the reconcilers share.
 pub struct Context {
     pub client: kube::Client,
+    /// For the Lease alone: counted, rate-limited apart from the other writes.
+    pub lease_client: kube::Client,
     pub pool: PgPool,
     pub engine: Arc<Engine>,
     pub metrics: Metrics,
@@ -66,7 +68,7 @@ pub fn client(
 /// replica leads.
 pub async fn run(ctx: Arc<Context>, options: Options) {
     let (tx, mut leading) = watch::channel(false);
-    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &options.lease_namespace);
+    let lease_api: Api<Lease> = Api::namespaced(ctx.lease_client.clone(), &options.lease_namespace);
     let lease_task = tokio::spawn(lease::run(
         lease_api.clone(),
         options.lease_name.clone(),
@@ -101,7 +103,7 @@ impl Drop for AbortOnDrop {
 pub async fn stop(task: tokio::task::JoinHandle<()>, ctx: &Context, options: &Options) {
     task.abort();
     let _ = task.await;
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &options.lease_namespace);
+    let api: Api<Lease> = Api::namespaced(ctx.lease_client.clone(), &options.lease_namespace);
     lease::release(&api, &options.lease_name, &ctx.identity).await;
 }
 

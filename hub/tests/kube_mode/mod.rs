@@ -74,6 +74,7 @@ async fn setup() -> (Arc<Context>, Verifier, TestDb) {
     let client = kube::Client::new(service, "default");
     let metrics = Metrics::new().unwrap();
     let ctx = Arc::new(Context {
+        lease_client: client.clone(),
         client,
         pool: db.pool.clone(),
         engine: Engine::new(db.pool.clone(), Arc::new(SystemClock), metrics.clone()),

@@ -795,3 +795,50 @@ async fn wait_http(url: &str) {
     })
     .await;
 }
+
+/// The Lease is renewed every second however tight the rate limit of the other Kubernetes
+/// writes (here one write per five seconds): a backlog of labels never costs the leader its
+/// Lease.
+#[tokio::test]
+async fn the_lease_is_renewed_every_second_whatever_the_write_rate_limit() {
+    let kube = hub_api_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let db = TestDb::empty().await;
+    let log = ChildLog::new(dir.path(), "fleet-hub");
+    let port = free_port();
+    let mut cmd = Command::new(binary("fleet-hub"));
+    cmd.args(["serve", "--kube", "--kube-qps", "0.2", "--kube-burst", "1"])
+        .args(["--lease-namespace", "fleet"])
+        .args(["--admin-token", ADMIN, "--join-token", JOIN])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--database-url", &db.url()])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAME", "fleet-hub-0")
+        .stdout(Stdio::null())
+        .stderr(log.stdio());
+    let _hub = ChildGuard(cmd.spawn().expect("fleet-hub starts"));
+    let renewed = || {
+        kube.get(
+            "apis/coordination.k8s.io/v1",
+            "leases",
+            "fleet",
+            "fleet-hub",
+        )
+        .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string))
+    };
+    let first = wait_for("the Lease taken", DEADLINE, || async { renewed() }).await;
+    // Four renewals after the first: at one write per five seconds that would take 20 s.
+    let mut seen = vec![first];
+    wait_for("four renewals", Duration::from_secs(12), || {
+        if let Some(t) = renewed()
+            && seen.last() != Some(&t)
+        {
+            seen.push(t);
+        }
+        let done = seen.len() >= 5;
+        async move { done.then_some(()) }
+    })
+    .await;
+}
