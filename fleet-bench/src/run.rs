@@ -77,7 +77,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         kill_hub_after,
     };
     let measured = rollout(&watch, &db.pool, &mut hubs, &fleet, plan).await?;
-    let replicas_figures = replica_figures(&db.pool, clusters, &fleet_url, &measured).await?;
+    let replicas_figures =
+        replica_figures(&db.pool, (clusters, replicas), &fleet_url, &measured).await?;
     let history_query = history_query_seconds(hubs.first_alive()).await?;
 
     // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
@@ -122,10 +123,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         summary: measured.summary,
         history_query,
         registration,
-        replicas: crate::report::Replicas {
-            hubs: replicas,
-            ..replicas_figures
-        },
+        replicas: replicas_figures,
     };
     println!(
         "{}",
@@ -671,7 +669,7 @@ async fn rollout(
 /// spokes (each changes stage three times; a stage asked for again is not a change).
 async fn replica_figures(
     pool: &PgPool,
-    clusters: u32,
+    (clusters, hubs): (u32, u32),
     fleet_url: &str,
     measured: &Rollout,
 ) -> Result<crate::report::Replicas, String> {
@@ -688,7 +686,7 @@ async fn replica_figures(
     let changed = hub_counter(fleet_url, "spoke_transitions_total{result=\"accepted\"}").await;
     let asked_again = hub_counter(fleet_url, "spoke_transitions_total{result=\"unchanged\"}").await;
     Ok(crate::report::Replicas {
-        hubs: 0,
+        hubs,
         killed: measured.killed,
         longest_gap: measured.longest_gap,
         lost: expected - completed,

@@ -19,6 +19,7 @@ use spoke_core::metrics::AgentMetrics;
 use spoke_core::report::HubLink;
 use spoke_sim::{Fault, SimConfig};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 use crate::cli::DemoArgs;
 use crate::db::Database;
@@ -48,25 +49,6 @@ const JOIN_TOKEN_LEN: usize = 32;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How often the live view redraws.
 const REFRESH: Duration = Duration::from_millis(400);
-
-/// Tasks aborted when the demo ends, however it ends: nothing it started outlives it.
-#[derive(Default)]
-struct Tasks(Vec<tokio::task::AbortHandle>);
-
-impl Tasks {
-    fn spawn<F>(&mut self, f: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.0.push(tokio::spawn(f).abort_handle());
-    }
-}
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        self.0.iter().for_each(|t| t.abort());
-    }
-}
 
 pub async fn run(mut args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
     if args.clusters == 0 {
@@ -115,8 +97,8 @@ pub async fn run(mut args: DemoArgs, shutdown: Shutdown) -> Result<(), Error> {
 }
 
 /// Runs the demo to its summary; answers the tasks that serve the hub and the fleet (they
-/// stop when the value is dropped).
-async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
+/// stop when the set is dropped: nothing the demo started outlives it).
+async fn demo(db: &Database, args: DemoArgs) -> Result<JoinSet<()>, Error> {
     let DemoArgs {
         clusters,
         database_url: _,
@@ -136,7 +118,7 @@ async fn demo(db: &Database, args: DemoArgs) -> Result<Tasks, Error> {
     } else {
         println!("  database   {}", db.url);
     }
-    let mut tasks = Tasks::default();
+    let mut tasks = JoinSet::new();
 
     // The hub: engine and REST API.
     let metrics = Metrics::new()?;

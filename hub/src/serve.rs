@@ -121,9 +121,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Error> {
     };
     let kube_task = match kube_config {
         Some(config) => {
-            let identity = std::env::var("POD_NAME")
-                .or_else(|_| std::env::var("HOSTNAME"))
-                .unwrap_or_else(|_| format!("fleet-hub-{}", uuid::Uuid::new_v4().simple()));
+            let identity = crate::engine::replica_name();
             let namespace = lease_namespace
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| "default".into());

@@ -187,16 +187,17 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
             continue;
         }
         let serving = link.certificate.as_ref().map(|c| c.fingerprint());
-        let (at, _) = link.hub();
+        // The hub this round talks to: a failure moves on from this one.
+        let (at, hub) = link.hub();
         let result = match agent.session().credential() {
-            None => register(&*agent, &link, &link.join_token, &serving).await,
+            None => register(&*agent, &link, hub, &link.join_token, &serving).await,
             // A renewed certificate: registered again, as the cluster, so that the hub
             // pins it before it pushes again.
             Some(credential) if serving.is_some() && serving != pinned => {
-                register(&*agent, &link, &credential, &serving).await
+                register(&*agent, &link, hub, &credential, &serving).await
             }
             Some(credential) if renew_at.is_some_and(|t| tokio::time::Instant::now() >= t) => {
-                renew(&*agent, &link, &credential).await
+                renew(&*agent, &link, hub, &credential).await
             }
             Some(credential) if owed => {
                 changes.borrow_and_update();
@@ -303,9 +304,14 @@ async fn turn(link: &HubLink) -> Option<tokio::sync::OwnedSemaphorePermit> {
 }
 
 /// Trades the credential for a new one; the hub refuses the old one from then on.
-async fn renew<S: Spoke>(agent: &S, link: &HubLink, credential: &str) -> Result<Done, Failure> {
+async fn renew<S: Spoke>(
+    agent: &S,
+    link: &HubLink,
+    hub: &str,
+    credential: &str,
+) -> Result<Done, Failure> {
     let _turn = turn(link).await;
-    let url = format!("{}/v1/clusters/{}/credential", link.hub().1, agent.name());
+    let url = format!("{hub}/v1/clusters/{}/credential", agent.name());
     let res = link
         .client
         .post(&url)
@@ -332,11 +338,11 @@ async fn renew<S: Spoke>(agent: &S, link: &HubLink, credential: &str) -> Result<
 async fn register<S: Spoke>(
     agent: &S,
     link: &HubLink,
+    hub: &str,
     bearer: &str,
     certificate: &Option<String>,
 ) -> Result<Done, Failure> {
     let _turn = turn(link).await;
-    let hub = link.hub().1;
     let url = format!("{hub}/v1/clusters/register");
     let body = RegisterRequest {
         name: agent.name().to_string(),

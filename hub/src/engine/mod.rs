@@ -63,9 +63,10 @@ pub struct Engine {
     peer_wake: Notify,
 }
 
-/// The host's name (the pod's, in Kubernetes) and a token of this process.
-fn replica_identity() -> String {
-    let host = std::env::var("POD_NAME")
+/// This replica's name: the pod's in Kubernetes, else the host's (the Lease's holder, and
+/// the first part of the engine's identity).
+pub fn replica_name() -> String {
+    std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
         .filter(|h| !h.is_empty())
@@ -74,9 +75,13 @@ fn replica_identity() -> String {
                 .ok()
                 .map(|h| h.trim().to_string())
         })
-        .unwrap_or_else(|| "fleet-hub".into());
+        .unwrap_or_else(|| "fleet-hub".into())
+}
+
+/// The replica's name and a token of this process.
+fn replica_identity() -> String {
     let token = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}/{}", &token[..8])
+    format!("{}/{}", replica_name(), &token[..8])
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,11 +119,12 @@ impl Engine {
     }
 
     /// Starts the wakes to and from the other replicas; they stop when the answer is dropped.
-    pub fn talk_to_peers(self: &Arc<Self>) -> PeerTasks {
-        PeerTasks([
-            tokio::spawn(self.clone().listen_to_peers()),
-            tokio::spawn(self.clone().wake_peers()),
-        ])
+    #[must_use]
+    pub fn talk_to_peers(self: &Arc<Self>) -> tokio::task::JoinSet<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().listen_to_peers());
+        tasks.spawn(self.clone().wake_peers());
+        tasks
     }
 
     /// Runs passes until the task is dropped, with the wakes to and from other replicas.
@@ -169,15 +175,20 @@ impl Engine {
     async fn wake_peers(self: Arc<Self>) {
         loop {
             self.peer_wake.notified().await;
-            let sent = sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(WAKE_CHANNEL)
-                .bind(&self.identity)
-                .execute(&self.pool)
-                .await;
-            if let Err(err) = sent {
-                tracing::debug!(%err, "waking the other replicas failed");
-            }
+            self.notify_peers().await;
             tokio::time::sleep(PEER_WAKE_SPACING).await;
+        }
+    }
+
+    /// One wake to every replica listening (this one ignores its own).
+    async fn notify_peers(&self) {
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(WAKE_CHANNEL)
+            .bind(&self.identity)
+            .execute(&self.pool)
+            .await;
+        if let Err(err) = sent {
+            tracing::debug!(%err, "waking the other replicas failed");
         }
     }
 
@@ -188,10 +199,7 @@ impl Engine {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(rollouts = n, "let go of the rollouts this replica drove");
-                let _ = sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(WAKE_CHANNEL)
-                    .execute(&self.pool)
-                    .await;
+                self.notify_peers().await;
             }
             Err(err) => tracing::warn!(%err, "letting go of the rollouts failed"),
         }
@@ -256,15 +264,5 @@ impl Engine {
                 self.metrics.decision_latency_max.set(latency);
             }
         }
-    }
-}
-
-/// The tasks that wake other replicas and are woken by them; aborted when dropped.
-#[must_use]
-pub struct PeerTasks([tokio::task::JoinHandle<()>; 2]);
-
-impl Drop for PeerTasks {
-    fn drop(&mut self) {
-        self.0.iter().for_each(|t| t.abort());
     }
 }

@@ -69,15 +69,15 @@ pub fn client(
 pub async fn run(ctx: Arc<Context>, options: Options) {
     let (tx, mut leading) = watch::channel(false);
     let lease_api: Api<Lease> = Api::namespaced(ctx.lease_client.clone(), &options.lease_namespace);
-    let lease_task = tokio::spawn(lease::run(
-        lease_api.clone(),
+    // Dropped (the hub stops): the Lease is no longer renewed (`stop` lets it go).
+    let mut renewing = tokio::task::JoinSet::new();
+    renewing.spawn(lease::run(
+        lease_api,
         options.lease_name.clone(),
         ctx.identity.clone(),
         ctx.clock.clone(),
         tx,
     ));
-    // Dropped (the hub stops): the Lease is no longer renewed (`stop` lets it go).
-    let _renewing = AbortOnDrop(lease_task);
     loop {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
@@ -87,14 +87,6 @@ pub async fn run(ctx: Arc<Context>, options: Options) {
         let _ = leading.wait_for(|l| !*l).await;
         tracing::warn!(identity = %ctx.identity, "no longer leading: Kubernetes writes stop");
         work.abort();
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

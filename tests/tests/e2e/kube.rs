@@ -613,11 +613,22 @@ async fn hub_api_server() -> FakeKube {
     .await
 }
 
-/// `fleet-hub serve --kube` as replica `pod` on the shared database and Lease.
+/// `fleet-hub serve --kube` as replica `pod` on the shared database and Lease, its
+/// Kubernetes writes limited to 50 a second.
 fn kube_hub(pod: &str, port: u16, db_url: &str, kubeconfig: &Path, log: &ChildLog) -> ChildGuard {
+    kube_hub_limited(pod, port, (db_url, kubeconfig, log), ("50", "40"))
+}
+
+/// The same, with the writes limited to `qps` a second (bursts of `burst`).
+fn kube_hub_limited(
+    pod: &str,
+    port: u16,
+    (db_url, kubeconfig, log): (&str, &Path, &ChildLog),
+    (qps, burst): (&str, &str),
+) -> ChildGuard {
     ChildGuard(
         Command::new(binary("fleet-hub"))
-            .args(["serve", "--kube", "--kube-qps", "50"])
+            .args(["serve", "--kube", "--kube-qps", qps, "--kube-burst", burst])
             .args(["--lease-namespace", "fleet"])
             .args(["--admin-token", ADMIN, "--join-token", JOIN])
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -806,19 +817,12 @@ async fn the_lease_is_renewed_every_second_whatever_the_write_rate_limit() {
     let kubeconfig = kube.write_kubeconfig(dir.path());
     let db = TestDb::empty().await;
     let log = ChildLog::new(dir.path(), "fleet-hub");
-    let port = free_port();
-    let mut cmd = Command::new(binary("fleet-hub"));
-    cmd.args(["serve", "--kube", "--kube-qps", "0.2", "--kube-burst", "1"])
-        .args(["--lease-namespace", "fleet"])
-        .args(["--admin-token", ADMIN, "--join-token", JOIN])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", &db.url()])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("POD_NAME", "fleet-hub-0")
-        .stdout(Stdio::null())
-        .stderr(log.stdio());
-    let _hub = ChildGuard(cmd.spawn().expect("fleet-hub starts"));
+    let _hub = kube_hub_limited(
+        "fleet-hub-0",
+        free_port(),
+        (&db.url(), &kubeconfig, &log),
+        ("0.2", "1"),
+    );
     let renewed = || {
         kube.get(
             "apis/coordination.k8s.io/v1",
