@@ -1,16 +1,14 @@
-//! Spoke reports are stored in groups: every report waiting when the writer is free goes into
-//! one statement and one commit, and each sender gets its answer only once that commit is
-//! durable. At fleet scale this is the difference between one fsync per report and one per
-//! group, with nothing acknowledged that could be lost. The same statement checks each
+//! Spoke reports are stored in groups (see [`crate::grouped`]): one statement and one commit
+//! per group, each sender answered once it is durable. The same statement checks each
 //! report's credential against the cluster's, so a report costs no query of its own.
 
 use std::sync::{Arc, Mutex};
 
 use fleet_types::ibu::ImageBasedUpgrade;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::grouped::{Grouped, WriteGroup, each};
 use crate::store::{Incoming, ReportCache, ReportId, Stored, report_write_group};
 
 /// Most reports stored by one statement.
@@ -22,15 +20,15 @@ const QUEUE: usize = 10_000;
 /// storm, say) do not pile up. Beyond it they are all dropped, and read from Postgres.
 const FRESH_KEPT: usize = 4096;
 
+/// A report to store, and the same as its handler parsed it.
 struct Pending {
     report: Incoming,
     parsed: Arc<ImageBasedUpgrade>,
-    reply: oneshot::Sender<Result<Stored, Error>>,
 }
 
 #[derive(Clone)]
 pub struct ReportWriter {
-    tx: mpsc::Sender<Pending>,
+    writer: Grouped<Groups>,
     /// Reports just stored, as their handlers parsed them: the engine's next pass takes them
     /// instead of reading and parsing the same JSON back from Postgres. Only a saving: a row
     /// that holds another report by then is read as before.
@@ -39,10 +37,13 @@ pub struct ReportWriter {
 
 impl ReportWriter {
     pub fn start(pool: PgPool) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
         let fresh = Arc::new(Mutex::new(ReportCache::new()));
-        tokio::spawn(write_loop(pool, rx, fresh.clone()));
-        ReportWriter { tx, fresh }
+        let groups = Groups {
+            pool,
+            fresh: fresh.clone(),
+        };
+        let writer = Grouped::start(groups, MAX_GROUP, QUEUE, "the report writer");
+        ReportWriter { writer, fresh }
     }
 
     /// Takes the just stored reports of these clusters, kept for the engine.
@@ -67,7 +68,6 @@ impl ReportWriter {
         ibu: ImageBasedUpgrade,
         text: String,
     ) -> Result<Stored, Error> {
-        let (reply, answer) = oneshot::channel();
         let pending = Pending {
             report: Incoming {
                 cluster: cluster.to_string(),
@@ -77,45 +77,40 @@ impl ReportWriter {
                 ibu: text,
             },
             parsed: Arc::new(ibu),
-            reply,
         };
-        let stopped = || Error::Internal("the report writer stopped".into());
-        self.tx.send(pending).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.writer.submit(pending).await
     }
 }
 
-async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, fresh: Arc<Mutex<ReportCache>>) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let mut reports = Vec::with_capacity(group.len());
-        let mut rest = Vec::with_capacity(group.len());
-        for p in group.drain(..) {
-            reports.push(p.report);
-            rest.push((p.parsed, p.reply));
-        }
-        let result = report_write_group(&pool, &reports).await;
+struct Groups {
+    pool: PgPool,
+    fresh: Arc<Mutex<ReportCache>>,
+}
+
+impl WriteGroup for Groups {
+    type Item = Pending;
+    type Outcome = Stored;
+
+    async fn write(&mut self, group: Vec<Pending>) -> Vec<Result<Stored, Error>> {
+        let group_len = group.len();
+        let (reports, parsed): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|p| (p.report, p.parsed)).unzip();
+        let result = report_write_group(&self.pool, &reports).await;
         if let Ok(outcomes) = &result {
-            let mut kept = fresh.lock().unwrap_or_else(|p| p.into_inner());
+            let mut kept = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
             if kept.len() + outcomes.len() > FRESH_KEPT {
                 kept.clear();
             }
-            for (outcome, (report, (parsed, _))) in outcomes.iter().zip(reports.iter().zip(&rest)) {
+            for ((outcome, report), parsed) in outcomes.iter().zip(reports).zip(parsed) {
                 if *outcome == Stored::Yes {
                     let id = ReportId {
-                        agent: report.agent_id.clone(),
+                        agent: report.agent_id,
                         seq: report.sequence,
                     };
-                    kept.insert(report.cluster.clone(), (id, parsed.clone()));
+                    kept.insert(report.cluster, (id, parsed));
                 }
             }
         }
-        for (i, (_, reply)) in rest.into_iter().enumerate() {
-            let answer = match &result {
-                Ok(outcomes) => Ok(outcomes.get(i).copied().unwrap_or(Stored::Stale)),
-                Err(e) => Err(e.clone()),
-            };
-            let _ = reply.send(answer);
-        }
+        each(group_len, result)
     }
 }

@@ -967,6 +967,107 @@ async fn a_group_of_reports_is_checked_and_answered_report_by_report() {
     assert_eq!(stored, serde_json::json!({"twin": yes[0] + 1}));
 }
 
+/// Registrations that arrive together are written together, each with its audit entry in
+/// the same transaction: a name twice in one group is registered twice in order, and a value
+/// Postgres refuses (a NUL byte) is answered to the registration that sent it alone.
+#[tokio::test]
+async fn a_group_of_registrations_is_written_together_and_answered_one_by_one() {
+    use hub::registrations::Registrations;
+    use hub::store::{AuditEntry, Registering};
+    let db = migrated().await;
+    let writer = Registrations::start(db.pool.clone());
+    let now = chrono::Utc::now();
+    let registering = |name: &str, endpoint: &str, label: (&str, &str)| Registering {
+        request: fleet_types::messages::RegisterRequest {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            labels: [(label.0.to_string(), label.1.to_string())].into(),
+            agent_id: "run-1".into(),
+            certificate_sha256: None,
+        },
+        now,
+        ttl: chrono::Duration::days(1),
+        audit: Some(AuditEntry {
+            time: now,
+            actor: "join-token".into(),
+            verb: "register".into(),
+            resource: "clusters".into(),
+            name: Some(name.into()),
+            code: Some(200),
+            message: format!("endpoint {endpoint}"),
+            ..AuditEntry::default()
+        }),
+    };
+    // The writer's task runs only when this (single-threaded) test waits: what was handed
+    // to it by then goes into one group, one transaction with the audit entries.
+    let (d, e) = tokio::join!(
+        writer.register(registering("d", "http://d:1", ("site", "x"))),
+        writer.register(registering("e", "http://e:1", ("site", "x"))),
+    );
+    d.unwrap();
+    e.unwrap();
+    let writers: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT xmin::text FROM clusters UNION SELECT DISTINCT xmin::text FROM audit",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(writers.len(), 1, "written by transactions {writers:?}");
+    sqlx::query("DELETE FROM clusters")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (a, twice, bad, again) = tokio::join!(
+        writer.register(registering("a", "http://a:1", ("site", "x"))),
+        writer.register(registering("b", "http://b:1", ("site", "y"))),
+        writer.register(registering("c", "http://c\u{0}:1", ("site", "z"))),
+        writer.register(registering("b", "http://b:2", ("rack", "7"))),
+    );
+    let (a, twice, again) = (a.unwrap(), twice.unwrap(), again.unwrap());
+    assert!(
+        matches!(&bad, Err(hub::error::Error::Invalid(_))),
+        "{bad:?}"
+    );
+    assert_ne!(a.credential, twice.credential);
+    assert_eq!(
+        twice, again,
+        "the same agent run registering again keeps its credential"
+    );
+    let rows: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT name, endpoint, labels FROM clusters ORDER BY name")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (
+                "a".into(),
+                "http://a:1".into(),
+                serde_json::json!({"site": "x"})
+            ),
+            (
+                "b".into(),
+                "http://b:2".into(),
+                serde_json::json!({"site": "y", "rack": "7"})
+            ),
+        ]
+    );
+    let audited: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, message FROM audit WHERE name NOT IN ('d', 'e') ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audited,
+        [
+            ("a".into(), "endpoint http://a:1".into()),
+            ("b".into(), "endpoint http://b:1".into()),
+            ("b".into(), "endpoint http://b:2".into()),
+        ]
+    );
+}
+
 /// A report the writer stored is handed to the engine as its handler parsed it, with its
 /// identity (agent run, sequence): the fleet read takes it from there instead of reading it back.
 #[tokio::test]

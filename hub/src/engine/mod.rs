@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::planner::drive::{self, DriveStep};
 use crate::planner::rollout::PushResult;
+use crate::registrations::Registrations;
 use crate::reports::ReportWriter;
 use crate::store;
 use memory::Memory;
@@ -52,6 +53,8 @@ pub struct Engine {
     /// Where spoke reports are stored (in groups); it hands the reports it just stored to
     /// the next pass.
     pub reports: ReportWriter,
+    /// Where registrations are written (in groups, each with its audit entry).
+    pub registrations: Registrations,
     spokes: SpokeClient,
     memory: Memory,
     /// This replica's name as a rollout's driver: the host (the pod's name in Kubernetes)
@@ -92,6 +95,7 @@ impl Engine {
     pub fn new(pool: PgPool, clock: Arc<dyn Clock>, metrics: Metrics) -> Arc<Self> {
         Arc::new(Engine {
             reports: ReportWriter::start(pool.clone()),
+            registrations: Registrations::start(pool.clone()),
             pool,
             clock,
             wake: Notify::new(),

@@ -12,7 +12,7 @@ use fleet_types::ibgu::ImageBasedGroupUpgrade;
 use fleet_types::ibu::ConfigMapRef;
 use fleet_types::messages::{RegisterRequest, RegisterResponse, StatusReport};
 
-use super::audit::AuditNote;
+use super::audit::{AuditContext, AuditNote};
 use super::auth::{Access, Kind, authorize};
 use crate::store::CredentialCheck;
 use fleet_server::tls::ClientCert;
@@ -132,6 +132,7 @@ fn client_cert(ext: ClientCertExt) -> Option<ClientCert> {
 pub async fn register(
     State(state): State<Shared>,
     client: ClientCertExt,
+    audit: Option<Extension<AuditContext>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(Extension<AuditNote>, Json<RegisterResponse>), ApiError> {
@@ -194,9 +195,7 @@ pub async fn register(
                 .collect(),
         )));
     }
-    let issued = store::cluster_register(&state.pool, &req, now, state.credential_ttl).await?;
-    tracing::info!(cluster = %req.name, endpoint = %req.endpoint, "spoke registered");
-    let note = AuditNote {
+    let mut note = AuditNote {
         actor: Some(if joined {
             "join-token".into()
         } else if by_cert {
@@ -211,10 +210,26 @@ pub async fn register(
         },
         ..AuditNote::default()
     };
+    // The entry goes into the registration's own transaction.
+    let entry = audit.map(|Extension(context)| {
+        let actor = super::auth::actor(&state, &headers, Some(&req.name));
+        context.entry(now, actor, axum::http::StatusCode::OK, note.clone())
+    });
+    note.written = entry.is_some();
+    let registering = store::Registering {
+        request: req,
+        now,
+        ttl: state.credential_ttl,
+        audit: entry,
+    };
+    let name = registering.request.name.clone();
+    let endpoint = registering.request.endpoint.clone();
+    let issued = state.engine.registrations.register(registering).await?;
+    tracing::info!(cluster = %name, %endpoint, "spoke registered");
     Ok((
         Extension(note),
         Json(RegisterResponse {
-            name: req.name,
+            name,
             credential: issued.credential,
             expires_at: issued.expires_at,
         }),

@@ -20,6 +20,48 @@ pub struct AuditNote {
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub message: String,
+    /// The handler wrote the entry itself, in the transaction of its change
+    /// ([`AuditContext::entry`]).
+    pub written: bool,
+}
+
+/// What the trail knows of a request before it is answered, handed to the handler as a
+/// request extension: a handler that writes its change in a transaction of its own
+/// making (a registration) writes the entry in it too, so neither is ever without the other.
+#[derive(Clone, Debug)]
+pub struct AuditContext {
+    verb: &'static str,
+    resource: &'static str,
+    namespace: Option<String>,
+    name: Option<String>,
+    source: Option<String>,
+    request_id: Option<String>,
+}
+
+impl AuditContext {
+    /// The entry of this request, answered `code`, by `actor` (with its `groups`); the
+    /// note's names and message where it has them.
+    pub fn entry(
+        &self,
+        time: chrono::DateTime<chrono::Utc>,
+        (actor, groups): (String, Vec<String>),
+        code: axum::http::StatusCode,
+        note: AuditNote,
+    ) -> AuditEntry {
+        AuditEntry {
+            time,
+            actor: note.actor.unwrap_or(actor),
+            groups,
+            source: self.source.clone(),
+            request_id: self.request_id.clone(),
+            verb: self.verb.into(),
+            resource: self.resource.into(),
+            namespace: note.namespace.or_else(|| self.namespace.clone()),
+            name: note.name.or_else(|| self.name.clone()),
+            code: Some(i32::from(code.as_u16())),
+            message: note.message,
+        }
+    }
 }
 
 /// The verb and resource of a change, by method and route; `None`: not audited.
@@ -56,7 +98,7 @@ fn path_names(route: &str, path: &str) -> (Option<String>, Option<String>) {
     (namespace, name)
 }
 
-pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Response {
+pub async fn record(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -73,41 +115,39 @@ pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Re
     }
     let route = route.unwrap_or_default();
     let (namespace, name) = path_names(&route, req.uri().path());
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string());
-    let request_id = req
-        .headers()
-        .get(fleet_types::http::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let context = AuditContext {
+        verb,
+        resource,
+        namespace,
+        name,
+        source: req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.to_string()),
+        request_id: req
+            .headers()
+            .get(fleet_types::http::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    };
+    req.extensions_mut().insert(context.clone());
     let headers = req.headers().clone();
     let response = next.run(req).await;
     let code = response.status();
     if code == axum::http::StatusCode::UNAUTHORIZED {
         return response;
     }
-    // Named after the answer: a Kubernetes caller is known once its token was reviewed.
-    let (actor, groups) = super::auth::actor(&state, &headers, name.as_deref());
     let note = response
         .extensions()
         .get::<AuditNote>()
         .cloned()
         .unwrap_or_default();
-    let entry = AuditEntry {
-        time: state.engine.clock.now(),
-        actor: note.actor.unwrap_or(actor),
-        groups,
-        source,
-        request_id,
-        verb: verb.into(),
-        resource: resource.into(),
-        namespace: note.namespace.or(namespace),
-        name: note.name.or(name),
-        code: Some(i32::from(code.as_u16())),
-        message: note.message,
-    };
+    if note.written {
+        return response;
+    }
+    // Named after the answer: a Kubernetes caller is known once its token was reviewed.
+    let actor = super::auth::actor(&state, &headers, context.name.as_deref());
+    let entry = context.entry(state.engine.clock.now(), actor, code, note);
     if let Err(err) = store::audit_insert(&state.pool, &entry).await {
         tracing::error!(%err, verb, resource, "writing the audit trail failed");
     }

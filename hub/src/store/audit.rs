@@ -29,22 +29,46 @@ pub struct AuditEntry {
 }
 
 pub async fn audit_insert(pool: &PgPool, e: &AuditEntry) -> Result<(), Error> {
+    audit_insert_all(pool, std::slice::from_ref(e)).await
+}
+
+/// Writes these entries with one statement (in the caller's transaction, given one).
+pub async fn audit_insert_all<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    entries: &[AuditEntry],
+) -> Result<(), Error> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let text = |f: fn(&AuditEntry) -> &str| -> Vec<&str> { entries.iter().map(f).collect() };
+    let maybe = |f: fn(&AuditEntry) -> Option<&str>| -> Vec<Option<&str>> {
+        entries.iter().map(f).collect()
+    };
+    // An array of arrays would have to be rectangular: each entry's groups go as JSON.
+    let groups: Vec<String> = entries
+        .iter()
+        .map(|e| serde_json::to_string(&e.groups).unwrap_or_else(|_| "[]".into()))
+        .collect();
     sqlx::query(
         "INSERT INTO audit (time, actor, groups, source, request_id, verb, resource, namespace, name, code, message)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         SELECT u.time, u.actor, ARRAY(SELECT jsonb_array_elements_text(u.groups::jsonb)), u.source, u.request_id,
+                u.verb, u.resource, u.namespace, u.name, u.code, u.message
+         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::int4[], $11::text[])
+           AS u(time, actor, groups, source, request_id, verb, resource, namespace, name, code, message)",
     )
-    .bind(e.time)
-    .bind(&e.actor)
-    .bind(&e.groups)
-    .bind(&e.source)
-    .bind(&e.request_id)
-    .bind(&e.verb)
-    .bind(&e.resource)
-    .bind(&e.namespace)
-    .bind(&e.name)
-    .bind(e.code)
-    .bind(&e.message)
-    .execute(pool)
+    .bind(entries.iter().map(|e| e.time).collect::<Vec<_>>())
+    .bind(text(|e| &e.actor))
+    .bind(groups)
+    .bind(maybe(|e| e.source.as_deref()))
+    .bind(maybe(|e| e.request_id.as_deref()))
+    .bind(text(|e| &e.verb))
+    .bind(text(|e| &e.resource))
+    .bind(maybe(|e| e.namespace.as_deref()))
+    .bind(maybe(|e| e.name.as_deref()))
+    .bind(entries.iter().map(|e| e.code).collect::<Vec<_>>())
+    .bind(text(|e| &e.message))
+    .execute(db)
     .await?;
     Ok(())
 }

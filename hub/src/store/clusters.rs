@@ -30,48 +30,117 @@ pub struct Issued {
 /// expired) and keeps its sequence, so a registration that reaches the hub late (its answer
 /// lost to a client timeout, the retry already served) cannot replace the credential the
 /// agent holds.
-pub async fn cluster_register(
+pub async fn cluster_register(pool: &PgPool, registering: &Registering) -> Result<Issued, Error> {
+    let mut issued = cluster_register_group(pool, std::slice::from_ref(registering)).await?;
+    issued
+        .pop()
+        .ok_or_else(|| Error::Internal("a registration gave no answer".into()))
+}
+
+/// One registration of a group: the request, when the hub took it, the credential's life,
+/// and the audit trail's entry for it, written in the same transaction.
+#[derive(Clone, Debug)]
+pub struct Registering {
+    pub request: RegisterRequest,
+    pub now: DateTime<Utc>,
+    pub ttl: chrono::Duration,
+    pub audit: Option<AuditEntry>,
+}
+
+/// Registers a group in one transaction, as [`cluster_register`] does each (a name twice in
+/// the group: the later registration is applied over the earlier), and answers each in
+/// order. It fails whole: a value Postgres refuses in one fails them all (the caller tries
+/// them one by one then).
+pub async fn cluster_register_group(
     pool: &PgPool,
-    req: &RegisterRequest,
-    now: DateTime<Utc>,
-    ttl: chrono::Duration,
-) -> Result<Issued, Error> {
+    group: &[Registering],
+) -> Result<Vec<Issued>, Error> {
     let key = hub_key(pool).await?;
-    let fresh = uuid::Uuid::new_v4().simple().to_string();
-    let labels = serde_json::to_value(&req.labels).map_err(|e| Error::internal("encoding", e))?;
+    // One statement may change a row once: a name's second registration goes in the next.
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, r) in group.iter().enumerate() {
+        let round = seen.entry(r.request.name.as_str()).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(i);
+        *round += 1;
+    }
+    let fresh: Vec<String> = group
+        .iter()
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let now = group.iter().map(|r| r.now).max().unwrap_or_else(Utc::now);
+    let mut given: Vec<Option<(String, Option<DateTime<Utc>>)>> = vec![None; group.len()];
+    let mut tx = pool.begin().await?;
     // The same run, holding a credential still valid: it keeps it.
     const SAME: &str = "clusters.agent_id = EXCLUDED.agent_id AND EXCLUDED.agent_id <> ''
              AND (clusters.credential_expires_at IS NULL OR clusters.credential_expires_at > $9)";
-    let (nonce, expires_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen, certificate_sha256, credential_expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 0, now(), $7, $8)
-         ON CONFLICT (name) DO UPDATE SET
-           labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
-           certificate_sha256 = EXCLUDED.certificate_sha256,
-           credential_hash = CASE WHEN {SAME} THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
-           credential_nonce = CASE WHEN {SAME} THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
-           credential_expires_at = CASE WHEN {SAME} THEN clusters.credential_expires_at ELSE EXCLUDED.credential_expires_at END,
-           last_report_seq = CASE WHEN {SAME} THEN clusters.last_report_seq ELSE 0 END,
-           agent_id = EXCLUDED.agent_id, last_seen = now()
-         RETURNING credential_nonce, credential_expires_at"
-    )))
-    .bind(&req.name)
-    .bind(labels)
-    .bind(&req.endpoint)
-    .bind(hash(&derive(&key, &req.name, &fresh)))
-    .bind(&fresh)
-    .bind(&req.agent_id)
-    .bind(&req.certificate_sha256)
-    .bind(now + ttl)
-    .bind(now)
-    .fetch_one(pool)
-    .await?;
-    let credential = derive(&key, &req.name, &nonce);
-    super::credentials::remember_credential(pool, &req.name, &credential, expires_at);
-    Ok(Issued {
-        credential,
-        expires_at,
-    })
+    for round in &rounds {
+        let column =
+            |f: &dyn Fn(usize) -> String| -> Vec<String> { round.iter().map(|&i| f(i)).collect() };
+        let request = |i: usize| &group[i].request;
+        let labels =
+            column(&|i| serde_json::to_string(&request(i).labels).unwrap_or_else(|_| "{}".into()));
+        let pins: Vec<Option<&str>> = round
+            .iter()
+            .map(|&i| request(i).certificate_sha256.as_deref())
+            .collect();
+        let expires: Vec<DateTime<Utc>> =
+            round.iter().map(|&i| group[i].now + group[i].ttl).collect();
+        let rows: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO clusters (name, labels, endpoint, credential_hash, credential_nonce, agent_id, last_report_seq, last_seen, certificate_sha256, credential_expires_at)
+             SELECT u.name, u.labels::jsonb, u.endpoint, u.hash, u.nonce, u.agent, 0, now(), u.pin, u.expires
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+               AS u(name, labels, endpoint, hash, nonce, agent, pin, expires)
+             ON CONFLICT (name) DO UPDATE SET
+               labels = clusters.labels || EXCLUDED.labels, endpoint = EXCLUDED.endpoint,
+               certificate_sha256 = EXCLUDED.certificate_sha256,
+               credential_hash = CASE WHEN {SAME} THEN clusters.credential_hash ELSE EXCLUDED.credential_hash END,
+               credential_nonce = CASE WHEN {SAME} THEN clusters.credential_nonce ELSE EXCLUDED.credential_nonce END,
+               credential_expires_at = CASE WHEN {SAME} THEN clusters.credential_expires_at ELSE EXCLUDED.credential_expires_at END,
+               last_report_seq = CASE WHEN {SAME} THEN clusters.last_report_seq ELSE 0 END,
+               agent_id = EXCLUDED.agent_id, last_seen = now()
+             RETURNING name, credential_nonce, credential_expires_at"
+        )))
+        .bind(column(&|i| request(i).name.clone()))
+        .bind(labels)
+        .bind(column(&|i| request(i).endpoint.clone()))
+        .bind(column(&|i| hash(&derive(&key, &request(i).name, &fresh[i]))))
+        .bind(column(&|i| fresh[i].clone()))
+        .bind(column(&|i| request(i).agent_id.clone()))
+        .bind(pins)
+        .bind(expires)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let by_name: HashMap<String, (String, Option<DateTime<Utc>>)> = rows
+            .into_iter()
+            .map(|(name, nonce, expires)| (name, (nonce, expires)))
+            .collect();
+        for &i in round {
+            given[i] = by_name.get(&group[i].request.name).cloned();
+        }
+    }
+    let entries: Vec<AuditEntry> = group.iter().filter_map(|r| r.audit.clone()).collect();
+    audit_insert_all(&mut *tx, &entries).await?;
+    tx.commit().await?;
+    group
+        .iter()
+        .zip(given)
+        .map(|(r, given)| {
+            let (nonce, expires_at) = given.ok_or_else(|| {
+                Error::Internal(format!("registering {}: no row", r.request.name))
+            })?;
+            let credential = derive(&key, &r.request.name, &nonce);
+            super::credentials::remember_credential(pool, &r.request.name, &credential, expires_at);
+            Ok(Issued {
+                credential,
+                expires_at,
+            })
+        })
+        .collect()
 }
 
 /// Replaces a cluster's credential with a new one valid for `ttl` from `now`, when

@@ -255,15 +255,17 @@ impl Prometheus {
             .await
     }
 
-    /// The expression over the last `seconds`, a point a second, as a panel draws it.
+    /// The expression over the last `seconds` up to now (to the millisecond: the last
+    /// second's scrapes may be all a short-lived series has), a point a scrape, as a panel
+    /// draws it.
     async fn query_range(&self, expr: &str, seconds: u64) -> Result<Value, String> {
-        let end = chrono::Utc::now().timestamp();
-        let start = end - seconds as i64;
+        let end = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let start = end - seconds as f64;
         let params = [
             ("query", expr.to_string()),
-            ("start", start.to_string()),
-            ("end", end.to_string()),
-            ("step", "1".to_string()),
+            ("start", format!("{start:.3}")),
+            ("end", format!("{end:.3}")),
+            ("step", "0.25".to_string()),
         ];
         self.get("/api/v1/query_range", &params).await
     }
@@ -334,7 +336,7 @@ async fn check_with_prometheus(prom: &Prometheus, seconds: u64) {
                     .await
                     .unwrap_or_else(|e| panic!("{at}: {e}"));
                 let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
-                assert!(series > 0, "{at}: no data over the run");
+                assert!(series > 0, "{at}: no data over the run: {answer}");
                 checked += 1;
             }
         }
