@@ -79,27 +79,12 @@ async fn the_hub_reconciles_ibgu_crs_and_managed_cluster_labels() {
     let db = TestDb::empty().await;
     let hub_log = ChildLog::new(dir.path(), "fleet-hub");
     let _hub = kube_hub("fleet-hub-0", hub_port, &db.url(), &kubeconfig, &hub_log);
-    let _fleet = ChildGuard(
-        Command::new(binary("spoke-agent"))
-            .args([
-                "sim-fleet",
-                "--count",
-                "3",
-                "--prefix",
-                "k",
-                "--sim-step-ms",
-                "10",
-                "--sim-reboot-ms",
-                "50",
-            ])
-            .args(["--hub-url", &hub, "--join-token", JOIN])
-            .args(["--listen", &format!("127.0.0.1:{fleet_port}")])
-            .arg("--state-dir")
-            .arg(dir.path().join("fleet"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sim-fleet starts"),
+    let _fleet = sim_fleet(
+        ("k", 3),
+        ("10", "50"),
+        &[hub.as_str()],
+        fleet_port,
+        &dir.path().join("fleet"),
     );
 
     // One replica leads.
@@ -615,6 +600,36 @@ async fn hub_api_server() -> FakeKube {
 
 /// `fleet-hub serve --kube` as replica `pod` on the shared database and Lease, its
 /// Kubernetes writes limited to 50 a second.
+/// A simulated fleet of `count` clusters named `prefix<i>`, with these stage and reboot
+/// times (ms), registering with each of `hubs`.
+fn sim_fleet(
+    (prefix, count): (&str, u32),
+    (step_ms, reboot_ms): (&str, &str),
+    hubs: &[&str],
+    port: u16,
+    state_dir: &Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(binary("spoke-agent"));
+    cmd.args([
+        "sim-fleet",
+        "--count",
+        &count.to_string(),
+        "--prefix",
+        prefix,
+    ])
+    .args(["--sim-step-ms", step_ms, "--sim-reboot-ms", reboot_ms]);
+    for hub in hubs {
+        cmd.args(["--hub-url", hub]);
+    }
+    cmd.args(["--join-token", JOIN])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    ChildGuard(cmd.spawn().expect("sim-fleet starts"))
+}
+
 fn kube_hub(pod: &str, port: u16, db_url: &str, kubeconfig: &Path, log: &ChildLog) -> ChildGuard {
     kube_hub_limited(pod, port, (db_url, kubeconfig, log), ("50", "40"))
 }
@@ -677,19 +692,12 @@ async fn a_killed_leader_is_replaced_and_the_ibgu_completes() {
         &kubeconfig,
         &logs[0],
     ));
-    let _fleet = ChildGuard(
-        Command::new(binary("spoke-agent"))
-            .args(["sim-fleet", "--count", "6", "--prefix", "f"])
-            .args(["--sim-step-ms", "60", "--sim-reboot-ms", "200"])
-            .args(["--hub-url", &urls[0], "--hub-url", &urls[1]])
-            .args(["--join-token", JOIN])
-            .args(["--listen", &format!("127.0.0.1:{fleet_port}")])
-            .arg("--state-dir")
-            .arg(dir.path().join("fleet"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sim-fleet starts"),
+    let _fleet = sim_fleet(
+        ("f", 6),
+        ("60", "200"),
+        &[urls[0].as_str(), urls[1].as_str()],
+        fleet_port,
+        &dir.path().join("fleet"),
     );
     let holder = || {
         kube.get(
