@@ -73,15 +73,22 @@ pub struct HubMetrics {
     pub refresh_lock: tokio::sync::Mutex<()>,
 }
 
+/// `metric`, registered with `registry`.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> prometheus::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 fn counter(
     registry: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
 fn gauge(
@@ -90,9 +97,7 @@ fn gauge(
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
 }
 
 fn histogram(
@@ -102,12 +107,8 @@ fn histogram(
     labels: &[&str],
     buckets: &[f64],
 ) -> prometheus::Result<HistogramVec> {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )?;
-    registry.register(Box::new(h.clone()))?;
-    Ok(h)
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    registered(registry, HistogramVec::new(opts, labels)?)
 }
 
 const FAST: [f64; 13] = [
@@ -140,7 +141,7 @@ impl Metrics {
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
-        r.register(Box::new(build_info.clone()))?;
+        let build_info = registered(&r, build_info)?;
         let reports = counter(
             &r,
             "fleet_hub_spoke_reports_total",
@@ -154,31 +155,37 @@ impl Metrics {
             &["result"],
         )?;
         // From a spoke's report to what the hub did about it: the hub's reaction time.
-        let decision_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "fleet_hub_decision_latency_seconds",
-                "Time from a spoke's report that ended an action to the hub acting on it: the \
+        let decision_latency = registered(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fleet_hub_decision_latency_seconds",
+                    "Time from a spoke's report that ended an action to the hub acting on it: the \
                  next stage push it caused (the cluster's next action, or the next batch or \
                  plan step) sent, or, when it caused none, the decision stored",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )?,
         )?;
-        r.register(Box::new(decision_latency.clone()))?;
-        let decision_latency_max = Gauge::new(
-            "fleet_hub_decision_latency_max_seconds",
-            "Largest decision latency seen since the hub started",
+        let decision_latency_max = registered(
+            &r,
+            Gauge::new(
+                "fleet_hub_decision_latency_max_seconds",
+                "Largest decision latency seen since the hub started",
+            )?,
         )?;
-        r.register(Box::new(decision_latency_max.clone()))?;
-        let pass_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "fleet_hub_engine_pass_duration_seconds",
-                "Time of one engine pass over one rollout (load, plan, store)",
-            )
-            .buckets(FAST[..11].to_vec()),
+        let pass_duration = registered(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fleet_hub_engine_pass_duration_seconds",
+                    "Time of one engine pass over one rollout (load, plan, store)",
+                )
+                .buckets(FAST[..11].to_vec()),
+            )?,
         )?;
-        r.register(Box::new(pass_duration.clone()))?;
         let events = counter(
             &r,
             "fleet_hub_rollout_events_total",
@@ -240,27 +247,33 @@ impl Metrics {
             "1 for each unfinished rollout whose last pass held starts back, by reason (paused, window: outside the maintenance window, rate: maxStartsPerMinute reached)",
             &["namespace", "rollout", "reason"],
         )?;
-        let spokes_registered = IntGauge::new(
-            "fleet_hub_spokes_registered",
-            "Clusters registered with the hub",
+        let spokes_registered = registered(
+            &r,
+            IntGauge::new(
+                "fleet_hub_spokes_registered",
+                "Clusters registered with the hub",
+            )?,
         )?;
-        r.register(Box::new(spokes_registered.clone()))?;
-        let spokes_reachable = IntGauge::new(
-            "fleet_hub_spokes_reachable",
-            "Registered clusters whose last stage push did not fail to reach them",
+        let spokes_reachable = registered(
+            &r,
+            IntGauge::new(
+                "fleet_hub_spokes_reachable",
+                "Registered clusters whose last stage push did not fail to reach them",
+            )?,
         )?;
-        r.register(Box::new(spokes_reachable.clone()))?;
         let db_connections = gauge(
             &r,
             "fleet_hub_db_pool_connections",
             "Database pool connections, by state (idle, in_use)",
             &["state"],
         )?;
-        let db_max_connections = IntGauge::new(
-            "fleet_hub_db_pool_max_connections",
-            "Largest number of connections the database pool opens",
+        let db_max_connections = registered(
+            &r,
+            IntGauge::new(
+                "fleet_hub_db_pool_max_connections",
+                "Largest number of connections the database pool opens",
+            )?,
         )?;
-        r.register(Box::new(db_max_connections.clone()))?;
         let kube_requests = counter(
             &r,
             "fleet_hub_kube_requests_total",
@@ -274,26 +287,34 @@ impl Metrics {
             &["verb"],
             &FAST,
         )?;
-        let database_up = IntGauge::new(
-            "fleet_hub_database_up",
-            "1 when the last scrape read the fleet gauges from Postgres, 0 when it could not",
+        let database_up = registered(
+            &r,
+            IntGauge::new(
+                "fleet_hub_database_up",
+                "1 when the last scrape read the fleet gauges from Postgres, 0 when it could not",
+            )?,
         )?;
-        r.register(Box::new(database_up.clone()))?;
-        let history_partitions_dropped = prometheus::IntCounter::new(
-            "fleet_hub_history_partitions_dropped_total",
-            "Monthly history partitions dropped by --history-retention",
+        let history_partitions_dropped = registered(
+            &r,
+            prometheus::IntCounter::new(
+                "fleet_hub_history_partitions_dropped_total",
+                "Monthly history partitions dropped by --history-retention",
+            )?,
         )?;
-        r.register(Box::new(history_partitions_dropped.clone()))?;
-        let rollouts_driven = IntGauge::new(
-            "fleet_hub_rollouts_driven",
-            "Active rollouts this hub replica drives (plans and pushes)",
+        let rollouts_driven = registered(
+            &r,
+            IntGauge::new(
+                "fleet_hub_rollouts_driven",
+                "Active rollouts this hub replica drives (plans and pushes)",
+            )?,
         )?;
-        r.register(Box::new(rollouts_driven.clone()))?;
-        let rollout_takeovers = prometheus::IntCounter::new(
-            "fleet_hub_rollout_takeovers_total",
-            "Rollouts this replica took over from a replica that stopped renewing its term",
+        let rollout_takeovers = registered(
+            &r,
+            prometheus::IntCounter::new(
+                "fleet_hub_rollout_takeovers_total",
+                "Rollouts this replica took over from a replica that stopped renewing its term",
+            )?,
         )?;
-        r.register(Box::new(rollout_takeovers.clone()))?;
         let reconcile_errors = counter(
             &r,
             "fleet_hub_kube_reconcile_errors_total",
