@@ -63,76 +63,82 @@ pub async fn run(args: Args) -> Result<(), String> {
         ));
     }
     let db = BenchDatabase::create(database_url, work.path()).await?;
-    let (baseline, baseline_machine) = measure_baseline(&db.pool, baseline_seconds, "").await?;
+    // Whatever ends the run, its database goes with it.
+    let result = async {
+        let (baseline, baseline_machine) = measure_baseline(&db.pool, baseline_seconds, "").await?;
 
-    // A child that exits or logs an error ends the run at once, with what it said.
-    let watch = Watch::default();
-    let mut hubs = Hubs::start(&watch, &db.url, replicas).await?;
-    let (fleet, fleet_url) = start_fleet(&watch, clusters, &hubs.urls, &work.path().join("fleet"))?;
-    let registration = wait_registered(&watch, &db.pool, clusters).await?;
-    let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
+        // A child that exits or logs an error ends the run at once, with what it said.
+        let watch = Watch::default();
+        let mut hubs = Hubs::start(&watch, &db.url, replicas).await?;
+        let (fleet, fleet_url) =
+            start_fleet(&watch, clusters, &hubs.urls, &work.path().join("fleet"))?;
+        let registration = wait_registered(&watch, &db.pool, clusters).await?;
+        let (rows_before, tables_before) = settled_row_counts(&watch, &db.pool, &db.name).await?;
 
-    let plan = Plan {
-        max_concurrency,
-        kill_hub_after,
-    };
-    let measured = rollout(&watch, &db.pool, &mut hubs, &fleet, plan).await?;
-    let replicas_figures =
-        replica_figures(&db.pool, (clusters, replicas), &fleet_url, &measured).await?;
-    let history_query = history_query_seconds(hubs.first_alive()).await?;
+        let plan = Plan {
+            max_concurrency,
+            kill_hub_after,
+        };
+        let measured = rollout(&watch, &db.pool, &mut hubs, &fleet, plan).await?;
+        let replicas_figures =
+            replica_figures(&db.pool, (clusters, replicas), &fleet_url, &measured).await?;
+        let history_query = history_query_seconds(hubs.first_alive()).await?;
 
-    // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
-    // exits: stop the hubs and wait until their connections are gone (15 s at most).
-    hubs.retire();
-    db.wait_hub_gone().await?;
-    let mut rows_by_table = rows_by_table(&db.pool).await?;
-    for (table, n) in &tables_before {
-        *rows_by_table.entry(table.clone()).or_default() -= n;
+        // A backend publishes its row counts when idle, up to 10 s late, and at the latest when it
+        // exits: stop the hubs and wait until their connections are gone (15 s at most).
+        hubs.retire();
+        db.wait_hub_gone().await?;
+        let mut rows_by_table = rows_by_table(&db.pool).await?;
+        for (table, n) in &tables_before {
+            *rows_by_table.entry(table.clone()).or_default() -= n;
+        }
+        rows_by_table.retain(|_, n| *n != 0);
+        let rows = rows_written(&db.pool, &db.name).await? - rows_before;
+        // The same baseline again, the fleet stopped too: how far the machine moved meanwhile.
+        fleet.retire();
+        let (after, after_machine) =
+            measure_baseline(&db.pool, baseline_seconds, " after the rollout").await?;
+
+        let figures = Figures {
+            clusters,
+            max_concurrency,
+            baseline_seconds,
+            elapsed: measured.elapsed,
+            transitions: measured.transitions,
+            baseline,
+            baseline_machine,
+            after,
+            after_machine,
+            rollout_machine: measured.machine,
+            latency_p50: measured.latency[0],
+            latency_p99: measured.latency[1],
+            latency_max: measured.latency[2],
+            hub_peak_rss_mib: measured.peak_rss_mib,
+            hub_cpu: measured.hub_cpu,
+            fleet_cpu: measured.fleet_cpu,
+            postgres_cpu: measured.postgres_cpu,
+            passes: measured.passes,
+            pass_seconds: measured.pass_seconds,
+            rows,
+            rows_by_table,
+            http_requests: measured.http_requests,
+            pushes: measured.pushes,
+            summary: measured.summary,
+            history_query,
+            registration,
+            replicas: replicas_figures,
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&figures.json()).unwrap_or_default()
+        );
+        println!();
+        println!("{}", figures.text());
+        Ok::<(), String>(())
     }
-    rows_by_table.retain(|_, n| *n != 0);
-    let rows = rows_written(&db.pool, &db.name).await? - rows_before;
-    // The same baseline again, the fleet stopped too: how far the machine moved meanwhile.
-    fleet.retire();
-    let (after, after_machine) =
-        measure_baseline(&db.pool, baseline_seconds, " after the rollout").await?;
-
-    let figures = Figures {
-        clusters,
-        max_concurrency,
-        baseline_seconds,
-        elapsed: measured.elapsed,
-        transitions: measured.transitions,
-        baseline,
-        baseline_machine,
-        after,
-        after_machine,
-        rollout_machine: measured.machine,
-        latency_p50: measured.latency[0],
-        latency_p99: measured.latency[1],
-        latency_max: measured.latency[2],
-        hub_peak_rss_mib: measured.peak_rss_mib,
-        hub_cpu: measured.hub_cpu,
-        fleet_cpu: measured.fleet_cpu,
-        postgres_cpu: measured.postgres_cpu,
-        passes: measured.passes,
-        pass_seconds: measured.pass_seconds,
-        rows,
-        rows_by_table,
-        http_requests: measured.http_requests,
-        pushes: measured.pushes,
-        summary: measured.summary,
-        history_query,
-        registration,
-        replicas: replicas_figures,
-    };
-    println!(
-        "{}",
-        serde_json::to_string(&figures.json()).unwrap_or_default()
-    );
-    println!();
-    println!("{}", figures.text());
+    .await;
     db.drop_database().await;
-    Ok(())
+    result
 }
 
 /// Raises the hard limit of open files to `wanted` (at most the kernel's `fs.nr_open`) when

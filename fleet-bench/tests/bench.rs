@@ -258,11 +258,27 @@ async fn a_child_that_dies_ends_the_run_at_once_with_its_error() {
     .args(["--clusters", "1000", "--max-concurrency", "100"])
     .args(["--baseline-seconds", "1", "--database-url", &admin_url()]);
     let started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("prlimit runs"))
+    // prlimit and setpriv exec: the child's pid is the bench's, which names its database.
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit runs");
+    let database = format!("fleet_bench_{}", child.id());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut server = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&database)
+        .fetch_one(&mut server)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the failed run left {database} behind");
     assert!(
         stderr.contains("the open-file limit is 300, below the 4096 the hub and a fleet of 1000"),
         "{stderr}"
