@@ -1115,11 +1115,18 @@ async fn a_stored_report_reaches_the_engine_without_being_read_back() {
         "taken once"
     );
     let mut conn = db.pool.acquire().await.unwrap();
-    let read = fleet_in_txn(&mut conn, &["a".to_string()], false, &fresh)
+    let known = hub::store::Known {
+        reports: fresh,
+        rows: Default::default(),
+    };
+    let read = fleet_in_txn(&mut conn, &["a".to_string()], false, &known)
         .await
         .unwrap();
     let got = read.clusters["a"].ibu.clone().unwrap();
-    assert!(Arc::ptr_eq(&got, &fresh["a"].1), "taken, not read back");
+    assert!(
+        Arc::ptr_eq(&got, &known.reports["a"].1),
+        "taken, not read back"
+    );
 }
 
 /// A pass reads again only the reports that changed since the last pass (another agent run
@@ -1147,6 +1154,10 @@ async fn the_fleet_read_reuses_reports_that_did_not_change() {
         let watched = watched.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
+            let known = hub::store::Known {
+                reports: known,
+                rows: Default::default(),
+            };
             fleet_in_txn(&mut conn, &watched, all, &known)
                 .await
                 .unwrap()
@@ -1204,6 +1215,109 @@ async fn the_fleet_read_reuses_reports_that_did_not_change() {
             all.then_some(true)
         );
     }
+}
+
+/// A pass is sent only the watched rows that changed since the last pass: another labels
+/// version (whoever changed them: the planner, the API, a registration), another report, a
+/// row gone or registered again. The others are the ones it kept.
+#[tokio::test]
+async fn the_fleet_read_sends_only_the_rows_that_changed() {
+    use hub::store::{Known, KnownRow, fleet_in_txn};
+    let db = migrated().await;
+    let ibu = serde_json::json!({"apiVersion": "lca.openshift.io/v1", "kind": "ImageBasedUpgrade", "metadata": {"name": "upgrade"}, "spec": {"stage": "Prep"}});
+    let names = ["a", "b", "c", "d", "e", "f", "g"].map(String::from);
+    for n in &names {
+        sqlx::query(
+            "INSERT INTO clusters (name, labels, endpoint, credential_hash, agent_id, last_report_seq, last_report, last_seen)
+             VALUES ($1, '{\"zone\": \"1\"}', 'http://x', 'h', 'run1', 1, $2, now() - interval '1 hour')",
+        )
+        .bind(n)
+        .bind(&ibu)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let read = |known: Known| {
+        let pool = db.pool.clone();
+        let names = names.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let fleet = fleet_in_txn(&mut conn, &names, false, &known)
+                .await
+                .unwrap();
+            (fleet, known)
+        }
+    };
+    let (first, _) = read(Known::default()).await;
+    assert_eq!(first.clusters.len(), 7);
+    // Kept as the engine keeps them, every label set marked: a row sent again shows
+    // without the mark.
+    let rows = first
+        .versions
+        .iter()
+        .map(|(n, (labels_version, report))| {
+            let mut labels = first.clusters[n].labels.clone();
+            labels.insert("kept".into(), "yes".into());
+            let row = KnownRow {
+                labels_version: *labels_version,
+                labels,
+                report: report.clone(),
+                last_seen: first.last_seen.get(n).copied(),
+            };
+            (n.clone(), row)
+        })
+        .collect();
+    let mut known = Known {
+        reports: first.reports.clone(),
+        rows,
+    };
+    let exec = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    // b: its labels changed (the API); c: a new report, read back; d: deleted; e: its labels
+    // written unchanged; f: removed and registered again, same labels; g: a new report the
+    // engine already has (its handler's), with when it came.
+    exec("UPDATE clusters SET labels = labels || '{\"zone\": \"2\"}' WHERE name = 'b'").await;
+    exec("UPDATE clusters SET last_report_seq = 2, last_seen = now() WHERE name IN ('c', 'g')")
+        .await;
+    exec("DELETE FROM clusters WHERE name = 'd'").await;
+    exec("UPDATE clusters SET labels = labels WHERE name = 'e'").await;
+    exec("DELETE FROM clusters WHERE name = 'f'").await;
+    exec(
+        "INSERT INTO clusters (name, labels, endpoint, credential_hash, agent_id, last_report_seq, last_report)
+         SELECT 'f', '{\"zone\": \"1\"}', 'http://x', 'h', 'run1', 1, last_report FROM clusters WHERE name = 'a'",
+    )
+    .await;
+    let mut g = known.reports["g"].clone();
+    g.0.seq = 2;
+    known.reports.insert("g".into(), g.clone());
+    let (next, known) = read(known).await;
+    let kept = |n: &str| next.clusters[n].labels.contains_key("kept");
+    assert!(kept("a"), "a did not change: kept");
+    assert!(kept("e"), "e's labels are the same: kept");
+    assert!(!kept("b"), "b's labels changed: read");
+    assert_eq!(next.clusters["b"].labels["zone"], "2");
+    assert!(!kept("f"), "f was registered again: read");
+    assert!(!next.clusters.contains_key("d"), "d is gone");
+    assert_eq!(next.clusters.len(), 6);
+    // c and g: rows sent for their reports, labels the kept ones (their version is the same).
+    assert!(kept("c") && kept("g"));
+    assert_eq!(next.versions["c"].1.seq, 2);
+    assert!(
+        Arc::ptr_eq(next.clusters["g"].ibu.as_ref().unwrap(), &g.1),
+        "g's report is the engine's, not sent"
+    );
+    for n in ["c", "g"] {
+        assert!(
+            next.last_seen[n] > known.rows[n].last_seen.unwrap(),
+            "{n}: when it reported is read"
+        );
+    }
+    assert_eq!(next.last_seen["a"], known.rows["a"].last_seen.unwrap());
+    assert_ne!(next.versions["b"].0, known.rows["b"].labels_version);
+    assert_ne!(next.versions["f"].0, known.rows["f"].labels_version);
+    assert_eq!(next.versions["e"].0, known.rows["e"].labels_version);
 }
 
 /// Near the limit, a new connection may stay idle only `busy_idle`: a connection waiting

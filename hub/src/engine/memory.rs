@@ -1,8 +1,8 @@
 //! The one thing the engine keeps between passes, by rollout. One rule makes it safe: every
 //! entry is a hint, checked against what is stored before it is used (steps by the
-//! rollout's uid and state version, reports by their identity, push outcomes by the action
-//! their cluster is on), so a stale entry costs a read or a repeated push, never a wrong
-//! decision; and all of a rollout's entries go when it stops being active. Losing it all (a
+//! rollout's uid and state version, reports by their identity, rows by their labels
+//! version and report, push outcomes by the action their cluster is on), so a stale entry
+//! costs a read or a repeated push, never a wrong decision; and all of a rollout's entries go when it stops being active. Losing it all (a
 //! restart) costs the same.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::planner::drive::Seen;
 use crate::planner::rollout::{PushResult, StepState};
-use crate::store::ReportCache;
+use crate::store::{KnownRow, ReportCache};
 
 /// What is kept of one active rollout.
 #[derive(Default)]
@@ -23,6 +23,9 @@ pub struct Kept {
     /// The running batch's reports as the last pass parsed them: a pass reads again only
     /// those whose stored report changed.
     pub reports: ReportCache,
+    /// The running batch's rows as the last pass read them (labels and their version,
+    /// report identity, when last seen): a pass is sent only the rows that changed since.
+    pub rows: HashMap<String, KnownRow>,
     /// Outcomes of finished pushes until a pass records them (in its own transaction, with
     /// everything else it writes).
     pub results: Vec<PushResult>,

@@ -2,7 +2,7 @@
 //! needs, plan, save what it decided. Then, committed: count and log what was decided, and
 //! send the pushes beside the next passes (`push.rs`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +17,8 @@ use crate::planner::drive::DriveStep;
 use crate::planner::rollout::{
     self, Decision, Push, PushOutcome, PushResult, Scope, StepHead, StepState,
 };
-use crate::store::{self, Fleet, ReportId, RolloutRow};
+use crate::planner::state::ClusterInfo;
+use crate::store::{self, Fleet, Known, KnownRow, ReportId, RolloutRow};
 
 /// What became of a pass.
 pub(super) enum Passed {
@@ -36,6 +37,8 @@ struct Loaded {
     from_memory: bool,
     scope: Scope,
     fleet: Fleet,
+    /// The clusters the planner was given, as it handed them back.
+    clusters: BTreeMap<String, ClusterInfo>,
     /// For each push outcome, which report its cluster showed before this pass.
     shown_before: Vec<Option<ReportId>>,
 }
@@ -73,11 +76,15 @@ impl Engine {
             // Pushes on their way were voided above: what is kept here may be older.
             self.memory.with(id, |k| k.steps = None);
         }
+        let held_at = started.elapsed();
         let (mut loaded, steps) = self.load(&mut tx, id, row, version, results, now).await?;
+        let loaded_at = started.elapsed();
         let (decision, recorded, held) = self
             .plan(&mut tx, id, &mut loaded, steps, results, now)
             .await?;
+        let planned_at = started.elapsed();
         let version = self.save(&mut tx, id, &loaded, &decision, now).await?;
+        let saved_at = started.elapsed();
         if let DriveStep::TakeOver { from, silent } = step {
             let e = rollout::Event {
                 cluster: None,
@@ -106,7 +113,7 @@ impl Engine {
             DriveStep::Claim => tracing::info!(driver = %self.identity, "driving the rollout"),
             _ => {}
         }
-        tracing::debug!(from_memory = loaded.from_memory, whole_fleet = loaded.scope.whole_fleet, elapsed = ?started.elapsed(), "pass committed");
+        tracing::debug!(from_memory = loaded.from_memory, whole_fleet = loaded.scope.whole_fleet, watched = loaded.scope.reports.len(), held = ?held_at, loaded = ?loaded_at, planned = ?planned_at, saved = ?saved_at, elapsed = ?started.elapsed(), "pass committed");
         self.metrics
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
@@ -138,7 +145,11 @@ impl Engine {
                 .steps
                 .take()
                 .filter(|c| c.uid == uid && c.version == version);
-            (steps, std::mem::take(&mut k.reports))
+            let known = Known {
+                reports: std::mem::take(&mut k.reports),
+                rows: std::mem::take(&mut k.rows),
+            };
+            (steps, known)
         });
         let from_memory = kept.is_some();
         let steps = match kept {
@@ -148,10 +159,12 @@ impl Engine {
         let scope = rollout::scope(&steps, now);
         let shown_before = results
             .iter()
-            .map(|r| known.get(&r.cluster).map(|(rid, _)| rid.clone()))
+            .map(|r| known.reports.get(&r.cluster).map(|(rid, _)| rid.clone()))
             .collect();
         // Reports stored since, as their handlers parsed them: newer than any kept here.
-        known.extend(self.reports.take_fresh(&scope.reports));
+        known
+            .reports
+            .extend(self.reports.take_fresh(&scope.reports));
         let fleet = store::fleet_in_txn(tx, &scope.reports, scope.whole_fleet, &known).await?;
         let loaded = Loaded {
             row,
@@ -160,6 +173,7 @@ impl Engine {
             from_memory,
             scope,
             fleet,
+            clusters: BTreeMap::new(),
             shown_before,
         };
         Ok((loaded, steps))
@@ -199,18 +213,24 @@ impl Engine {
         let given = steps.clone();
         let clusters = std::mem::take(&mut loaded.fleet.clusters);
         let whole = loaded.scope.whole_fleet;
-        let mut decision =
-            rollout::advance_with(spec, steps, &recorded, clusters, whole, before, now);
+        let (mut decision, mut clusters) =
+            rollout::advance_keeping(spec, steps, &recorded, clusters, whole, before, now);
         if decision.needs_fleet {
             // Rare (the batch's last report ends the step): again, from the steps as stored
             // (the same as those the first attempt was given), with the whole fleet.
+            let known = Known {
+                reports: std::mem::take(&mut loaded.fleet.reports),
+                rows: Default::default(),
+            };
             let reports = &loaded.scope.reports;
-            let mut fleet = store::fleet_in_txn(tx, reports, true, &loaded.fleet.reports).await?;
+            let mut fleet = store::fleet_in_txn(tx, reports, true, &known).await?;
             let steps = store::rollout_steps_in_txn(tx, id).await?;
-            let clusters = std::mem::take(&mut fleet.clusters);
+            let all = std::mem::take(&mut fleet.clusters);
             loaded.fleet = fleet;
-            decision = rollout::advance_with(spec, steps, &recorded, clusters, true, before, now);
+            (decision, clusters) =
+                rollout::advance_keeping(spec, steps, &recorded, all, true, before, now);
         }
+        loaded.clusters = clusters;
         #[cfg(debug_assertions)]
         debug_assert!(
             decision.changes_exactly(&given),
@@ -261,7 +281,7 @@ impl Engine {
     fn after(
         self: &Arc<Self>,
         id: i64,
-        loaded: Loaded,
+        mut loaded: Loaded,
         d: Decision,
         version: i64,
         recorded: &[&PushResult],
@@ -270,8 +290,10 @@ impl Engine {
         let report_times = self.decided_on_reports(&d.reported, &d.pushes, &loaded.fleet.last_seen);
         self.count_events(&d);
         let uid = loaded.row.object.metadata.uid.clone().unwrap_or_default();
+        let rows = kept_rows(&mut loaded.fleet, std::mem::take(&mut loaded.clusters), &d);
         let (pushes, blocked_waits) = self.memory.with(id, |k| {
             k.reports = loaded.fleet.reports;
+            k.rows = rows;
             k.steps = Some(KeptSteps {
                 uid,
                 version,
@@ -388,4 +410,30 @@ impl Engine {
         }
         times
     }
+}
+
+/// The watched rows to keep for the next pass: as read, with the labels the planner handed
+/// back, but for the clusters whose labels this pass changed (their stored version moved
+/// on: the next pass reads them again anyway).
+fn kept_rows(
+    fleet: &mut Fleet,
+    mut clusters: BTreeMap<String, ClusterInfo>,
+    d: &Decision,
+) -> HashMap<String, KnownRow> {
+    let versions = std::mem::take(&mut fleet.versions);
+    versions
+        .into_iter()
+        .filter(|(name, _)| !d.label_changes.contains_key(name))
+        .filter_map(|(name, (labels_version, report))| {
+            let info = clusters.remove(&name)?;
+            let last_seen = fleet.last_seen.get(&name).copied();
+            let row = KnownRow {
+                labels_version,
+                labels: info.labels,
+                report,
+                last_seen,
+            };
+            Some((name, row))
+        })
+        .collect()
 }

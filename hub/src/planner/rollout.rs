@@ -926,13 +926,27 @@ pub struct Before {
 /// again with the whole fleet. `results` are the push outcomes to record first.
 pub fn advance_with(
     spec: &ImageBasedGroupUpgradeSpec,
-    mut steps: Vec<StepState>,
+    steps: Vec<StepState>,
     results: &[&PushResult],
     clusters: BTreeMap<String, ClusterInfo>,
     complete: bool,
     before: Before,
     now: DateTime<Utc>,
 ) -> Decision {
+    advance_keeping(spec, steps, results, clusters, complete, before, now).0
+}
+
+/// [`advance_with`], handing back the clusters it was given, their labels as the decision
+/// leaves them.
+pub fn advance_keeping(
+    spec: &ImageBasedGroupUpgradeSpec,
+    mut steps: Vec<StepState>,
+    results: &[&PushResult],
+    clusters: BTreeMap<String, ClusterInfo>,
+    complete: bool,
+    before: Before,
+    now: DateTime<Utc>,
+) -> (Decision, BTreeMap<String, ClusterInfo>) {
     let started_at = before.started_at;
     let mut pass = Pass {
         spec,
@@ -1025,7 +1039,7 @@ pub fn advance_with(
     for started in steps.iter().skip(given) {
         changed.insert(started.step, started.progress.keys().cloned().collect());
     }
-    Decision {
+    let decision = Decision {
         steps,
         label_changes: pass
             .changes
@@ -1043,7 +1057,8 @@ pub fn advance_with(
         changed,
         awaiting_answers: pass.awaiting_answers,
         waiting: pass.waiting,
-    }
+    };
+    (decision, pass.clusters)
 }
 
 #[cfg(test)]
