@@ -27,6 +27,9 @@ use crate::store::{self, SpokeAccess};
 const PUSH_CONCURRENCY: usize = 64;
 /// A spoke that takes longer than this to answer a push counts as unreachable.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Parsed IBU URLs kept at most: a cluster is pushed to a few times within its batch, so the
+/// running batches' clusters are what matters (keeping all 100,000 of a fleet was 30 MiB).
+const IBU_URLS_KEPT: usize = 16_384;
 
 /// What every push shares. Clones share it too.
 #[derive(Clone)]
@@ -34,7 +37,8 @@ pub struct SpokeClient {
     client: reqwest::Client,
     slots: Arc<Semaphore>,
     /// Each cluster's endpoint and the IBU URL parsed from it: parsing it for every push was
-    /// about 2 % of the hub's CPU at fleet scale. One entry per cluster pushed to.
+    /// about 2 % of the hub's CPU at fleet scale. At most [`IBU_URLS_KEPT`] clusters', then
+    /// forgotten together.
     ibu_urls: Arc<Mutex<HashMap<String, (String, reqwest::Url)>>>,
     /// The client of each spoke whose certificate is pinned, with the pin it trusts: a
     /// TLS verifier sees only the host name, which simulated spokes and spokes behind one
@@ -77,7 +81,8 @@ impl SpokeClient {
         Ok(client)
     }
 
-    /// `<endpoint>/v1/ibu` of the cluster, parsed again only when its endpoint changed.
+    /// `<endpoint>/v1/ibu` of the cluster, parsed again only when its endpoint changed (or
+    /// the cluster's URL was forgotten).
     pub fn ibu_url(&self, cluster: &str, endpoint: &str) -> Result<reqwest::Url, String> {
         let mut urls = locked(&self.ibu_urls);
         if let Some((known, url)) = urls.get(cluster)
@@ -88,6 +93,9 @@ impl SpokeClient {
         let text = format!("{}/v1/ibu", endpoint.trim_end_matches('/'));
         let url = reqwest::Url::parse(&text)
             .map_err(|e| format!("the cluster's endpoint {endpoint:?} is not a URL: {e}"))?;
+        if urls.len() >= IBU_URLS_KEPT {
+            urls.clear();
+        }
         urls.insert(cluster.to_string(), (endpoint.to_string(), url.clone()));
         Ok(url)
     }
@@ -483,5 +491,13 @@ mod tests {
             url("spoke1", "http://e1").as_deref(),
             Ok("http://kept.example/v1/ibu")
         );
+        // Never more than IBU_URLS_KEPT are kept: past that, they are forgotten together.
+        for i in 0..IBU_URLS_KEPT + 10 {
+            spokes
+                .ibu_url(&format!("c{i}"), "http://fleet:9000/")
+                .unwrap();
+        }
+        let kept = locked(&spokes.ibu_urls).len();
+        assert!((1..=IBU_URLS_KEPT).contains(&kept), "{kept} kept");
     }
 }

@@ -235,12 +235,19 @@ pub async fn rollout_save_steps_in_txn(
             continue;
         }
         wrote = true;
-        progress_upsert(&mut *conn, id, s, &rows).await?;
+        // A step's start writes every cluster of it (100,000 at fleet scale): in parts, so
+        // that the statement's arrays are never the whole fleet's at once.
+        for part in rows.chunks(PROGRESS_PART) {
+            progress_upsert(&mut *conn, id, s, part).await?;
+        }
     }
     Ok(wrote)
 }
 
-/// One statement for all changed rows of a step (the engine writes in batches).
+/// Progress rows written by one statement at most.
+const PROGRESS_PART: usize = 10_000;
+
+/// One statement for changed rows of a step (the engine writes in batches).
 pub(super) async fn progress_upsert(
     conn: &mut PgConnection,
     id: i64,
