@@ -143,7 +143,7 @@ impl Figures {
             format!("clusters                     {}", self.clusters),
             format!("max concurrency              {}", self.max_concurrency),
             format!(
-                "orchestration                {:.1} s   (target <= 60 s at 10,000 / 500)",
+                "orchestration                {:.1} s   (target <= 60 s at 100,000 / 5,000)",
                 self.elapsed
             ),
             format!(
@@ -190,7 +190,7 @@ impl Figures {
                 seconds(self.latency_max)
             ),
             format!(
-                "hub peak RSS                 {:.0} MiB   (target <= 200 MiB)",
+                "hub peak RSS                 {:.0} MiB   (target <= 256 MiB at 100,000)",
                 self.hub_peak_rss_mib
             ),
             format!(
@@ -210,7 +210,10 @@ impl Figures {
                 "hub HTTP requests served     {}   pushes sent {}",
                 self.http_requests, self.pushes
             ),
-            format!("registration                 {:.1} s", self.registration),
+            format!(
+                "registration                 {:.1} s   (target <= 30 s at 100,000)",
+                self.registration
+            ),
             format!(
                 "history through the API      one cluster {:.3} s, the whole rollout ({} rows) {:.3} s",
                 self.history_query[0], self.transitions, self.history_query[1]
