@@ -135,23 +135,15 @@ pub async fn fleet_in_txn(
             agent: agent.unwrap_or_default(),
             seq: seq.unwrap_or_default(),
         };
-        let mut ibu = None;
-        if watched {
-            ibu = match report {
-                Some(text) => serde_json::from_str(&text).ok().map(Arc::new),
-                None => reusable(&name)
-                    .filter(|(known_id, _)| *known_id == id)
-                    .map(|(_, ibu)| ibu.clone()),
-            };
-            if let Some(i) = &ibu {
-                fleet.reports.insert(name.clone(), (id.clone(), i.clone()));
-            }
-            fleet.versions.insert(name.clone(), (version, id));
-        }
-        if let Some(t) = last_seen {
-            fleet.last_seen.insert(name.clone(), t);
-        }
-        fleet.clusters.insert(name, ClusterInfo { labels, ibu });
+        let ibu = match report {
+            _ if !watched => None,
+            Some(text) => serde_json::from_str(&text).ok().map(Arc::new),
+            None => reusable(&name)
+                .filter(|(known_id, _)| *known_id == id)
+                .map(|(_, ibu)| ibu.clone()),
+        };
+        let identity = watched.then_some((version, id));
+        fleet.add(name, ClusterInfo { labels, ibu }, last_seen, identity);
     }
     if !all {
         // The rows not sent: as the last pass read them.
@@ -159,22 +151,12 @@ pub async fn fleet_in_txn(
             let (Some(row), Some((id, ibu))) = (known.rows.get(name), reusable(name)) else {
                 continue;
             };
-            fleet
-                .reports
-                .insert(name.clone(), (id.clone(), ibu.clone()));
-            fleet
-                .versions
-                .insert(name.clone(), (row.labels_version, id.clone()));
-            if let Some(t) = row.last_seen {
-                fleet.last_seen.insert(name.clone(), t);
-            }
-            fleet.clusters.insert(
-                name.clone(),
-                ClusterInfo {
-                    labels: row.labels.clone(),
-                    ibu: Some(ibu.clone()),
-                },
-            );
+            let info = ClusterInfo {
+                labels: row.labels.clone(),
+                ibu: Some(ibu.clone()),
+            };
+            let identity = Some((row.labels_version, id.clone()));
+            fleet.add(name.clone(), info, row.last_seen, identity);
         }
     }
     Ok(fleet)
@@ -202,4 +184,27 @@ pub struct Fleet {
     pub reports: ReportCache,
     /// The watched clusters' labels versions and report identities.
     pub versions: HashMap<String, (i64, ReportId)>,
+}
+
+impl Fleet {
+    /// Adds a cluster; a watched one (`identity`: its labels version and report identity)
+    /// with its report in the cache.
+    fn add(
+        &mut self,
+        name: String,
+        info: ClusterInfo,
+        last_seen: Option<DateTime<Utc>>,
+        identity: Option<(i64, ReportId)>,
+    ) {
+        if let Some((version, id)) = identity {
+            if let Some(ibu) = &info.ibu {
+                self.reports.insert(name.clone(), (id.clone(), ibu.clone()));
+            }
+            self.versions.insert(name.clone(), (version, id));
+        }
+        if let Some(t) = last_seen {
+            self.last_seen.insert(name.clone(), t);
+        }
+        self.clusters.insert(name, info);
+    }
 }
