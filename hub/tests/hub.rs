@@ -1217,6 +1217,50 @@ async fn the_fleet_read_reuses_reports_that_did_not_change() {
     }
 }
 
+/// A step's start writes every cluster of it, in parts of at most 10,000 rows: a step larger
+/// than two parts is written whole, each cluster once, in the one transaction.
+#[tokio::test]
+async fn a_step_larger_than_a_part_is_written_whole() {
+    use hub::planner::rollout::{self, ClusterInfo};
+    use hub::store;
+    let db = migrated().await;
+    let ibgu = kube_mode::ibgu(&[]);
+    let id = store::rollout_insert(&db.pool, &ibgu)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let labels: std::collections::BTreeMap<String, String> =
+        [("common".to_string(), "true".to_string())].into();
+    let fleet = (0..25_001)
+        .map(|i| {
+            let info = ClusterInfo {
+                labels: labels.clone(),
+                ibu: None,
+            };
+            (format!("c{i:05}"), info)
+        })
+        .collect();
+    let d = rollout::advance(&ibgu.spec, &[], &fleet, None, chrono::Utc::now());
+    assert_eq!(d.steps[0].progress.len(), 25_001);
+    let mut tx = db.pool.begin().await.unwrap();
+    let wrote = store::rollout_save_steps_in_txn(&mut tx, id, &[], &d.steps, &d.changed)
+        .await
+        .unwrap();
+    assert!(wrote);
+    tx.commit().await.unwrap();
+    let (rows, clusters, first, last): (i64, i64, String, String) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT cluster), min(cluster), max(cluster)
+         FROM rollout_clusters WHERE rollout_id = $1 AND step = 0",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, clusters), (25_001, 25_001));
+    assert_eq!((first.as_str(), last.as_str()), ("c00000", "c25000"));
+}
+
 /// A pass is sent only the watched rows that changed since the last pass: another labels
 /// version (whoever changed them: the planner, the API, a registration), another report, a
 /// row gone or registered again. The others are the ones it kept.
