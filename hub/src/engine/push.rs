@@ -140,6 +140,14 @@ pub async fn join_pushes(
     }
 }
 
+/// Orders a round's pushes for the slots: those decided on the oldest report first, so that
+/// a report that waited longest for its pass does not also wait at the back of the round;
+/// pushes no report led to (a new rollout, a retry after its backoff, a timeout) before
+/// them, the rest as the planner gave them (by cluster name).
+fn oldest_report_first(pushes: &mut [Push], report_times: &HashMap<String, DateTime<Utc>>) {
+    pushes.sort_by_key(|p| report_times.get(&p.cluster).copied());
+}
+
 /// The merge patch of the spoke's IBU: the IBGU's ibuSpec fields, its `lca.openshift.io`
 /// annotations; the stage is added per push.
 pub fn patch_body(ibgu: &ImageBasedGroupUpgrade) -> serde_json::Value {
@@ -263,10 +271,11 @@ impl Engine {
         &self,
         id: i64,
         ibgu: &ImageBasedGroupUpgrade,
-        pushes: Vec<Push>,
+        mut pushes: Vec<Push>,
         now: DateTime<Utc>,
         report_times: &HashMap<String, DateTime<Utc>>,
     ) {
+        oldest_report_first(&mut pushes, report_times);
         let names: Vec<String> = pushes.iter().map(|p| p.cluster.clone()).collect();
         let prepared = async {
             Ok::<_, Error>((
@@ -458,6 +467,31 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(out[1].1, PushOutcome::Accepted(Stage::Prep));
+    }
+
+    #[test]
+    fn a_round_pushes_the_oldest_reports_first() {
+        let push = |cluster: &str| Push {
+            cluster: cluster.into(),
+            step: 0,
+            action: Action::Upgrade,
+            stage: Stage::Upgrade,
+            cause: crate::planner::rollout::PushCause::OwnReport,
+            action_index: 1,
+        };
+        let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(1_800_000_000_000 + ms).unwrap();
+        let times: HashMap<String, DateTime<Utc>> = [
+            ("a".to_string(), at(120)),
+            ("b".to_string(), at(5)),
+            ("c".to_string(), at(60)),
+            ("e".to_string(), at(5)),
+        ]
+        .into();
+        let mut pushes: Vec<Push> = ["a", "b", "c", "d", "e", "f"].map(push).into();
+        oldest_report_first(&mut pushes, &times);
+        let order: Vec<&str> = pushes.iter().map(|p| p.cluster.as_str()).collect();
+        // No report behind d and f (a retry, say): first; equal times keep the planner's order.
+        assert_eq!(order, ["d", "f", "b", "e", "c", "a"]);
     }
 
     #[tokio::test]
