@@ -1119,7 +1119,7 @@ async fn a_stored_report_reaches_the_engine_without_being_read_back() {
         reports: fresh,
         rows: Default::default(),
     };
-    let read = fleet_in_txn(&mut conn, &["a".to_string()], false, &known)
+    let read = fleet_in_txn(&mut conn, &["a".to_string()], false, known.clone())
         .await
         .unwrap();
     let got = read.clusters["a"].ibu.clone().unwrap();
@@ -1158,9 +1158,7 @@ async fn the_fleet_read_reuses_reports_that_did_not_change() {
                 reports: known,
                 rows: Default::default(),
             };
-            fleet_in_txn(&mut conn, &watched, all, &known)
-                .await
-                .unwrap()
+            fleet_in_txn(&mut conn, &watched, all, known).await.unwrap()
         }
     };
     let stage = |f: &hub::store::Fleet, c: &str| f.clusters[c].ibu.as_ref().map(|i| i.spec.stage);
@@ -1286,7 +1284,7 @@ async fn the_fleet_read_sends_only_the_rows_that_changed() {
         let names = names.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let fleet = fleet_in_txn(&mut conn, &names, false, &known)
+            let fleet = fleet_in_txn(&mut conn, &names, false, known.clone())
                 .await
                 .unwrap();
             (fleet, known)

@@ -2,7 +2,7 @@
 //! needs, plan, save what it decided. Then, committed: count and log what was decided, and
 //! send the pushes beside the next passes (`push.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -165,7 +165,7 @@ impl Engine {
         known
             .reports
             .extend(self.reports.take_fresh(&scope.reports));
-        let fleet = store::fleet_in_txn(tx, &scope.reports, scope.whole_fleet, &known).await?;
+        let fleet = store::fleet_in_txn(tx, &scope.reports, scope.whole_fleet, known).await?;
         let loaded = Loaded {
             row,
             version,
@@ -223,7 +223,7 @@ impl Engine {
                 rows: Default::default(),
             };
             let reports = &loaded.scope.reports;
-            let mut fleet = store::fleet_in_txn(tx, reports, true, &known).await?;
+            let mut fleet = store::fleet_in_txn(tx, reports, true, known).await?;
             let steps = store::rollout_steps_in_txn(tx, id).await?;
             let all = std::mem::take(&mut fleet.clusters);
             loaded.fleet = fleet;
@@ -306,12 +306,14 @@ impl Engine {
             // claim is stored, so every hub does); this hub's own such pushes are flagged
             // so that their answers trigger a pass. The filter below stops a push of this
             // hub's that is still queued after its claim lapsed.
-            let mut blocked = Vec::new();
+            // A set: the planner names every cluster whose push is on its way (thousands
+            // while a large batch runs), and each answer that came meanwhile is looked up.
+            let mut blocked = HashSet::with_capacity(d.awaiting_answers.len());
             for c in d.awaiting_answers {
                 if let Some(waited_on) = k.in_flight.get_mut(&c) {
                     *waited_on = true;
                 }
-                blocked.push(c);
+                blocked.insert(c);
             }
             let pushes: Vec<Push> = d
                 .pushes
@@ -323,7 +325,7 @@ impl Engine {
                     }
                     Some(waited_on) => {
                         *waited_on = true;
-                        blocked.push(p.cluster.clone());
+                        blocked.insert(p.cluster.clone());
                         false
                     }
                 })
@@ -417,23 +419,27 @@ impl Engine {
 /// on: the next pass reads them again anyway).
 fn kept_rows(
     fleet: &mut Fleet,
-    mut clusters: BTreeMap<String, ClusterInfo>,
+    clusters: BTreeMap<String, ClusterInfo>,
     d: &Decision,
 ) -> HashMap<String, KnownRow> {
-    let versions = std::mem::take(&mut fleet.versions);
-    versions
-        .into_iter()
-        .filter(|(name, _)| !d.label_changes.contains_key(name))
-        .filter_map(|(name, (labels_version, report))| {
-            let info = clusters.remove(&name)?;
-            let last_seen = fleet.last_seen.get(&name).copied();
-            let row = KnownRow {
-                labels_version,
-                labels: info.labels,
-                report,
-                last_seen,
-            };
-            Some((name, row))
-        })
-        .collect()
+    let mut versions = std::mem::take(&mut fleet.versions);
+    let mut rows = HashMap::with_capacity(versions.len());
+    // By the planner's clusters (handed over whole, in order) rather than by looking each
+    // up in them: a hash lookup per cluster instead of a walk down a tree of names.
+    for (name, info) in clusters {
+        let Some((labels_version, report)) = versions.remove(&name) else {
+            continue;
+        };
+        if d.label_changes.contains_key(&name) {
+            continue;
+        }
+        let row = KnownRow {
+            labels_version,
+            labels: info.labels,
+            report,
+            last_seen: fleet.last_seen.get(&name).copied(),
+        };
+        rows.insert(name, row);
+    }
+    rows
 }

@@ -38,7 +38,7 @@ pub struct KnownRow {
 }
 
 /// What a pass already has of the fleet.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Known {
     /// Reports parsed before (by the last pass, or by their handler since): such a report is
     /// not sent again while the row holds it.
@@ -57,9 +57,13 @@ pub async fn fleet_in_txn(
     conn: &mut PgConnection,
     with_ibu: &[String],
     all: bool,
-    known: &Known,
+    known: Known,
 ) -> Result<Fleet, Error> {
-    let reusable = |n: &String| known.reports.get(n).filter(|(id, _)| id.reusable());
+    let Known {
+        reports: mut known_reports,
+        rows: mut known_rows,
+    } = known;
+    let reusable = |n: &String| known_reports.get(n).filter(|(id, _)| id.reusable());
     let mut agents = Vec::with_capacity(with_ibu.len());
     let mut seqs = Vec::with_capacity(with_ibu.len());
     let mut versions = Vec::with_capacity(with_ibu.len());
@@ -70,7 +74,7 @@ pub async fn fleet_in_txn(
         let report = reusable(n).map(|(id, _)| id);
         agents.push(report.map(|id| id.agent.as_str()));
         seqs.push(report.map(|id| id.seq));
-        let row = known.rows.get(n);
+        let row = known_rows.get(n);
         versions.push(row.map(|r| r.labels_version));
         keep.push(row.is_some_and(|r| Some(&r.report) == report));
     }
@@ -123,13 +127,13 @@ pub async fn fleet_in_txn(
         }
         // The watched cluster has no row (any more).
         let Some(version) = version else { continue };
-        let known_row = known
-            .rows
-            .get(&name)
+        // What was kept of the row is used up here (its labels moved, not copied).
+        let known_row = known_rows
+            .remove(&name)
             .filter(|r| r.labels_version == version);
         let labels = match labels {
             Some(text) => serde_json::from_str(&text).unwrap_or_default(),
-            None => known_row.map(|r| r.labels.clone()).unwrap_or_default(),
+            None => known_row.map(|r| r.labels).unwrap_or_default(),
         };
         let id = ReportId {
             agent: agent.unwrap_or_default(),
@@ -145,18 +149,24 @@ pub async fn fleet_in_txn(
         let identity = watched.then_some((version, id));
         fleet.add(name, ClusterInfo { labels, ibu }, last_seen, identity);
     }
+    // The statement's arguments borrow the known reports: done with them.
+    drop(rows);
     if !all {
-        // The rows not sent: as the last pass read them.
+        // The rows not sent: as the last pass read them, moved over.
         for name in with_ibu.iter().filter(|n| !read.contains(*n)) {
-            let (Some(row), Some((id, ibu))) = (known.rows.get(name), reusable(name)) else {
+            let (Some((name, row)), Some((_, (id, ibu)))) = (
+                known_rows.remove_entry(name),
+                known_reports
+                    .remove_entry(name)
+                    .filter(|(_, (id, _))| id.reusable()),
+            ) else {
                 continue;
             };
             let info = ClusterInfo {
-                labels: row.labels.clone(),
-                ibu: Some(ibu.clone()),
+                labels: row.labels,
+                ibu: Some(ibu),
             };
-            let identity = Some((row.labels_version, id.clone()));
-            fleet.add(name.clone(), info, row.last_seen, identity);
+            fleet.add(name, info, row.last_seen, Some((row.labels_version, id)));
         }
     }
     Ok(fleet)
