@@ -164,9 +164,10 @@ impl Metrics {
                  next stage push it caused (the cluster's next action, or the next batch or \
                  plan step) sent, or, when it caused none, the decision stored",
                 )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]),
+                // Fine around 1 s, the reaction time a hub should hold (and the alert's
+                // threshold): between 1 and 2.5 s a 99th percentile read off the buckets
+                // could be anywhere.
+                .buckets(DECISION_LATENCY_BUCKETS.to_vec()),
             )?,
         )?;
         let decision_latency_max = registered(
@@ -485,10 +486,36 @@ impl Metrics {
     }
 }
 
+/// Upper bounds of the decision latency histogram's buckets, in seconds.
+const DECISION_LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::StepSnapshot;
+
+    #[test]
+    fn decision_latency_is_told_apart_around_one_second() {
+        let m = Metrics::new().unwrap();
+        for latency in [0.6, 0.9, 1.1, 1.3, 1.7] {
+            m.decision_latency.observe(latency);
+        }
+        let text = m.render();
+        for (le, count) in [
+            ("0.5", 0),
+            ("0.75", 1),
+            ("1", 2),
+            ("1.25", 3),
+            ("1.5", 4),
+            ("2", 5),
+        ] {
+            let series =
+                format!("fleet_hub_decision_latency_seconds_bucket{{le=\"{le}\"}} {count}\n");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn every_action_and_result_is_counted_from_zero() {
