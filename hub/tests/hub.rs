@@ -22,6 +22,60 @@ async fn migrated() -> TestDb {
     db
 }
 
+/// The plan a statement runs with on a connection as the hub opens them, once the table it
+/// updates grew from a few rows to 20,000 after the statement had run a few times: planned
+/// for its values (an index scan), not a plan cached while the table was small.
+async fn plan_after_growth(options: sqlx::postgres::PgConnectOptions) -> String {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    for sql in [
+        "CREATE TEMP TABLE grows (name text PRIMARY KEY, v int NOT NULL)",
+        "INSERT INTO grows SELECT 'c' || i, 0 FROM generate_series(1, 10) i",
+        "ANALYZE grows",
+        "PREPARE bump(text[]) AS UPDATE grows g SET v = g.v + 1
+           FROM UNNEST($1) AS u(name) WHERE g.name = u.name",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    }
+    // Past the five runs after which Postgres may settle on a generic plan.
+    for _ in 0..8 {
+        sqlx::raw_sql("EXECUTE bump('{c1,c2}')")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql("INSERT INTO grows SELECT 'd' || i, 0 FROM generate_series(1, 20000) i")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE bump('{c1,c2}')")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    plan.join("\n")
+}
+
+#[tokio::test]
+async fn the_hub_plans_each_statement_for_its_values() {
+    use std::str::FromStr;
+    let db = TestDb::empty().await;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&db.url()).unwrap();
+    let hubs = plan_after_growth(db::custom_plans(options.clone())).await;
+    assert!(
+        hubs.contains("Index Scan") && !hubs.contains("Seq Scan on grows"),
+        "{hubs}"
+    );
+    // What it guards against: a plain connection keeps the plan made for ten rows.
+    let plain = plan_after_growth(options.clone()).await;
+    assert!(plain.contains("Seq Scan on grows"), "{plain}");
+    // An operator's own choice in the URL stays.
+    let chosen = options.options([("plan_cache_mode", "force_generic_plan")]);
+    assert_eq!(
+        db::custom_plans(chosen.clone()).get_options(),
+        chosen.get_options()
+    );
+}
+
 #[tokio::test]
 async fn migrations_apply_to_a_fresh_database_and_twice_is_harmless() {
     let db = TestDb::empty().await;
