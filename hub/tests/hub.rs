@@ -68,12 +68,23 @@ async fn the_hub_plans_each_statement_for_its_values() {
     // What it guards against: a plain connection keeps the plan made for ten rows.
     let plain = plan_after_growth(options.clone()).await;
     assert!(plain.contains("Seq Scan on grows"), "{plain}");
-    // An operator's own choice in the URL stays.
+    // An operator's own choice stays, given to the options or in the URL as the docs say.
     let chosen = options.options([("plan_cache_mode", "force_generic_plan")]);
     assert_eq!(
         db::custom_plans(chosen.clone()).get_options(),
         chosen.get_options()
     );
+    let base = db.url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20plan_cache_mode%3Dauto");
+    let from_url = db::custom_plans(sqlx::postgres::PgConnectOptions::from_str(&url).unwrap());
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&from_url).await.unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "auto");
 }
 
 #[tokio::test]
