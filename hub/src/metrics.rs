@@ -486,15 +486,62 @@ impl Metrics {
     }
 }
 
-/// Upper bounds of the decision latency histogram's buckets, in seconds.
-const DECISION_LATENCY_BUCKETS: [f64; 16] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0,
+/// Upper bounds of the decision latency histogram's buckets, in seconds: 50 ms apart below
+/// the one-second objective, where the p99 of a large batch lies. A quantile is interpolated
+/// within its bucket as if the bucket were evenly filled; with 0.75 and 1.0 next to each other
+/// a p99 of 0.85 s (each push's own timing) read 0.98 s.
+const DECISION_LATENCY_BUCKETS: [f64; 23] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25,
+    1.5, 2.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::StepSnapshot;
+
+    /// The p99 as a dashboard reads it (interpolated within the bucket, as
+    /// `histogram_quantile` does) is within 50 ms of the true one near the objective: the
+    /// latencies of a large batch, evenly spread between 0.3 and 0.87 s.
+    #[test]
+    fn decision_latency_p99_reads_close_to_the_truth_below_one_second() {
+        let m = Metrics::new().unwrap();
+        let n = 10_000;
+        let latencies: Vec<f64> = (0..n).map(|i| 0.3 + 0.57 * i as f64 / n as f64).collect();
+        for &l in &latencies {
+            m.decision_latency.observe(l);
+        }
+        let truth = latencies[n * 99 / 100];
+        let mut buckets = Vec::new();
+        for line in m.render().lines() {
+            let Some(rest) = line.strip_prefix("fleet_hub_decision_latency_seconds_bucket{le=\"")
+            else {
+                continue;
+            };
+            let (le, count) = rest.split_once("\"} ").unwrap();
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            buckets.push((le, count.parse::<f64>().unwrap()));
+        }
+        let rank = 0.99 * n as f64;
+        let (mut prev_le, mut prev_count) = (0.0, 0.0);
+        let mut read = None;
+        for (le, count) in buckets {
+            if count >= rank {
+                read = Some(prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count));
+                break;
+            }
+            (prev_le, prev_count) = (le, count);
+        }
+        let read = read.unwrap();
+        assert!(
+            (read - truth).abs() <= 0.05 && read < 1.0,
+            "p99 read {read:.3} s from the buckets, truly {truth:.3} s"
+        );
+    }
 
     #[test]
     fn decision_latency_is_told_apart_around_one_second() {
