@@ -113,6 +113,9 @@ impl HubLink {
             // hub closes it, and a quiet spoke holds no connection at the hub.
             .pool_idle_timeout(POOL_IDLE)
             .timeout(REQUEST_TIMEOUT)
+            // Every request carries the join token or the cluster's credential: a hub that
+            // answers with a redirect is told so (see `answered`), never followed.
+            .redirect(reqwest::redirect::Policy::none())
     }
 }
 
@@ -124,6 +127,9 @@ enum Failure {
     /// The hub did not answer (no connection, no answer in time, or a 5xx): another
     /// replica may.
     Unanswered(String),
+    /// The hub pointed elsewhere (a redirect, not followed): the agent's `--hub-url` is
+    /// wrong, which the operator must hear of.
+    Redirected(String),
     Other(String),
 }
 
@@ -132,8 +138,22 @@ fn unanswered(e: reqwest::Error) -> Failure {
     Failure::Unanswered(e.to_string())
 }
 
-fn answered(what: &str, code: StatusCode) -> Failure {
-    let why = format!("{what} answered {code}");
+/// A request the hub answered with something else than success or a refused credential. A
+/// redirect names where it points: the agent does not follow it, and `--hub-url` should.
+fn answered(what: &str, res: &reqwest::Response) -> Failure {
+    let code = res.status();
+    let mut why = format!("{what} answered {code}");
+    if code.is_redirection() {
+        let to = res
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or("nowhere");
+        why.push_str(&format!(
+            ", to {to}: the agent does not follow redirects (they would carry its credential); give --hub-url the hub's own URL"
+        ));
+        return Failure::Redirected(why);
+    }
     if code.is_server_error() {
         Failure::Unanswered(why)
     } else {
@@ -261,8 +281,16 @@ pub async fn run<S: Spoke>(agent: Arc<S>, link: HubLink, metrics: AgentMetrics) 
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            Err(Failure::Other(why)) => {
-                tracing::debug!(cluster = %agent.name(), %why, ?backoff, "hub refused the request; retrying");
+            Err(failure @ (Failure::Redirected(_) | Failure::Other(_))) => {
+                match &failure {
+                    Failure::Redirected(why) => {
+                        tracing::warn!(cluster = %agent.name(), %why, ?backoff, "the hub sent the agent elsewhere; retrying")
+                    }
+                    Failure::Other(why) => {
+                        tracing::debug!(cluster = %agent.name(), %why, ?backoff, "hub refused the request; retrying")
+                    }
+                    _ => {}
+                }
                 metrics.report("failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -322,7 +350,7 @@ async fn renew<S: Spoke>(
     match res.status() {
         s if s.is_success() => {}
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(Failure::Unauthorized),
-        s => return Err(answered("credential renewal", s)),
+        _ => return Err(answered("credential renewal", &res)),
     }
     let renewed: RegisterResponse = res
         .json()
@@ -359,13 +387,14 @@ async fn register<S: Spoke>(
     let res = req.send().await.map_err(unanswered)?;
     if !res.status().is_success() {
         let code = res.status();
+        let failure = answered("registration", &res);
         let text = res.text().await.unwrap_or_default();
         tracing::warn!(cluster = %agent.name(), %code, %text, "registration refused");
         if bearer != link.join_token && code == StatusCode::UNAUTHORIZED {
             // The credential is no longer the cluster's: the join token next.
             return Err(Failure::Unauthorized);
         }
-        return Err(answered("registration", code));
+        return Err(failure);
     }
     let reg: RegisterResponse = res
         .json()
@@ -407,13 +436,60 @@ async fn send<S: Spoke>(
     match res.status() {
         s if s.is_success() => Ok(Done::Reported),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Unauthorized),
-        s => Err(answered("report", s)),
+        _ => Err(answered("report", &res)),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check_hub_urls;
+    use super::{Failure, HubLink, answered, check_hub_urls};
+
+    /// A hub that answers with a redirect is not followed: the credential stays here, and
+    /// the failure says where the redirect pointed.
+    #[tokio::test]
+    async fn a_redirect_from_the_hub_is_named_not_followed() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        async fn serve(app: axum::Router) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        }
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let elsewhere = serve(axum::Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { "taken" }
+        }))
+        .await;
+        let location = format!("{elsewhere}/v1/clusters/sno1/status");
+        let to = location.clone();
+        let hub = serve(axum::Router::new().fallback(move || async move {
+            (
+                axum::http::StatusCode::PERMANENT_REDIRECT,
+                [(axum::http::header::LOCATION, to)],
+            )
+        }))
+        .await;
+        let res = HubLink::client()
+            .post(format!("{hub}/v1/clusters/sno1/status"))
+            .bearer_auth("credential")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let Failure::Redirected(why) = answered("report", &res) else {
+            panic!("a redirect is not a hub that is away");
+        };
+        assert_eq!(
+            why,
+            format!(
+                "report answered 308 Permanent Redirect, to {location}: the agent does not follow redirects (they would carry its credential); give --hub-url the hub's own URL"
+            )
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    }
 
     #[test]
     fn every_hub_url_is_checked_at_start() {
