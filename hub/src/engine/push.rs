@@ -25,8 +25,6 @@ use crate::store::{self, SpokeAccess};
 
 // A push is never redirected: it carries the cluster's credential, and a spoke's API has no
 // reason to send it elsewhere (an answer of 3xx is a spoke that did not take the stage).
-// Following redirects also cost the hub about 2 % of its CPU at fleet scale (each request's
-// URL parsed again for the redirect policy).
 
 /// Pushes to spokes in flight at once, across all rounds; the rest wait their turn.
 const PUSH_CONCURRENCY: usize = 64;
