@@ -2,6 +2,7 @@
 //! processes, the way an operator would; give each test a fresh real Postgres database.
 
 pub mod fake_kube;
+pub mod prom;
 pub mod readme;
 
 use std::path::PathBuf;
